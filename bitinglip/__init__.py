@@ -1,0 +1,20 @@
+"""BitingLip: batch inference on Dask.
+
+::
+
+    import bitinglip
+
+    with bitinglip.connect() as platform:
+        job = platform.submit("embed", model="all-MiniLM-L6-v2", inputs=["hello", "world"])
+        df = job.result()
+"""
+
+from bitinglip.platform.client import Platform, connect
+from bitinglip.platform.errors import BitingLipError
+from bitinglip.platform.jobs import Job, Progress
+from bitinglip.platform.settings import Settings, get_settings
+from bitinglip.platform.tasks import Batch, Loaded, TaskType
+
+__version__ = "0.1.0"
+__all__ = ["Batch", "BitingLipError", "Job", "Loaded", "Platform", "Progress", "Settings", "TaskType",
+           "connect", "get_settings"]

@@ -1,0 +1,3 @@
+from bitinglip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The ``bitinglip`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bitinglip.platform.errors import BitingLipError, ConfigError, InputError
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _sample_input(spec: str, output_dir: str) -> str:
+    """``sample:N`` writes N rows of the built-in corpus to Parquet."""
+    import pandas as pd
+
+    from bitinglip.platform.sample import sample_corpus
+
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise InputError(f"--input {spec!r}: expected sample:N with N a whole number") from None
+    path = os.path.join(output_dir, f"sample-{n}.parquet")
+    os.makedirs(output_dir, exist_ok=True)
+    pd.DataFrame({"text": sample_corpus(n)}).to_parquet(path, index=False)
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import bitinglip
+
+    output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
+    inputs: Any = args.input
+    if args.input.startswith("sample:"):
+        inputs = _sample_input(args.input, os.path.join(output, "_input"))
+    gpu = True if args.gpu else (False if args.cpu else None)
+    with bitinglip.connect(args.address, n_workers=args.workers) as platform:
+        print(f"dashboard: {platform.dashboard_link}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        job = platform.submit(args.task, model=args.model, inputs=inputs, output=output,
+                              text_column=args.text_column, options=dict(args.option), gpu=gpu,
+                              partition_rows=args.partition_rows, token_budget=args.token_budget)
+        print(f"job {job.id}: {job.total} rows in {len(job.futures)} partitions", file=sys.stderr, flush=True)
+        job.progress(wait=not args.quiet)
+        job.wait()
+        seconds = time.perf_counter() - started
+    summary = {"job": job.id, "task": args.task, "model": args.model, "rows": job.total,
+               "seconds": round(seconds, 3), "rows_per_s": round(job.total / seconds, 1) if seconds else None,
+               "output": os.path.abspath(output)}
+    print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
+          file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Start Dask workers for BitingLip on this host: one per GPU with
+    ``GPU=1``, else CPU workers; ``dask worker`` does the real work."""
+    from bitinglip.platform.cluster import cpu_count, gpu_count
+
+    gpus = gpu_count() if args.gpus is None else args.gpus
+    base = ["dask", "worker", args.scheduler, "--nthreads", "1"]
+    if args.name:
+        base += ["--name", args.name]
+    if gpus:
+        threads = max(1, cpu_count() // gpus)
+        import subprocess
+
+        procs = []
+        for i in range(gpus):
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(threads)}
+            cmd = base + ["--nworkers", "1", "--resources", "GPU=1"]
+            print("+", shlex.join(cmd), f"(CUDA_VISIBLE_DEVICES={i})", file=sys.stderr)
+            procs.append(subprocess.Popen(cmd, env=env))
+        return max(p.wait() for p in procs)
+    n = args.nworkers or cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // n))
+    cmd = base + ["--nworkers", str(n)]
+    print("+", shlex.join(cmd), file=sys.stderr)
+    os.execvp(cmd[0], cmd)
+    return 0  # pragma: no cover
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job and write its results to Parquet")
+    run.add_argument("--task", required=True, help="embed, classify, generate")
+    run.add_argument("--model", required=True, help="a model name or a save_pretrained directory")
+    run.add_argument("--input", required=True,
+                     help="a Parquet/JSONL/CSV path, or sample:N for N rows of the built-in corpus")
+    run.add_argument("--output", help="output directory (default: bitinglip-output/<time>)")
+    run.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
+    run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
+    run.add_argument("--text-column", default="text")
+    run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="a task option; VALUE is read as JSON when it parses (true, 3, [\"a\"])")
+    run.add_argument("--partition-rows", type=_positive)
+    run.add_argument("--token-budget", type=_positive)
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--gpu", action="store_true", help="require GPU workers")
+    where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="start Dask workers for a scheduler (wraps `dask worker`)")
+    worker.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.1:8786")
+    worker.add_argument("--gpus", type=int, help="GPU workers to start (default: every visible GPU)")
+    worker.add_argument("--nworkers", type=_positive, help="CPU workers (default: one per core)")
+    worker.add_argument("--name")
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from bitinglip.platform.settings import get_settings
+
+        get_settings()
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"bitinglip: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BitingLipError as exc:
+        print(f"bitinglip: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

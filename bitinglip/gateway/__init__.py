@@ -1,0 +1,1 @@
+"""The Starlette REST gateway (see the gateway issue)."""

@@ -1,0 +1,1 @@
+"""Settings, cluster, jobs, models and the client: the platform's core."""

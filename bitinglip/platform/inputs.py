@@ -1,0 +1,121 @@
+"""Inputs of every accepted kind, turned into partitions.
+
+Lists and pandas objects are checked on the client (a bad row is named
+before any work starts) and sliced; file paths (Parquet, JSONL, CSV) and dask
+DataFrames stay lazy, so each partition is read on the worker that runs it
+and inputs larger than memory stream through.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bitinglip.platform.errors import InputError
+from bitinglip.platform.tasks import texts_or_error
+
+MIN_PARTITION_ROWS = 64
+MAX_PARTITION_ROWS = 5000
+#: bytes per partition when reading CSV or JSONL text files
+TEXT_FILE_BLOCKSIZE = "4MB"
+
+
+@dataclass
+class Partitions:
+    """``parts`` are ``(data, offset)`` pairs: data is a list, a pandas
+    DataFrame, or a dask Delayed that yields one."""
+
+    parts: list[tuple[Any, int]]
+    total: int
+    lazy: bool = False
+
+
+def partition_rows(total: int, workers: int, configured: int = 0) -> int:
+    """Rows per partition: about four partitions per worker, so the load
+    balances and progress moves, but not so small that sorting by length
+    inside a partition stops paying."""
+    if configured:
+        return configured
+    per = math.ceil(total / max(1, 4 * workers)) if total else MIN_PARTITION_ROWS
+    return max(MIN_PARTITION_ROWS, min(MAX_PARTITION_ROWS, per))
+
+
+def _slices(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(total, start + size)) for start in range(0, total, size)]
+
+
+def _from_frame(frame: pd.DataFrame, text_column: str, size: int) -> Partitions:
+    if text_column not in frame.columns:
+        raise InputError(f"the input has no column {text_column!r} (columns: "
+                         f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
+    frame = frame.reset_index(drop=True)
+    if "id" in frame.columns:
+        if frame["id"].isna().any():
+            raise InputError(f"column 'id' is empty at row {int(frame['id'].isna().to_numpy().argmax())}")
+        if not frame["id"].is_unique:
+            dup = frame["id"][frame["id"].duplicated()].iloc[0]
+            raise InputError(f"column 'id' must be unique; {dup!r} appears more than once")
+        ids = frame["id"].tolist()
+    else:
+        ids = list(range(len(frame)))
+    texts_or_error(frame[text_column].tolist(), ids)
+    keep = [c for c in ("id", text_column) if c in frame.columns]
+    return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame))
+
+
+def _read_path(path: Path) -> Any:
+    import dask.dataframe as dd
+
+    if not path.exists():
+        raise InputError(f"input path {str(path)!r} does not exist")
+    name = path.name.lower()
+    try:
+        if path.is_dir() or name.endswith((".parquet", ".pq")):
+            return dd.read_parquet(str(path))
+        if name.endswith((".jsonl", ".ndjson", ".json")):
+            return dd.read_json(str(path), lines=True, blocksize=TEXT_FILE_BLOCKSIZE)
+        if name.endswith((".csv", ".tsv")):
+            return dd.read_csv(str(path), sep="\t" if name.endswith(".tsv") else ",",
+                               blocksize=TEXT_FILE_BLOCKSIZE, dtype={"text": "object"})
+    except Exception as exc:
+        raise InputError(f"cannot read input {str(path)!r}: {exc}") from exc
+    raise InputError(f"input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
+
+
+def _from_dask(frame: Any, text_column: str, client: Any) -> Partitions:
+    if text_column not in frame.columns:
+        raise InputError(f"the input has no column {text_column!r} (columns: "
+                         f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
+    keep = [c for c in ("id", text_column) if c in frame.columns]
+    frame = frame[keep]
+    lengths = client.compute(frame.map_partitions(len)).result().tolist()
+    offsets = [0]
+    for n in lengths[:-1]:
+        offsets.append(offsets[-1] + n)
+    parts = [(d, o) for d, o, n in zip(frame.to_delayed(), offsets, lengths) if n]
+    return Partitions(parts, int(sum(lengths)), lazy=True)
+
+
+def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0) -> Partitions:
+    """Partitions for any accepted input; raises :class:`InputError` saying what is wrong."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client)
+    if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
+        return _from_dask(inputs, text_column, client)
+    if isinstance(inputs, pd.Series):
+        inputs = inputs.tolist()
+    if isinstance(inputs, pd.DataFrame):
+        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows))
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
+        rows = list(inputs)
+        texts_or_error(rows, range(len(rows)))
+        size = partition_rows(len(rows), workers, configured_rows)
+        return Partitions([(rows[a:b], a) for a, b in _slices(len(rows), size)], len(rows))
+    raise InputError(f"inputs must be a list of strings, a pandas DataFrame or Series, a dask DataFrame, "
+                     f"or a Parquet/JSONL/CSV path; got {type(inputs).__name__}")

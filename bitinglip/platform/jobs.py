@@ -1,0 +1,204 @@
+"""A job: partitions running as Dask futures, watched from the client.
+
+``Job`` holds the futures of one submission and answers ``status()``,
+``progress()`` (rows done and total, rows/s, ETA; a bar in a terminal or a
+notebook), ``cancel()`` and ``result()``.  Progress comes from the workers'
+events on the scheduler, so it moves within partitions, not only between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import pandas as pd
+
+from bitinglip.platform.errors import BitingLipError, JobCancelledError, JobFailedError
+from bitinglip.platform.runner import JobSpec, cancel_event_name
+
+MANIFEST = "_manifest.json"
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Progress:
+    rows_done: int
+    rows_total: int
+    rows_per_s: float
+    eta_s: float | None
+    state: str
+
+    def __str__(self) -> str:
+        eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "?"
+        return f"{self.rows_done}/{self.rows_total} rows, {self.rows_per_s:.1f} rows/s, ETA {eta} ({self.state})"
+
+
+def write_manifest(summaries: Sequence[dict[str, Any]], spec: JobSpec, total: int, started: float) -> dict[str, Any]:
+    """Runs on a worker after every partition is written: the job's record."""
+    manifest = {
+        "job_id": spec.job_id, "task": spec.task.name, "model": spec.model,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.options.items()},
+        "rows": total, "started": started, "finished": time.time(), "state": JobState.SUCCEEDED.value,
+        "partitions": sorted(summaries, key=lambda s: s["part"]),
+    }
+    assert spec.output is not None
+    path = os.path.join(spec.output, MANIFEST)
+    with open(f"{path}.tmp", "w") as fh:
+        json.dump(manifest, fh, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
+    return manifest
+
+
+class Job:
+    """One submitted job. Made by :meth:`Platform.submit`, not directly."""
+
+    def __init__(self, platform: Any, spec: JobSpec, futures: list[Any], part_rows: list[int],
+                 final: Any = None) -> None:
+        self.platform = platform
+        self.spec = spec
+        self.id = spec.job_id
+        self.futures = futures
+        self.part_rows = part_rows
+        self.total = sum(part_rows)
+        self.final = final  # the manifest future of a job with an output directory
+        self.submitted_at = time.time()
+        self._first_progress: float | None = None
+        self._done_in_part: dict[int, int] = {}
+        self._cancelled = False
+        self._finished_at: float | None = None
+
+    # --- fed by the platform's subscription to the progress topic
+    def _on_progress(self, msg: dict[str, Any]) -> None:
+        if self._first_progress is None:
+            self._first_progress = time.time()
+        self._done_in_part[msg["part"]] = max(self._done_in_part.get(msg["part"], 0), int(msg["done"]))
+
+    @property
+    def output(self) -> str | None:
+        return self.spec.output
+
+    def _all_futures(self) -> list[Any]:
+        return self.futures + ([self.final] if self.final is not None else [])
+
+    def status(self) -> str:
+        """queued, running, succeeded, failed or cancelled."""
+        if self._cancelled:
+            return JobState.CANCELLED.value
+        futures = self._all_futures()
+        if any(f.status == "error" for f in futures):
+            return JobState.FAILED.value
+        if any(f.status == "cancelled" for f in futures):
+            return JobState.CANCELLED.value
+        if all(f.status == "finished" for f in futures):
+            return JobState.SUCCEEDED.value
+        if self._done_in_part or any(f.status == "finished" for f in self.futures):
+            return JobState.RUNNING.value
+        return JobState.QUEUED.value
+
+    def rows_done(self) -> int:
+        done = 0
+        for i, future in enumerate(self.futures):
+            done += self.part_rows[i] if future.status == "finished" else self._done_in_part.get(i, 0)
+        return done
+
+    def snapshot(self) -> Progress:
+        state = self.status()
+        done = self.rows_done()
+        start = self._first_progress or self.submitted_at
+        end = self._finished_at if self._finished_at and state != JobState.RUNNING.value else time.time()
+        elapsed = max(1e-9, end - start)
+        rate = done / elapsed if done else 0.0
+        eta = (self.total - done) / rate if rate > 0 and state in ("queued", "running") else (
+            0.0 if state == JobState.SUCCEEDED.value else None)
+        return Progress(done, self.total, rate, eta, state)
+
+    def done(self) -> bool:
+        return self.status() in (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+
+    def progress(self, wait: bool = True, interval: float = 0.25) -> Progress:
+        """With ``wait`` (the default), show a progress bar until the job
+        ends; without, return the current figures at once."""
+        if not wait:
+            return self.snapshot()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.total, unit="row", desc=f"{self.spec.task.name} {self.id[:8]}",
+                  dynamic_ncols=True) as bar:
+            while True:
+                snap = self.snapshot()
+                bar.update(snap.rows_done - bar.n)
+                if self.done():
+                    break
+                time.sleep(interval)
+        self._finished_at = self._finished_at or time.time()
+        return self.snapshot()
+
+    def cancel(self) -> None:
+        """Stop the job: queued partitions never start, running ones stop at
+        their next micro-batch."""
+        from distributed import Event
+
+        self._cancelled = True
+        Event(cancel_event_name(self.id), client=self.platform.client).set()
+        self.platform.client.cancel(self._all_futures())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every partition has ended; raise if one failed."""
+        from distributed import as_completed
+        from distributed import wait as dask_wait
+
+        if self._cancelled:
+            raise JobCancelledError(f"job {self.id} was cancelled")
+        index = {f.key: i for i, f in enumerate(self.futures)}
+        for future in as_completed(self.futures, timeout=timeout):
+            if future.status == "error":
+                self._fail(future, f"partition {index[future.key]}")
+            if future.status == "cancelled":
+                raise JobCancelledError(f"job {self.id} was cancelled")
+        if self.final is not None:
+            dask_wait([self.final], timeout=timeout)
+        if self.final is not None and self.final.status == "error":
+            self._fail(self.final, "the manifest")
+        self._finished_at = self._finished_at or time.time()
+
+    def _fail(self, future: Any, where: str) -> None:
+        exc = future.exception()
+        self.platform.client.cancel(self._all_futures())
+        if isinstance(exc, BitingLipError):
+            raise exc
+        raise JobFailedError(f"job {self.id} failed in {where}: {type(exc).__name__}: {exc}") from exc
+
+    def result(self, timeout: float | None = None) -> pd.DataFrame:
+        """The outputs as one DataFrame, one row per input, in input order.
+
+        For a job with an output directory this reads its Parquet files back;
+        for jobs bigger than memory read ``job.output`` piece by piece instead.
+        """
+        self.wait(timeout)
+        if self.output is None:
+            frames = self.platform.client.gather(self.futures)
+        else:
+            frames = [pd.read_parquet(os.path.join(self.output, s["file"]))
+                      for s in self.final.result()["partitions"]]
+        if not frames:
+            return pd.DataFrame({c: [] for c in ("id", *self.spec.task.columns, "truncated")})
+        return pd.concat(frames, ignore_index=True)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.spec.task.name} {self.spec.model!r}: {self.snapshot()}>"
+
+
+def progress_dict(progress: Progress) -> dict[str, Any]:
+    return asdict(progress)
