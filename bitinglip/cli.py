@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--nworkers", type=_positive, help="CPU workers (default: one per core)")
     worker.add_argument("--name")
     worker.set_defaults(func=cmd_worker)
+
+    from bitinglip.gateway.cli import register as register_gateway
+
+    register_gateway(sub)
     return parser
 
 
