@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bitinglip.gateway.cli import register as register_gateway
 
     register_gateway(sub)
+    from bitinglip.platform.registry_cli import register as register_models
+    register_models(sub)
     return parser
 
 

@@ -24,6 +24,8 @@ from bitinglip.platform.cluster import local_cluster, worker_resources
 from bitinglip.platform.errors import InputError, NoGPUWorkersError
 from bitinglip.platform.inputs import to_partitions
 from bitinglip.platform.jobs import Job, write_manifest
+from bitinglip.platform.placement import prefer, warm_workers
+from bitinglip.platform.registry import Registry
 from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, run_partition
 from bitinglip.platform.settings import Settings, get_settings
 from bitinglip.platform.tasks import TaskType, check_task_type, get_task
@@ -59,6 +61,11 @@ class Platform:
         check_task_type(task)
         self.tasks[task.name] = task
         return task
+
+    @property
+    def models(self) -> Registry:
+        """The model registry: ``platform.models.add/list/show/verify/remove``."""
+        return Registry(self.settings)
 
     def gpu_workers(self) -> list[str]:
         return [a for a, r in worker_resources(self.client).items() if r.get("GPU", 0) > 0]
@@ -113,9 +120,11 @@ class Platform:
             futures = self.client.compute(tasks, resources=resources)
             rows = _part_rows_lazy(parts)
         else:
+            warm = warm_workers(self.client, model, task_type.name, resources)  # no reload of a warm model
             for i, (data, offset) in enumerate(parts.parts):
                 futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False,
-                                                  key=f"bitinglip-{job_id}-{i}", resources=resources))
+                                                  key=f"bitinglip-{job_id}-{i}", resources=resources,
+                                                  **prefer(warm, i)))
             rows = [len(data) for data, _ in parts.parts]
         final = None
         if out_dir is not None:
@@ -149,8 +158,9 @@ class Platform:
 
 def _resolve(model: str) -> str:
     from bitinglip.platform.models import resolve_model
+    from bitinglip.worker_plugins.models import get_model_plugin
 
-    return resolve_model(model).path
+    return resolve_model(model, get_model_plugin().settings).path
 
 
 def _part_rows_lazy(parts: Any) -> list[int]:
@@ -174,7 +184,9 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
     else:
         client = Client(address, **client_kwargs)
     try:
-        client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction))
+        # an embedded cluster shares these settings; remote workers read their own environment
+        client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction,
+                                           settings=settings if cluster is not None else None))
     except Exception:
         client.close()
         if cluster is not None:

@@ -49,3 +49,78 @@ class JobFailedError(BitingLipError):
 
 class JobCancelledError(BitingLipError):
     code = "job_cancelled"
+
+
+class UnauthorizedError(BitingLipError):
+    """No token, or a token that is malformed, expired or wrongly signed."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(BitingLipError):
+    """A valid token without the scope, or an address not on the allowlist."""
+
+    code = "forbidden"
+
+
+class NotFoundError(BitingLipError, LookupError):
+    """No such job or model (or one that belongs to someone else)."""
+
+    code = "not_found"
+
+
+class ConflictError(BitingLipError):
+    """The request does not fit the resource's state (e.g. cancel a finished job)."""
+
+    code = "conflict"
+
+
+class PayloadTooLargeError(BitingLipError):
+    code = "payload_too_large"
+
+
+class RateLimitedError(BitingLipError):
+    """Too many requests; ``retry_after`` seconds until the next is allowed."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class UnavailableError(BitingLipError):
+    """A dependency (Redis, the scheduler) cannot be reached."""
+
+    code = "unavailable"
+
+
+class InvalidModelNameError(InputError):
+    """A model name or version has characters outside the allowed set."""
+
+    code = "invalid_model_name"
+
+
+class IntegrityError(BitingLipError):
+    """A model's files do not match the sha256 manifest written when it was added."""
+
+    code = "integrity_failed"
+
+
+class UnsafeWeightsError(BitingLipError):
+    """Pickle-based weights (.bin, .pt, .pkl, ...) while the admin setting forbids them."""
+
+    code = "unsafe_weights"
+
+
+class ModelSourceError(BitingLipError):
+    """A model source (folder, package, hub repo) cannot be read."""
+
+    code = "model_source_failed"
+
+
+class ModelInUseError(BitingLipError):
+    """A model version cannot be removed while a running job uses it."""
+
+    code = "model_in_use"

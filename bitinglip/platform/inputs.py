@@ -70,10 +70,19 @@ def _from_frame(frame: pd.DataFrame, text_column: str, size: int) -> Partitions:
 
 
 def _read_path(path: Path) -> Any:
-    import dask.dataframe as dd
+    import dask
 
     if not path.exists():
         raise InputError(f"input path {str(path)!r} does not exist")
+    # keep values as they are in the file: a number where text belongs must
+    # reach the row check as a number, not be turned into the string "5"
+    with dask.config.set({"dataframe.convert-string": False}):
+        return _read_known_type(path)
+
+
+def _read_known_type(path: Path) -> Any:
+    import dask.dataframe as dd
+
     name = path.name.lower()
     try:
         if path.is_dir() or name.endswith((".parquet", ".pq")):

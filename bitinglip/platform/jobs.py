@@ -77,6 +77,7 @@ class Job:
         self._first_progress: float | None = None
         self._done_in_part: dict[int, int] = {}
         self._cancelled = False
+        self._error: BaseException | None = None
         self._finished_at: float | None = None
 
     # --- fed by the platform's subscription to the progress topic
@@ -96,6 +97,8 @@ class Job:
         """queued, running, succeeded, failed or cancelled."""
         if self._cancelled:
             return JobState.CANCELLED.value
+        if self._error is not None:
+            return JobState.FAILED.value
         futures = self._all_futures()
         if any(f.status == "error" for f in futures):
             return JobState.FAILED.value
@@ -175,7 +178,9 @@ class Job:
 
     def _fail(self, future: Any, where: str) -> None:
         exc = future.exception()
-        self.platform.client.cancel(self._all_futures())
+        self._error = exc
+        # the rest of the job is moot: free the workers for other jobs
+        self.platform.client.cancel([f for f in self._all_futures() if f.status != "error"])
         if isinstance(exc, BitingLipError):
             raise exc
         raise JobFailedError(f"job {self.id} failed in {where}: {type(exc).__name__}: {exc}") from exc

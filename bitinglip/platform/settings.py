@@ -9,12 +9,13 @@ misconfigured process stops at start-up instead of failing later.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from bitinglip.platform.errors import ConfigError
 
@@ -66,6 +67,54 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("not a yes/no value")
+    return value in ("1", "true", "yes", "on")
+
+
+class Rate(NamedTuple):
+    """A rate limit: ``count`` requests per ``period_s`` seconds."""
+
+    count: int
+    period_s: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period_s:g}s"
+
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def _rate(raw: str) -> Rate:
+    count, _, period = raw.partition("/")
+    period = period.strip().lower().rstrip("s") or "minute"
+    if period not in _PERIODS:
+        raise ValueError(f"period must be one of {', '.join(_PERIODS)}")
+    return Rate(_positive(count.strip()), _PERIODS[period])
+
+
+#: the seed's default for submissions, and a read limit high enough to poll a job
+SUBMIT_RATE = Rate(10, 60.0)
+READ_RATE = Rate(600, 60.0)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(raw: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+
+
+def _pem_or_path(raw: str) -> str:
+    if "-----BEGIN" in raw:
+        return raw
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ValueError("neither a PEM text nor a readable file")
+    return path.read_text()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, in one place. Build it with :meth:`from_env`."""
@@ -81,6 +130,44 @@ class Settings:
     #: rows per partition; 0 picks from the input size and the workers
     partition_rows: int = 0
     dashboard_address: str = ":8787"
+
+    # --- the model manager
+    #: admin switch: load and register pickle-based weights (.bin, .pt, .pkl); never on by default
+    allow_pickle: bool = False
+    #: bytes of loaded models a CPU worker keeps before evicting the least recently used; 0: half its memory
+    cpu_model_budget_bytes: int = 0
+    #: the Hugging Face hub cache (HF_HUB_CACHE); None: the hub's own default
+    hf_cache_dir: Path | None = None
+    #: resolve hub models from the local cache only (HF_HUB_OFFLINE)
+    hf_offline: bool = False
+
+    # --- the gateway
+    #: Dask scheduler the gateway submits to; None starts an embedded cluster
+    scheduler_address: str | None = None
+    #: HS256 secret, or an RS256 public key (PEM); production needs one of them
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    #: per token subject, counted in Redis: submissions, and everything else
+    rate_limit: Rate = SUBMIT_RATE
+    read_rate_limit: Rate = READ_RATE
+    admin_allowlist: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
+                                            ipaddress.ip_network("::1/128"))
+    #: X-Forwarded-For is read only from these addresses
+    trusted_proxies: tuple[Network, ...] = ()
+    max_body_bytes: int = 1_048_576
+    max_job_rows: int = 10_000
+    max_infer_rows: int = 64
+    max_text_chars: int = 10_000
+    #: seconds a finished job's record stays in Redis; running jobs never expire
+    job_ttl_s: int = 7 * 86400
+    #: where REST jobs write Parquet; workers and gateways must all see it
+    results_dir: Path = Path.home() / ".cache" / "bitinglip" / "results"
+    #: the only directory that job input URIs may point into; None refuses URIs
+    input_dir: Path | None = None
+    #: how long /v1/infer waits to gather concurrent requests into one batch
+    infer_batch_ms: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +188,38 @@ class Settings:
                                  "a whole number of rows, 0 for automatic"),
             dashboard_address=_read(env, "BITINGLIP_DASHBOARD_ADDRESS", default.dashboard_address,
                                     str, "an address such as :8787"),
+            allow_pickle=_read(env, "BITINGLIP_ALLOW_PICKLE", False, _flag, "true or false"),
+            cpu_model_budget_bytes=_read(env, "BITINGLIP_CPU_MODEL_BUDGET_BYTES", 0, _non_negative,
+                                         "a whole number of bytes, 0 for automatic"),
+            hf_cache_dir=_read(env, "HF_HUB_CACHE", None, lambda s: Path(s).expanduser(), "a directory path"),
+            hf_offline=_read(env, "HF_HUB_OFFLINE", False, _flag, "1 or 0"),
+            scheduler_address=_read(env, "BITINGLIP_SCHEDULER", None, str, "a scheduler address"),
+            jwt_secret=_read(env, "BITINGLIP_JWT_SECRET", None, str, "a secret string"),
+            jwt_public_key=_read(env, "BITINGLIP_JWT_PUBLIC_KEY", None, _pem_or_path,
+                                 "a PEM public key or the path of one"),
+            jwt_issuer=_read(env, "BITINGLIP_JWT_ISSUER", None, str, "an issuer string"),
+            jwt_audience=_read(env, "BITINGLIP_JWT_AUDIENCE", None, str, "an audience string"),
+            rate_limit=_read(env, "BITINGLIP_RATE_LIMIT", default.rate_limit, _rate, "N/second|minute|hour|day"),
+            read_rate_limit=_read(env, "BITINGLIP_READ_RATE_LIMIT", default.read_rate_limit, _rate,
+                                  "N/second|minute|hour|day"),
+            admin_allowlist=_read(env, "BITINGLIP_ADMIN_ALLOWLIST", default.admin_allowlist, _networks,
+                                  "comma-separated CIDRs"),
+            trusted_proxies=_read(env, "BITINGLIP_TRUSTED_PROXIES", (), _networks, "comma-separated CIDRs"),
+            max_body_bytes=_read(env, "BITINGLIP_MAX_BODY_BYTES", default.max_body_bytes, _positive,
+                                 "a whole number of bytes"),
+            max_job_rows=_read(env, "BITINGLIP_MAX_JOB_ROWS", default.max_job_rows, _positive,
+                               "a whole number of rows"),
+            max_infer_rows=_read(env, "BITINGLIP_MAX_INFER_ROWS", default.max_infer_rows, _positive,
+                                 "a whole number of rows"),
+            max_text_chars=_read(env, "BITINGLIP_MAX_TEXT_CHARS", default.max_text_chars, _positive,
+                                 "a whole number of characters"),
+            job_ttl_s=_read(env, "BITINGLIP_JOB_TTL", default.job_ttl_s, _positive, "a whole number of seconds"),
+            results_dir=_read(env, "BITINGLIP_RESULTS_DIR", default.results_dir,
+                              lambda s: Path(s).expanduser(), "a directory path"),
+            input_dir=_read(env, "BITINGLIP_INPUT_DIR", None, lambda s: Path(s).expanduser().resolve(),
+                            "a directory path"),
+            infer_batch_ms=_read(env, "BITINGLIP_INFER_BATCH_MS", default.infer_batch_ms, float,
+                                 "a number of milliseconds"),
         )
 
     def with_(self, **changes: object) -> Settings:

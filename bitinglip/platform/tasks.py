@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 from bitinglip.platform.errors import InputError, UnknownTaskError
 
-DTYPES = ("float32", "float16", "bfloat16")
+#: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -125,7 +126,7 @@ class TaskType:
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    return getattr(torch, name)
+    return torch.float32 if name == "int8" else getattr(torch, name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -339,6 +340,8 @@ def check_task_type(task: Any) -> TaskType:
 def texts_or_error(values: Sequence[Any], ids: Sequence[Any]) -> list[str]:
     """The rows as strings, or an :class:`InputError` naming the first bad row."""
     for value, row_id in zip(values, ids):
+        if value is None or (isinstance(value, float) and value != value):
+            raise InputError(f"row id={row_id!r}: the text is missing (null)")
         if not isinstance(value, str):
             raise InputError(f"row id={row_id!r}: expected text (str), got {type(value).__name__} {value!r:.60}")
     return list(values)

@@ -1,0 +1,88 @@
+"""The gateway application: a list of routes, a list of middleware, one
+table of error handlers.
+
+::
+
+    from bitinglip.gateway.app import create_app
+    app = create_app(Settings.from_env())     # serve with uvicorn
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from bitinglip.gateway import health, infer, jobs, models, results
+from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
+from bitinglip.gateway.middleware import BodyLimit, RequestContext
+from bitinglip.gateway.openapi import document
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.settings import Settings, get_settings
+
+
+async def openapi(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, None)
+    return gw.json(request, document())
+
+
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, None)
+    text = gw.metrics.render(await gw.store.counts())
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4",
+                             headers=getattr(request.state, "ratelimit", {}))
+
+
+ROUTES = [
+    Route("/health", health.health),
+    Route("/health/live", health.live),
+    Route("/health/ready", health.ready),
+    Route("/openapi.json", openapi),
+    Route("/metrics", metrics),
+    Route("/v1/models", models.list_models),
+    Route("/v1/models/{name:path}", models.get_model),
+    Route("/v1/jobs", jobs.submit_job, methods=["POST"]),
+    Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", jobs.cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/results", results.job_results),
+    Route("/v1/jobs/{job_id}/results/files", results.result_files),
+    Route("/v1/jobs/{job_id}/results/files/{name}", results.result_file),
+    Route("/v1/jobs/{job_id}/events", jobs.job_events),
+    Route("/v1/infer", infer.infer, methods=["POST"]),
+    Route("/admin/models", models.admin_list_models, methods=["GET"]),
+    Route("/admin/models", models.admin_register_model, methods=["POST"]),
+    Route("/admin/models/{name:path}", models.admin_remove_model, methods=["DELETE"]),
+    Route("/admin/jobs", jobs.admin_list_jobs),
+]
+
+
+def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette:
+    """A gateway app; Redis and the cluster connect when its lifespan starts."""
+    gateway = Gateway(settings or get_settings(), tls=tls)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(
+        routes=ROUTES,
+        middleware=[Middleware(RequestContext, metrics=gateway.metrics),
+                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+

@@ -1,0 +1,123 @@
+"""``POST /v1/infer``: small synchronous requests, batched for a moment.
+
+Requests for the same task, model and options that arrive within
+``BITINGLIP_INFER_BATCH_MS`` of each other go to the cluster as one task, at
+a Dask priority above every bulk job, so they start before queued partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bitinglip.gateway.body import read_json
+from bitinglip.gateway.jobs import check_task, check_texts
+from bitinglip.gateway.models import resolve
+from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.errors import InputError, UnavailableError
+
+#: Dask priority of infer batches; bulk jobs use 1 to 10
+INFER_PRIORITY = 100
+INFER_TIMEOUT_S = 120.0
+
+
+def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """Runs on a worker: one output dict per text, in order, JSON-ready."""
+    from bitinglip.platform.batching import default_budget
+    from bitinglip.platform.runner import predict_rows
+    from bitinglip.platform.tasks import get_task
+    from bitinglip.worker_plugins.models import get_model_plugin
+
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    loaded = get_model_plugin().get(task, model, merged)
+    outputs, truncated, _ = predict_rows(task, loaded, texts, merged, default_budget(loaded.device))
+    return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class _Batch:
+    texts: list[str] = field(default_factory=list)
+    requests: int = 0
+    fired: bool = False
+    result: asyncio.Future[list[dict[str, Any]]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher:
+    def __init__(self, client: Any, wait_s: float, max_rows: int) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.max_rows = max_rows
+        self._open: dict[tuple[str, str, str], _Batch] = {}
+
+    async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str]
+                    ) -> tuple[list[dict[str, Any]], int]:
+        """Outputs for ``texts`` and how many requests shared their batch."""
+        key = (task, model, json.dumps(options, sort_keys=True))
+        batch = self._open.get(key)
+        if batch is None or len(batch.texts) + len(texts) > self.max_rows:
+            batch = _Batch()
+            self._open[key] = batch
+            asyncio.get_running_loop().call_later(self.wait_s, self._fire, key, batch)
+        start = len(batch.texts)
+        batch.texts += texts
+        batch.requests += 1
+        if len(batch.texts) >= self.max_rows:
+            self._fire(key, batch)
+        outputs = await asyncio.shield(batch.result)
+        return outputs[start:start + len(texts)], batch.requests
+
+    def _fire(self, key: tuple[str, str, str], batch: _Batch) -> None:
+        if batch.fired:
+            return
+        batch.fired = True
+        if self._open.get(key) is batch:
+            del self._open[key]
+        task, model, options = key
+        asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options)))
+
+    async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any]) -> None:
+        future = self.client.submit(predict_texts, task, model, options, batch.texts, pure=False,
+                                    priority=INFER_PRIORITY)
+        try:
+            with anyio.fail_after(INFER_TIMEOUT_S):
+                result = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except TimeoutError:
+            future.cancel()
+            batch.result.set_exception(UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s"))
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+            batch.result.set_exception(exc)
+        else:
+            batch.result.set_result(result)
+
+
+async def infer(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:write", WRITE)
+    body = await read_json(request)
+    unknown = sorted(set(body) - {"task", "model", "inputs", "options"})
+    if unknown:
+        raise InputError(f"unknown field {', '.join(unknown)}; fields are inputs, model, options, task")
+    options = check_task(body.get("task"), body.get("options"))
+    texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
+    model = await resolve(gw, body.get("model"))
+    outputs, shared = await gw.batcher.infer(body["task"], model, options, texts)
+    return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,
+                             "batched_requests": shared})

@@ -1,0 +1,85 @@
+"""ASGI middleware: a request id and metrics on every request, and a cap
+on request body size."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bitinglip.gateway.handlers import error_response, request_id
+from bitinglip.gateway.metrics import Metrics
+from bitinglip.platform.errors import PayloadTooLargeError
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContext:
+    """Gives each request an id (the client's ``X-Request-ID`` when it is
+    sane), echoes it in the response, and records the request's metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        scope.setdefault("state", {})["request_id"] = given if _CLIENT_ID.match(given) else None
+        if not scope["state"]["request_id"]:
+            del scope["state"]["request_id"]
+        rid = request_id(scope)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route: Any = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], label, status, time.perf_counter() - started)
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``: at once from ``Content-Length``,
+    or while reading a body sent without one."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            message = f"request body over {self.max_bytes} bytes" if length.isdigit() else "bad Content-Length"
+            response = error_response(scope, 413 if length.isdigit() else 400,
+                                      "payload_too_large" if length.isdigit() else "bad_request", message)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLargeError(f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,151 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``, written out by hand
+so that it says exactly what the routes accept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bitinglip import __version__
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PAGE = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+_TASK = {"type": "string", "enum": ["embed", "classify", "generate"]}
+_TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): _ERR for c in codes}
+
+
+def _op(summary: str, responses: dict[str, Any], *, params: list[Any] | None = None,
+        body: dict[str, Any] | None = None, public: bool = False, codes: tuple[int, ...] = (401, 403, 429)
+        ) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**responses, **_errors(*codes)}}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if public:
+        op["security"] = []
+    return op
+
+
+def document() -> dict[str, Any]:
+    job_list = {"type": "object", "properties": {"jobs": {"type": "array", "items": _ref("Job")},
+                                                  "offset": {"type": "integer"}, "limit": {"type": "integer"},
+                                                  "total": {"type": "integer"},
+                                                  "next_offset": {"type": ["integer", "null"]}}}
+    health = {"type": "object", "properties": {"status": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "BitingLip gateway", "version": __version__,
+                 "description": "Batch inference on Dask. Every route but /health* needs a bearer JWT."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/health": {"get": _op("Health of every component (503 when one is down)",
+                                   {"200": _json(health), "503": _json(health, "a component is down")},
+                                   public=True, codes=())},
+            "/health/live": {"get": _op("Liveness", {"200": _json(health)}, public=True, codes=())},
+            "/health/ready": {"get": _op("Readiness (Redis and the cluster)",
+                                         {"200": _json(health), "503": _json(health, "not ready")},
+                                         public=True, codes=())},
+            "/v1/models": {"get": _op("Models you can name", {"200": _json({"type": "object"})})},
+            "/v1/models/{name}": {"get": _op(
+                "One model", {"200": _json(_ref("Model"))}, codes=(401, 403, 404, 429),
+                params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])},
+            "/v1/jobs": {
+                "post": _op("Submit a job", {"202": _json(_ref("Job"), "accepted")}, body=_ref("JobRequest"),
+                            params=[{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
+                            codes=(401, 403, 413, 422, 429, 503)),
+                "get": _op("Your jobs, newest first", {"200": _json(job_list)}, params=_PAGE,
+                           codes=(401, 403, 422, 429)),
+            },
+            "/v1/jobs/{job_id}": {
+                "get": _op("A job's status and progress", {"200": _json(_ref("Job"))}, params=[_JOB_ID],
+                           codes=(401, 403, 404, 429)),
+                "delete": _op("Cancel a job", {"202": _json(_ref("Job"), "cancelled")}, params=[_JOB_ID],
+                              codes=(401, 403, 404, 409, 429)),
+            },
+            "/v1/jobs/{job_id}/results": {"get": _op(
+                "Result rows, paged", {"200": _json({"type": "object"})},
+                params=[_JOB_ID, {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                codes=(401, 403, 404, 409, 422, 429, 503))},
+            "/v1/jobs/{job_id}/results/files": {"get": _op(
+                "The Parquet files", {"200": _json({"type": "object"})}, params=[_JOB_ID],
+                codes=(401, 403, 404, 409, 429, 503))},
+            "/v1/jobs/{job_id}/results/files/{name}": {"get": _op(
+                "One Parquet file", {"200": {"description": "Parquet",
+                                             "content": {"application/vnd.apache.parquet": {}}}},
+                params=[_JOB_ID, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                codes=(401, 403, 404, 409, 429, 503))},
+            "/v1/jobs/{job_id}/events": {"get": _op(
+                "Server-sent progress events until the job ends",
+                {"200": {"description": "event stream", "content": {"text/event-stream": {}}}},
+                params=[_JOB_ID], codes=(401, 403, 404, 429))},
+            "/v1/infer": {"post": _op("Small synchronous inference, answered inline",
+                                      {"200": _json({"type": "object"})}, body=_ref("InferRequest"),
+                                      codes=(401, 403, 413, 422, 429, 502, 503))},
+            "/metrics": {"get": _op("Prometheus metrics",
+                                    {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}},
+                                    codes=(401, 429))},
+            "/admin/models": {
+                "get": _op("Every model, with paths", {"200": _json({"type": "object"})}),
+                "post": _op("Register a model directory under a name",
+                            {"201": _json(_ref("Model"), "registered"), "200": _json(_ref("Model"), "replaced")},
+                            body=_ref("ModelRegistration"), codes=(401, 403, 413, 422, 429, 503)),
+            },
+            "/admin/models/{name}": {"delete": _op(
+                "Remove a registered model", {"204": {"description": "removed"}},
+                params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                codes=(401, 403, 404, 429))},
+            "/admin/jobs": {"get": _op(
+                "Every user's jobs", {"200": _json(job_list)},
+                params=[*_PAGE, {"name": "owner", "in": "query", "schema": {"type": "string"}}],
+                codes=(401, 403, 422, 429))},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "responses": {"Error": _json(_ref("Error"), "an error")},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["code", "message", "request_id"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                   "request_id": {"type": "string"}}}}},
+                "JobRequest": {"type": "object", "required": ["task", "model"], "additionalProperties": False,
+                               "properties": {
+                                   "task": _TASK, "model": {"type": "string"}, "inputs": _TEXTS,
+                                   "input_uri": {"type": "string"}, "text_column": {"type": "string"},
+                                   "options": {"type": "object"},
+                                   "priority": {"type": "integer", "minimum": 1, "maximum": 10},
+                                   "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}},
+                "InferRequest": {"type": "object", "required": ["task", "model", "inputs"],
+                                 "additionalProperties": False,
+                                 "properties": {"task": _TASK, "model": {"type": "string"}, "inputs": _TEXTS,
+                                                "options": {"type": "object"}}},
+                "ModelRegistration": {"type": "object", "required": ["name", "path"], "additionalProperties": False,
+                                      "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                                                     "task": _TASK}},
+                "Model": {"type": "object", "properties": {"name": {"type": "string"},
+                                                           "source": {"type": "string"}}},
+                "Job": {"type": "object", "properties": {
+                    "id": {"type": "string"},
+                    "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "task": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]},
+                    "priority": {"type": ["integer", "null"]}, "rows_done": {"type": "integer"},
+                    "rows_total": {"type": ["integer", "null"]}, "rows_per_s": {"type": "number"},
+                    "eta_s": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]}}},
+            },
+        },
+    }

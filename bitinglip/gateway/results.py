@@ -1,0 +1,94 @@
+"""A finished job's results: paged JSON rows, or its Parquet files.
+
+Results are read back from the job's output directory (the manifest and one
+Parquet file per partition), so any gateway that sees the results directory
+can serve them, whichever gateway submitted the job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from bitinglip.gateway.body import query_int
+from bitinglip.gateway.jobs import own_job
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.errors import ConflictError, NotFoundError, UnavailableError
+from bitinglip.platform.jobs import MANIFEST, JobState
+
+MAX_PAGE = 1000
+
+
+def _manifest(output: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(output, MANIFEST)) as fh:
+            return dict(json.load(fh))
+    except (OSError, ValueError) as exc:
+        raise UnavailableError(f"this gateway cannot read the job's results ({exc}); "
+                               "gateways and workers must share BITINGLIP_RESULTS_DIR") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):  # NaN is not JSON
+        return None
+    return value
+
+
+def read_rows(output: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Rows ``offset`` to ``offset + limit`` of the job's output, and the total."""
+    import pyarrow.parquet as pq
+
+    manifest = _manifest(output)
+    rows: list[dict[str, Any]] = []
+    start = 0
+    for part in manifest["partitions"]:
+        n = int(part["rows"])
+        lo, hi = max(offset, start), min(offset + limit, start + n)
+        if lo < hi:
+            table = pq.read_table(os.path.join(output, part["file"])).slice(lo - start, hi - lo)
+            rows += [{k: _jsonable(v) for k, v in row.items()} for row in table.to_pylist()]
+        start += n
+    return rows, int(manifest["rows"])
+
+
+async def _finished(request: Request) -> tuple[Gateway, dict[str, Any]]:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:read")
+    job = await own_job(gw, principal, request.path_params["job_id"])
+    if job["state"] != JobState.SUCCEEDED.value:
+        raise ConflictError(f"job {job['id']} is {job['state']}; results come when it has succeeded")
+    return gw, job
+
+
+async def job_results(request: Request) -> Response:
+    gw, job = await _finished(request)
+    offset = query_int(request, "offset", 0, 0, 10**12)
+    limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+    rows, total = await anyio.to_thread.run_sync(read_rows, job["output"], offset, limit)
+    nxt = offset + len(rows) if offset + len(rows) < total else None
+    return gw.json(request, {"job_id": job["id"], "rows": rows, "offset": offset, "limit": limit, "total": total,
+                             "next_offset": nxt})
+
+
+async def result_files(request: Request) -> Response:
+    gw, job = await _finished(request)
+    manifest = await anyio.to_thread.run_sync(_manifest, job["output"])
+    files = [{"name": p["file"], "rows": p["rows"], "url": f"/v1/jobs/{job['id']}/results/files/{p['file']}"}
+             for p in manifest["partitions"]]
+    return gw.json(request, {"job_id": job["id"], "files": files})
+
+
+async def result_file(request: Request) -> Response:
+    _, job = await _finished(request)
+    manifest = await anyio.to_thread.run_sync(_manifest, job["output"])
+    name = request.path_params["name"]
+    if name not in {p["file"] for p in manifest["partitions"]}:  # only the manifest's own names: no traversal
+        raise NotFoundError(f"job {job['id']} has no result file {name!r}")
+    return FileResponse(os.path.join(job["output"], name), media_type="application/vnd.apache.parquet",
+                        filename=name, headers=getattr(request.state, "ratelimit", {}))

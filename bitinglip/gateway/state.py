@@ -1,0 +1,101 @@
+"""What one gateway process holds: settings, Redis, the cluster connection,
+and the per-request checks every route goes through (token, scope, address,
+rate limit)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import anyio
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+
+from bitinglip.gateway.auth import Principal, Verifier, mint, verifier
+from bitinglip.gateway.clientip import check_allowlist
+from bitinglip.gateway.metrics import Metrics
+from bitinglip.gateway.ratelimit import READ, WRITE, RateLimiter
+from bitinglip.platform.errors import ConfigError, RateLimitedError
+from bitinglip.platform.jobstore import JobStore
+from bitinglip.platform.settings import Settings
+
+log = logging.getLogger("bitinglip.gateway")
+
+
+class Gateway:
+    """Built by :func:`bitinglip.gateway.app.create_app`; started and stopped
+    by the app's lifespan."""
+
+    def __init__(self, settings: Settings, tls: bool = False) -> None:
+        if not settings.redis_url:
+            raise ConfigError("the gateway needs REDIS_URL (job status and rate limits live in Redis)")
+        self.settings = settings
+        self.tls = tls
+        self.verifier: Verifier
+        self.verifier, generated = verifier(settings)
+        if generated:
+            token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"], ttl_s=86400)
+            log.warning("no BITINGLIP_JWT_SECRET: using a development key; a token for 'dev' (all scopes, 24h):\n%s",
+                        token)
+        if settings.environment == "production" and not tls:
+            log.warning("ENVIRONMENT=production without TLS: tokens travel in clear text "
+                        "(use --ssl-certfile/--ssl-keyfile or a TLS-terminating proxy)")
+        self.metrics = Metrics()
+        self.redis: Any = None
+        self.store: JobStore
+        self.limiter: RateLimiter
+        self.platform: Any = None
+        self.batcher: Any = None
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+
+        from bitinglip.gateway.infer import Batcher
+
+        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True,
+                                       socket_timeout=10, socket_connect_timeout=5)
+        self.store = JobStore(self.redis, self.settings.job_ttl_s)
+        self.limiter = RateLimiter(self.redis, {WRITE: self.settings.rate_limit, READ: self.settings.read_rate_limit})
+        os.makedirs(self.settings.results_dir, exist_ok=True)
+        os.makedirs(self.settings.model_cache_dir, exist_ok=True)
+        self.platform = await anyio.to_thread.run_sync(self._connect)
+        self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
+                               max_rows=4 * self.settings.max_infer_rows)
+
+    def _connect(self) -> Any:
+        import bitinglip
+        from bitinglip.platform.status_plugin import RedisStatusPlugin
+
+        platform = bitinglip.connect(self.settings.scheduler_address, settings=self.settings)
+        assert self.settings.redis_url is not None
+        platform.client.register_plugin(RedisStatusPlugin(self.settings.redis_url, self.settings.job_ttl_s))
+        return platform
+
+    async def stop(self) -> None:
+        if self.platform is not None:
+            await anyio.to_thread.run_sync(self.platform.close)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def authorize(self, conn: HTTPConnection, scope: str | None, bucket: str = READ) -> Principal:
+        """The caller, once its token, scope, address (for ``admin``) and rate
+        limit pass; raises the matching domain error otherwise."""
+        principal = self.verifier.decode(conn.headers.get("authorization"))
+        if scope is not None:
+            principal.require(scope)
+        if scope == "admin":
+            check_allowlist(conn, self.settings.admin_allowlist, self.settings.trusted_proxies)
+        try:
+            verdict = await self.limiter.hit(bucket, principal.sub)
+        except RateLimitedError:
+            self.metrics.rejected(bucket)
+            raise
+        conn.state.ratelimit = verdict.headers()
+        return principal
+
+    def json(self, conn: HTTPConnection, body: Any, status: int = 200, headers: dict[str, str] | None = None
+             ) -> JSONResponse:
+        """A JSON response carrying the caller's rate-limit headers."""
+        return JSONResponse(body, status_code=status,
+                            headers={**getattr(conn.state, "ratelimit", {}), **(headers or {})})

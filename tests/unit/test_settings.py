@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from bitinglip.platform.errors import ConfigError
+from bitinglip.platform.settings import Settings
+
+
+def test_defaults_when_environment_is_empty() -> None:
+    s = Settings.from_env({})
+    assert s.environment == "development"
+    assert s.redis_url is None
+    assert s.max_workers is None
+    assert 0 < s.gpu_memory_fraction <= 1
+
+
+def test_reads_the_seed_variables() -> None:
+    s = Settings.from_env({"ENVIRONMENT": "production", "REDIS_URL": "redis://h:6379/0",
+                           "MODEL_CACHE_DIR": "/data/models", "GPU_MEMORY_FRACTION": "0.8", "MAX_WORKERS": "4"})
+    assert (s.environment, s.redis_url, s.model_cache_dir, s.gpu_memory_fraction, s.max_workers) == (
+        "production", "redis://h:6379/0", Path("/data/models"), 0.8, 4)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("ENVIRONMENT", "staging"), ("REDIS_URL", "localhost:6379"), ("GPU_MEMORY_FRACTION", "1.5"),
+    ("GPU_MEMORY_FRACTION", "abc"), ("MAX_WORKERS", "0"), ("MAX_WORKERS", "two"),
+    ("BITINGLIP_TOKEN_BUDGET", "-1"),
+])
+def test_invalid_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        s.max_workers = 3  # type: ignore[misc]
+    assert s.with_(max_workers=3).max_workers == 3 and s.max_workers is None
+
+
+def test_cli_stops_on_invalid_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bitinglip import cli
+    from bitinglip.platform.settings import get_settings
+
+    monkeypatch.setenv("MAX_WORKERS", "-3")
+    get_settings.cache_clear()
+    try:
+        code = cli.main(["run", "--task", "embed", "--model", "m", "--input", "x.parquet"])
+    finally:
+        get_settings.cache_clear()
+    assert code == 2
+    assert "MAX_WORKERS" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+import pytest
+
+from bitinglip.platform.errors import InputError, UnknownTaskError
+from bitinglip.platform.tasks import Generate, Loaded, TaskType, check_task_type, get_task, texts_or_error
+
+
+def test_builtin_tasks() -> None:
+    assert {get_task(n).name for n in ("embed", "classify", "generate")} == {"embed", "classify", "generate"}
+
+
+def test_unknown_task_lists_known_ones() -> None:
+    with pytest.raises(UnknownTaskError, match="embed"):
+        get_task("summarise")
+
+
+@pytest.mark.parametrize("task,options,word", [
+    ("embed", {"normalise": True}, "normalise"),
+    ("embed", {"dtype": "float8"}, "dtype"),
+    ("classify", {"top_k": 0}, "top_k"),
+    ("generate", {"max_new_tokens": -1}, "max_new_tokens"),
+    ("generate", {"temperature": "hot"}, "temperature"),
+    ("generate", {"stop": [""]}, "stop"),
+])
+def test_bad_options_are_refused_with_their_name(task: str, options: dict, word: str) -> None:
+    with pytest.raises(InputError, match=word):
+        get_task(task).check_options(options)
+
+
+def test_generate_option_defaults_and_stop_string() -> None:
+    merged = Generate().check_options({"stop": "\n", "seed": 3})
+    assert merged["stop"] == ("\n",) and merged["seed"] == 3 and merged["max_new_tokens"] == 32
+
+
+def test_non_string_row_is_named() -> None:
+    with pytest.raises(InputError, match=r"row id=2: expected text \(str\), got int"):
+        texts_or_error(["a", "b", 7], [0, 1, 2])
+
+
+def test_user_task_type_checks() -> None:
+    class NoColumns(TaskType):
+        name = "x"
+
+    with pytest.raises(InputError):
+        check_task_type(NoColumns())
+
+    class ClashesWithId(TaskType):
+        name = "y"
+        columns = ("id",)
+
+    with pytest.raises(InputError, match="id"):
+        check_task_type(ClashesWithId())
+
+
+def test_default_tokenize_without_tokenizer_uses_text_length() -> None:
+    class Plain(TaskType):
+        name = "plain"
+        columns = ("n",)
+
+    ids, truncated = Plain().tokenize(Loaded(model=None), ["abcd" * 10, "a"], {})
+    assert [len(r) for r in ids] == [10, 1] and truncated == [False, False]
