@@ -54,6 +54,12 @@ def _sample_input(spec: str, output_dir: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
 
+    from bitinglip.platform.tasks import get_task
+
+    # what can be checked without a cluster is checked before starting one
+    get_task(args.task).check_options(dict(args.option))
+    if not args.input.startswith("sample:") and not os.path.exists(args.input):
+        raise InputError(f"--input {args.input!r} does not exist")
     output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
     inputs: Any = args.input
     if args.input.startswith("sample:"):

@@ -118,22 +118,19 @@ class Platform:
             tasks = [delayed(run_partition)(data, spec, i, offset, dask_key_name=f"bitinglip-{job_id}-{i}")
                      for i, (data, offset) in enumerate(parts.parts)]
             futures = self.client.compute(tasks, resources=resources)
-            rows = _part_rows_lazy(parts)
         else:
             warm = warm_workers(self.client, model, task_type.name, resources)  # no reload of a warm model
             for i, (data, offset) in enumerate(parts.parts):
                 futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False,
                                                   key=f"bitinglip-{job_id}-{i}", resources=resources,
                                                   **prefer(warm, i)))
-            rows = [len(data) for data, _ in parts.parts]
         final = None
         if out_dir is not None:
             import time
 
             final = self.client.submit(write_manifest, futures, spec, parts.total, time.time(),
                                        key=f"bitinglip-{job_id}-manifest", pure=False)
-        job = Job(self, spec, futures, rows, final)
-        job.total = parts.total
+        job = Job(self, spec, futures, parts.rows(), final)
         self._jobs[job_id] = job
         return job
 
@@ -161,11 +158,6 @@ def _resolve(model: str) -> str:
     from bitinglip.worker_plugins.models import get_model_plugin
 
     return resolve_model(model, get_model_plugin().settings).path
-
-
-def _part_rows_lazy(parts: Any) -> list[int]:
-    offsets = [o for _, o in parts.parts] + [parts.total]
-    return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
 def connect(address: str | None = None, *, settings: Settings | None = None, n_workers: int | None = None,

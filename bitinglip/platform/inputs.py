@@ -35,6 +35,11 @@ class Partitions:
     total: int
     lazy: bool = False
 
+    def rows(self) -> list[int]:
+        """Rows in each part (parts are contiguous runs of the input)."""
+        offsets = [offset for _, offset in self.parts] + [self.total]
+        return [b - a for a, b in zip(offsets, offsets[1:])]
+
 
 def partition_rows(total: int, workers: int, configured: int = 0) -> int:
     """Rows per partition: about four partitions per worker, so the load
@@ -97,26 +102,38 @@ def _read_known_type(path: Path) -> Any:
     raise InputError(f"input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
 
 
-def _from_dask(frame: Any, text_column: str, client: Any) -> Partitions:
+def _rows_of(frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
+    return frame.iloc[start:stop]
+
+
+def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configured_rows: int) -> Partitions:
+    from dask import delayed
+
     if text_column not in frame.columns:
         raise InputError(f"the input has no column {text_column!r} (columns: "
                          f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
     keep = [c for c in ("id", text_column) if c in frame.columns]
     frame = frame[keep]
     lengths = client.compute(frame.map_partitions(len)).result().tolist()
-    offsets = [0]
-    for n in lengths[:-1]:
-        offsets.append(offsets[-1] + n)
-    parts = [(d, o) for d, o, n in zip(frame.to_delayed(), offsets, lengths) if n]
-    return Partitions(parts, int(sum(lengths)), lazy=True)
+    total = int(sum(lengths))
+    size = partition_rows(total, workers, configured_rows)
+    parts: list[tuple[Any, int]] = []
+    offset = 0
+    for data, n in zip(frame.to_delayed(), lengths):
+        # a big file partition is read once and shared out in slices, so
+        # one large Parquet file still keeps every worker busy
+        for a, b in _slices(n, size) if n > size else ([(0, n)] if n else []):
+            parts.append((data if (a, b) == (0, n) else delayed(_rows_of)(data, a, b), offset + a))
+        offset += n
+    return Partitions(parts, total, lazy=True)
 
 
 def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0) -> Partitions:
     """Partitions for any accepted input; raises :class:`InputError` saying what is wrong."""
     if isinstance(inputs, (str, os.PathLike)):
-        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client)
+        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
-        return _from_dask(inputs, text_column, client)
+        return _from_dask(inputs, text_column, client, workers, configured_rows)
     if isinstance(inputs, pd.Series):
         inputs = inputs.tolist()
     if isinstance(inputs, pd.DataFrame):

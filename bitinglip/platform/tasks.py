@@ -53,19 +53,17 @@ class Batch:
 
     def tensors(self, pad_id: int, device: str, left: bool = False) -> tuple[Any, Any]:
         """Padded ``input_ids`` and ``attention_mask`` tensors."""
+        import numpy as np
         import torch
 
-        width = max(len(row) for row in self.ids)
-        input_ids = torch.full((len(self.ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.ids), width), dtype=torch.long)
-        for r, row in enumerate(self.ids):
-            if left:
-                input_ids[r, width - len(row):] = torch.tensor(row)
-                mask[r, width - len(row):] = 1
-            else:
-                input_ids[r, : len(row)] = torch.tensor(row)
-                mask[r, : len(row)] = 1
-        return input_ids.to(device), mask.to(device)
+        lengths = np.fromiter((len(row) for row in self.ids), dtype=np.int64, count=len(self.ids))
+        width = int(lengths.max())
+        columns = np.arange(width)[None, :]
+        real = columns >= (width - lengths)[:, None] if left else columns < lengths[:, None]
+        input_ids = np.full(real.shape, pad_id, dtype=np.int64)
+        input_ids[real] = np.fromiter((t for row in self.ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+        mask = torch.from_numpy(real.astype(np.int64))
+        return torch.from_numpy(input_ids).to(device), mask.to(device)
 
 
 class TaskType:
@@ -144,11 +142,18 @@ def _max_length(path: str, tokenizer: Any, config: Any, st_config: dict[str, Any
 
 
 class Embed(TaskType):
-    """Pooled sentence embeddings (the model's pooling config, else mean)."""
+    """Pooled sentence embeddings (the model's pooling config, else mean).
+
+    On the CPU a float32 BERT-family model runs the packed forward pass of
+    :mod:`bitinglip.platform.encoders` (same numbers, no work on padding).
+    ``quantize="int8"`` opts in to int8 dynamic quantization of the linear
+    layers (faster on CPUs with VNNI; embeddings move by about 1e-2 in cosine).
+    """
 
     name = "embed"
     columns = ("embedding",)
-    defaults = {"dtype": "float32", "normalize": None, "pooling": None}
+    load_options = ("dtype", "quantize")
+    defaults = {"dtype": "float32", "normalize": None, "pooling": None, "quantize": None}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -156,10 +161,16 @@ class Embed(TaskType):
             raise InputError(f"option pooling={merged['pooling']!r}: expected mean, cls, max or lasttoken")
         if merged["normalize"] not in (None, True, False):
             raise InputError(f"option normalize={merged['normalize']!r}: expected true or false")
+        if merged["quantize"] not in (None, "int8"):
+            raise InputError(f"option quantize={merged['quantize']!r}: expected int8 or none")
+        if merged["quantize"] and merged["dtype"] != "float32":
+            raise InputError("option quantize=int8 needs dtype=float32")
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
         from transformers import AutoModel, AutoTokenizer
+
+        from bitinglip.platform.encoders import PackedEncoder
 
         root = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -173,25 +184,37 @@ class Embed(TaskType):
         modules = _read_json(root / "modules.json")
         normalize = any("Normalize" in str(m.get("type", "")) for m in modules) if isinstance(modules, list) else False
         st_config = _read_json(root / "sentence_bert_config.json")
-        return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, st_config),
-                      {"pooling": pooling, "normalize": normalize})
+        info: dict[str, Any] = {"pooling": pooling, "normalize": normalize}
+        if options.get("quantize") == "int8":
+            import torch
+
+            if device != "cpu":
+                raise InputError("option quantize=int8 runs on the CPU only")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif PackedEncoder.supports(model):
+            info["packed"] = PackedEncoder(model)
+        return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, st_config), info)
 
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         import torch
 
-        input_ids, mask = batch.tensors(loaded.tokenizer.pad_token_id or 0, loaded.device)
+        pooling = options.get("pooling") or loaded.info["pooling"]
+        packed = loaded.info.get("packed")
         with torch.inference_mode():
-            hidden = loaded.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            pooling = options.get("pooling") or loaded.info["pooling"]
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            elif pooling == "max":
-                pooled = hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-            elif pooling == "lasttoken":
-                pooled = hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+            if packed is not None:
+                pooled = packed.pool(batch.ids, pooling)
             else:
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+                input_ids, mask = batch.tensors(loaded.tokenizer.pad_token_id or 0, loaded.device)
+                hidden = loaded.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                if pooling == "cls":
+                    pooled = hidden[:, 0]
+                elif pooling == "max":
+                    pooled = hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+                elif pooling == "lasttoken":
+                    pooled = hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+                else:
+                    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
             normalize = options.get("normalize")
             if normalize if normalize is not None else loaded.info["normalize"]:
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)

@@ -1,0 +1,32 @@
+# make demo: set up and embed a 20,000-sentence sample corpus on a local cluster
+# make test: set up (Python packages and a Redis server) and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch by default; a GPU machine uses EXTRAS=gateway,dev,gpu after installing its CUDA torch
+EXTRAS ?= cpu,gateway,dev
+ROWS ?= 20000
+
+.PHONY: setup demo test test-fast bench services
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+services:
+	bash scripts/install-services.sh
+
+demo: setup
+	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output bitinglip-output/demo
+
+test: setup services
+	$(PY) -m pytest -q -rs
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) benchmarks/embed_cpu.py --rows $(ROWS)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the system services the tests run against: a real Redis server.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# the package starts a system-wide server on 6379; the tests start their own on free ports
+redis-server --version

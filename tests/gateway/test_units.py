@@ -1,0 +1,148 @@
+"""Fast checks of the gateway's parts on a real Redis: job transitions, the
+rate limiter, addresses behind proxies, tokens, settings."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import anyio
+import jwt
+import pytest
+import redis.asyncio as aioredis
+from gwtools import SECRET
+
+from bitinglip.gateway.auth import Verifier, verifier
+from bitinglip.gateway.clientip import client_address
+from bitinglip.gateway.ratelimit import RateLimiter
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.errors import ConfigError, RateLimitedError, UnauthorizedError
+from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
+from bitinglip.platform.settings import Rate, Settings
+
+
+
+async def _store(redis_url: str, ttl: int = 3600) -> tuple[Any, JobStore]:
+    r = aioredis.from_url(redis_url, decode_responses=True)
+    return r, JobStore(r, ttl)
+
+
+def test_job_transitions(redis_url: str) -> None:
+    async def body() -> None:
+        r, store = await _store(redis_url, ttl=120)
+        job = uuid.uuid4().hex
+        assert await store.transition(job, "running") == MISSING
+        assert await store.create(job, "ann", {"task": "embed"}) == (job, True)
+        assert await store.transition(job, None, {"rows_done": 3}) == UPDATED
+        assert await store.transition(job, "running") == MOVED
+        assert (await store.counts())["running"] >= 1
+        assert await store.transition(job, "queued") == REFUSED  # no way back
+        assert await store.transition(job, "succeeded") == MOVED
+        assert await store.transition(job, "failed") == REFUSED  # finished is final
+        assert await store.transition(job, None, {"rows_done": 9}) == REFUSED
+        got = await store.get(job)
+        assert got is not None and got["state"] == "succeeded" and got["rows_done"] == 3
+        assert 0 < await r.ttl(f"bitinglip:v1:job:{job}") <= 120
+        other = uuid.uuid4().hex
+        await store.create(other, "ann", {})
+        assert await r.ttl(f"bitinglip:v1:job:{other}") == -1  # unfinished jobs never expire
+        jobs, total = await store.page("ann", 0, 10)
+        assert [j["id"] for j in jobs] == [other, job] and total == 2
+        await r.delete(f"bitinglip:v1:job:{other}")  # as if expired
+        jobs, total = await store.page("ann", 0, 10)
+        assert [j["id"] for j in jobs] == [job] and total == 1
+        await r.aclose()
+
+    anyio.run(body)
+
+
+def test_idempotent_create(redis_url: str) -> None:
+    async def body() -> None:
+        r, store = await _store(redis_url)
+        owner = uuid.uuid4().hex
+        a, b = uuid.uuid4().hex, uuid.uuid4().hex
+        assert await store.create(a, owner, {}, "k1") == (a, True)
+        assert await store.create(b, owner, {}, "k1") == (a, False)
+        assert await store.get(b) is None
+        assert await store.create(b, "someone-else", {}, "k1") == (b, True)
+        await r.aclose()
+
+    anyio.run(body)
+
+
+def test_sliding_rate_limit(redis_url: str) -> None:
+    async def body() -> None:
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        limiter = RateLimiter(r, {"write": Rate(3, 60.0)})
+        who = uuid.uuid4().hex
+        remaining = [(await limiter.hit("write", who)).remaining for _ in range(3)]
+        assert remaining == [2, 1, 0]
+        with pytest.raises(RateLimitedError) as info:
+            await limiter.hit("write", who)
+        assert 1 <= info.value.retry_after <= 60 and info.value.headers["Retry-After"]
+        assert (await limiter.hit("write", uuid.uuid4().hex)).remaining == 2
+        await r.aclose()
+
+    anyio.run(body)
+
+
+class _Conn:
+    def __init__(self, host: str, xff: str | None = None) -> None:
+        from starlette.datastructures import Address, Headers
+
+        self.client = Address(host, 1234)
+        self.headers = Headers({"x-forwarded-for": xff} if xff else {})
+
+
+def test_client_address_behind_proxies() -> None:
+    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert str(client_address(_Conn("192.0.2.1", "198.51.100.1"), proxies)) == "192.0.2.1"  # not a proxy
+    assert str(client_address(_Conn("10.0.0.5", "198.51.100.1"), proxies)) == "198.51.100.1"
+    assert str(client_address(_Conn("10.0.0.5", "6.6.6.6, 198.51.100.1, 10.0.0.7"), proxies)) == "198.51.100.1"
+    assert str(client_address(_Conn("10.0.0.5", "garbage"), proxies)) == "10.0.0.5"
+    assert str(client_address(_Conn("10.0.0.5"), proxies)) == "10.0.0.5"
+
+
+def test_verifier_rules() -> None:
+    v = Verifier(SECRET, "HS256", issuer="bitinglip", audience="api")
+    good = jwt.encode({"sub": "a", "exp": 2**31, "scope": ["jobs:read"], "iss": "bitinglip", "aud": "api"}, SECRET)
+    assert v.decode(f"Bearer {good}").scopes == {"jobs:read"}
+    wrong_iss = jwt.encode({"sub": "a", "exp": 2**31, "iss": "other", "aud": "api"}, SECRET)
+    with pytest.raises(UnauthorizedError):
+        v.decode(f"Bearer {wrong_iss}")
+    with pytest.raises(UnauthorizedError):
+        v.decode("Basic abc")
+
+
+def test_production_needs_a_key(redis_url: str) -> None:
+    with pytest.raises(ConfigError, match="BITINGLIP_JWT_SECRET"):
+        Gateway(Settings(environment="production", redis_url=redis_url))
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Gateway(Settings(jwt_secret=SECRET))
+    assert verifier(Settings(environment="production", jwt_secret=SECRET))[1] is False
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env({"BITINGLIP_RATE_LIMIT": "5/second", "BITINGLIP_ADMIN_ALLOWLIST": "10.0.0.0/8,::1",
+                           "BITINGLIP_MAX_BODY_BYTES": "1000"})
+    assert s.rate_limit == Rate(5, 1.0) and s.read_rate_limit == Rate(600, 60.0) and s.max_body_bytes == 1000
+    assert ipaddress.ip_address("10.1.2.3") in s.admin_allowlist[0]
+    for name, value in (("BITINGLIP_RATE_LIMIT", "ten/minute"), ("BITINGLIP_RATE_LIMIT", "5/fortnight"),
+                        ("BITINGLIP_ADMIN_ALLOWLIST", "10.0.0.0/33"), ("BITINGLIP_MAX_BODY_BYTES", "0")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_token_command_prints_only_the_token() -> None:
+    env = {**os.environ, "BITINGLIP_JWT_SECRET": SECRET}
+    out = subprocess.run([sys.executable, "-m", "bitinglip", "token", "--sub", "alice", "--scope", "jobs:write"],
+                         capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    claims = jwt.decode(out.strip(), SECRET, algorithms=["HS256"])
+    assert out.count("\n") == 1 and claims["sub"] == "alice" and claims["scope"] == "jobs:write"
+    bad = subprocess.run([sys.executable, "-m", "bitinglip", "token", "--sub", "a", "--scope", "root"],
+                         check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and bad.stdout == ""
