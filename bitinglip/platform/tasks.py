@@ -146,14 +146,11 @@ class Embed(TaskType):
 
     On the CPU a float32 BERT-family model runs the packed forward pass of
     :mod:`bitinglip.platform.encoders` (same numbers, no work on padding).
-    ``quantize="int8"`` opts in to int8 dynamic quantization of the linear
-    layers (faster on CPUs with VNNI; embeddings move by about 1e-2 in cosine).
     """
 
     name = "embed"
     columns = ("embedding",)
-    load_options = ("dtype", "quantize")
-    defaults = {"dtype": "float32", "normalize": None, "pooling": None, "quantize": None}
+    defaults = {"dtype": "float32", "normalize": None, "pooling": None}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -161,10 +158,6 @@ class Embed(TaskType):
             raise InputError(f"option pooling={merged['pooling']!r}: expected mean, cls, max or lasttoken")
         if merged["normalize"] not in (None, True, False):
             raise InputError(f"option normalize={merged['normalize']!r}: expected true or false")
-        if merged["quantize"] not in (None, "int8"):
-            raise InputError(f"option quantize={merged['quantize']!r}: expected int8 or none")
-        if merged["quantize"] and merged["dtype"] != "float32":
-            raise InputError("option quantize=int8 needs dtype=float32")
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
@@ -185,13 +178,7 @@ class Embed(TaskType):
         normalize = any("Normalize" in str(m.get("type", "")) for m in modules) if isinstance(modules, list) else False
         st_config = _read_json(root / "sentence_bert_config.json")
         info: dict[str, Any] = {"pooling": pooling, "normalize": normalize}
-        if options.get("quantize") == "int8":
-            import torch
-
-            if device != "cpu":
-                raise InputError("option quantize=int8 runs on the CPU only")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        elif PackedEncoder.supports(model):
+        if PackedEncoder.supports(model):
             info["packed"] = PackedEncoder(model)
         return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, st_config), info)
 

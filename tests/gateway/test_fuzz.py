@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,3 +33,5 @@ def test_schemathesis_finds_no_server_error(gw_settings: Settings, models: dict[
              "--exclude-path", "/v1/jobs/{job_id}/events", "--phases", "examples,coverage,fuzzing"],
             check=False, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert generated and int(generated[1]) > 100 and generated[1] == generated[2], run.stdout[-3000:]

@@ -25,7 +25,6 @@ from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobSto
 from bitinglip.platform.settings import Rate, Settings
 
 
-
 async def _store(redis_url: str, ttl: int = 3600) -> tuple[Any, JobStore]:
     r = aioredis.from_url(redis_url, decode_responses=True)
     return r, JobStore(r, ttl)
