@@ -157,7 +157,7 @@ def _overhead_part(texts: list[str]) -> np.ndarray:
     from bitinglip.platform.runner import predict_rows
 
     task, loaded, options = _LOADED
-    outputs, _, _ = predict_rows(task, loaded, texts, options, default_budget("cpu"))
+    outputs = predict_rows(task, loaded, texts, options, default_budget("cpu"))[0]
     return np.stack([o["embedding"] for o in outputs])
 
 

@@ -25,7 +25,7 @@ def test_run_embeds_a_sample_corpus_to_parquet(tmp_path: Path) -> None:
     assert "dashboard: http" in proc.stderr
     assert "rows/s" in proc.stderr
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["rows"] == 300 and len(manifest["partitions"]) == 3
+    assert manifest["rows_out"] == 300 and len(manifest["partitions"]) == 3
     df = pd.concat(pd.read_parquet(out / p["file"]) for p in manifest["partitions"])
     assert df["id"].tolist() == list(range(300)) and len(df["embedding"].iloc[0]) == 384
 

@@ -125,20 +125,33 @@ def test_a_20000_character_row_is_truncated_and_flagged(platform) -> None:  # ty
     assert np.isfinite(np.stack(df["embedding"].to_numpy())).all()
 
 
-def test_non_string_row_is_named_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
+def test_non_string_rows_go_to_the_errors_table_and_the_job_goes_on(platform) -> None:  # type: ignore[no-untyped-def]
+    job = platform.submit("embed", model=MINILM, inputs=["a", "b", 3, "d", None])
+    assert job.result()["id"].tolist() == [0, 1, 3]
+    errors = job.errors()
+    assert errors["id"].tolist() == [2, 4]
+    assert errors["reason"].tolist() == ["row id=2: expected text (str), got int 3",
+                                         "row id=4: the text is missing (null)"]
+
+
+def test_fail_fast_names_the_bad_row_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputError, match=r"row id=2: expected text \(str\), got int"):
-        platform.submit("embed", model=MINILM, inputs=["a", "b", 3, "d"])
-    with pytest.raises(InputError, match=r"row id=.r2.: the text is missing"):
-        platform.submit("embed", model=MINILM, inputs=pd.DataFrame({"id": ["r1", "r2"], "text": ["a", None]}))
+        platform.submit("embed", model=MINILM, inputs=["a", "b", 3, "d"], fail_fast=True)
+    with pytest.raises(InputError, match=r"row id='r2': the text is missing"):
+        platform.submit("embed", model=MINILM, inputs=pd.DataFrame({"id": ["r1", "r2"], "text": ["a", None]}),
+                        fail_fast=True)
 
 
-def test_non_string_row_in_a_lazy_input_fails_the_job_naming_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_row_in_a_lazy_input_is_named(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(json.dumps({"id": i, "text": 5 if i == 3 else f"row {i}"}) for i in range(6)))
     job = platform.submit("embed", model=MINILM, inputs=str(path))
+    assert job.result()["id"].tolist() == [0, 1, 2, 4, 5]
+    assert job.errors()["reason"].tolist() == ["row id=3: expected text (str), got int 5"]
+    strict = platform.submit("embed", model=MINILM, inputs=str(path), fail_fast=True)
     with pytest.raises(InputError, match="row id=3"):
-        job.result()
-    assert job.status() == "failed"
+        strict.result()
+    assert strict.status() == "failed"
 
 
 def test_unknown_model_fails_before_any_work(platform) -> None:  # type: ignore[no-untyped-def]
@@ -206,7 +219,7 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
     job = platform.submit("embed", model=MINILM, inputs=texts, output=tmp_path / "out", partition_rows=100)
     df = job.result()
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["rows"] == 300 and manifest["state"] == "succeeded"
+    assert manifest["rows"] == manifest["rows_out"] == 300 and manifest["state"] == "succeeded"
     assert [p["file"] for p in manifest["partitions"]] == [f"part-0000{i}.parquet" for i in range(3)]
     assert sum(p["rows"] for p in manifest["partitions"]) == 300
     assert df["id"].tolist() == list(range(300))

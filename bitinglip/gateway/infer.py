@@ -22,7 +22,7 @@ from bitinglip.gateway.jobs import check_task, check_texts
 from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.errors import InputError, UnavailableError
+from bitinglip.platform.errors import BitingLipError, InputError, JobFailedError, UnavailableError
 
 #: Dask priority of infer batches; bulk jobs use 1 to 10
 INFER_PRIORITY = 100
@@ -31,15 +31,22 @@ INFER_TIMEOUT_S = 120.0
 
 def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
     """Runs on a worker: one output dict per text, in order, JSON-ready."""
-    from bitinglip.platform.batching import default_budget
-    from bitinglip.platform.runner import predict_rows
-    from bitinglip.platform.tasks import get_task
+    from bitinglip.platform.batching import default_budget, plan_batches
+    from bitinglip.platform.tasks import Batch, get_task
     from bitinglip.worker_plugins.models import get_model_plugin
 
     task = get_task(task_name)
     merged = task.check_options(options)
     loaded = get_model_plugin().get(task, model, merged)
-    outputs, truncated, _ = predict_rows(task, loaded, texts, merged, default_budget(loaded.device))
+    ids, truncated = task.tokenize(loaded, texts, merged)
+    outputs: list[dict[str, Any]] = [{}] * len(texts)
+    costs = [task.batch_cost(len(row), merged) for row in ids]
+    for rows in plan_batches(costs, default_budget(loaded.device)):
+        results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), merged)
+        if len(results) != len(rows):
+            raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+        for i, result in zip(rows, results):
+            outputs[i] = result
     return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
 
 
@@ -102,8 +109,10 @@ class Batcher:
         except TimeoutError:
             future.cancel()
             batch.result.set_exception(UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s"))
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+        except BitingLipError as exc:  # handed to every waiting request
             batch.result.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a failure on the cluster, not in the gateway
+            batch.result.set_exception(JobFailedError(f"inference failed: {type(exc).__name__}: {exc}"))
         else:
             batch.result.set_result(result)
 

@@ -105,6 +105,8 @@ def parse_submission(body: dict[str, Any], settings: Settings, header_key: str |
 def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
     """A job's public record, with rate and ETA worked out from Redis's figures."""
     done, total = job.get("rows_done", 0), job.get("rows_total")
+    if job["state"] == JobState.SUCCEEDED.value and total is not None:
+        done = total  # parts resumed from committed output send no progress events
     started, finished = job.get("started_at"), job.get("finished_at")
     rate = 0.0
     if started and done:

@@ -20,7 +20,8 @@ from bitinglip.gateway.body import query_int
 from bitinglip.gateway.jobs import own_job
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.errors import ConflictError, NotFoundError, UnavailableError
-from bitinglip.platform.jobs import MANIFEST, JobState
+from bitinglip.platform.jobs import JobState
+from bitinglip.platform.outputs import MANIFEST
 
 MAX_PAGE = 1000
 
@@ -54,7 +55,7 @@ def read_rows(output: str, offset: int, limit: int) -> tuple[list[dict[str, Any]
             table = pq.read_table(os.path.join(output, part["file"])).slice(lo - start, hi - lo)
             rows += [{k: _jsonable(v) for k, v in row.items()} for row in table.to_pylist()]
         start += n
-    return rows, int(manifest["rows"])
+    return rows, start
 
 
 async def _finished(request: Request) -> tuple[Gateway, dict[str, Any]]:

@@ -15,18 +15,23 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
 import weakref
+
+from distributed import Event
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bitinglip.platform.cluster import local_cluster, worker_resources
 from bitinglip.platform.errors import InputError, NoGPUWorkersError
-from bitinglip.platform.inputs import to_partitions
-from bitinglip.platform.jobs import Job, write_manifest
+from bitinglip.platform.inputs import Partitions, to_partitions
+from bitinglip.platform.jobs import Job
+from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
 from bitinglip.platform.placement import prefer, warm_workers
 from bitinglip.platform.registry import Registry
-from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, run_partition
+from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition
 from bitinglip.platform.settings import Settings, get_settings
 from bitinglip.platform.tasks import TaskType, check_task_type, get_task
 from bitinglip.worker_plugins.models import ModelPlugin
@@ -73,66 +78,105 @@ class Platform:
     def submit(self, task: str | TaskType, model: str, inputs: Any, *, output: str | os.PathLike[str] | None = None,
                text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
-               **task_options: Any) -> Job:
+               fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
+               faults: Mapping[str, Any] | None = None, **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
         ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
         DataFrame, or a Parquet/JSONL/CSV path (``text_column`` names the
         text; an ``id`` column, if any, is kept).  ``output``: a directory for
-        Parquet results, one file per partition plus a manifest.  ``gpu``:
-        True demands GPU workers, False keeps to any worker, None uses GPUs
-        when the cluster has them.  Task options go in ``options`` or as
-        keyword arguments (``normalize=True``, ``max_new_tokens=20``).
+        Parquet results, one file per partition plus a manifest; submitting
+        again with the same ``job_id`` (an idempotency key) and output runs
+        only the partitions not yet committed.  ``gpu``: True demands GPU
+        workers, False keeps to any worker, None uses GPUs when the cluster
+        has them.  A bad row goes to ``job.errors()`` and the job goes on,
+        unless ``fail_fast``.  ``retries``: further attempts for a partition
+        that raised; ``timeout``: seconds before the job stops.  Task options
+        go in ``options`` or as keywords (``normalize=True``).
         """
+        resubmit = ((task, model, inputs), dict(
+            output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
+            token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
+            **task_options))
         task_type = get_task(task, self.tasks)
         merged = task_type.check_options({**(options or {}), **task_options})
-        for name, value in (("partition_rows", partition_rows), ("token_budget", token_budget)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise InputError(f"{name}={value!r}: expected a whole number of at least 1")
+        _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
+                         timeout=timeout, job_id=job_id)
+        use_gpu = self._placement(gpu)
+        resources = {"GPU": 1} if use_gpu else None
+        # where the model resolves is where it will run: ask a worker
+        self.client.submit(_resolve, model, pure=False, resources=resources).result()
+        job_id = job_id or uuid.uuid4().hex
+        resubmit[1]["job_id"] = job_id
+        rows_wanted = partition_rows or self.settings.partition_rows
+        record = None
+        out_dir = os.path.abspath(os.fspath(output)) if output is not None else None
+        if out_dir is not None:
+            previous = read_json(os.path.join(out_dir, RECORD))
+            if previous is not None and previous.get("job_id") == job_id:
+                rows_wanted = int(previous["partition_rows"])  # same boundaries as before
+        workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
+        parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast)
+        spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
+                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
+        done: set[int] = set()
+        if out_dir is not None:
+            record = claim(out_dir, {
+                "job_id": job_id, "task": task_type.name, "model": model, "options": _jsonable(merged),
+                "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
+                "rows": parts.total, "submitted": time.time(),
+                "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
+            done = committed_parts(out_dir, len(parts.parts))
+        Event(cancel_event_name(job_id), client=self.client).clear()  # a resumed job starts uncancelled
+        futures = self._submit_partitions(spec, parts, done, resources)
+        final = None
+        if out_dir is not None and record is not None:
+            final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
+                                       key=f"bitinglip-{job_id}-manifest")
+        job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
+        self._jobs[job_id] = job
+        return job
+
+    def _placement(self, gpu: bool | None) -> bool:
         gpu_addrs = self.gpu_workers()
         if gpu and not gpu_addrs:
             workers = len(worker_resources(self.client))
             raise NoGPUWorkersError(
                 f"the job asks for GPUs but none of the cluster's {workers} workers has the GPU resource; "
                 "start workers with `dask worker ADDRESS --resources GPU=1` or submit with gpu=False")
-        use_gpu = bool(gpu_addrs) if gpu is None else gpu
-        # where the model resolves is where it will run: ask a worker
-        resolve = self.client.submit(_resolve, model, pure=False,
-                                     resources={"GPU": 1} if use_gpu else None)
-        resolve.result()
-        job_id = job_id or uuid.uuid4().hex
-        out_dir = None
-        if output is not None:
-            out_dir = os.path.abspath(os.fspath(output))
-            os.makedirs(out_dir, exist_ok=True)
-        spec = JobSpec(job_id, task_type, model, merged, text_column,
-                       token_budget or self.settings.token_budget, out_dir)
-        workers = max(1, len(gpu_addrs) if use_gpu else len(worker_resources(self.client)))
-        parts = to_partitions(inputs, text_column, workers, self.client,
-                              partition_rows or self.settings.partition_rows)
-        resources = {"GPU": 1} if use_gpu else None
-        futures = []
-        if parts.lazy:
-            from dask import delayed
+        return bool(gpu_addrs) if gpu is None else gpu
 
-            tasks = [delayed(run_partition)(data, spec, i, offset, dask_key_name=f"bitinglip-{job_id}-{i}")
-                     for i, (data, offset) in enumerate(parts.parts)]
-            futures = self.client.compute(tasks, resources=resources)
-        else:
-            warm = warm_workers(self.client, model, task_type.name, resources)  # no reload of a warm model
-            for i, (data, offset) in enumerate(parts.parts):
-                futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False,
-                                                  key=f"bitinglip-{job_id}-{i}", resources=resources,
-                                                  **prefer(warm, i)))
-        final = None
-        if out_dir is not None:
-            import time
+    def _submit_partitions(self, spec: JobSpec, parts: Partitions, done: set[int],
+                           resources: dict[str, float] | None) -> list[Any]:
+        from dask import delayed
 
-            final = self.client.submit(write_manifest, futures, spec, parts.total, time.time(),
-                                       key=f"bitinglip-{job_id}-manifest", pure=False)
-        job = Job(self, spec, futures, parts.rows(), final)
-        self._jobs[job_id] = job
-        return job
+        futures: list[Any] = []
+        warm = warm_workers(self.client, spec.model, spec.task.name, resources)  # no reload of a warm model
+        for i, (data, offset) in enumerate(parts.parts):
+            key = f"bitinglip-{spec.job_id}-{i}"
+            if i in done:  # committed by an earlier run: only read its figures
+                futures.append(self.client.submit(committed_summary, spec.output, i, key=key, pure=False))
+            elif parts.lazy:
+                futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
+                                                   resources=resources))
+            else:
+                futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
+                                                  resources=resources, **prefer(warm, i)))
+        return futures
+
+    def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
+        """Resume the job whose results are in ``output``: only partitions not
+        committed there run. ``inputs`` defaults to the input path that the
+        job recorded (in-memory inputs must be given again)."""
+        out_dir = os.path.abspath(os.fspath(output))
+        record = read_json(os.path.join(out_dir, RECORD))
+        if record is None:
+            raise InputError(f"{out_dir} holds no job record ({RECORD}); nothing to resume")
+        inputs = inputs if inputs is not None else record.get("input")
+        if inputs is None:
+            raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
+        return self.submit(record["task"], record["model"], inputs, output=out_dir, job_id=record["job_id"],
+                           options=record.get("options") or {}, **kwargs)
 
     def close(self) -> None:
         try:
@@ -151,6 +195,29 @@ class Platform:
 
     def __repr__(self) -> str:
         return f"<Platform {self.client.scheduler.address} workers={len(worker_resources(self.client))}>"
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _check_arguments(**values: Any) -> None:
+    for name in ("partition_rows", "token_budget"):
+        v = values[name]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{name}={v!r}: expected a whole number of at least 1")
+    r = values["retries"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise InputError(f"retries={r!r}: expected a whole number of 0 or more")
+    t = values["timeout"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        raise InputError(f"timeout={t!r}: expected a number of seconds above 0")
+    j = values["job_id"]
+    if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
+        raise InputError(f"job_id={j!r}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def _resolve(model: str) -> str:

@@ -124,3 +124,21 @@ class ModelInUseError(BitingLipError):
     """A model version cannot be removed while a running job uses it."""
 
     code = "model_in_use"
+
+
+class JobTimeoutError(BitingLipError):
+    """The job ran past its ``timeout``."""
+
+    code = "job_timeout"
+
+
+class PartitionFailedError(BitingLipError):
+    """A partition failed on every allowed attempt; the message keeps each reason."""
+
+    code = "partition_failed"
+
+
+class OutputConflictError(BitingLipError):
+    """The output directory holds results of a different job."""
+
+    code = "output_conflict"

@@ -34,6 +34,8 @@ class Partitions:
     parts: list[tuple[Any, int]]
     total: int
     lazy: bool = False
+    #: the rows per partition the input was cut to
+    size: int = 0
 
     def rows(self) -> list[int]:
         """Rows in each part (parts are contiguous runs of the input)."""
@@ -55,7 +57,7 @@ def _slices(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(total, start + size)) for start in range(0, total, size)]
 
 
-def _from_frame(frame: pd.DataFrame, text_column: str, size: int) -> Partitions:
+def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bool) -> Partitions:
     if text_column not in frame.columns:
         raise InputError(f"the input has no column {text_column!r} (columns: "
                          f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
@@ -69,9 +71,10 @@ def _from_frame(frame: pd.DataFrame, text_column: str, size: int) -> Partitions:
         ids = frame["id"].tolist()
     else:
         ids = list(range(len(frame)))
-    texts_or_error(frame[text_column].tolist(), ids)
+    if check_rows:
+        texts_or_error(frame[text_column].tolist(), ids)
     keep = [c for c in ("id", text_column) if c in frame.columns]
-    return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame))
+    return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame), size=size)
 
 
 def _read_path(path: Path) -> Any:
@@ -125,11 +128,14 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
         for a, b in _slices(n, size) if n > size else ([(0, n)] if n else []):
             parts.append((data if (a, b) == (0, n) else delayed(_rows_of)(data, a, b), offset + a))
         offset += n
-    return Partitions(parts, total, lazy=True)
+    return Partitions(parts, total, lazy=True, size=size)
 
 
-def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0) -> Partitions:
-    """Partitions for any accepted input; raises :class:`InputError` saying what is wrong."""
+def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0,
+                  check_rows: bool = True) -> Partitions:
+    """Partitions for any accepted input; raises :class:`InputError` saying
+    what is wrong. With ``check_rows`` a bad row in a list or pandas input is
+    refused here, before any work starts; without, the workers report it."""
     if isinstance(inputs, (str, os.PathLike)):
         return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
@@ -137,11 +143,12 @@ def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, conf
     if isinstance(inputs, pd.Series):
         inputs = inputs.tolist()
     if isinstance(inputs, pd.DataFrame):
-        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows))
+        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows), check_rows)
     if isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
         rows = list(inputs)
-        texts_or_error(rows, range(len(rows)))
+        if check_rows:
+            texts_or_error(rows, range(len(rows)))
         size = partition_rows(len(rows), workers, configured_rows)
-        return Partitions([(rows[a:b], a) for a, b in _slices(len(rows), size)], len(rows))
+        return Partitions([(rows[a:b], a) for a, b in _slices(len(rows), size)], len(rows), size=size)
     raise InputError(f"inputs must be a list of strings, a pandas DataFrame or Series, a dask DataFrame, "
                      f"or a Parquet/JSONL/CSV path; got {type(inputs).__name__}")

@@ -8,21 +8,17 @@ events on the scheduler, so it moves within partitions, not only between.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
 import pandas as pd
 
-from bitinglip.platform.errors import BitingLipError, JobCancelledError, JobFailedError
+from bitinglip.platform.errors import BitingLipError, InputError, JobCancelledError, JobFailedError
+from bitinglip.platform.outputs import write_partial_manifest
 from bitinglip.platform.runner import JobSpec, cancel_event_name
-
-MANIFEST = "_manifest.json"
-
 
 class JobState(str, Enum):
     QUEUED = "queued"
@@ -45,27 +41,12 @@ class Progress:
         return f"{self.rows_done}/{self.rows_total} rows, {self.rows_per_s:.1f} rows/s, ETA {eta} ({self.state})"
 
 
-def write_manifest(summaries: Sequence[dict[str, Any]], spec: JobSpec, total: int, started: float) -> dict[str, Any]:
-    """Runs on a worker after every partition is written: the job's record."""
-    manifest = {
-        "job_id": spec.job_id, "task": spec.task.name, "model": spec.model,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.options.items()},
-        "rows": total, "started": started, "finished": time.time(), "state": JobState.SUCCEEDED.value,
-        "partitions": sorted(summaries, key=lambda s: s["part"]),
-    }
-    assert spec.output is not None
-    path = os.path.join(spec.output, MANIFEST)
-    with open(f"{path}.tmp", "w") as fh:
-        json.dump(manifest, fh, indent=1, default=str)
-    os.replace(f"{path}.tmp", path)
-    return manifest
-
-
 class Job:
     """One submitted job. Made by :meth:`Platform.submit`, not directly."""
 
     def __init__(self, platform: Any, spec: JobSpec, futures: list[Any], part_rows: list[int],
-                 final: Any = None) -> None:
+                 final: Any = None, record: dict[str, Any] | None = None,
+                 resubmit: tuple[tuple[Any, ...], dict[str, Any]] | None = None) -> None:
         self.platform = platform
         self.spec = spec
         self.id = spec.job_id
@@ -73,6 +54,8 @@ class Job:
         self.part_rows = part_rows
         self.total = sum(part_rows)
         self.final = final  # the manifest future of a job with an output directory
+        self.record = record  # what _job.json in the output directory says
+        self._resubmit = resubmit
         self.submitted_at = time.time()
         self._first_progress: float | None = None
         self._done_in_part: dict[int, int] = {}
@@ -156,6 +139,18 @@ class Job:
         self._cancelled = True
         Event(cancel_event_name(self.id), client=self.platform.client).set()
         self.platform.client.cancel(self._all_futures())
+        if self.output is not None and self.record is not None:
+            write_partial_manifest(self.output, self.record, JobState.CANCELLED.value)
+
+    def resume(self) -> Job:
+        """Run the partitions of this job that are not committed yet.
+
+        Needs an output directory: committed partitions are skipped there, so
+        no row is computed or written twice."""
+        if self.output is None or self._resubmit is None:
+            raise InputError("only a job with an output directory can be resumed")
+        args, kwargs = self._resubmit
+        return self.platform.submit(*args, **kwargs)  # type: ignore[no-any-return]
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every partition has ended; raise if one failed."""
@@ -181,24 +176,46 @@ class Job:
         self._error = exc
         # the rest of the job is moot: free the workers for other jobs
         self.platform.client.cancel([f for f in self._all_futures() if f.status != "error"])
+        if self.output is not None and self.record is not None:
+            write_partial_manifest(self.output, self.record, JobState.FAILED.value)
         if isinstance(exc, BitingLipError):
             raise exc
         raise JobFailedError(f"job {self.id} failed in {where}: {type(exc).__name__}: {exc}") from exc
 
+    def summaries(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Per-partition figures (rows, errors, batches, tokens, attempts...)."""
+        self.wait(timeout)
+        if self.final is not None:
+            return list(self.final.result()["partitions"])
+        return [{k: v for k, v in s.items() if k not in ("frame", "errors_frame")}
+                for s in self.platform.client.gather(self.futures)]
+
+    def _frames(self, which: str, timeout: float | None) -> list[pd.DataFrame]:
+        self.wait(timeout)
+        if self.output is None:
+            key = "frame" if which == "rows" else "errors_frame"
+            return [s[key] for s in self.platform.client.gather(self.futures)]
+        name = "file" if which == "rows" else "errors_file"
+        return [pd.read_parquet(os.path.join(self.output, s[name]))
+                for s in self.final.result()["partitions"] if s.get(name)]
+
     def result(self, timeout: float | None = None) -> pd.DataFrame:
-        """The outputs as one DataFrame, one row per input, in input order.
+        """The outputs as one DataFrame, one row per input, in input order
+        (rows that failed are in :meth:`errors` instead).
 
         For a job with an output directory this reads its Parquet files back;
         for jobs bigger than memory read ``job.output`` piece by piece instead.
         """
-        self.wait(timeout)
-        if self.output is None:
-            frames = self.platform.client.gather(self.futures)
-        else:
-            frames = [pd.read_parquet(os.path.join(self.output, s["file"]))
-                      for s in self.final.result()["partitions"]]
+        frames = [f for f in self._frames("rows", timeout) if len(f)]
         if not frames:
             return pd.DataFrame({c: [] for c in ("id", *self.spec.task.columns, "truncated")})
+        return pd.concat(frames, ignore_index=True)
+
+    def errors(self, timeout: float | None = None) -> pd.DataFrame:
+        """The rows that failed: their ``id`` and the ``reason``."""
+        frames = [f for f in self._frames("errors", timeout) if len(f)]
+        if not frames:
+            return pd.DataFrame({"id": [], "reason": []})
         return pd.concat(frames, ignore_index=True)
 
     def __repr__(self) -> str:

@@ -32,7 +32,13 @@ from typing import Any
 from bitinglip.platform import integrity
 from bitinglip.platform.access_log import AccessLog, default_actor
 from bitinglip.platform.errors import (
-    InputError, InvalidModelNameError, ModelInUseError, ModelSourceError, UnknownModelError, UnsafeWeightsError)
+    InputError,
+    InvalidModelNameError,
+    ModelInUseError,
+    ModelSourceError,
+    UnknownModelError,
+    UnsafeWeightsError,
+)
 from bitinglip.platform.integrity import MANIFEST_FILE
 from bitinglip.platform.settings import Settings, get_settings
 from bitinglip.platform.sources import fetch

@@ -68,7 +68,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bitinglip models ...`` to the ``bitinglip`` parser."""
     models = sub.add_parser("models", help="add, list, show, verify and remove registered models")
     verbs = models.add_subparsers(dest="verb", required=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.platform.batching import default_budget, padding_ratio, plan_batches
-from bitinglip.platform.errors import JobCancelledError
+from bitinglip.platform.errors import InputError, JobCancelledError, JobTimeoutError, PartitionFailedError
+from bitinglip.platform.outputs import committed_summary, errors_file, partition_file
 from bitinglip.platform.tasks import Batch, TaskType, texts_or_error
 
 PROGRESS_TOPIC = "bitinglip-progress"
@@ -37,10 +39,14 @@ class JobSpec:
     text_column: str = "text"
     token_budget: int = 0
     output: str | None = None
-
-
-def partition_file(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+    #: the first bad row fails the job (default: it goes to the errors table)
+    fail_fast: bool = False
+    #: attempts after the first for a partition that raised (worker deaths are Dask's to retry)
+    retries: int = 0
+    #: wall-clock time (epoch seconds) after which the job stops
+    deadline: float | None = None
+    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}
+    faults: Mapping[str, Any] = field(default_factory=dict)
 
 
 def cancel_event_name(job_id: str) -> str:
@@ -61,6 +67,9 @@ class _Reporter:
             self.last_sent = now
             self.worker.log_event(PROGRESS_TOPIC, {"job": self.spec.job_id, "part": self.index,
                                                    "done": done, "total": self.total})
+        if not final and self.spec.deadline is not None and time.time() > self.spec.deadline:
+            raise JobTimeoutError(f"job {self.spec.job_id} ran past its timeout (partition {self.index} "
+                                  f"stopped after {done} of {self.total} rows)")
         if self.worker is not None and not final and now - self.last_check >= CANCEL_CHECK_INTERVAL_S:
             self.last_check = now
             from distributed import Event
@@ -79,76 +88,179 @@ def _current_worker() -> Any:
         return None
 
 
-def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[str]]:
+def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
     if isinstance(data, pd.DataFrame):
         if spec.text_column not in data.columns:
-            raise_missing_column(spec.text_column, list(data.columns))
+            raise InputError(f"the input has no column {spec.text_column!r} (columns: "
+                             f"{', '.join(map(str, data.columns))}); name the text column with text_column=")
         ids = data["id"].tolist() if "id" in data.columns else list(range(offset, offset + len(data)))
-        return ids, texts_or_error(data[spec.text_column].tolist(), ids)
+        return ids, data[spec.text_column].tolist()
     values = list(data)
-    ids = list(range(offset, offset + len(values)))
-    return ids, texts_or_error(values, ids)
+    return list(range(offset, offset + len(values))), values
 
 
-def raise_missing_column(column: str, columns: list[Any]) -> None:
-    from bitinglip.platform.errors import InputError
-
-    raise InputError(f"the input has no column {column!r} (columns: {', '.join(map(str, columns))}); "
-                     "name the text column with text_column=")
+#: the token budget each model got down to after out-of-memory splits; a
+#: worker process remembers it for the rest of its life
+_REDUCED_BUDGETS: dict[str, int] = {}
 
 
-def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping[str, Any],
-                 budget: int, reporter: _Reporter | None = None) -> tuple[list[dict[str, Any]], list[bool], dict[str, float]]:
-    """Outputs for ``texts`` in their order, the truncation flags, and stats."""
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping[str, Any], budget: int,
+                 reporter: _Reporter | None = None, fail_fast: bool = False, model_key: str = "",
+                 faults: Mapping[str, Any] | None = None,
+                 ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
+    """Outputs for ``texts`` in their order, truncation flags, the rows that
+    failed (index -> reason) and stats.
+
+    A batch that runs out of memory is split in half and retried, and the
+    smaller budget is remembered for the model; a batch that fails otherwise
+    is retried row by row so that only the bad rows fail (unless
+    ``fail_fast``).
+    """
+    budget = min(budget, _REDUCED_BUDGETS.get(model_key, budget))
     ids, truncated = task.tokenize(loaded, texts, options)
     costs = [task.batch_cost(len(row), options) for row in ids]
     batches = plan_batches(costs, budget)
-    outputs: list[dict[str, Any]] = [{}] * len(texts)
-    done = 0
-    for rows in batches:
-        results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
-        if len(results) != len(rows):
-            raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+    planned = len(batches)
+    outputs: list[dict[str, Any] | None] = [None] * len(texts)
+    failed: dict[int, str] = {}
+    oom_limit = int((faults or {}).get("oom_above_tokens", 0))
+    queue = deque(batches)
+    done = oom_splits = 0
+    while queue:
+        rows = queue.popleft()
+        size = len(rows) * max(costs[i] for i in rows)
+        try:
+            if oom_limit and size > oom_limit:
+                raise MemoryError(f"injected out-of-memory: {size} tokens > {oom_limit}")
+            results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
+            if len(results) != len(rows):
+                raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+        except (JobCancelledError, JobTimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is either split, isolated or reported
+            if fail_fast and not _is_out_of_memory(exc):
+                raise
+            if len(rows) > 1:
+                if _is_out_of_memory(exc):
+                    _free_device_memory()
+                    oom_splits += 1
+                    if model_key:
+                        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
+                    half = len(rows) // 2
+                    queue.extendleft([rows[half:], rows[:half]])
+                else:
+                    queue.extendleft([[i] for i in reversed(rows)])
+                continue
+            if fail_fast:
+                raise
+            failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+            results = []
         for i, result in zip(rows, results):
             outputs[i] = result
         done += len(rows)
         if reporter is not None:
             reporter.update(done)
-    stats = {"batches": len(batches), "tokens": sum(len(r) for r in ids),
+    stats = {"batches": planned, "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
              "padding_ratio": padding_ratio(costs, batches)}
-    return outputs, truncated, stats
+    return outputs, truncated, failed, stats
 
 
-def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> Any:
-    """Run one partition on this worker. Returns a DataFrame, or with an
-    output directory a summary dict after the Parquet file is in place."""
-    from bitinglip.worker_plugins.models import get_model_plugin
+def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
+    """Positions of good rows and the bad ones with their reasons."""
+    good, bad = [], {}
+    for pos, (row_id, value) in enumerate(zip(ids, values)):
+        try:
+            texts_or_error([value], [row_id])
+            good.append(pos)
+        except InputError as exc:
+            if fail_fast:
+                raise
+            bad[pos] = str(exc)
+    return good, bad
 
-    started = time.perf_counter()
-    ids, texts = _rows(data, spec, offset)
-    reporter = _Reporter(spec, index, len(texts))
+
+def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncated: list[bool]) -> pd.DataFrame:
     columns: dict[str, list[Any]] = {"id": ids}
-    stats: dict[str, float] = {"batches": 0, "tokens": 0, "padding_ratio": 1.0}
-    if texts:
-        plugin = get_model_plugin()
-        loaded = plugin.get(spec.task, spec.model, spec.options)
-        budget = spec.token_budget or default_budget(loaded.device)
-        outputs, truncated, stats = predict_rows(spec.task, loaded, texts, spec.options, budget, reporter)
-        names = list(spec.task.columns) + sorted({k for o in outputs for k in o} - set(spec.task.columns))
-        for name in names:
-            columns[name] = [o.get(name) for o in outputs]
-        columns["truncated"] = truncated
-    else:
-        for name in spec.task.columns:
-            columns[name] = []
-        columns["truncated"] = []
-    frame = pd.DataFrame(columns)
-    reporter.update(len(texts), final=True)
-    if spec.output is None:
-        return frame
-    path = os.path.join(spec.output, partition_file(index))
+    names = list(spec.task.columns) + sorted({k for o in outputs for k in o} - set(spec.task.columns))
+    for name in names:
+        columns[name] = [o.get(name) for o in outputs]
+    columns["truncated"] = truncated
+    return pd.DataFrame(columns)
+
+
+def _write_atomically(frame: pd.DataFrame, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
-    return {"part": index, "rows": len(frame), "file": partition_file(index),
-            "truncated": int(frame["truncated"].sum()), "seconds": time.perf_counter() - started, **stats}
+
+
+def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
+    """Run one partition on this worker and return its summary.
+
+    Without an output directory the summary carries the DataFrames
+    (``frame``, ``errors``); with one, they are written atomically (errors
+    first, then the part file whose rename commits the partition), and a
+    partition already committed is not run again.
+    """
+    from bitinglip.worker_plugins.models import get_model_plugin
+
+    if spec.output is not None:
+        summary = committed_summary(spec.output, index)
+        if summary is not None:  # a rerun after a worker died past its commit
+            return summary
+    started = time.perf_counter()
+    ids, values = _rows(data, spec, offset)
+    reporter = _Reporter(spec, index, len(values))
+    good, bad = _check_rows(ids, values, spec.fail_fast)
+    texts = [values[p] for p in good]
+    attempts: list[str] = []
+    stats: dict[str, float] = {"batches": 0, "tokens": 0, "oom_splits": 0, "padding_ratio": 1.0}
+    outputs: list[dict[str, Any] | None] = []
+    truncated: list[bool] = []
+    failed: dict[int, str] = {}
+    while texts:
+        try:
+            reporter.update(0)
+            loaded = get_model_plugin().get(spec.task, spec.model, spec.options)
+            budget = spec.token_budget or default_budget(loaded.device)
+            outputs, truncated, failed, stats = predict_rows(
+                spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
+                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults)
+            break
+        except (JobCancelledError, JobTimeoutError, InputError):
+            raise
+        except Exception as exc:
+            attempts.append(f"{type(exc).__name__}: {exc}")
+            if len(attempts) > spec.retries:
+                raise PartitionFailedError(f"partition {index} failed after {len(attempts)} attempt(s): "
+                                           + " | ".join(attempts)) from exc
+    for pos, reason in failed.items():
+        bad[good[pos]] = f"row id={ids[good[pos]]!r}: {reason}"
+    kept = [k for k, p in enumerate(good) if k not in failed]
+    frame = _frame(spec, [ids[good[k]] for k in kept], [outputs[k] or {} for k in kept],
+                   [truncated[k] for k in kept])
+    errors = pd.DataFrame({"id": [ids[p] for p in sorted(bad)], "reason": [bad[p] for p in sorted(bad)]})
+    reporter.update(len(values), final=True)
+    summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors),
+                               "truncated": int(frame["truncated"].sum()), "attempts": attempts,
+                               "seconds": time.perf_counter() - started, **stats}
+    if spec.output is None:
+        return {**summary, "frame": frame, "errors_frame": errors}
+    if len(errors):
+        _write_atomically(errors, os.path.join(spec.output, errors_file(index)))
+    _write_atomically(frame, os.path.join(spec.output, partition_file(index)))
+    return {**summary, "file": partition_file(index), "errors_file": errors_file(index) if len(errors) else None}

@@ -91,7 +91,7 @@ def _from_hub(source: str, settings: Settings) -> Fetched:
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=settings.hf_cache_dir,
                                    local_files_only=settings.hf_offline, ignore_patterns=ignore)
-    except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean "not available"
+    except Exception as exc:  # the hub raises many types; all mean "not available"
         where = "the local hub cache (HF_HUB_OFFLINE is set)" if settings.hf_offline else "the Hugging Face Hub"
         raise ModelSourceError(f"model source {source!r}: not found in {where}: {exc}") from exc
     path = Path(folder)

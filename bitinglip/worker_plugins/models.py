@@ -176,6 +176,8 @@ class ModelPlugin(WorkerPlugin):
             loaded = task.load(ref.path, self.device, opts)
             if dtype == "int8":
                 loaded.model = quantize_int8(loaded.model, self.device)
+                # a fast path built in load (Embed's packed encoder) holds the float32 layers
+                loaded.info.pop("packed", None)
         except BitingLipError:
             raise
         except Exception as exc:

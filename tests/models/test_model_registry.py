@@ -13,8 +13,14 @@ from model_helpers import copy_model, flip_byte, lay_out_hub_cache
 
 from bitinglip.platform import keys
 from bitinglip.platform.errors import (
-    InputError, IntegrityError, InvalidModelNameError, ModelInUseError, ModelSourceError, UnknownModelError,
-    UnsafeWeightsError)
+    InputError,
+    IntegrityError,
+    InvalidModelNameError,
+    ModelInUseError,
+    ModelSourceError,
+    UnknownModelError,
+    UnsafeWeightsError,
+)
 from bitinglip.platform.models import resolve_model
 from bitinglip.platform.registry import Registry, parse_ref, pin, unpin
 from bitinglip.platform.settings import Settings

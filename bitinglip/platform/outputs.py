@@ -1,0 +1,118 @@
+"""The output directory of a job: its record, its committed partitions and
+its manifest.
+
+A partition is committed when its ``part-NNNNN.parquet`` is renamed into
+place (its errors file, if any, lands just before).  ``_job.json`` is written
+when the job is first submitted and pins what the job is (its input
+fingerprint and partitioning), so a resumed or resubmitted job runs only the
+partitions not yet committed, with the same boundaries, and no row is
+written twice.  ``_manifest.json`` is written when the job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bitinglip.platform.errors import OutputConflictError
+
+RECORD = "_job.json"
+MANIFEST = "_manifest.json"
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+
+
+def fingerprint(inputs: Any) -> str:
+    """A content hash of the input (for files: path, size and mtime)."""
+    from dask.base import tokenize
+
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs).expanduser().resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        return tokenize(str(path), [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    return tokenize(inputs)
+
+
+def claim(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Write the job record, or check that the one there is this job's.
+
+    Returns the record in force: on a resume, the earlier one (its partition
+    size wins, so partitions keep their boundaries)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, RECORD)
+    previous = read_json(path)
+    if previous is None:
+        _write_json(path, record)
+        return record
+    for key in ("job_id", "fingerprint", "task", "model"):
+        if previous.get(key) != record.get(key):
+            raise OutputConflictError(
+                f"{out_dir} holds the results of another job ({key} differs: {previous.get(key)!r} there, "
+                f"{record.get(key)!r} now); use a new output directory, or the same job id and inputs to resume")
+    return previous
+
+
+def partition_file(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def errors_file(index: int) -> str:
+    return f"errors-{index:05d}.parquet"
+
+
+def committed_summary(out_dir: str, index: int) -> dict[str, Any] | None:
+    """The summary of a partition whose output file is already in place."""
+    path = os.path.join(out_dir, partition_file(index))
+    if not os.path.exists(path):
+        return None
+    import pyarrow.parquet as pq
+
+    err_path = os.path.join(out_dir, errors_file(index))
+    errors = pq.ParquetFile(err_path).metadata.num_rows if os.path.exists(err_path) else 0
+    return {"part": index, "rows": pq.ParquetFile(path).metadata.num_rows, "file": partition_file(index),
+            "errors": errors, "errors_file": errors_file(index) if errors else None, "skipped": True}
+
+
+def committed_parts(out_dir: str, count: int) -> set[int]:
+    return {i for i in range(count) if os.path.exists(os.path.join(out_dir, partition_file(i)))}
+
+
+def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: dict[str, Any],
+                   state: str = "succeeded") -> dict[str, Any]:
+    """The job's closing record; runs on a worker once every partition is in."""
+    manifest = {**record, "state": state, "finished": time.time(),
+                "rows_out": sum(int(s["rows"]) for s in summaries),
+                "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries),
+                "partitions": sorted((_public(s) for s in summaries), key=lambda s: s["part"])}
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    for leftover in Path(out_dir).glob("*.tmp-*"):  # from attempts that died mid-write
+        leftover.unlink(missing_ok=True)
+    return manifest
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in ("frame", "errors_frame")}
+
+
+def write_partial_manifest(out_dir: str, record: dict[str, Any], state: str) -> dict[str, Any]:
+    """Mark a cancelled or failed job's output as partial, naming what is committed."""
+    parts = sorted(committed_parts(out_dir, int(record.get("partitions", 0))))
+    summaries = [s for s in (committed_summary(out_dir, i) for i in parts) if s is not None]
+    return write_manifest(summaries, out_dir, record, state)
