@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 
 def model_path() -> str:
@@ -56,7 +57,7 @@ class PeakRSS:
             self.bytes = max(self.bytes, self.sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034
         self._thread.start()
         return self
 
@@ -65,7 +66,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def wait_child(proc, peak: PeakRSS) -> int:  # noqa: ANN001 - a subprocess.Popen
+def wait_child(proc: Any, peak: PeakRSS) -> int:
     """Wait for ``proc`` while ``peak`` samples it."""
     while proc.poll() is None:
         time.sleep(0.05)

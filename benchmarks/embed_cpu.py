@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import PeakRSS, cores, gib, model_path, wait_child  # noqa: E402
+from _util import PeakRSS, cores, gib, model_path, wait_child
 
 VARIANTS = ("platform", "st", "raw", "ray", "overhead")
 BATCH = 64
@@ -201,7 +201,8 @@ def run_child(variant: str, rows: int, seed: int, tmp: str) -> dict[str, Any]:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         peak.pid = proc.pid
         rc = wait_child(proc, peak)
-    text = open(log).read()
+    with open(log) as fh:
+        text = fh.read()
     result = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None)
     if rc != 0 or result is None:
         last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
@@ -217,7 +218,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def ray_available() -> str | None:
     try:
-        import ray  # noqa: F401
         import ray.data  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means skip
         return f"ray does not import ({type(exc).__name__}: {exc}); pip install -e .[bench]"

@@ -299,3 +299,13 @@ def test_cancel_stops_a_job(platform) -> None:  # type: ignore[no-untyped-def]
         job.result()
     # the cluster is free again for the next job
     assert len(platform.submit("embed", model=MINILM, inputs=["after"]).result()) == 1
+
+
+def test_texts_without_tokens(platform, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    # GPT-2's tokenizer adds no special tokens: "" has none. Generation starts
+    # from the beginning-of-text token; an embedding of nothing is a row error.
+    gen = platform.submit("generate", model=str(tiny_gpt2), inputs=["", "hello"], max_new_tokens=3)
+    assert gen.result()["id"].tolist() == [0, 1] and len(gen.errors()) == 0
+    emb = platform.submit("embed", model=str(tiny_gpt2), inputs=["", "hello"])
+    assert emb.result()["id"].tolist() == [1]
+    assert emb.errors()["reason"].tolist() == ["row id=0: the text has no tokens for this model"]

@@ -39,6 +39,9 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     merged = task.check_options(options)
     loaded = get_model_plugin().get(task, model, merged)
     ids, truncated = task.tokenize(loaded, texts, merged)
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
+        raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
     outputs: list[dict[str, Any]] = [{}] * len(texts)
     costs = [task.batch_cost(len(row), merged) for row in ids]
     for rows in plan_batches(costs, default_budget(loaded.device)):

@@ -127,6 +127,9 @@ class Platform:
                 "rows": parts.total, "submitted": time.time(),
                 "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
             done = committed_parts(out_dir, len(parts.parts))
+        superseded = self._jobs.get(job_id)
+        if superseded is not None:  # a resume: the new run's futures take over the keys
+            self._release(superseded._all_futures())
         Event(cancel_event_name(job_id), client=self.client).clear()  # a resumed job starts uncancelled
         futures = self._submit_partitions(spec, parts, done, resources)
         final = None
@@ -136,6 +139,16 @@ class Platform:
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
+
+    def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
+        """Forget an earlier run's futures, and wait until the scheduler has,
+        so that a rerun under the same keys starts clean."""
+        keys = [f.key for f in futures]
+        self.client.cancel(futures, force=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.client.run_on_scheduler(
+                lambda dask_scheduler, keys=keys: any(k in dask_scheduler.tasks for k in keys)):
+            time.sleep(0.05)
 
     def _placement(self, gpu: bool | None) -> bool:
         gpu_addrs = self.gpu_workers()

@@ -140,6 +140,14 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
     oom_limit = int((faults or {}).get("oom_above_tokens", 0))
     queue = deque(batches)
     done = oom_splits = 0
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:  # nothing to run a model on (a tokenizer without special tokens, an empty text)
+        if fail_fast:
+            raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
+        failed.update({i: "the text has no tokens for this model" for i in empty})
+        skip = set(empty)
+        queue = deque([r for r in ([i for i in b if i not in skip] for b in batches) if r])
+        done = len(empty)
     while queue:
         rows = queue.popleft()
         size = len(rows) * max(costs[i] for i in rows)

@@ -291,7 +291,10 @@ class Generate(TaskType):
     def tokenize(self, loaded: Loaded, texts: list[str], options: Mapping[str, Any]) -> tuple[list[list[int]], list[bool]]:
         # a prompt keeps its end: that is what the continuation follows from
         limit = max(1, loaded.max_length - int(options["max_new_tokens"]))
-        ids = loaded.tokenizer(texts)["input_ids"]
+        tok = loaded.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        # an empty prompt starts from the beginning-of-text token, as generate() would
+        ids = [row or [start] for row in tok(texts)["input_ids"]]
         truncated = [len(row) > limit for row in ids]
         return [row[-limit:] if cut else row for row, cut in zip(ids, truncated)], truncated
 

@@ -123,6 +123,7 @@ def test_failed_job_reports_the_error(gateway: str, admin: dict[str, str], tmp_p
     job = wait_for(lambda: get_json(f"{gateway}/v1/jobs/{r.json()['id']}", h))
     assert job["state"] == "failed" and job["error"], job
     assert_error(httpx.get(f"{gateway}/v1/jobs/{job['id']}/results", headers=h), 409, "conflict")
+    assert httpx.delete(f"{gateway}/admin/models/broken", headers=admin).status_code == 204
 
 
 def test_cancel_a_running_job(gateway: str, models: dict[str, str]) -> None:
