@@ -34,6 +34,13 @@ STATUS: dict[type[errors.BitingLipError], int] = {
     errors.ModelLoadError: 502,
     errors.JobFailedError: 502,
     errors.JobCancelledError: 409,
+    errors.ModelInUseError: 409,
+    errors.OutputConflictError: 409,
+    errors.IntegrityError: 422,
+    errors.UnsafeWeightsError: 422,
+    errors.ModelSourceError: 422,
+    errors.JobTimeoutError: 504,
+    errors.PartitionFailedError: 502,
 }
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

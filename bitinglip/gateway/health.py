@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bitinglip import __version__
-from bitinglip.gateway.models import registry
+from bitinglip.gateway.models import catalogue
 from bitinglip.gateway.state import Gateway
 
 CHECK_TIMEOUT_S = 5.0
@@ -25,7 +25,7 @@ async def _models(gw: Gateway) -> dict[str, Any]:
                              "cache_dir_readable": readable}
     try:
         with anyio.fail_after(CHECK_TIMEOUT_S):
-            entry["registry_size"] = len(await registry(gw))
+            entry["registry_size"] = len(await catalogue(gw))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         entry.update(status="down", error=f"registry: {type(exc).__name__}: {exc}")
     return entry

@@ -39,11 +39,6 @@ def rate(bucket: str, subject: str) -> str:
     return f"{PREFIX}rate:{bucket}:{subject}"
 
 
-def models() -> str:
-    """Hash of models registered through the admin API: name -> JSON record."""
-    return f"{PREFIX}models"
-
-
 def access_log() -> str:
     """The stream of model access events (add, download, verify, load, evict, remove)."""
     return f"{PREFIX}models:access"

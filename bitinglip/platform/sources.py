@@ -55,6 +55,8 @@ def fetch(source: str, settings: Settings) -> Fetched:
     path = Path(source).expanduser()
     if not path.is_dir():
         raise ModelSourceError(f"model source {source!r}: no such folder")
+    if not (path / "config.json").is_file():  # not a save_pretrained folder: never walk it
+        raise ModelSourceError(f"model source {source!r}: no config.json; expected a save_pretrained folder")
     return Fetched(path.resolve(), "local", str(path.resolve()))
 
 

@@ -111,10 +111,15 @@ def test_idempotency_key_gives_the_same_job(gateway: str, models: dict[str, str]
 
 
 def test_failed_job_reports_the_error(gateway: str, admin: dict[str, str], tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+    import torch
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    r = httpx.post(f"{gateway}/admin/models", headers=admin, json={"name": "broken", "path": str(broken)}, timeout=60)
+    save_file({"w": torch.zeros(2)}, str(broken / "model.safetensors"))
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
+                   json={"name": "broken", "source": str(broken), "task": "embed"})
     assert r.status_code in (200, 201), r.text
     h = auth(user())
     r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
@@ -238,7 +243,8 @@ def test_admin_routes_need_scope_and_address(gateway: str, admin: dict[str, str]
     assert "203.0.113.9" in assert_error(httpx.get(url, headers=far), 403, "forbidden")["message"]
     listed = {**admin, "X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
     assert httpx.get(url, headers=listed).status_code == 200
-    assert_error(httpx.post(f"{gateway}/admin/models", headers=far, json={"name": "x", "path": "/x"}), 403)
+    assert_error(httpx.post(f"{gateway}/admin/models", headers=far,
+                            json={"name": "x", "source": "/x", "task": "embed"}), 403)
 
 
 def test_oversized_bodies_are_refused(gateway: str) -> None:
@@ -274,13 +280,17 @@ def test_models(gateway: str, models: dict[str, str], admin: dict[str, str]) -> 
     names = {m["name"]: m for m in get_json(f"{gateway}/v1/models", h)["models"]}
     assert names["all-MiniLM-L6-v2"]["source"] == "package"
     assert names["tiny-encoder"]["source"] == "registered" and "path" not in names["tiny-encoder"]
+    assert names["tiny-encoder"]["version"] == "1" and len(names["tiny-encoder"]["sha256"]) == 64
     assert get_json(f"{gateway}/v1/models/tiny-encoder", h)["name"] == "tiny-encoder"
     assert_error(httpx.get(f"{gateway}/v1/models/nope", headers=h), 404)
-    r = httpx.post(f"{gateway}/admin/models", headers=admin, json={"name": "ghost", "path": "/nonexistent/model"},
-                   timeout=60)
-    assert "not a model directory" in assert_error(r, 422)["message"]
     r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
-                   json={"name": "enc-copy", "path": models["tiny-encoder"]})
+                   json={"name": "ghost", "source": "/nonexistent/model", "task": "embed"})
+    assert "/nonexistent/model" in assert_error(r, 422)["message"]
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
+                   json={"name": "../etc", "source": models["tiny-encoder"], "task": "embed"})
+    assert_error(r, 422)
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
+                   json={"name": "enc-copy", "source": models["tiny-encoder"], "task": "embed"})
     assert r.status_code == 201, r.text
     assert httpx.delete(f"{gateway}/admin/models/enc-copy", headers=admin).status_code == 204
     assert_error(httpx.delete(f"{gateway}/admin/models/enc-copy", headers=admin), 404)
