@@ -88,6 +88,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    import bitinglip
+
+    with bitinglip.connect(args.address, n_workers=args.workers) as platform:
+        print(f"dashboard: {platform.dashboard_link}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        job = platform.resume(args.output, inputs=args.input)
+        job.progress(wait=not args.quiet)
+        summaries = job.summaries()
+        seconds = time.perf_counter() - started
+    skipped = sum(1 for s in summaries if s.get("skipped"))
+    summary = {"job": job.id, "rows": job.total, "partitions": len(summaries), "skipped_partitions": skipped,
+               "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
+               "output": os.path.abspath(args.output)}
+    print(f"resumed job {job.id}: {skipped} of {len(summaries)} partitions were already committed",
+          file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Start Dask workers for BitingLip on this host: one per GPU with
     ``GPU=1``, else CPU workers; ``dask worker`` does the real work."""
@@ -138,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="finish a failed, cancelled or interrupted job from its output directory")
+    resume.add_argument("output", help="the job's output directory (it holds _job.json)")
+    resume.add_argument("--input", help="the input again, when the job recorded none (in-memory inputs)")
+    resume.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
+    resume.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
+    resume.add_argument("--quiet", action="store_true", help="no progress bar")
+    resume.set_defaults(func=cmd_resume)
 
     worker = sub.add_parser("worker", help="start Dask workers for a scheduler (wraps `dask worker`)")
     worker.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.1:8786")

@@ -61,3 +61,20 @@ def test_unknown_model_fails_with_a_clear_message(tmp_path: Path) -> None:
                      "--output", str(tmp_path / "o"), "--workers", "1", "--quiet")
     assert proc.returncode == 1
     assert "unknown model 'no-such-model'" in proc.stderr
+
+
+def test_resume_skips_committed_partitions(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = bitinglip("run", "--task", "embed", "--model", "all-MiniLM-L6-v2", "--input", "sample:200",
+                     "--output", str(out), "--workers", "1", "--partition-rows", "50", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (out / "part-00002.parquet").unlink()  # as if the job had died before this partition
+    (out / "_manifest.json").unlink()
+    proc = bitinglip("resume", str(out), "--workers", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["skipped_partitions"] == 3 and summary["partitions"] == 4
+    df = pd.concat(pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet")))
+    assert df["id"].tolist() == list(range(200))
+    proc = bitinglip("resume", str(tmp_path / "nothing-here"), "--workers", "1")
+    assert proc.returncode == 1 and "no job record" in proc.stderr
