@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_gateway(sub)
     from bitinglip.platform.registry_cli import register as register_models
     register_models(sub)
+    from bitinglip.platform.stack import register as register_stack
+    register_stack(sub)
     return parser
 
 

@@ -83,3 +83,43 @@ def platform(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"))
     with bitinglip.connect(settings=settings, n_workers=2, dashboard_address=":0") as p:
         yield p
+
+
+def start_dask_processes(log_dir: Path, tag: str, workers: list[str] | None = None,
+                         nworkers: int = 2) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """`dask scheduler` and workers as separate processes, the production way.
+
+    ``workers`` is the worker command, with ``"ADDRESS"`` where the
+    scheduler's address goes (default: `dask worker ADDRESS --nworkers N
+    --nthreads 1`); each process leads its own session,
+    so :func:`kill_processes` takes its children down too."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    scheduler = [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                 "--dashboard-address", ":0"]
+    procs = [subprocess.Popen(scheduler, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=open(log_dir / f"scheduler-{tag}.log", "w"))]
+    time.sleep(1)
+    worker = ([str(bindir / "dask"), "worker", address, "--nworkers", str(nworkers), "--nthreads", "1"]
+              if workers is None else [address if w == "ADDRESS" else w for w in workers])
+    procs.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=open(log_dir / f"workers-{tag}.log", "w")))
+    return address, procs
+
+
+def kill_processes(procs: list[subprocess.Popen[bytes]], sig: int = 9) -> None:
+    import signal
+
+    for proc in reversed(procs):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

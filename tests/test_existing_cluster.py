@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import kill_processes, start_dask_processes
 
 
 def _wait_for_workers(address: str, n: int, timeout: float = 120) -> None:
@@ -25,28 +23,14 @@ def _wait_for_workers(address: str, n: int, timeout: float = 120) -> None:
 
 @pytest.fixture
 def scheduler_and_workers(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "scheduler.log", "w"))]
-    time.sleep(1)
-    procs.append(subprocess.Popen([sys.executable, "-m", "bitinglip", "worker", address, "--nworkers", "2",
-                                   "--gpus", "0"], env=env, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "w")))
+    address, procs = start_dask_processes(
+        tmp_path, "bitinglip-worker", workers=[sys.executable, "-m", "bitinglip", "worker", "ADDRESS", "--nworkers", "2",
+                                               "--gpus", "0"])
     try:
         _wait_for_workers(address, 2)
         yield address
     finally:
-        for proc in reversed(procs):
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes(procs, signal.SIGTERM)
 
 
 def test_a_job_runs_on_workers_started_by_bitinglip_worker(scheduler_and_workers: str) -> None:

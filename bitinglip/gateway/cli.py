@@ -21,11 +21,18 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
     tls = bool(args.ssl_certfile)
+    log_format = getattr(args, "log_format", "text")
+    if log_format == "json":
+        from bitinglip.platform.logs import configure
+
+        configure("json")
     app = create_app(settings, tls=tls)
     # proxy_headers off: X-Forwarded-For is read only from BITINGLIP_TRUSTED_PROXIES, by the gateway itself
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile, proxy_headers=False, server_header=False,
-                            log_level=args.log_level, access_log=args.access_log, lifespan="on")
+                            log_level=args.log_level, access_log=args.access_log, lifespan="on",
+                            # json: uvicorn's loggers go through the JSON handler instead of its own
+                            log_config=None if log_format == "json" else uvicorn.config.LOGGING_CONFIG)
     return uvicorn.Server(config)
 
 
@@ -59,6 +66,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gateway.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     gateway.add_argument("--log-level", default="info")
     gateway.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    gateway.add_argument("--log-format", choices=("text", "json"), default="text",
+                         help="json: one JSON object per log line, with the request id")
     gateway.set_defaults(func=cmd_gateway)
 
     token = sub.add_parser("token", help="print a signed JWT for the gateway (development)")

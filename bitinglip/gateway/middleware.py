@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bitinglip.gateway.handlers import error_response, request_id
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.platform.errors import PayloadTooLargeError
+from bitinglip.platform.logs import REQUEST_ID
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -44,9 +45,11 @@ class RequestContext:
                 message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
             await send(message)
 
+        token = REQUEST_ID.set(rid)  # for every log line written while this request is served
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            REQUEST_ID.reset(token)
             route: Any = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.observe(scope["method"], label, status, time.perf_counter() - started)

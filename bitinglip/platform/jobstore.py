@@ -6,12 +6,19 @@ running to its end.  Every state change runs as one Lua script that checks
 the transition against :data:`TRANSITIONS`, updates the hash and the
 per-state index together, and gives a finished job its TTL, so two writers
 never leave the hash and the indexes disagreeing.
+
+Redis may lose its data (a restart without persistence).  The stamp under
+:func:`keys.dataset` tells the writers: when it is gone or changed, each
+writes back what it knows with :meth:`JobStore.restore`, which creates a
+record only where none is, so rebuilders never overwrite each other or a
+newer record.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,17 +83,37 @@ if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
 return ARGV[1]
 """
 
+# KEYS: job hash, owner index, all-jobs index, the five state indexes in STATES order,
+# idempotency key ('' slot if none)
+# ARGV: job id, state, created_at, score in the state index, ttl (0: none), idempotency ttl,
+# then field/value pairs
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local states = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+for i, s in ipairs(states) do
+  if s == ARGV[2] then redis.call('ZADD', KEYS[i + 3], ARGV[4], ARGV[1])
+  else redis.call('ZREM', KEYS[i + 3], ARGV[1]) end
+end
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+if KEYS[9] ~= '' then redis.call('SET', KEYS[9], ARGV[1], 'NX', 'EX', ARGV[6]) end
+return 1
+"""
+
 _INT_FIELDS = ("rows_total", "rows_done", "parts", "priority")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
 
 
+def flat(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Fields as the hash holds them (None left out)."""
+    return {name: json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            for name, value in fields.items() if value is not None}
+
+
 def _flat(fields: Mapping[str, Any]) -> list[str]:
-    out: list[str] = []
-    for name, value in fields.items():
-        if value is None:
-            continue
-        out += [name, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return out
+    return [part for item in flat(fields).items() for part in item]
 
 
 def decode(raw: Mapping[str, str]) -> dict[str, Any]:
@@ -112,13 +139,14 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = redis.register_script(_TRANSITION)
         self._create = redis.register_script(_CREATE)
+        self._restore = redis.register_script(_RESTORE)
 
     async def create(self, job_id: str, owner: str, fields: Mapping[str, Any],
-                     idempotency_key: str | None = None) -> tuple[str, bool]:
+                     idempotency_key: str | None = None, now: float | None = None) -> tuple[str, bool]:
         """Record a new queued job. Returns ``(job_id, created)``: with an
         idempotency key already used by this owner, the earlier job's id and
         False."""
-        now = time.time()
+        now = time.time() if now is None else now
         record = {**fields, "id": job_id, "owner": owner, "state": JobState.QUEUED.value,
                   "created_at": now, "updated_at": now, "idempotency_key": idempotency_key}
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else ""
@@ -133,12 +161,61 @@ class JobStore:
         """Move a job to ``state`` (None: only update fields of an unfinished
         job). Returns MOVED, UPDATED, REFUSED (not allowed from the current
         state) or MISSING."""
+        return str(await self._transition(**self._transition_call(job_id, state, fields, now)))
+
+    async def transition_and_get(self, job_id: str, state: str | None, fields: Mapping[str, Any] | None = None
+                                 ) -> tuple[str, dict[str, str]]:
+        """:meth:`transition`, then the job's hash as it is now (raw strings),
+        in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._transition(**self._transition_call(job_id, state, fields, None), client=pipe)
+            pipe.hgetall(keys.job(job_id))
+            outcome, raw = await pipe.execute()
+        return str(outcome), dict(raw or {})
+
+    def _transition_call(self, job_id: str, state: str | None, fields: Mapping[str, Any] | None,
+                         now: float | None) -> dict[str, Any]:
         now = time.time() if now is None else now
         allowed = [s for s, nexts in TRANSITIONS.items() if state in nexts]
-        return str(await self._transition(
-            keys=[keys.job(job_id), *(keys.job_index(s) for s in STATES)],
-            args=[job_id, state or "", ",".join(allowed), now, self.ttl_s,
-                  *_flat({**(fields or {}), "updated_at": now})]))
+        return {"keys": [keys.job(job_id), *(keys.job_index(s) for s in STATES)],
+                "args": [job_id, state or "", ",".join(allowed), now, self.ttl_s,
+                         *_flat({**(fields or {}), "updated_at": now})]}
+
+    async def restore(self, record: Mapping[str, Any], now: float | None = None) -> bool:
+        """Write back the record of a job that Redis lost, with its indexes,
+        idempotency key and remaining TTL. Only where there is no record
+        (True when it wrote one); a finished job past its TTL stays gone.
+        ``record`` is a job hash, raw or decoded."""
+        now = time.time() if now is None else now
+        job_id, state, owner = str(record["id"]), str(record["state"]), str(record["owner"])
+        created = float(record.get("created_at") or now)
+        ttl, score = 0, created
+        if state in TERMINAL:
+            finished = float(record.get("finished_at") or now)
+            ttl, score = int(finished + self.ttl_s - now), finished
+            if ttl <= 0:
+                return False
+        elif state == JobState.RUNNING.value and record.get("started_at"):
+            score = float(record["started_at"])
+        idem_ttl = int(created + self.ttl_s - now)
+        key = record.get("idempotency_key")
+        idem = keys.idempotency(owner, str(key)) if key and idem_ttl > 0 else ""
+        return bool(await self._restore(
+            keys=[keys.job(job_id), keys.owner_jobs(owner), keys.all_jobs(),
+                  *(keys.job_index(s) for s in STATES), idem],
+            args=[job_id, state, created, score, ttl, max(idem_ttl, 1), *_flat(record)]))
+
+    async def dataset_changed(self, seen: str) -> bool:
+        """Whether the dataset stamp differs from ``seen`` (``""``: never seen)."""
+        return bool(await self.redis.get(keys.dataset()) != seen)
+
+    async def mark_dataset(self) -> str:
+        """Stamp the dataset if nobody has since it was lost; the stamp in force."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.dataset(), uuid.uuid4().hex, nx=True)
+            pipe.get(keys.dataset())
+            _, stamp = await pipe.execute()
+        return str(stamp)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(keys.job(job_id))

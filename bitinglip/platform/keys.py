@@ -42,3 +42,9 @@ def rate(bucket: str, subject: str) -> str:
 def access_log() -> str:
     """The stream of model access events (add, download, verify, load, evict, remove)."""
     return f"{PREFIX}models:access"
+
+
+def dataset() -> str:
+    """A random stamp set once per Redis dataset; when it is gone or changed,
+    Redis lost its data and the job records are rebuilt."""
+    return f"{PREFIX}dataset"

@@ -8,8 +8,15 @@ record.  It watches two things: task transitions of a job's keys
 only note what changed; a loop on the scheduler's event loop writes the
 changes every ``interval_s``, so Redis latency never slows the scheduler.
 
-Only jobs that already have a record (the gateway creates it before
-submitting) are updated; jobs of Python clients are ignored.
+Only REST jobs are followed: the gateway annotates their tasks with the job
+record (:data:`ANNOTATION`); jobs of Python clients are ignored.
+
+The plugin keeps each job's hash as Redis last returned it, and finished
+jobs' hashes for their TTL (up to :data:`FINISHED_MAX`).  When Redis loses
+its data (the dataset stamp is gone, or a followed job's hash is), it writes
+them back with :meth:`JobStore.restore` and then its current figures, so the
+status is true again within one or two intervals.  Finished jobs it has
+forgotten come back from their output manifests (``bitinglip.gateway.rebuild``).
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from bitinglip.platform.jobs import JobState
-from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, TERMINAL, JobStore
+from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, TERMINAL, JobStore, flat
 from bitinglip.platform.runner import PROGRESS_TOPIC
 
 log = logging.getLogger(__name__)
 KEY = re.compile(r"^bitinglip-(?P<job>[0-9a-f]{32})-(?P<part>\d+|manifest)$")
-#: jobs remembered as "not ours" so their events cost nothing
-IGNORED_MAX = 10_000
+#: the task annotation carrying a REST job's record, as the gateway created it
+ANNOTATION = "bitinglip_job"
+#: finished jobs whose records are kept to rebuild Redis
+FINISHED_MAX = 10_000
 
 
 def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
@@ -44,12 +53,19 @@ def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
 
 @dataclass
 class _Track:
+    record: dict[str, str]  # the job's hash as last seen: the annotation, then what Redis returned
+    keys: set[str] = field(default_factory=set)
     state: str = JobState.QUEUED.value
-    written: str = JobState.QUEUED.value
     done: dict[int, int] = field(default_factory=dict)
     totals: dict[int, int] = field(default_factory=dict)
     started_at: float | None = None
     error: str | None = None
+
+    @property
+    def submitted(self) -> bool:
+        """The gateway wrote its figures after handing the job over (until
+        then, restoring the record is the gateway's business)."""
+        return "parts" in self.record
 
 
 class RedisStatusPlugin(SchedulerPlugin):
@@ -69,8 +85,10 @@ class RedisStatusPlugin(SchedulerPlugin):
 
     def _reset(self) -> None:
         self._jobs: dict[str, _Track] = {}
+        self._finished: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._dirty: set[str] = set()
-        self._ignored: OrderedDict[str, None] = OrderedDict()
+        self._seen = ""  # the dataset stamp last seen; "" forces a check
+        self._failing = False
         self._task: asyncio.Task[None] | None = None
         self._scheduler: Any = None
         self._redis: Any = None
@@ -100,17 +118,22 @@ class RedisStatusPlugin(SchedulerPlugin):
             await self._redis.aclose()
 
     # --- hooks: cheap, no I/O
-    def _track(self, job: str) -> _Track | None:
-        if job in self._ignored:
-            return None
-        return self._jobs.setdefault(job, _Track())
+    def update_graph(self, scheduler: Any, *, annotations: dict[str, dict[Any, Any]] | None = None,
+                     **kwargs: Any) -> None:
+        for key, record in ((annotations or {}).get(ANNOTATION) or {}).items():
+            match = KEY.match(key) if isinstance(key, str) else None
+            if match is None or not isinstance(record, dict) or match["job"] in self._finished:
+                continue
+            track = self._jobs.get(match["job"])
+            if track is None:
+                track = self._jobs[match["job"]] = _Track(record=flat(record))
+                self._dirty.add(match["job"])
+            track.keys.add(key)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         match = KEY.match(key) if isinstance(key, str) else None
-        if match is None:
-            return
-        track = self._track(match["job"])
-        if track is None or track.state in TERMINAL:
+        track = self._jobs.get(match["job"]) if match is not None else None
+        if match is None or track is None or track.state in TERMINAL:
             return
         part = match["part"]
         if finish == "processing" and track.state == JobState.QUEUED.value:
@@ -124,8 +147,7 @@ class RedisStatusPlugin(SchedulerPlugin):
         elif finish == "erred":
             track.state = JobState.FAILED.value
             track.error = self._error_text(key)
-        else:
-            return
+        # any other move (released, forgotten: a cancel) only asks for a look at the record
         self._dirty.add(match["job"])
 
     def _error_text(self, key: str) -> str:
@@ -141,7 +163,7 @@ class RedisStatusPlugin(SchedulerPlugin):
         if topic != PROGRESS_TOPIC or not isinstance(msg, dict):
             return
         job = msg.get("job")
-        track = self._track(job) if isinstance(job, str) else None
+        track = self._jobs.get(job) if isinstance(job, str) else None
         if track is None or track.state in TERMINAL:
             return
         part = int(msg.get("part", 0))
@@ -157,33 +179,70 @@ class RedisStatusPlugin(SchedulerPlugin):
         while True:
             await asyncio.sleep(self.interval_s)
             try:
+                await self._check_dataset()
                 await self._flush()
             except Exception:  # Redis may be down for a while; keep the changes
-                log.warning("writing job status to Redis failed; will retry", exc_info=True)
+                if not self._failing:
+                    log.warning("writing job status to Redis failed; retrying", exc_info=True)
+                self._failing = True
+            else:
+                self._failing = False
+
+    async def _check_dataset(self) -> None:
+        """Write back every record Redis lost, once per lost dataset."""
+        if not await self._store.dataset_changed(self._seen):
+            return
+        self._seen = await self._store.mark_dataset()  # first: a loss during the rebuild is seen again
+        restored = 0
+        try:
+            for job, track in list(self._jobs.items()):
+                if track.submitted:
+                    restored += await self._store.restore(track.record)
+                    self._dirty.add(job)  # then the figures gathered since
+            cutoff = time.time() - self.job_ttl_s
+            for job, record in list(self._finished.items()):
+                if float(record.get("finished_at") or 0) < cutoff:
+                    del self._finished[job]
+                else:
+                    restored += await self._store.restore(record)
+        except Exception:
+            self._seen = ""
+            raise
+        if restored:
+            log.warning("Redis had lost %d job records; written back from the scheduler's memory", restored)
 
     async def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for job in dirty:
-            track = self._jobs.get(job)
-            if track is None:
-                continue
-            fields: dict[str, Any] = {"rows_done": sum(track.done.values()), "started_at": track.started_at}
-            if track.state in TERMINAL:
-                fields["finished_at"] = time.time()
-            if track.error:
-                fields["error"] = track.error
-            try:
-                outcome = await self._store.transition(job, None if track.state == track.written else track.state,
-                                                       fields)
-            except Exception:
+        pending = list(self._dirty)
+        self._dirty.clear()
+        try:
+            while pending:
+                track = self._jobs.get(pending[-1])
+                if track is not None:
+                    await self._write(pending[-1], track)
+                pending.pop()
+        finally:
+            self._dirty.update(pending)  # what was not written goes again next time
+
+    async def _write(self, job: str, track: _Track) -> None:
+        fields: dict[str, Any] = {"rows_done": sum(track.done.values()), "started_at": track.started_at}
+        if track.state in TERMINAL:
+            fields["finished_at"] = time.time()
+        if track.error:
+            fields["error"] = track.error
+        # the state always goes along: after a restore the record may be behind it
+        outcome, record = await self._store.transition_and_get(job, track.state, fields)
+        if outcome == MISSING:
+            if track.submitted:
+                self._seen = ""  # Redis lost it: look at the dataset, restore, write again
                 self._dirty.add(job)
-                raise
-            if outcome == MISSING:
-                self._jobs.pop(job, None)
-                self._ignored[job] = None
-                while len(self._ignored) > IGNORED_MAX:
-                    self._ignored.popitem(last=False)
-            elif outcome == REFUSED or (outcome == MOVED and track.state in TERMINAL):
-                self._jobs.pop(job, None)  # finished (here, or cancelled by a gateway)
-            else:
-                track.written = track.state
+            elif not any(key in self._scheduler.tasks for key in track.keys):
+                del self._jobs[job]  # its submission failed, and the gateway removed it
+            return
+        track.record = record
+        if outcome == REFUSED or (outcome == MOVED and track.state in TERMINAL):
+            del self._jobs[job]  # finished (here, or cancelled by a gateway)
+            self._finished[job] = record
+            while len(self._finished) > FINISHED_MAX:
+                self._finished.popitem(last=False)
+        elif not track.submitted:
+            self._dirty.add(job)  # read again until the gateway's figures are in

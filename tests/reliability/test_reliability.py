@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import bitinglip
 from bitinglip import Batch, Loaded, TaskType
 from bitinglip.platform.errors import JobTimeoutError, PartitionFailedError
 from bitinglip.platform.sample import sample_corpus
-from conftest import free_port
+from conftest import kill_processes, start_dask_processes
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -223,49 +221,25 @@ def test_a_job_past_its_timeout_stops(own_platform: bitinglip.Platform) -> None:
     print(f"\nFIGURE timeout: workers free {seconds:.2f}s after the job failed")
 
 
-def _start_cluster(tmp_path: Path, tag: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"scheduler-{tag}.log", "w"))]
-    time.sleep(1)
-    procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1"],
-                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=open(tmp_path / f"workers-{tag}.log", "w")))
-    return address, procs
-
-
-def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
-
-
 def test_scheduler_killed_then_resumed_on_a_new_cluster(tmp_path: Path) -> None:
     n = 2000
     src = tmp_path / "in.parquet"
     pd.DataFrame({"id": [f"d{i}" for i in range(n)], "text": sample_corpus(n, seed=26)}).to_parquet(src)
     out_dir = tmp_path / "out"
-    address, procs = _start_cluster(tmp_path, "a")
+    address, procs = start_dask_processes(tmp_path, "a")
     try:
         platform = bitinglip.connect(address, timeout=60)
         platform.client.wait_for_workers(2, timeout=120)
         job = platform.submit("embed", model=MINILM, inputs=str(src), output=out_dir, partition_rows=200)
         wait_until(lambda: len(list(out_dir.glob("part-*.parquet"))) >= 2, timeout=300)
     finally:
-        _kill(procs)  # scheduler and workers die at once, mid-job
+        kill_processes(procs)  # scheduler and workers die at once, mid-job
     committed = len(list(out_dir.glob("part-*.parquet")))
     try:
         platform.client.close(timeout=5)
     except Exception:  # noqa: BLE001 - its scheduler is gone
         pass
-    address, procs = _start_cluster(tmp_path, "b")
+    address, procs = start_dask_processes(tmp_path, "b")
     try:
         with bitinglip.connect(address, timeout=60) as fresh:
             fresh.client.wait_for_workers(2, timeout=120)
@@ -273,7 +247,7 @@ def test_scheduler_killed_then_resumed_on_a_new_cluster(tmp_path: Path) -> None:
             out = resumed.result()
             skipped = sum(1 for s in resumed.summaries() if s.get("skipped"))
     finally:
-        _kill(procs)
+        kill_processes(procs)
     fig = figure("scheduler-killed-resume", n, out, None, expected_ids=[f"d{i}" for i in range(n)],
                  committed_before=committed, skipped=skipped, job=job.id)
     assert fig["duplicates"] == 0 and fig["lost"] == 0 and skipped >= committed >= 2

@@ -1,0 +1,96 @@
+"""Job records rebuilt from the results directory when Redis lost them.
+
+The scheduler plugin writes back the jobs it follows and the finished ones it
+remembers; this covers the finished jobs it has forgotten (a new scheduler,
+or a job older than its memory).  Each REST job's output directory holds
+:data:`REST_RECORD` (the hash the gateway created: owner, task, model name,
+priority, ...), ``_job.json`` (rows, partitions) and, once the job has ended,
+``_manifest.json`` (its state).  A job without a manifest is left to the
+plugin: only the cluster knows how far it got.
+
+Every gateway runs :func:`watch`: at start and whenever the dataset stamp
+is gone or changed it restores what is missing, never overwriting a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bitinglip.platform.jobstore import TERMINAL, JobStore
+from bitinglip.platform.outputs import MANIFEST, RECORD, _write_json, read_json
+
+log = logging.getLogger("bitinglip.gateway")
+
+#: the job hash as the gateway created it, kept beside the job's output
+REST_RECORD = "_rest.json"
+#: how often a gateway looks at the dataset stamp
+CHECK_S = 1.0
+
+
+def write_rest_record(output: str, record: dict[str, Any]) -> None:
+    os.makedirs(output, exist_ok=True)
+    _write_json(os.path.join(output, REST_RECORD), record)
+
+
+def finished_records(results_dir: Path, ttl_s: int, now: float) -> list[dict[str, Any]]:
+    """The records of the REST jobs under ``results_dir`` that ended within
+    the TTL, as their hashes held them at the end."""
+    found: list[dict[str, Any]] = []
+    try:
+        entries = list(os.scandir(results_dir))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        manifest_path = os.path.join(entry.path, MANIFEST)
+        try:
+            if not entry.is_dir() or os.stat(manifest_path).st_mtime < now - ttl_s:
+                continue
+            rest, manifest = read_json(os.path.join(entry.path, REST_RECORD)), read_json(manifest_path)
+            job = read_json(os.path.join(entry.path, RECORD)) or {}
+        except (OSError, ValueError):
+            continue  # not a job's directory, or one being written
+        if rest is None or manifest is None or manifest.get("state") not in TERMINAL:
+            continue
+        finished = float(manifest.get("finished") or now)
+        found.append({**rest, "state": manifest["state"], "rows_total": job.get("rows", rest.get("rows_total")),
+                      "parts": job.get("partitions"), "finished_at": finished, "updated_at": finished,
+                      "rows_done": int(manifest.get("rows_out", 0)) + int(manifest.get("rows_in_error", 0))})
+    return found
+
+
+async def rebuild(store: JobStore, results_dir: Path) -> int:
+    """Restore the finished jobs Redis lacks; how many were written."""
+    records = await anyio.to_thread.run_sync(finished_records, results_dir, store.ttl_s, time.time())
+    restored = 0
+    for record in records:
+        restored += await store.restore(record)
+    return restored
+
+
+async def watch(store: JobStore, results_dir: Path) -> None:
+    """Rebuild at start, then whenever Redis has lost its data; until cancelled."""
+    seen, failing = "", False
+    while True:
+        try:
+            if await store.dataset_changed(seen):
+                seen = await store.mark_dataset()
+                try:
+                    restored = await rebuild(store, results_dir)
+                except BaseException:
+                    seen = ""
+                    raise
+                if restored:
+                    log.warning("restored %d finished job records from %s", restored, results_dir)
+            failing = False
+        except Exception:  # Redis down: the requests say so; look again soon
+            if not failing:
+                log.warning("cannot check Redis for lost job records; retrying", exc_info=True)
+            failing = True
+        await asyncio.sleep(CHECK_S)
