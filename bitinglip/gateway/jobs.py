@@ -3,13 +3,16 @@
 A submission is recorded in Redis first, then handed to the cluster with
 ``fire_and_forget``, so it runs to its end whatever happens to this
 process; its status and progress reach Redis from the scheduler plugin.
-Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.
+Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The record
+also travels with the job's tasks (for the plugin) and lies beside its
+output (for :mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 import uuid
@@ -25,13 +28,15 @@ from bitinglip.gateway.auth import Principal
 from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.rebuild import write_rest_record
 from bitinglip.gateway.state import Gateway
+from bitinglip.platform import outputs
 from bitinglip.platform.errors import BitingLipError, ConflictError, InputError, NotFoundError, UnavailableError
 from bitinglip.platform.jobs import JobState
-from bitinglip.platform.jobstore import MOVED, TERMINAL
+from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.runner import cancel_event_name
 from bitinglip.platform.settings import Settings
-from bitinglip.platform.status_plugin import job_keys
+from bitinglip.platform.status_plugin import ANNOTATION, job_keys
 from bitinglip.platform.tasks import BUILTIN_TASKS
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
@@ -132,12 +137,14 @@ async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, A
     return job
 
 
-def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str) -> tuple[int, int]:
+def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
+            record: dict[str, Any]) -> tuple[int, int]:
     """On a worker thread: hand the job to the cluster and let go of it."""
     import dask
     from distributed import fire_and_forget
 
-    with dask.annotate(priority=sub["priority"]):
+    write_rest_record(output, record)
+    with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id)
     fire_and_forget([*job.futures, job.final])
@@ -154,18 +161,24 @@ async def submit_job(request: Request) -> Response:
     fields = {"task": sub["task"], "model": sub["model"], "priority": sub["priority"], "output": output,
               "options": sub["options"],
               "rows_total": len(sub["inputs"]) if isinstance(sub["inputs"], list) else None}
-    got, created = await gw.store.create(job_id, principal.sub, fields, sub["idempotency_key"])
+    now = time.time()
+    got, created = await gw.store.create(job_id, principal.sub, fields, sub["idempotency_key"], now=now)
     if not created:
         job = await own_job(gw, principal, got)
         return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
+    record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
+              "updated_at": now, "idempotency_key": sub["idempotency_key"]}
     try:
-        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output)
+        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output, record)
     except BaseException as exc:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
         if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
         raise UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}") from exc
-    await gw.store.transition(job_id, None, {"rows_total": total, "parts": parts})
+    figures = {"rows_total": total, "parts": parts}
+    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
+        await gw.store.restore({**record, **figures})
+        await gw.store.transition(job_id, None, figures)
     job = await gw.store.get(job_id)
     return gw.json(request, view(job or {"id": job_id, "state": "queued"}), 202, {"Location": f"/v1/jobs/{job_id}"})
 
@@ -198,13 +211,16 @@ async def get_job(request: Request) -> Response:
     return gw.json(request, view(await own_job(gw, principal, request.path_params["job_id"])))
 
 
-def _cancel_on_cluster(client: Any, job_id: str, parts: int) -> None:
+def _cancel_on_cluster(client: Any, job_id: str, parts: int, output: str | None) -> None:
     from distributed import Event
 
     Event(cancel_event_name(job_id), client=client).set()  # running partitions stop at their next batch
     # force: fire_and_forget made the scheduler itself want these keys
     client._send_to_scheduler({"op": "cancel-keys", "keys": job_keys(job_id, parts), "force": True,
                                "reason": "cancelled through the REST API", "msg": None})
+    record = outputs.read_json(os.path.join(output, outputs.RECORD)) if output else None
+    if output and record is not None:  # the output says so too: the job's end survives a loss of Redis
+        outputs.write_partial_manifest(output, record, JobState.CANCELLED.value)
 
 
 async def cancel_job(request: Request) -> Response:
@@ -216,7 +232,8 @@ async def cancel_job(request: Request) -> Response:
         current = await gw.store.get(job["id"])
         raise ConflictError(f"job {job['id']} is {(current or job)['state']}; only queued or running jobs can be "
                             "cancelled")
-    await anyio.to_thread.run_sync(_cancel_on_cluster, gw.platform.client, job["id"], int(job.get("parts", 0)))
+    await anyio.to_thread.run_sync(_cancel_on_cluster, gw.platform.client, job["id"], int(job.get("parts", 0)),
+                                   job.get("output"))
     return gw.json(request, view(await gw.store.get(job["id"]) or {**job, "state": "cancelled"}), 202)
 
 

@@ -15,6 +15,7 @@ is gone or changed it restores what is missing, never overwriting a record.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import anyio
 
 from bitinglip.platform.jobstore import TERMINAL, JobStore
-from bitinglip.platform.outputs import MANIFEST, RECORD, _write_json, read_json
+from bitinglip.platform.outputs import MANIFEST, RECORD, read_json
 
 log = logging.getLogger("bitinglip.gateway")
 
@@ -36,7 +37,10 @@ CHECK_S = 1.0
 
 def write_rest_record(output: str, record: dict[str, Any]) -> None:
     os.makedirs(output, exist_ok=True)
-    _write_json(os.path.join(output, REST_RECORD), record)
+    path = os.path.join(output, REST_RECORD)
+    with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
+        json.dump(record, fh)
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def finished_records(results_dir: Path, ttl_s: int, now: float) -> list[dict[str, Any]]:

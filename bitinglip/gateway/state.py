@@ -4,6 +4,8 @@ rate limit)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -12,6 +14,7 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
+from bitinglip.gateway import rebuild
 from bitinglip.gateway.auth import Principal, Verifier, mint, verifier
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
@@ -47,6 +50,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.platform: Any = None
         self.batcher: Any = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         import redis.asyncio as aioredis
@@ -62,6 +66,7 @@ class Gateway:
         self.platform = await anyio.to_thread.run_sync(self._connect)
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
                                max_rows=4 * self.settings.max_infer_rows)
+        self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir))
 
     def _connect(self) -> Any:
         import bitinglip
@@ -73,6 +78,10 @@ class Gateway:
         return platform
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self.platform is not None:
             await anyio.to_thread.run_sync(self.platform.close)
         if self.redis is not None:

@@ -53,7 +53,7 @@ class Platform:
 
     def _on_progress(self, event: Any) -> None:
         _, msg = event
-        job = self._jobs.get(msg.get("job")) if isinstance(msg, dict) else None
+        job = self._jobs.get(str(msg.get("job"))) if isinstance(msg, dict) else None
         if job is not None:
             job._on_progress(msg)
 
@@ -160,7 +160,7 @@ class Platform:
         return bool(gpu_addrs) if gpu is None else gpu
 
     def _submit_partitions(self, spec: JobSpec, parts: Partitions, done: set[int],
-                           resources: dict[str, float] | None) -> list[Any]:
+                           resources: Mapping[str, float] | None) -> list[Any]:
         from dask import delayed
 
         futures: list[Any] = []

@@ -227,9 +227,9 @@ def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str
     from bitinglip.worker_plugins.models import get_model_plugin
 
     if spec.output is not None:
-        summary = committed_summary(spec.output, index)
-        if summary is not None:  # a rerun after a worker died past its commit
-            return summary
+        committed = committed_summary(spec.output, index)
+        if committed is not None:  # a rerun after a worker died past its commit
+            return committed
     started = time.perf_counter()
     ids, values = _rows(data, spec, offset)
     reporter = _Reporter(spec, index, len(values))

@@ -209,7 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name, cmd in commands.items():
             log = run_dir / f"{name}.log"
             with log.open("ab") as out:
-                out.write(f"+ {shlex.join(cmd)}\n".encode())
+                out.write(json.dumps({"event": "stack.start", "service": name, "cmd": cmd}).encode() + b"\n")
                 out.flush()
                 procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, start_new_session=True)
@@ -307,15 +307,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    """``dask scheduler`` with BitingLip's preload; its options pass through."""
-    cmd = ["dask", "scheduler", *(["--host", args.host] if args.host else []), "--port", str(args.port),
-           "--dashboard-address", args.dashboard_address, *args.dask_args,
-           "--preload", "bitinglip.platform.scheduler_setup"]
-    if args.log_format:
-        cmd += ["--log-format", args.log_format]  # preload argv: read by scheduler_setup.dask_setup
-    print("+", shlex.join(cmd), file=sys.stderr, flush=True)
-    os.execvp(cmd[0], cmd)
-    return 0  # pragma: no cover
+    """``dask scheduler`` with BitingLip's preload, in this process; its
+    other options pass through."""
+    from distributed.cli.dask_scheduler import main as dask_scheduler
+
+    argv = [*(["--host", args.host] if args.host else []), "--port", str(args.port),
+            "--dashboard-address", args.dashboard_address, *args.dask_args,
+            "--preload", "bitinglip.platform.scheduler_setup"]
+    if args.log_format == "json":
+        from bitinglip.platform.logs import configure
+
+        configure("json")  # before the scheduler logs its first line
+    else:
+        print("+ dask scheduler", shlex.join(argv), file=sys.stderr, flush=True)
+    try:
+        dask_scheduler.main(args=argv, prog_name="dask scheduler", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

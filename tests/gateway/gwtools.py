@@ -1,14 +1,20 @@
-"""Helpers for the gateway tests: tokens, a gateway served in a thread, polling."""
+"""Helpers for the gateway tests (and the reliability tests that stop gateways):
+tokens, a gateway served in a thread or as its own process, polling."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
@@ -57,6 +63,31 @@ def serve(settings: Settings, ssl: tuple[str, str] | None = None) -> Iterator[st
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+def start_gateway(port: int, settings: Settings, scheduler: str, log: Path,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``bitinglip gateway`` as its own process (so a test can SIGKILL it),
+    once it answers /health/live. ``env`` adds to its environment."""
+    env = {**os.environ, "REDIS_URL": settings.redis_url or "", "BITINGLIP_JWT_SECRET": SECRET,
+           "BITINGLIP_RESULTS_DIR": str(settings.results_dir), "MODEL_CACHE_DIR": str(settings.model_cache_dir),
+           "ENVIRONMENT": "test", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port),
+                             "--scheduler", scheduler, "--no-access-log"], env=env,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the gateway exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(30)
+    pytest.fail(f"the gateway did not start: {log.read_text()[-2000:]}")
 
 
 def wait_for(get: Callable[[], dict[str, Any]], states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import signal
 import ssl
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gwtools import SECRET, auth, free_port, serve, wait_for
+from gwtools import auth, free_port, serve, start_gateway, wait_for
 
 from bitinglip.platform.settings import Settings
 
@@ -53,34 +49,13 @@ def test_two_gateways_share_status_and_rate_limits(gateway: str, gw_settings: Se
         assert httpx.get(f"{other}/admin/jobs", headers=admin).status_code == 200
 
 
-def _start_gateway(port: int, settings: Settings, scheduler: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": settings.redis_url or "", "BITINGLIP_JWT_SECRET": SECRET,
-           "BITINGLIP_RESULTS_DIR": str(settings.results_dir), "MODEL_CACHE_DIR": str(settings.model_cache_dir),
-           "ENVIRONMENT": "test"}
-    proc = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port),
-                             "--scheduler", scheduler, "--no-access-log"], env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the gateway exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"the gateway did not start: {log.read_text()[-2000:]}")
-
-
 def test_gateway_killed_mid_job_then_restarted(gw_settings: Settings, platform: Any, models: dict[str, str],
                                                tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     scheduler = platform.client.scheduler.address
     h = auth("restart-user")
-    first = _start_gateway(port, gw_settings, scheduler, tmp_path / "gateway.log")
+    first = start_gateway(port, gw_settings, scheduler, tmp_path / "gateway.log")
     try:
         texts = [f"sentence number {i} with a few more words in it" for i in range(4000)]
         r = httpx.post(f"{url}/v1/jobs", headers=h, timeout=120,
@@ -90,7 +65,7 @@ def test_gateway_killed_mid_job_then_restarted(gw_settings: Settings, platform: 
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-    second = _start_gateway(port, gw_settings, scheduler, tmp_path / "gateway.log")
+    second = start_gateway(port, gw_settings, scheduler, tmp_path / "gateway.log")
     try:
         done = wait_for(lambda: httpx.get(f"{url}/v1/jobs/{job_id}", headers=h, timeout=30).json(), timeout=300)
         assert done["state"] == "succeeded", done

@@ -1,0 +1,181 @@
+"""The REST side of failures: a gateway killed mid-job, and Redis restarted
+with its data gone mid-job. The cluster keeps running the jobs; the status
+comes back true from the scheduler plugin and the output manifests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import free_port, start_redis
+from gateway.gwtools import SECRET, auth, serve, start_gateway, wait_for
+
+import bitinglip
+from bitinglip.platform import keys
+from bitinglip.platform.sample import sample_corpus
+from bitinglip.platform.settings import Rate, Settings
+
+from .test_reliability import MINILM, figure, wait_until
+
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[bitinglip.Platform]:
+    with bitinglip.connect(n_workers=2, dashboard_address=":0", preload=[("embed", MINILM)]) as p:
+        yield p
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A Redis of this test's own, which the test may kill: its port and process."""
+    port, data = free_port(), tmp_path / "redis-a"
+    data.mkdir()
+    proc = start_redis(port, data)
+    yield port, proc
+    proc.kill()
+    proc.wait(10)
+
+
+def settings_for(cluster: bitinglip.Platform, redis_port: int, tmp_path: Path) -> Settings:
+    return Settings(environment="test", redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                    scheduler_address=cluster.client.scheduler.address, jwt_secret=SECRET,
+                    results_dir=tmp_path / "results", model_cache_dir=tmp_path / "cache",
+                    read_rate_limit=Rate(100_000, 60.0))
+
+
+def submit(url: str, h: dict[str, str], texts: list[str]) -> str:
+    r = httpx.post(f"{url}/v1/jobs", headers=h, timeout=120, json={"task": "embed", "model": MINILM, "inputs": texts})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def all_rows(url: str, h: dict[str, str], job_id: str) -> list[Any]:
+    ids: list[Any] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = httpx.get(f"{url}/v1/jobs/{job_id}/results?offset={offset}&limit=1000", headers=h, timeout=60).json()
+        ids += [row["id"] for row in page["rows"]]
+        offset = page["next_offset"]
+    return ids
+
+
+def id_figure(name: str, ids: list[Any], **extra: Any) -> dict[str, int]:
+    import pandas as pd
+
+    return figure(name, ROWS, pd.DataFrame({"id": ids}), None, **extra)
+
+
+def test_gateway_killed_mid_job_jobs_run_on_and_a_new_gateway_reports_them(
+        cluster: bitinglip.Platform, redis_server: tuple[int, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    redis_port = redis_server[0]
+    settings = settings_for(cluster, redis_port, tmp_path)
+    port, scheduler = free_port(), cluster.client.scheduler.address
+    url, h = f"http://127.0.0.1:{port}", auth("gw-restart")
+    store = redis.Redis(port=redis_port, decode_responses=True)
+    first = start_gateway(port, settings, scheduler, tmp_path / "gateway.log")
+    try:
+        job_id = submit(url, h, sample_corpus(ROWS, seed=31))
+        wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job_id}", headers=h).json()["rows_done"] > 0, timeout=120)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    killed = time.monotonic()
+    done_at_kill = int(store.hget(keys.job(job_id), "rows_done") or 0)
+    # no gateway at all: the scheduler plugin alone moves the record on
+    wait_until(lambda: int(store.hget(keys.job(job_id), "rows_done") or 0) > done_at_kill, timeout=120)
+    done_without = int(store.hget(keys.job(job_id), "rows_done") or 0)
+    second = start_gateway(port, settings, scheduler, tmp_path / "gateway.log")
+    try:
+        down_s = time.monotonic() - killed
+        seen = httpx.get(f"{url}/v1/jobs/{job_id}", headers=h).json()
+        assert seen["state"] in ("running", "succeeded") and seen["rows_done"] >= done_without
+        done = wait_for(lambda: httpx.get(f"{url}/v1/jobs/{job_id}", headers=h, timeout=30).json(), timeout=300)
+        assert done["state"] == "succeeded" and done["rows_done"] == done["rows_total"] == ROWS, done
+        ids = all_rows(url, h, job_id)
+    finally:
+        second.terminate()
+        second.wait(30)
+    fig = id_figure("gateway-restart", ids, rows_done_at_kill=done_at_kill,
+                    rows_done_with_no_gateway=done_without, seconds_without_gateway=round(down_s, 2))
+    assert fig["duplicates"] == 0 and fig["lost"] == 0 and fig["rows_out"] == ROWS
+    assert ids == list(range(ROWS))
+
+
+def test_redis_restarted_empty_mid_job_status_is_rebuilt(
+        cluster: bitinglip.Platform, redis_server: tuple[int, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    redis_port, redis_proc = redis_server
+    settings = settings_for(cluster, redis_port, tmp_path)
+    h = auth("redis-loss")
+    with serve(settings) as url:
+        def get(job_id: str) -> httpx.Response:
+            return httpx.get(f"{url}/v1/jobs/{job_id}", headers=h, timeout=30)
+
+        small = submit(url, h, sample_corpus(40, seed=32))
+        assert wait_for(lambda: get(small).json())["state"] == "succeeded"
+        big = submit(url, h, sample_corpus(ROWS, seed=33))
+        wait_until(lambda: get(big).json()["rows_done"] > 0, timeout=120)
+        before = get(big).json()
+
+        redis_proc.send_signal(signal.SIGKILL)  # with it, everything Redis held
+        redis_proc.wait(10)
+        lost_at = time.monotonic()
+        assert get(big).status_code >= 500  # no Redis: the gateway says so rather than guess
+        time.sleep(1.0)
+        empty_dir = tmp_path / "redis-b"
+        empty_dir.mkdir()
+        fresh = start_redis(redis_port, empty_dir)
+        try:
+            back_at = time.monotonic()
+            assert not redis.Redis(port=redis_port).exists(keys.job(big))  # the data is gone
+
+            def true_again() -> bool:
+                r = get(big)
+                job = r.json() if r.status_code == 200 else {}
+                return (job.get("state") in ("running", "succeeded") and job.get("rows_total") == ROWS
+                        and job["rows_done"] >= before["rows_done"])
+
+            wrong_s = wait_until(true_again, timeout=30, step=0.05)
+            small_job = wait_for(lambda: get(small).json() if get(small).status_code == 200 else {"state": "?"},
+                                 timeout=30)
+            assert small_job["state"] == "succeeded" and small_job["rows_done"] == 40
+            listed = httpx.get(f"{url}/v1/jobs", headers=h).json()
+            assert {j["id"] for j in listed["jobs"]} == {small, big}
+            done = wait_for(lambda: get(big).json(), timeout=300)
+            assert done["state"] == "succeeded" and done["rows_done"] == done["rows_total"] == ROWS, done
+            ids = all_rows(url, h, big)
+            fig = id_figure("redis-loss", ids, rows_done_before_loss=before["rows_done"],
+                            seconds_redis_down=round(back_at - lost_at, 2),
+                            seconds_wrong_after_restart=round(wrong_s, 2))
+            assert fig["duplicates"] == 0 and fig["lost"] == 0 and ids == list(range(ROWS))
+        finally:
+            fresh.kill()
+            fresh.wait(10)
+
+    # a Redis the scheduler never wrote to (a new plugin, no memory of these
+    # jobs): a new gateway rebuilds the finished jobs from their manifests
+    other_port = free_port()
+    other_dir = tmp_path / "redis-c"
+    other_dir.mkdir()
+    other = start_redis(other_port, other_dir)
+    try:
+        with serve(settings_for(cluster, other_port, tmp_path)) as url:
+            seconds = wait_until(lambda: httpx.get(f"{url}/v1/jobs", headers=h).json()["total"] == 2, timeout=30)
+            for job_id, rows in ((small, 40), (big, ROWS)):
+                job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=h).json()
+                assert job["state"] == "succeeded" and job["rows_total"] == rows, job
+            ids = all_rows(url, h, big)
+            assert httpx.get(f"{url}/v1/jobs/{big}", headers=auth("someone-else")).status_code == 404
+    finally:
+        other.kill()
+        other.wait(10)
+    fig = id_figure("redis-loss-rebuilt-from-manifests", ids, jobs_restored=2,
+                    seconds_after_gateway_start=round(seconds, 2))
+    assert fig["duplicates"] == 0 and fig["lost"] == 0
