@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs the system services the tests run against: a real Redis server.
+# Installs the system services the tests run against: a real Redis server, and headless Chromium
+# for the dashboard's Jobs page test.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
@@ -10,3 +13,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # the package starts a system-wide server on 6379; the tests start their own on free ports
 redis-server --version
+chromium --version 2>/dev/null

@@ -9,6 +9,8 @@ import logging
 import uuid
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -83,6 +85,13 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
                           str(exc.detail), dict(exc.headers or {}))
 
 
+async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+    # job status lives in Redis: without it, say so rather than answer "no such job"
+    log.warning("request %s failed: Redis unreachable: %s", request_id(request.scope), exc)
+    return error_response(request.scope, 503, errors.UnavailableError.code,
+                          "the job status store (Redis) is unreachable; retry shortly", {"Retry-After": "1"})
+
+
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request %s failed", request_id(request.scope))
     return error_response(request.scope, 500, "internal", "internal error; quote the request id")
@@ -91,5 +100,7 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     errors.BitingLipError: on_domain_error,
     HTTPException: on_http_error,
+    RedisConnectionError: on_redis_down,
+    RedisTimeoutError: on_redis_down,
     Exception: on_unexpected,
 }

@@ -179,8 +179,9 @@ async def submit_job(request: Request) -> Response:
     if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
         await gw.store.restore({**record, **figures})
         await gw.store.transition(job_id, None, figures)
-    job = await gw.store.get(job_id)
-    return gw.json(request, view(job or {"id": job_id, "state": "queued"}), 202, {"Location": f"/v1/jobs/{job_id}"})
+    current = await gw.store.get(job_id)
+    return gw.json(request, view(current or {"id": job_id, "state": "queued"}), 202,
+                   {"Location": f"/v1/jobs/{job_id}"})
 
 
 async def list_jobs(request: Request) -> Response:

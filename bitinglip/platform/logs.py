@@ -60,3 +60,13 @@ def configure(fmt: str = "text", level: int | str = logging.INFO) -> None:
             logger = logging.getLogger(name)
             logger.handlers[:] = []
             logger.propagate = True
+
+
+
+def dask_env(fmt: str) -> dict[str, str]:
+    """Environment for ``dask worker`` processes (nanny and worker) that
+    log in ``fmt``: a preload switches them to JSON as they start."""
+    if fmt != "json":
+        return {}
+    preload = repr(["bitinglip.platform.log_setup"])
+    return {"DASK_DISTRIBUTED__WORKER__PRELOAD": preload, "DASK_DISTRIBUTED__NANNY__PRELOAD": preload}

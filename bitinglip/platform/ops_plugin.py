@@ -28,12 +28,12 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from bitinglip.platform.opsmetrics import Collector, Figures, render
 from bitinglip.platform.runner import PROGRESS_TOPIC
-from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER, SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
+from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
+from bitinglip.worker_plugins.reporter import SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
 
 log = logging.getLogger("bitinglip.ops")
 KEY = re.compile(r"^bitinglip-(?P<job>[0-9A-Za-z_.-]+)-(?P<part>\d+|manifest)$")
 PLUGIN_NAME = "bitinglip-ops"
-STATES = ("processing", "memory", "erred", "forgotten")
 
 
 class OpsPlugin(SchedulerPlugin):
@@ -78,7 +78,7 @@ class OpsPlugin(SchedulerPlugin):
 
     # --- hooks: cheap, on the scheduler's event loop
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if finish not in STATES or not isinstance(key, str) or not key.startswith("bitinglip-"):
+        if not isinstance(key, str) or not key.startswith("bitinglip-"):
             return
         match = KEY.match(key)
         if match is not None:
@@ -98,8 +98,9 @@ class OpsPlugin(SchedulerPlugin):
                 self.figures.on_progress(msg)
             elif topic == SUMMARY_TOPIC:
                 self.figures.on_summary(msg)
-                log.info("partition done", extra={"job_id": msg.get("job"), "event": "partition.done",
-                                                  **{k: msg.get(k) for k in ("part", "rows", "errors", "tokens")}})
+                if msg.get("phase") == "done":
+                    log.info("partition done", extra={"job_id": msg.get("job"), "event": "partition.done",
+                                                      **{k: msg.get(k) for k in ("part", "rows", "errors", "tokens")}})
             elif topic == WORKER_TOPIC:
                 self.figures.on_worker(str(msg.get("worker") or ""), msg)
         except (KeyError, TypeError, ValueError):

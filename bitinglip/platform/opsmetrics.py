@@ -158,9 +158,12 @@ class Figures:
             figures.state, figures.started_at = "running", figures.started_at or figures.last_progress_at
 
     def on_summary(self, msg: dict[str, Any]) -> None:
-        """A partition finished on a worker: its rows, errors, tokens, batches..."""
+        """A partition started (``phase`` "start": the job's task and model)
+        or finished on a worker (its rows, errors, tokens, batches...)."""
         figures = self.job(str(msg["job"]))
         figures.task, figures.model = str(msg.get("task") or figures.task), str(msg.get("model") or figures.model)
+        if msg.get("phase") == "start":
+            return
         model = self.by_model.setdefault((figures.task, figures.model), dict.fromkeys(SUM_FIELDS, 0))
         for name in SUM_FIELDS:
             value = float(msg.get(name) or 0)
@@ -255,6 +258,10 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def render(families: Sequence[Family]) -> str:
     """The Prometheus text format (version 0.0.4)."""
     out: list[str] = []
@@ -262,7 +269,7 @@ def render(families: Sequence[Family]) -> str:
         out += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
         for values, value in fam.samples:
             labels = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(fam.labels, values))
-            out.append(f"{fam.name}{{{labels}}} {value:g}" if labels else f"{fam.name} {value:g}")
+            out.append(f"{fam.name}{{{labels}}} {_number(value)}" if labels else f"{fam.name} {_number(value)}")
     return "\n".join(out) + "\n"
 
 

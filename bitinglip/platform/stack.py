@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from bitinglip.platform.errors import BitingLipError, ConfigError
+from bitinglip.platform.processes import GRACE_S, alive, members, ours, pid_alive, stop_groups
 
 STATE_FILE = "stack.json"
-#: seconds each service gets to stop on SIGTERM before SIGKILL
-GRACE_S = 10.0
 START_TIMEOUT_S = 180.0
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "bitinglip" / "stack"
 
@@ -63,41 +62,6 @@ class Stack:
             return cls(**json.loads((run_dir / STATE_FILE).read_text()))
         except FileNotFoundError:
             return None
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's group reusing the id
-        return False
-    return True
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stop_groups(groups: dict[str, int], procs: dict[str, subprocess.Popen[bytes]] | None = None,
-                grace_s: float = GRACE_S) -> None:
-    """Stop services in the reverse order of their start, each with its whole group."""
-    for name, pgid in reversed(list(groups.items())):
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if procs and name in procs:
-                procs[name].poll()  # reap the leader, or its zombie keeps the group alive
-            if not _alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            _signal_group(pgid, signal.SIGKILL)
-            if procs and name in procs:
-                procs[name].wait(5)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -166,13 +130,14 @@ def _plan_workers(max_workers: int | None) -> tuple[list[str], int, str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from bitinglip.gateway.auth import mint
+    from bitinglip.platform.logs import dask_env
     from bitinglip.platform.settings import get_settings
 
     settings = get_settings()
     run_dir = Path(args.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = Stack.load(run_dir)
-    if existing is not None and any(_alive(g) for g in existing.groups.values()):
+    if existing is not None and any(alive(g) for g in existing.groups.values()):
         raise StackError(f"a stack from {run_dir} is running (gateway {existing.urls.get('gateway')}); "
                          f"stop it with `bitinglip down --run-dir {run_dir}`")
     redis_server = shutil.which("redis-server")
@@ -211,7 +176,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             with log.open("ab") as out:
                 out.write(json.dumps({"event": "stack.start", "service": name, "cmd": cmd}).encode() + b"\n")
                 out.flush()
-                procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                # the workers are plain `dask worker` processes: their log format comes from Dask's config
+                service_env = {**env, **dask_env(args.log_format)} if name == "workers" else env
+                procs[name] = subprocess.Popen(cmd, env=service_env, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, start_new_session=True)
             stack.groups[name] = procs[name].pid
             stack.save()
@@ -227,6 +194,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _print_summary(stack, health, kind, run_dir)
         if args.detach:
             detached = True
+            stack.up_pid = 0  # nothing waits on the services now: `down` signals their groups
+            stack.save()
             return 0
         while True:  # until Ctrl-C, SIGTERM (bitinglip down) or a service dies
             for name, proc in procs.items():
@@ -278,32 +247,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     if stack is None:
         print(f"no stack is running from {run_dir}", file=sys.stderr)
         return 0
-    if stack.up_pid != os.getpid():
-        try:
-            os.kill(stack.up_pid, signal.SIGTERM)  # `up` stops its services and exits
-        except ProcessLookupError:
-            pass
+    if stack.up_pid and ours(stack.up_pid):
+        os.kill(stack.up_pid, signal.SIGTERM)  # `up` stops its services and exits
         deadline = time.monotonic() + GRACE_S * (len(stack.groups) + 1)
-        while time.monotonic() < deadline and _pid_alive(stack.up_pid):
+        while time.monotonic() < deadline and pid_alive(stack.up_pid):
             time.sleep(0.1)
-    stop_groups({n: g for n, g in stack.groups.items() if _alive(g)})  # a detached stack, or leftovers
+    # a detached stack, or leftovers of an `up` that was killed; a stale state file must not make us
+    # signal a group whose id the system has given to someone else since
+    stop_groups({n: g for n, g in stack.groups.items() if alive(g) and any(ours(p) for p in members(g))})
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     print(f"stopped: {', '.join(stack.groups)}", file=sys.stderr)
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    try:  # a zombie (our child in a test) is gone for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -311,8 +265,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     other options pass through."""
     from distributed.cli.dask_scheduler import main as dask_scheduler
 
+    from bitinglip.platform.settings import get_settings
+
+    dashboard = args.dashboard_address or get_settings().dashboard_address
     argv = [*(["--host", args.host] if args.host else []), "--port", str(args.port),
-            "--dashboard-address", args.dashboard_address, *args.dask_args,
+            "--dashboard-address", dashboard, *args.dask_args,
             "--preload", "bitinglip.platform.scheduler_setup"]
     if args.log_format == "json":
         from bitinglip.platform.logs import configure
@@ -349,7 +306,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                                  "(wraps `dask scheduler`)")
     scheduler.add_argument("--host", help="address to listen on (default: all)")
     scheduler.add_argument("--port", type=int, default=8786)
-    scheduler.add_argument("--dashboard-address", default=":8787")
+    scheduler.add_argument("--dashboard-address", help="default: BITINGLIP_DASHBOARD_ADDRESS, else :8787")
     scheduler.add_argument("--log-format", choices=("text", "json"))
     scheduler.add_argument("dask_args", nargs=argparse.REMAINDER, help="more `dask scheduler` options")
     scheduler.set_defaults(func=cmd_scheduler)

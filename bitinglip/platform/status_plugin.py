@@ -164,7 +164,7 @@ class RedisStatusPlugin(SchedulerPlugin):
             return
         job = msg.get("job")
         track = self._jobs.get(job) if isinstance(job, str) else None
-        if track is None or track.state in TERMINAL:
+        if not isinstance(job, str) or track is None or track.state in TERMINAL:
             return
         part = int(msg.get("part", 0))
         track.done[part] = max(track.done.get(part, 0), int(msg.get("done", 0)))
@@ -236,11 +236,11 @@ class RedisStatusPlugin(SchedulerPlugin):
                 self._seen = ""  # Redis lost it: look at the dataset, restore, write again
                 self._dirty.add(job)
             elif not any(key in self._scheduler.tasks for key in track.keys):
-                del self._jobs[job]  # its submission failed, and the gateway removed it
+                self._jobs.pop(job, None)  # its submission failed, and the gateway removed it
             return
         track.record = record
         if outcome == REFUSED or (outcome == MOVED and track.state in TERMINAL):
-            del self._jobs[job]  # finished (here, or cancelled by a gateway)
+            self._jobs.pop(job, None)  # finished (here, or cancelled by a gateway)
             self._finished[job] = record
             while len(self._finished) > FINISHED_MAX:
                 self._finished.popitem(last=False)

@@ -57,15 +57,26 @@ class ReporterPlugin(WorkerPlugin):
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         # runs on the worker's event loop for every task: return early for other keys
-        if start != "executing" or finish != "memory" or not isinstance(key, str):
+        started = finish == "executing"
+        if not (started or (start == "executing" and finish == "memory")) or not isinstance(key, str):
             return
         match = PART_KEY.match(key)
         if match is None or self.worker is None:
             return
         try:
-            self._report_part(key)
-        except Exception:  # noqa: BLE001 - a report must never fail a task
-            log.debug("no summary for %s", key, exc_info=True)
+            if started:
+                self._report_start(key)
+            else:
+                self._report_part(key)
+        except Exception:
+            log.debug("no report for %s", key, exc_info=True)
+
+    def _report_start(self, key: str) -> None:
+        """The job's task and model, as soon as one of its partitions runs."""
+        spec = _job_spec(getattr(self.worker.state.tasks.get(key), "run_spec", None))
+        if spec is not None:
+            self.worker.log_event(SUMMARY_TOPIC, {"job": spec.job_id, "task": spec.task.name, "model": spec.model,
+                                                  "phase": "start"})
 
     def _report_part(self, key: str) -> None:
         summary = self.worker.data.get(key) if key in self.worker.data else None
@@ -76,7 +87,7 @@ class ReporterPlugin(WorkerPlugin):
         if spec is None:
             return
         msg = {"job": spec.job_id, "part": int(summary.get("part", 0)), "task": spec.task.name,
-               "model": spec.model, "skipped": bool(summary.get("skipped", False))}
+               "model": spec.model, "phase": "done", "skipped": bool(summary.get("skipped", False))}
         msg.update({name: float(summary[name]) for name in FIELDS if summary.get(name) is not None})
         self.worker.log_event(SUMMARY_TOPIC, msg)
         self.report_worker()  # a first load happened inside this partition
