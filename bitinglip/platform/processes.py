@@ -50,6 +50,9 @@ def stop_groups(groups: dict[str, int], procs: dict[str, subprocess.Popen[bytes]
             _signal_group(pgid, signal.SIGKILL)
             if procs and name in procs:
                 procs[name].wait(5)
+            deadline = time.monotonic() + 5  # SIGKILL is not instant: return once the group is gone
+            while alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def members(pgid: int) -> list[int]:
