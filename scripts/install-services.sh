@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs the system services the tests run against: a real Redis server, and headless Chromium
-# for the dashboard's Jobs page test.
+# Installs the system services the tests run against: a real Redis server, headless Chromium for
+# the dashboard's Jobs page test, and Prometheus's checkers for the deployment files.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+# promtool and amtool check the Prometheus and Alertmanager files in deploy/
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v amtool >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_processes, start_dask_processes
+from helpers import kill_processes, start_dask_processes
 
 
 def _wait_for_workers(address: str, n: int, timeout: float = 120) -> None:

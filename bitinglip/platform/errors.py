@@ -142,3 +142,9 @@ class OutputConflictError(BitingLipError):
     """The output directory holds results of a different job."""
 
     code = "output_conflict"
+
+
+class StackError(BitingLipError):
+    """A service of the local stack (``bitinglip up``) did not start or stay up."""
+
+    code = "stack_failed"

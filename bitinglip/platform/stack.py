@@ -29,16 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitinglip.platform.errors import BitingLipError, ConfigError
+from bitinglip.platform.errors import ConfigError, StackError
 from bitinglip.platform.processes import GRACE_S, alive, members, ours, pid_alive, stop_groups
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 180.0
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "bitinglip" / "stack"
-
-
-class StackError(BitingLipError):
-    """The local stack could not start or stop."""
 
 
 @dataclass

@@ -4,7 +4,6 @@ tokens, a gateway served in a thread or as its own process, polling."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +18,9 @@ import jwt
 import pytest
 
 from bitinglip.platform.settings import Settings
+from helpers import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port"]  # re-exported for the gateway tests
 
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import free_port
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import free_port, start_redis
+from helpers import free_port, start_redis
 from gateway.gwtools import SECRET, auth, serve, start_gateway, wait_for
 
 import bitinglip
@@ -22,7 +22,7 @@ from bitinglip.platform import keys
 from bitinglip.platform.sample import sample_corpus
 from bitinglip.platform.settings import Rate, Settings
 
-from .test_reliability import MINILM, figure, wait_until
+from test_reliability import MINILM, figure, wait_until
 
 ROWS = 3000
 

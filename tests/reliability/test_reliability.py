@@ -17,7 +17,7 @@ import bitinglip
 from bitinglip import Batch, Loaded, TaskType
 from bitinglip.platform.errors import JobTimeoutError, PartitionFailedError
 from bitinglip.platform.sample import sample_corpus
-from conftest import kill_processes, start_dask_processes
+from helpers import kill_processes, start_dask_processes
 
 MINILM = "all-MiniLM-L6-v2"
 
