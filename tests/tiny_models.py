@@ -26,34 +26,30 @@ def _train_wordpiece(path: Path) -> object:
     return fast
 
 
-def make_tiny_classifier(path: Path, seed: int = 0) -> Path:
-    """A 2-layer BERT sequence classifier with three labels."""
+def _tiny_bert(path: Path, model_class: str, seed: int, **config: object) -> Path:
+    """A 2-layer BERT of ``model_class`` with a tokenizer trained here."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    import transformers
 
     path.mkdir(parents=True, exist_ok=True)
     tok = _train_wordpiece(path)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=3,
-                        id2label={0: "negative", 1: "neutral", 2: "positive"},
-                        label2id={"negative": 0, "neutral": 1, "positive": 2})
-    BertForSequenceClassification(config).eval().save_pretrained(path)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128, **config)
+    getattr(transformers, model_class)(cfg).eval().save_pretrained(path)
     return path
+
+
+def make_tiny_classifier(path: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT sequence classifier with three labels."""
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    return _tiny_bert(path, "BertForSequenceClassification", seed, num_labels=3, id2label=labels,
+                      label2id={v: k for k, v in labels.items()})
 
 
 def make_tiny_encoder(path: Path, seed: int = 0) -> Path:
     """A 2-layer BERT encoder (mean pooling: no sentence-transformers config)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    path.mkdir(parents=True, exist_ok=True)
-    tok = _train_wordpiece(path)
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).eval().save_pretrained(path)
-    return path
+    return _tiny_bert(path, "BertModel", seed)
 
 
 def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:

@@ -158,7 +158,7 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
 def _tool(name: str) -> str:
     exe = shutil.which(name)
     if exe is None:
-        pytest.skip(f"{name} is not installed (Debian package prometheus / prometheus-alertmanager)")
+        pytest.skip(reason=f"{name} is not installed (Debian package prometheus / prometheus-alertmanager)")
     return exe
 
 
