@@ -22,8 +22,9 @@ services:
 demo: setup
 	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output bitinglip-output/demo
 
+# the venv's bin on PATH, as for a user who activated it: tests run its commands
 test: setup services
-	$(PY) -m pytest -q -rs
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit

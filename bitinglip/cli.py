@@ -116,7 +116,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ.update(WORKER_ENV)  # dask worker's nanny passes its environment on to the workers
 
     gpus = gpu_count() if args.gpus is None else args.gpus
-    base = ["dask", "worker", args.scheduler, "--nthreads", "1"]
+    # `python -m dask` rather than `dask` from PATH: the same environment as this command
+    base = [sys.executable, "-m", "dask", "worker", args.scheduler, "--nthreads", "1"]
     if args.name:
         base += ["--name", args.name]
     if gpus:
@@ -134,7 +135,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // n))
     cmd = base + ["--nworkers", str(n)]
     print("+", shlex.join(cmd), file=sys.stderr)
-    os.execvp(cmd[0], cmd)
+    os.execv(cmd[0], cmd)
     return 0  # pragma: no cover
 
 
