@@ -31,7 +31,7 @@ from bitinglip.platform.jobs import Job
 from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
 from bitinglip.platform.placement import prefer, warm_workers
 from bitinglip.platform.registry import Registry
-from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition
+from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition, task_key
 from bitinglip.platform.settings import Settings, get_settings
 from bitinglip.platform.tasks import TaskType, check_task_type, get_task
 from bitinglip.worker_plugins.models import ModelPlugin
@@ -135,7 +135,7 @@ class Platform:
         final = None
         if out_dir is not None and record is not None:
             final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
-                                       key=f"bitinglip-{job_id}-manifest")
+                                       key=task_key(job_id, "manifest"))
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
@@ -166,7 +166,7 @@ class Platform:
         futures: list[Any] = []
         warm = warm_workers(self.client, spec.model, spec.task.name, resources)  # no reload of a warm model
         for i, (data, offset) in enumerate(parts.parts):
-            key = f"bitinglip-{spec.job_id}-{i}"
+            key = task_key(spec.job_id, i)
             if i in done:  # committed by an earlier run: only read its figures
                 futures.append(self.client.submit(committed_summary, spec.output, i, key=key, pure=False))
             elif parts.lazy:

@@ -49,6 +49,12 @@ class JobSpec:
     faults: Mapping[str, Any] = field(default_factory=dict)
 
 
+def task_key(job_id: str, part: int | str) -> str:
+    """The Dask key of a job's partition ``part`` (or of its ``"manifest"``
+    task): the one place the format lives; the status plugin parses it."""
+    return f"bitinglip-{job_id}-{part}"
+
+
 def cancel_event_name(job_id: str) -> str:
     return f"bitinglip-cancel-{job_id}"
 

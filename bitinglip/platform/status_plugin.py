@@ -35,7 +35,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, TERMINAL, JobStore, flat
-from bitinglip.platform.runner import PROGRESS_TOPIC
+from bitinglip.platform.runner import PROGRESS_TOPIC, task_key
 
 log = logging.getLogger(__name__)
 KEY = re.compile(r"^bitinglip-(?P<job>[0-9a-f]{32})-(?P<part>\d+|manifest)$")
@@ -47,8 +47,8 @@ FINISHED_MAX = 10_000
 
 def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
     """The Dask keys of a job's tasks."""
-    out = [f"bitinglip-{job_id}-{i}" for i in range(parts)]
-    return out + [f"bitinglip-{job_id}-manifest"] if manifest else out
+    out = [task_key(job_id, i) for i in range(parts)]
+    return out + [task_key(job_id, "manifest")] if manifest else out
 
 
 @dataclass

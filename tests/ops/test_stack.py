@@ -21,6 +21,8 @@ import psutil
 import pytest
 from helpers import free_port
 
+from bitinglip.platform.processes import members
+
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -42,14 +44,7 @@ def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[byte
 
 def _stack_pids(state: dict[str, Any]) -> set[int]:
     groups = set(state["groups"].values())
-    pids = {state["up_pid"]}
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) in groups:
-                pids.add(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return pids
+    return {state["up_pid"], *(pid for group in groups for pid in members(group))}
 
 
 def _running(pid: int) -> bool:
