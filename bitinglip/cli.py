@@ -111,9 +111,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Start Dask workers for BitingLip on this host: one per GPU with
     ``GPU=1``, else CPU workers; ``dask worker`` does the real work."""
-    from bitinglip.platform.cluster import WORKER_ENV, cpu_count, gpu_count
+    from bitinglip.platform.cluster import cpu_count, gpu_count, worker_process_env
 
-    os.environ.update(WORKER_ENV)  # dask worker's nanny passes its environment on to the workers
+    os.environ.update(worker_process_env())  # dask worker's nanny passes its environment on to the workers
 
     gpus = gpu_count() if args.gpus is None else args.gpus
     # `python -m dask` rather than `dask` from PATH: the same environment as this command

@@ -1,0 +1,46 @@
+"""The packed CPU forward pass against Hugging Face's own BertModel."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from bitinglip.platform.encoders import PackedEncoder
+
+
+@pytest.fixture(scope="module")
+def bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def reference(model: BertModel, ids: list[list[int]], pooling: str) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for row in ids:  # one row at a time: no padding anywhere
+            h = model(input_ids=torch.tensor([row])).last_hidden_state[0]
+            out.append({"mean": h.mean(0), "cls": h[0], "max": h.max(0).values, "lasttoken": h[-1]}[pooling])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_packed_matches_bert_model(bert: BertModel, pooling: str, order: str) -> None:
+    rng = np.random.default_rng(1)
+    lengths = sorted([int(n) for n in rng.integers(1, 40, size=25)] + [7, 7, 7])  # with runs of equal length
+    if order == "shuffled":
+        rng.shuffle(lengths)
+    ids = [[int(t) for t in rng.integers(0, 120, size=n)] for n in lengths]
+    packed = PackedEncoder(bert)
+    with torch.no_grad():
+        got = packed.pool(ids, pooling)
+    want = reference(bert, ids, pooling)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_supports_only_float32_bert(bert: BertModel) -> None:
+    assert PackedEncoder.supports(bert)
+    assert not PackedEncoder.supports(BertModel(bert.config).to(torch.float64))
