@@ -110,33 +110,36 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Start Dask workers for BitingLip on this host: one per GPU with
-    ``GPU=1``, else CPU workers; ``dask worker`` does the real work."""
+    ``GPU=1``, else CPU workers; ``dask worker`` does the real work, and is
+    started again when it exits (it does when it loses the scheduler)."""
     from bitinglip.platform.cluster import cpu_count, gpu_count, worker_process_env
+    from bitinglip.platform.processes import supervise
+    from bitinglip.platform.security import check_address, dask_cli_arguments, settings_with_tls
+    from bitinglip.platform.settings import get_settings
 
-    os.environ.update(worker_process_env())  # dask worker's nanny passes its environment on to the workers
-
+    settings = settings_with_tls(get_settings(), args)
+    check_address(settings, args.scheduler)
+    env = {**os.environ, **worker_process_env()}  # the nanny passes its environment on to the worker
     gpus = gpu_count() if args.gpus is None else args.gpus
     # `python -m dask` rather than `dask` from PATH: the same environment as this command
-    base = [sys.executable, "-m", "dask", "worker", args.scheduler, "--nthreads", "1"]
+    base = [sys.executable, "-m", "dask", "worker", args.scheduler, "--nthreads", "1",
+            *dask_cli_arguments(settings)]
     if args.name:
         base += ["--name", args.name]
+    commands: list[tuple[list[str], dict[str, str]]] = []
     if gpus:
         threads = max(1, cpu_count() // gpus)
-        import subprocess
-
-        procs = []
         for i in range(gpus):
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(threads)}
             cmd = base + ["--nworkers", "1", "--resources", "GPU=1"]
-            print("+", shlex.join(cmd), f"(CUDA_VISIBLE_DEVICES={i})", file=sys.stderr)
-            procs.append(subprocess.Popen(cmd, env=env))
-        return max(p.wait() for p in procs)
-    n = args.nworkers or cpu_count()
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_count() // n))
-    cmd = base + ["--nworkers", str(n)]
-    print("+", shlex.join(cmd), file=sys.stderr)
-    os.execv(cmd[0], cmd)
-    return 0  # pragma: no cover
+            commands.append((cmd, {**env, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(threads)}))
+    else:
+        n = args.nworkers or cpu_count()
+        commands.append((base + ["--nworkers", str(n)],
+                         {**env, "OMP_NUM_THREADS": str(max(1, cpu_count() // n))}))
+    for cmd, cmd_env in commands:
+        device = f" (CUDA_VISIBLE_DEVICES={cmd_env['CUDA_VISIBLE_DEVICES']})" if gpus else ""
+        print("+", shlex.join(cmd) + device, file=sys.stderr, flush=True)
+    return supervise(commands, restart=args.restart)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", type=int, help="GPU workers to start (default: every visible GPU)")
     worker.add_argument("--nworkers", type=_positive, help="CPU workers (default: one per core)")
     worker.add_argument("--name")
+    worker.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
+                        help="start dask worker again when it exits, e.g. after losing the scheduler "
+                             "(default: on)")
+    from bitinglip.platform.security import add_tls_arguments
+
+    add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
 
     from bitinglip.gateway.cli import register as register_gateway

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system services the tests run against: a real Redis server, headless Chromium for
-# the dashboard's Jobs page test, and Prometheus's checkers for the deployment files.
+# the dashboard's Jobs page test, Prometheus's checkers for the deployment files, and iproute2 for
+# the multi-host tests (network namespaces).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -9,6 +10,8 @@ command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # promtool and amtool check the Prometheus and Alertmanager files in deploy/
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+# `ip netns` builds the hosts of tests/multihost
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

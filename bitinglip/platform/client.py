@@ -254,6 +254,11 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
         cluster = local_cluster(settings, n_workers=n_workers, dashboard_address=dashboard_address)
         client = Client(cluster, **client_kwargs)
     else:
+        from bitinglip.platform.security import check_address, security
+
+        check_address(settings, address)
+        if settings.tls:
+            client_kwargs.setdefault("security", security(settings))
         client = Client(address, **client_kwargs)
     try:
         # an embedded cluster shares these settings; remote workers read their own environment

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 
 #: seconds each service gets to stop on SIGTERM before SIGKILL
 GRACE_S = 10.0
@@ -90,3 +91,59 @@ def pid_alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def supervise(commands: list[tuple[list[str], dict[str, str]]], restart: bool = True,
+              backoff_s: tuple[float, float] = (1.0, 30.0), log: Any = None) -> int:
+    """Run ``commands`` (argv, environment) and start each again when it
+    exits, until this process gets SIGTERM or SIGINT, which go on to them.
+
+    A ``dask worker`` closes itself when it loses its scheduler (a network
+    cut, a scheduler restart): restarted, it waits for the scheduler and
+    joins again.  Restarts back off from ``backoff_s[0]`` to ``backoff_s[1]``
+    seconds and reset once a run lasted a minute.  ``restart=False``: return
+    when the first command exits, with its status.
+    """
+    import sys
+
+    log = log or sys.stderr
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    procs = [subprocess.Popen(argv, env=env) for argv, env in commands]
+    started = [time.monotonic()] * len(procs)
+    delays = [backoff_s[0]] * len(procs)
+    due: dict[int, float] = {}
+    try:
+        while True:
+            if stopping:
+                for proc in procs:
+                    proc.wait()
+                return 0
+            for i, proc in enumerate(procs):
+                code = proc.poll()
+                if code is None or i in due:
+                    continue
+                if not restart:
+                    return code
+                if time.monotonic() - started[i] > 60.0:
+                    delays[i] = backoff_s[0]
+                due[i] = time.monotonic() + delays[i]
+                print(f"bitinglip worker: dask worker exited with {code}; "
+                      f"starting it again in {delays[i]:.0f}s", file=log, flush=True)
+                delays[i] = min(backoff_s[1], delays[i] * 2)
+            for i, when in list(due.items()):
+                if time.monotonic() >= when and not stopping:
+                    procs[i] = subprocess.Popen(commands[i][0], env=commands[i][1])
+                    started[i] = time.monotonic()
+                    del due[i]
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

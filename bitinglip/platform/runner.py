@@ -222,6 +222,16 @@ def _write_atomically(frame: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _worker_address() -> str | None:
+    """The Dask worker running this task (None outside a worker)."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return None
+
+
 def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
     """Run one partition on this worker and return its summary.
 
@@ -271,7 +281,7 @@ def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str
     reporter.update(len(values), final=True)
     summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors),
                                "truncated": int(frame["truncated"].sum()), "attempts": attempts,
-                               "seconds": time.perf_counter() - started, **stats}
+                               "seconds": time.perf_counter() - started, "worker": _worker_address(), **stats}
     if spec.output is None:
         return {**summary, "frame": frame, "errors_frame": errors}
     if len(errors):

@@ -115,6 +115,13 @@ def _pem_or_path(raw: str) -> str:
     return path.read_text()
 
 
+def _pem_file(raw: str) -> Path:
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, in one place. Build it with :meth:`from_env`."""
@@ -140,6 +147,13 @@ class Settings:
     hf_cache_dir: Path | None = None
     #: resolve hub models from the local cache only (HF_HUB_OFFLINE)
     hf_offline: bool = False
+
+    # --- Dask's TLS between scheduler, workers and clients (all three or none)
+    #: CA certificate, and this host's certificate and key (PEM files): with them
+    #: every Dask connection is ``tls://`` and needs a certificate the CA signed
+    tls_ca_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     # --- the gateway
     #: Dask scheduler the gateway submits to; None starts an embedded cluster
@@ -173,7 +187,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         default = cls()
-        return cls(
+        settings = cls(
             environment=_read(env, "ENVIRONMENT", default.environment, _environment,
                               f"one of {', '.join(ENVIRONMENTS)}"),
             redis_url=_read(env, "REDIS_URL", None, _redis_url, "a redis:// URL"),
@@ -220,7 +234,24 @@ class Settings:
                             "a directory path"),
             infer_batch_ms=_read(env, "BITINGLIP_INFER_BATCH_MS", default.infer_batch_ms, float,
                                  "a number of milliseconds"),
+            tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),
+            tls_cert=_read(env, "BITINGLIP_TLS_CERT", None, _pem_file, "a PEM file"),
+            tls_key=_read(env, "BITINGLIP_TLS_KEY", None, _pem_file, "a PEM file"),
         )
+        settings.check_tls("BITINGLIP_TLS_CA_FILE", "BITINGLIP_TLS_CERT", "BITINGLIP_TLS_KEY")
+        return settings
+
+    @property
+    def tls(self) -> bool:
+        """Whether Dask connections use TLS."""
+        return self.tls_ca_file is not None
+
+    def check_tls(self, *names: str) -> None:
+        """TLS needs the CA, the certificate and the key together."""
+        given = [self.tls_ca_file, self.tls_cert, self.tls_key]
+        if any(given) and not all(given):
+            missing = [n for n, v in zip(names, given) if v is None]
+            raise ConfigError(f"Dask TLS needs {', '.join(names)} together; missing {', '.join(missing)}")
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (the object itself never changes)."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from bitinglip.platform.errors import ConfigError, StackError
 from bitinglip.platform.processes import GRACE_S, alive, members, ours, pid_alive, stop_groups
+from bitinglip.platform.security import add_tls_arguments
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 180.0
@@ -261,11 +262,14 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     other options pass through."""
     from distributed.cli.dask_scheduler import main as dask_scheduler
 
+    from bitinglip.platform.security import dask_cli_arguments, settings_with_tls
     from bitinglip.platform.settings import get_settings
 
-    dashboard = args.dashboard_address or get_settings().dashboard_address
+    settings = settings_with_tls(get_settings(), args)
+    dashboard = args.dashboard_address or settings.dashboard_address
+    tls = ["--protocol", "tls", *dask_cli_arguments(settings)] if settings.tls else []
     argv = [*(["--host", args.host] if args.host else []), "--port", str(args.port),
-            "--dashboard-address", dashboard, *args.dask_args,
+            "--dashboard-address", dashboard, *tls, *args.dask_args,
             "--preload", "bitinglip.platform.scheduler_setup"]
     if args.log_format == "json":
         from bitinglip.platform.logs import configure
@@ -304,5 +308,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     scheduler.add_argument("--port", type=int, default=8786)
     scheduler.add_argument("--dashboard-address", help="default: BITINGLIP_DASHBOARD_ADDRESS, else :8787")
     scheduler.add_argument("--log-format", choices=("text", "json"))
+    add_tls_arguments(scheduler)
     scheduler.add_argument("dask_args", nargs=argparse.REMAINDER, help="more `dask scheduler` options")
     scheduler.set_defaults(func=cmd_scheduler)

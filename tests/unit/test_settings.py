@@ -50,3 +50,37 @@ def test_cli_stops_on_invalid_setting(monkeypatch: pytest.MonkeyPatch, capsys: p
         get_settings.cache_clear()
     assert code == 2
     assert "MAX_WORKERS" in capsys.readouterr().err
+
+
+def test_dask_tls_needs_all_three_files(tmp_path) -> None:
+    from bitinglip.platform.errors import ConfigError
+    from bitinglip.platform.settings import Settings
+
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="missing BITINGLIP_TLS_CERT, BITINGLIP_TLS_KEY"):
+        Settings.from_env({"BITINGLIP_TLS_CA_FILE": str(pem)})
+    with pytest.raises(ConfigError, match="BITINGLIP_TLS_KEY=.*no such file"):
+        Settings.from_env({"BITINGLIP_TLS_KEY": str(tmp_path / "nope.pem")})
+    settings = Settings.from_env({"BITINGLIP_TLS_CA_FILE": str(pem), "BITINGLIP_TLS_CERT": str(pem),
+                                  "BITINGLIP_TLS_KEY": str(pem)})
+    assert settings.tls and not Settings.from_env({}).tls
+
+
+def test_tls_and_the_scheduler_address_must_agree(tmp_path) -> None:
+    from bitinglip.platform.errors import ConfigError
+    from bitinglip.platform.security import check_address, dask_cli_arguments, security
+    from bitinglip.platform.settings import Settings
+
+    plain = Settings.from_env({})
+    with pytest.raises(ConfigError, match="TLS address"):
+        check_address(plain, "tls://10.0.0.1:8786")
+    check_address(plain, "tcp://10.0.0.1:8786")
+    assert security(plain) is None and dask_cli_arguments(plain) == []
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    tls = Settings.from_env({"BITINGLIP_TLS_CA_FILE": str(pem), "BITINGLIP_TLS_CERT": str(pem),
+                             "BITINGLIP_TLS_KEY": str(pem)})
+    with pytest.raises(ConfigError, match="must be tls://"):
+        check_address(tls, "tcp://10.0.0.1:8786")
+    assert dask_cli_arguments(tls)[:2] == ["--tls-ca-file", str(pem)]
