@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import uuid
@@ -30,13 +29,11 @@ from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import write_rest_record
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform import outputs
 from bitinglip.platform.errors import BitingLipError, ConflictError, InputError, NotFoundError, UnavailableError
 from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
-from bitinglip.platform.runner import cancel_event_name
 from bitinglip.platform.settings import Settings
-from bitinglip.platform.status_plugin import ANNOTATION, job_keys
+from bitinglip.platform.status_plugin import ANNOTATION
 from bitinglip.platform.tasks import BUILTIN_TASKS
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
@@ -212,18 +209,6 @@ async def get_job(request: Request) -> Response:
     return gw.json(request, view(await own_job(gw, principal, request.path_params["job_id"])))
 
 
-def _cancel_on_cluster(client: Any, job_id: str, parts: int, output: str | None) -> None:
-    from distributed import Event
-
-    Event(cancel_event_name(job_id), client=client).set()  # running partitions stop at their next batch
-    # force: fire_and_forget made the scheduler itself want these keys
-    client._send_to_scheduler({"op": "cancel-keys", "keys": job_keys(job_id, parts), "force": True,
-                               "reason": "cancelled through the REST API", "msg": None})
-    record = outputs.read_json(os.path.join(output, outputs.RECORD)) if output else None
-    if output and record is not None:  # the output says so too: the job's end survives a loss of Redis
-        outputs.write_partial_manifest(output, record, JobState.CANCELLED.value)
-
-
 async def cancel_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write")
@@ -233,8 +218,8 @@ async def cancel_job(request: Request) -> Response:
         current = await gw.store.get(job["id"])
         raise ConflictError(f"job {job['id']} is {(current or job)['state']}; only queued or running jobs can be "
                             "cancelled")
-    await anyio.to_thread.run_sync(_cancel_on_cluster, gw.platform.client, job["id"], int(job.get("parts", 0)),
-                                   job.get("output"))
+    await anyio.to_thread.run_sync(lambda: gw.platform.cancel_job(
+        job["id"], int(job.get("parts", 0)), job.get("output"), reason="cancelled through the REST API"))
     return gw.json(request, view(await gw.store.get(job["id"]) or {**job, "state": "cancelled"}), 202)
 
 

@@ -177,6 +177,26 @@ class Platform:
                                                   resources=resources, **prefer(warm, i)))
         return futures
 
+    def cancel_job(self, job_id: str, parts: int, output: str | os.PathLike[str] | None = None,
+                   reason: str = "cancelled") -> None:
+        """Cancel a job by its id, also one this client did not submit (a
+        REST job, fire-and-forget): running partitions stop at their next
+        micro-batch, queued ones never start, and its output, if any, gets a
+        partial manifest saying so."""
+        from distributed import Future
+
+        from bitinglip.platform.outputs import write_partial_manifest
+        from bitinglip.platform.status_plugin import job_keys
+
+        Event(cancel_event_name(job_id), client=self.client).set()
+        # force: fire_and_forget made the scheduler itself want these keys
+        self.client.cancel([Future(key, client=self.client) for key in job_keys(job_id, parts)],
+                           force=True, reason=reason)
+        out_dir = os.fspath(output) if output else None
+        record = read_json(os.path.join(out_dir, RECORD)) if out_dir else None
+        if out_dir and record is not None:  # the output says so too: the job's end survives a loss of Redis
+            write_partial_manifest(out_dir, record, "cancelled")
+
     def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
         """Resume the job whose results are in ``output``: only partitions not
         committed there run. ``inputs`` defaults to the input path that the
