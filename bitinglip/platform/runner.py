@@ -145,6 +145,7 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
     failed: dict[int, str] = {}
     oom_limit = int((faults or {}).get("oom_above_tokens", 0))
     queue = deque(batches)
+    heap = _HeapGuard()
     done = oom_splits = 0
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:  # nothing to run a model on (a tokenizer without special tokens, an empty text)
@@ -186,6 +187,7 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
         for i, result in zip(rows, results):
             outputs[i] = result
         done += len(rows)
+        heap.check()
         if reporter is not None:
             reporter.update(done)
     stats = {"batches": planned, "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
@@ -222,6 +224,47 @@ def _write_atomically(frame: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
+def trim_heap() -> None:
+    """Give the worker's freed heap back to the system (glibc's
+    ``malloc_trim``).  Workers keep freed memory while a partition runs, so
+    activation tensors reuse pages instead of faulting fresh ones (see
+    ``cluster.PRE_SPAWN_ENV``); between partitions it goes back, so a
+    worker's memory stays flat however many partitions it runs."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+#: freed heap a worker may hold on to within a partition before it is trimmed
+HEAP_SLACK_BYTES = 256 * 1024 * 1024
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return 0
+
+
+class _HeapGuard:
+    """Trims the heap when it grows :data:`HEAP_SLACK_BYTES` past where it
+    was: freed tensors leave holes that glibc never hands back by itself,
+    and without this a worker's peak memory creeps up with every partition."""
+
+    def __init__(self) -> None:
+        self.limit = _rss() + HEAP_SLACK_BYTES
+
+    def check(self) -> None:
+        if self.limit > HEAP_SLACK_BYTES and _rss() > self.limit:
+            trim_heap()
+            self.limit = max(self.limit, _rss() + HEAP_SLACK_BYTES)  # live memory did grow: do not trim each batch
+
+
 def _worker_address() -> str | None:
     """The Dask worker running this task (None outside a worker)."""
     from distributed import get_worker
@@ -233,6 +276,14 @@ def _worker_address() -> str | None:
 
 
 def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
+    """Run one partition on this worker and return its summary (see :func:`_run_partition`)."""
+    try:
+        return _run_partition(data, spec, index, offset)
+    finally:
+        trim_heap()
+
+
+def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
     """Run one partition on this worker and return its summary.
 
     Without an output directory the summary carries the DataFrames
