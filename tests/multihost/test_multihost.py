@@ -263,7 +263,7 @@ def tls_handshake(dep: Deployment, with_certificate: bool) -> str:
 def test_cutting_a_worker_link_mid_job_loses_nothing_and_it_rejoins(deployment: Deployment) -> None:
     dep = deployment
     started = time.time()
-    job_id, ids = dep.submit(3000, seed=32)
+    job_id, ids = dep.submit(2000, seed=32)
     dep.wait(job_id, 300, until=lambda j: j["rows_done"] >= 3 * PARTITION_ROWS)
     dep.net.cut(dep.w1)
     cut_at = time.time()
@@ -281,7 +281,7 @@ def test_cutting_a_worker_link_mid_job_loses_nothing_and_it_rejoins(deployment: 
 def test_a_worker_host_joining_mid_job_takes_a_share(deployment: Deployment) -> None:
     dep = deployment
     started = time.time()
-    job_id, ids = dep.submit(4000, seed=33)
+    job_id, ids = dep.submit(3000, seed=33)
     dep.wait(job_id, 300, until=lambda j: j["rows_done"] >= 2 * PARTITION_ROWS)
     joined_at = time.time()
     w3 = dep.add_worker_host()
