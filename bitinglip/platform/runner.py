@@ -9,6 +9,7 @@ events on one topic; a cancelled job is noticed between micro-batches.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import deque
@@ -224,19 +225,27 @@ def _write_atomically(frame: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+
+
 def trim_heap() -> None:
     """Give the worker's freed heap back to the system (glibc's
     ``malloc_trim``).  Workers keep freed memory while a partition runs, so
     activation tensors reuse pages instead of faulting fresh ones (see
     ``cluster.PRE_SPAWN_ENV``); between partitions it goes back, so a
     worker's memory stays flat however many partitions it runs."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 #: freed heap a worker may hold on to within a partition before it is trimmed
