@@ -5,10 +5,16 @@ through each variant, each in a subprocess of its own so that its peak
 memory (all its processes together) is measured cleanly:
 
 - ``platform``:  an embedded BitingLip cluster, default layout for the machine
-  (one worker process per core, one thread each); workers are started and
-  warmed with a small job before the clock starts.
+  (one worker process per core, one thread each), default options: on a CPU
+  with native bfloat16 (AVX512-BF16, AMX) the matrix products run in
+  bfloat16 (``matmul_precision="auto"``); workers are started and warmed
+  with a small job before the clock starts.
+- ``platform_fp32``: the same with ``matmul_precision="highest"``: float32
+  throughout, what the platform does on a CPU without native bfloat16.
 - ``st``:        ``SentenceTransformer.encode(batch_size=64)``, one process,
   torch threads = cores.
+- ``st_bf16``:   the same inside ``torch.autocast("cpu", bfloat16)``: what a
+  user gets from encode by asking for bfloat16 products too.
 - ``raw``:       transformers ``AutoModel``, batch 64 in corpus order, padding
   to the longest row of each batch, mean pooling; torch threads = cores.
 - ``ray``:       Ray Data ``map_batches`` with an actor pool of 2, batch 64
@@ -43,7 +49,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import PeakRSS, cores, gib, model_path, wait_child
 
-VARIANTS = ("platform", "st", "raw", "ray", "overhead")
+VARIANTS = ("platform", "platform_fp32", "st", "st_bf16", "raw", "ray", "overhead")
 BATCH = 64
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length, so every variant cuts alike
 WARM_ROWS = 256
@@ -57,7 +63,7 @@ def corpus(rows: int, seed: int) -> list[str]:
 
 # --- the variants, each run in its own subprocess -----------------------------------------
 
-def run_platform(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+def run_platform(texts: list[str], **options: Any) -> tuple[float, np.ndarray, dict[str, Any]]:
     import bitinglip
 
     with bitinglip.connect(dashboard_address=":0", preload=[("embed", "all-MiniLM-L6-v2")]) as platform:
@@ -65,22 +71,32 @@ def run_platform(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
         platform.submit("embed", model="all-MiniLM-L6-v2", inputs=texts[:WARM_ROWS],
                         partition_rows=max(1, WARM_ROWS // (2 * workers))).result()
         started = time.perf_counter()
-        frame = platform.submit("embed", model="all-MiniLM-L6-v2", inputs=texts).result()
+        frame = platform.submit("embed", model="all-MiniLM-L6-v2", inputs=texts, **options).result()
         seconds = time.perf_counter() - started
     frame = frame.sort_values("id")
-    return seconds, np.stack(frame["embedding"].to_numpy()), {"workers": workers}
+    return seconds, np.stack(frame["embedding"].to_numpy()), {"workers": workers, **options}
 
 
-def run_st(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+def run_platform_fp32(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+    return run_platform(texts, matmul_precision="highest")
+
+
+def run_st(texts: list[str], bf16: bool = False) -> tuple[float, np.ndarray, dict[str, Any]]:
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(cores())
     model = SentenceTransformer(model_path(), device="cpu")
-    model.encode(texts[:WARM_ROWS], batch_size=BATCH)
-    started = time.perf_counter()
-    vectors = model.encode(texts, batch_size=BATCH, convert_to_numpy=True)
-    return time.perf_counter() - started, vectors, {"torch_threads": cores()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model.encode(texts[:WARM_ROWS], batch_size=BATCH)
+        started = time.perf_counter()
+        vectors = model.encode(texts, batch_size=BATCH, convert_to_numpy=True)
+        seconds = time.perf_counter() - started
+    return seconds, np.asarray(vectors, dtype=np.float32), {"torch_threads": cores(), "autocast_bf16": bf16}
+
+
+def run_st_bf16(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+    return run_st(texts, bf16=True)
 
 
 def _hf_embed(model: Any, tokenizer: Any, texts: list[str]) -> np.ndarray:
@@ -180,7 +196,8 @@ def run_overhead(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
     return seconds, vectors, {"processes": n, "partitions": len(parts)}
 
 
-RUNNERS = {"platform": run_platform, "st": run_st, "raw": run_raw, "ray": run_ray, "overhead": run_overhead}
+RUNNERS = {"platform": run_platform, "platform_fp32": run_platform_fp32, "st": run_st, "st_bf16": run_st_bf16,
+           "raw": run_raw, "ray": run_ray, "overhead": run_overhead}
 
 
 def child(variant: str, rows: int, seed: int, out: str) -> None:

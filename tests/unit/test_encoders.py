@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from bitinglip.platform.encoders import PackedEncoder
+from bitinglip.platform.encoders import SHORT_ROW_TOKENS, PackedEncoder
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,28 @@ def test_packed_matches_bert_model(bert: BertModel, pooling: str, order: str) ->
 def test_supports_only_float32_bert(bert: BertModel) -> None:
     assert PackedEncoder.supports(bert)
     assert not PackedEncoder.supports(BertModel(bert.config).to(torch.float64))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_medium_precision_multiplies_in_bfloat16_and_stays_close(bert: BertModel, pooling: str) -> None:
+    rng = np.random.default_rng(2)
+    ids = [[int(t) for t in rng.integers(0, 120, size=int(n))] for n in rng.integers(1, 40, size=30)]
+    packed = PackedEncoder(bert, "medium")
+    assert {layer[0].dtype for layer in packed.layers} == {torch.bfloat16}  # weights held once, in bfloat16
+    with torch.no_grad():
+        got = packed.pool(ids, pooling)
+        exact = PackedEncoder(bert, "highest").pool(ids, pooling)
+    want = reference(bert, ids, pooling)
+    assert got.dtype == torch.float32
+    assert torch.allclose(exact, want, atol=1e-5)
+    short = torch.tensor([len(row) <= SHORT_ROW_TOKENS for row in ids])
+    assert 0 < int(short.sum()) < len(ids)
+    assert torch.allclose(got[short], exact[short], atol=1e-6)  # short rows run in float32
+    assert not torch.equal(got[~short], exact[~short])  # the others' products really ran in bfloat16
+    cos = torch.nn.functional.cosine_similarity(got, want)
+    assert float(cos.min()) > 0.999, float(cos.min())
+
+
+def test_unknown_matmul_precision_is_refused(bert: BertModel) -> None:
+    with pytest.raises(ValueError, match="matmul precision 'low'"):
+        PackedEncoder(bert, "low")
