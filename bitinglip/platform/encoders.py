@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-#: float32 matrix-product precisions, named as ``torch.set_float32_matmul_precision`` names them
-MATMUL_PRECISIONS = ("highest", "medium")
+from bitinglip.platform.precision import MATMUL_PRECISIONS
+
 #: with ``matmul="medium"``, rows of at most this many tokens still run in float32
 SHORT_ROW_TOKENS = 8
 
@@ -99,7 +99,6 @@ class PackedEncoder:
 
         if matmul not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul precision {matmul!r}: expected one of {', '.join(MATMUL_PRECISIONS)}")
-        self.matmul = matmul
         cfg = model.config
         emb = model.embeddings
         self.heads = int(cfg.num_attention_heads)

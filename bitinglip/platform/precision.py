@@ -28,7 +28,10 @@ from bitinglip.platform.errors import ModelLoadError
 GPU_MODEL_SHARE = 0.75
 
 
-MATMUL_CHOICES = ("auto", "highest", "medium")
+#: float32 matrix-product precisions, named as ``torch.set_float32_matmul_precision`` names them
+MATMUL_PRECISIONS = ("highest", "medium")
+#: what a job may ask for: a precision, or ``auto`` (each worker picks for its CPU)
+MATMUL_CHOICES = ("auto", *MATMUL_PRECISIONS)
 
 
 @functools.lru_cache(maxsize=1)

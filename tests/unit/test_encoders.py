@@ -51,7 +51,7 @@ def test_medium_precision_multiplies_in_bfloat16_and_stays_close(bert: BertModel
     rng = np.random.default_rng(2)
     ids = [[int(t) for t in rng.integers(0, 120, size=int(n))] for n in rng.integers(1, 40, size=30)]
     packed = PackedEncoder(bert, "medium")
-    assert {layer[0].dtype for layer in packed.layers} == {torch.bfloat16}  # weights held once, in bfloat16
+    assert {layer[0].dtype for layer in packed.layers} == {torch.bfloat16}  # the products' weights, in bfloat16
     with torch.no_grad():
         got = packed.pool(ids, pooling)
         exact = PackedEncoder(bert, "highest").pool(ids, pooling)
