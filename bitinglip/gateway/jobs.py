@@ -138,13 +138,12 @@ def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output:
             record: dict[str, Any]) -> tuple[int, int]:
     """On a worker thread: hand the job to the cluster and let go of it."""
     import dask
-    from distributed import fire_and_forget
 
     write_rest_record(output, record)
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id)
-    fire_and_forget([*job.futures, job.final])
+    platform.detach(job)  # the job survives this process from here on
     return job.total, len(job.futures)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bitinglip.platform.cluster import local_cluster, worker_resources
-from bitinglip.platform.errors import InputError, NoGPUWorkersError
+from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError
 from bitinglip.platform.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs import Job
 from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
@@ -139,6 +139,22 @@ class Platform:
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
+
+    def detach(self, job: Job, timeout: float = 60.0) -> None:
+        """Let ``job`` run to its end without this client (``fire_and_forget``),
+        and return only once the scheduler holds it: a Dask client sends graphs
+        and wishes in batches a few milliseconds later, so a process that dies
+        just after ``fire_and_forget`` could lose the job it has promised."""
+        from distributed import fire_and_forget
+
+        futures = job._all_futures()
+        fire_and_forget(futures)
+        keys = [f.key for f in futures]
+        deadline = time.monotonic() + timeout
+        while not self.client.run_on_scheduler(_held_for_good, keys):
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"the scheduler did not take job {job.id} within {timeout:.0f} s")
+            time.sleep(0.005)
 
     def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
         """Forget an earlier run's futures, and wait until the scheduler has,
@@ -290,3 +306,17 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
             cluster.close()
         raise
     return Platform(client, cluster, settings)
+
+
+def _held_for_good(keys: list[Any], dask_scheduler: Any) -> bool:
+    """On the scheduler: every key is known and either wanted by the
+    fire-and-forget client or already finished (its work is done; the
+    scheduler drops that wish once a task ends)."""
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        if ts is None:
+            return False
+        if ts.state not in ("memory", "erred") and not any(
+                cs.client_key == "fire-and-forget" for cs in ts.who_wants):
+            return False
+    return True

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,6 +221,31 @@ def test_a_job_past_its_timeout_stops(own_platform: bitinglip.Platform) -> None:
         job.result()
     seconds = wait_until(lambda: busy_workers(own_platform.client) == 0, timeout=30)
     print(f"\nFIGURE timeout: workers free {seconds:.2f}s after the job failed")
+
+
+DETACH_AND_DIE = """
+import os, sys
+import bitinglip
+platform = bitinglip.connect(sys.argv[1], timeout=60)
+job = platform.submit("embed", model=sys.argv[3], inputs=[f"row {i} of a detached job" for i in range(600)],
+                      output=sys.argv[2], partition_rows=100)
+platform.detach(job)
+os._exit(0)  # like SIGKILL: no close, no flush of the client's batched messages
+"""
+
+
+def test_a_detached_job_outlives_its_client(own_platform: bitinglip.Platform, tmp_path: Path) -> None:
+    """The gateway's promise: once ``detach`` returns (and the 202 goes out),
+    the client's process may die at once and the job still runs to its end."""
+    address = own_platform.client.scheduler.address
+    for attempt in range(3):
+        out_dir = tmp_path / f"out{attempt}"
+        subprocess.run([sys.executable, "-c", DETACH_AND_DIE, address, str(out_dir), MINILM], check=True, timeout=120)
+        wait_until(lambda: (out_dir / "_manifest.json").exists(), timeout=120)
+        manifest = pd.read_json(out_dir / "_manifest.json", typ="series")
+        assert manifest["state"] == "succeeded", manifest
+        assert int(manifest["rows_out"]) == 600
+        assert len(list(out_dir.glob("part-*.parquet"))) == 6
 
 
 def test_scheduler_killed_then_resumed_on_a_new_cluster(tmp_path: Path) -> None:
