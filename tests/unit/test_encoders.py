@@ -69,3 +69,27 @@ def test_medium_precision_multiplies_in_bfloat16_and_stays_close(bert: BertModel
 def test_unknown_matmul_precision_is_refused(bert: BertModel) -> None:
     with pytest.raises(ValueError, match="matmul precision 'low'"):
         PackedEncoder(bert, "low")
+
+
+def test_bfloat16_products_meet_a_bounded_set_of_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN keeps a kernel per input shape; a worker that met every row
+    count up to the token budget grew by hundreds of MB.  The blocked product
+    gives the same numbers on a handful of shapes."""
+    from bitinglip.platform import encoders
+
+    monkeypatch.setattr(encoders, "ROW_BLOCK", 128)
+    monkeypatch.setattr(encoders, "ROW_QUANTUM", 32)
+    seen: set[tuple[int, ...]] = set()
+
+    def op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *_: object) -> torch.Tensor:
+        seen.add(tuple(x.shape))
+        return torch.nn.functional.linear(x, w, b)
+
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    for rows in [*range(1, 300), 512, 1000]:
+        x = torch.randn(rows, 16)
+        got = encoders._blocked(op, x, w, b)
+        assert got.shape == (rows, 24)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b))
+    assert {s[0] for s in seen} == {32, 64, 96, 128}
