@@ -24,7 +24,7 @@ demo: setup
 
 # the venv's bin on PATH, as for a user who activated it: tests run its commands
 test: setup services
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
