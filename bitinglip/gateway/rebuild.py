@@ -10,6 +10,9 @@ plugin: only the cluster knows how far it got.
 
 Every gateway runs :func:`watch`: at start and whenever the dataset stamp
 is gone or changed it restores what is missing, never overwriting a record.
+It also ends the jobs that a gateway recorded but died before handing to the
+cluster (:func:`sweep_abandoned`): nothing else would ever move them out of
+``queued``, and a retry with the same idempotency key would find them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 import anyio
 
-from bitinglip.platform.jobstore import TERMINAL, JobStore
+from bitinglip.platform.jobs import JobState
+from bitinglip.platform.jobstore import MOVED, TERMINAL, JobStore
 from bitinglip.platform.outputs import MANIFEST, RECORD, read_json
 
 log = logging.getLogger("bitinglip.gateway")
@@ -33,6 +37,12 @@ log = logging.getLogger("bitinglip.gateway")
 REST_RECORD = "_rest.json"
 #: how often a gateway looks at the dataset stamp
 CHECK_S = 1.0
+#: how often a gateway looks for abandoned submissions
+SWEEP_S = 30.0
+#: a queued job without partitions this long after creation was never handed over
+ABANDONED_S = 300.0
+ABANDONED_ERROR = ("the gateway that accepted this job stopped before the cluster took it; "
+                   "nothing ran: submit it again (with a new idempotency key)")
 
 
 def write_rest_record(output: str, record: dict[str, Any]) -> None:
@@ -78,10 +88,47 @@ async def rebuild(store: JobStore, results_dir: Path) -> int:
     return restored
 
 
-async def watch(store: JobStore, results_dir: Path) -> None:
-    """Rebuild at start, then whenever Redis has lost its data; until cancelled."""
+def _scheduler_knows(platform: Any, job_ids: list[str]) -> list[bool]:
+    """Whether the scheduler holds a task of each job (its first partition or manifest)."""
+    from bitinglip.platform.status_plugin import job_keys
+
+    wanted = [job_keys(job_id, 1) for job_id in job_ids]
+    return list(platform.client.run_on_scheduler(
+        lambda wanted, dask_scheduler: [any(k in dask_scheduler.tasks for k in ks) for ks in wanted], wanted))
+
+
+async def sweep_abandoned(store: JobStore, platform: Any, now: float | None = None) -> list[str]:
+    """Fail the queued jobs that no gateway finished submitting: the
+    gateway records ``parts`` once the cluster holds a job, so a queued job
+    without them, older than :data:`ABANDONED_S`, whose tasks the scheduler
+    does not know, was lost between the record and the hand-over."""
+    now = time.time() if now is None else now
+    stale = [job for job in await store.queued_since(now - ABANDONED_S) if job.get("parts") is None]
+    if not stale:
+        return []
+    known = await anyio.to_thread.run_sync(_scheduler_knows, platform, [job["id"] for job in stale])
+    failed = []
+    for job, held in zip(stale, known):
+        if not held and await store.transition(job["id"], JobState.FAILED.value,
+                                               {"error": ABANDONED_ERROR, "finished_at": now}, now=now) == MOVED:
+            failed.append(job["id"])
+    if failed:
+        log.warning("failed %d job(s) abandoned before the cluster took them: %s", len(failed), ", ".join(failed))
+    return failed
+
+
+async def watch(store: JobStore, results_dir: Path, platform: Any = None) -> None:
+    """Rebuild at start, then whenever Redis has lost its data; every
+    :data:`SWEEP_S`, end abandoned submissions; until cancelled."""
     seen, failing = "", False
+    swept = 0.0
     while True:
+        if platform is not None and time.monotonic() - swept >= SWEEP_S:
+            swept = time.monotonic()
+            try:
+                await sweep_abandoned(store, platform)
+            except Exception:  # Redis or the scheduler away: next round
+                log.warning("cannot look for abandoned jobs; retrying in %.0f s", SWEEP_S, exc_info=True)
         try:
             if await store.dataset_changed(seen):
                 seen = await store.mark_dataset()

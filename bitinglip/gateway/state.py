@@ -66,7 +66,7 @@ class Gateway:
         self.platform = await anyio.to_thread.run_sync(self._connect)
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
                                max_rows=4 * self.settings.max_infer_rows)
-        self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir))
+        self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
 
     def _connect(self) -> Any:
         import bitinglip

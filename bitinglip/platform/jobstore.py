@@ -248,6 +248,15 @@ class JobStore:
         total = await self.redis.zcard(index)
         return [decode(raw) for raw in raws if raw], int(total)
 
+    async def queued_since(self, before: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Jobs still queued that were queued before ``before``, oldest first."""
+        ids = await self.redis.zrangebyscore(keys.job_index(JobState.QUEUED.value), "-inf", before, start=0, num=limit)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            raws = await pipe.execute() if ids else []
+        return [job for job in (decode(raw) for raw in raws if raw) if job.get("state") == JobState.QUEUED.value]
+
     async def counts(self) -> dict[str, int]:
         """Jobs per state; finished ones only within the TTL."""
         cutoff = time.time() - self.ttl_s

@@ -7,7 +7,9 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -68,6 +70,37 @@ def test_idempotent_create(redis_url: str) -> None:
         assert await store.create(b, owner, {}, "k1") == (a, False)
         assert await store.get(b) is None
         assert await store.create(b, "someone-else", {}, "k1") == (b, True)
+        await r.aclose()
+
+    anyio.run(body)
+
+
+def test_a_submission_abandoned_before_the_cluster_took_it_fails(redis_url: str, platform: Any,
+                                                                  tiny_encoder: Path, tmp_path: Path) -> None:
+    """A gateway that dies between recording a job and handing it to the
+    cluster leaves it queued for ever; another gateway's sweep fails it,
+    and leaves alone the jobs that were handed over or are still young."""
+    from bitinglip.gateway.rebuild import ABANDONED_ERROR, ABANDONED_S, sweep_abandoned
+
+    async def body() -> None:
+        r, store = await _store(redis_url)
+        owner = uuid.uuid4().hex
+        old = time.time() - ABANDONED_S - 10
+        lost, handed, held, young = (uuid.uuid4().hex for _ in range(4))
+        for job_id in (lost, handed, held):
+            await store.create(job_id, owner, {"task": "embed"}, now=old)
+        await store.create(young, owner, {"task": "embed"})
+        await store.transition(handed, None, {"parts": 3})
+        # the cluster holds this one, but its gateway died before recording the parts
+        job = await anyio.to_thread.run_sync(lambda: platform.submit(
+            "embed", model=str(tiny_encoder), inputs=["one row"], output=tmp_path / "out", job_id=held))
+        await anyio.to_thread.run_sync(job.wait)
+        failed = await sweep_abandoned(store, platform)
+        assert lost in failed and not {handed, held, young} & set(failed)
+        got = await store.get(lost)
+        assert got is not None and got["state"] == "failed" and got["error"] == ABANDONED_ERROR
+        assert [(await store.get(j) or {}).get("state") for j in (handed, held, young)] == ["queued"] * 3
+        assert lost not in await sweep_abandoned(store, platform)  # once
         await r.aclose()
 
     anyio.run(body)

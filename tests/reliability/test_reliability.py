@@ -241,7 +241,7 @@ def test_a_detached_job_outlives_its_client(own_platform: bitinglip.Platform, tm
     for attempt in range(3):
         out_dir = tmp_path / f"out{attempt}"
         subprocess.run([sys.executable, "-c", DETACH_AND_DIE, address, str(out_dir), MINILM], check=True, timeout=120)
-        wait_until(lambda: (out_dir / "_manifest.json").exists(), timeout=120)
+        wait_until(lambda out_dir=out_dir: (out_dir / "_manifest.json").exists(), timeout=120)
         manifest = pd.read_json(out_dir / "_manifest.json", typ="series")
         assert manifest["state"] == "succeeded", manifest
         assert int(manifest["rows_out"]) == 600
