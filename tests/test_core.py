@@ -92,9 +92,12 @@ def test_generate_greedy_matches_model_generate_token_for_token(platform, tiny_g
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompts = sample_corpus(24, seed=9)
-    df = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, max_new_tokens=12).result()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    # prompts that fit the tiny model's 128 positions untruncated
+    prompts = [p for p in sample_corpus(200, seed=9) if len(tok(p)["input_ids"]) <= 100][:48]
+    job = platform.submit("generate", model=str(tiny_gpt2), inputs=prompts, max_new_tokens=12)
+    assert len(job.futures) == 3  # generation cuts partitions of 16 rows, not 64: both workers get prompts
+    df = job.result()
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     expected = []
     for p in prompts:

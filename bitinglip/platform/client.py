@@ -116,7 +116,8 @@ class Platform:
             if previous is not None and previous.get("job_id") == job_id:
                 rows_wanted = int(previous["partition_rows"])  # same boundaries as before
         workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
-        parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast)
+        parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
+                              min_rows=task_type.min_partition_rows)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
                        out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
         done: set[int] = set()

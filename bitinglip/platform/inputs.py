@@ -43,14 +43,15 @@ class Partitions:
         return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
-def partition_rows(total: int, workers: int, configured: int = 0) -> int:
+def partition_rows(total: int, workers: int, configured: int = 0, minimum: int = MIN_PARTITION_ROWS) -> int:
     """Rows per partition: about four partitions per worker, so the load
     balances and progress moves, but not so small that sorting by length
-    inside a partition stops paying."""
+    inside a partition stops paying (``minimum``: a task whose rows cost
+    much, like generation, sets a lower one so that every worker gets some)."""
     if configured:
         return configured
-    per = math.ceil(total / max(1, 4 * workers)) if total else MIN_PARTITION_ROWS
-    return max(MIN_PARTITION_ROWS, min(MAX_PARTITION_ROWS, per))
+    per = math.ceil(total / max(1, 4 * workers)) if total else minimum
+    return max(minimum, min(MAX_PARTITION_ROWS, per))
 
 
 def _slices(total: int, size: int) -> list[tuple[int, int]]:
@@ -109,7 +110,8 @@ def _rows_of(frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
     return frame.iloc[start:stop]
 
 
-def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configured_rows: int) -> Partitions:
+def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configured_rows: int,
+               min_rows: int) -> Partitions:
     from dask import delayed
 
     if text_column not in frame.columns:
@@ -119,7 +121,7 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
     frame = frame[keep]
     lengths = client.compute(frame.map_partitions(len)).result().tolist()
     total = int(sum(lengths))
-    size = partition_rows(total, workers, configured_rows)
+    size = partition_rows(total, workers, configured_rows, min_rows)
     parts: list[tuple[Any, int]] = []
     offset = 0
     for data, n in zip(frame.to_delayed(), lengths):
@@ -132,23 +134,26 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
 
 
 def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0,
-                  check_rows: bool = True) -> Partitions:
+                  check_rows: bool = True, min_rows: int | None = None) -> Partitions:
     """Partitions for any accepted input; raises :class:`InputError` saying
     what is wrong. With ``check_rows`` a bad row in a list or pandas input is
-    refused here, before any work starts; without, the workers report it."""
+    refused here, before any work starts; without, the workers report it.
+    ``min_rows``: the task's smallest automatic partition (default
+    :data:`MIN_PARTITION_ROWS`)."""
+    min_rows = min_rows or MIN_PARTITION_ROWS
     if isinstance(inputs, (str, os.PathLike)):
-        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows)
+        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows, min_rows)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
-        return _from_dask(inputs, text_column, client, workers, configured_rows)
+        return _from_dask(inputs, text_column, client, workers, configured_rows, min_rows)
     if isinstance(inputs, pd.Series):
         inputs = inputs.tolist()
     if isinstance(inputs, pd.DataFrame):
-        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows), check_rows)
+        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows, min_rows), check_rows)
     if isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
         rows = list(inputs)
         if check_rows:
             texts_or_error(rows, range(len(rows)))
-        size = partition_rows(len(rows), workers, configured_rows)
+        size = partition_rows(len(rows), workers, configured_rows, min_rows)
         return Partitions([(rows[a:b], a) for a, b in _slices(len(rows), size)], len(rows), size=size)
     raise InputError(f"inputs must be a list of strings, a pandas DataFrame or Series, a dask DataFrame, "
                      f"or a Parquet/JSONL/CSV path; got {type(inputs).__name__}")

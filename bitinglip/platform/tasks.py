@@ -76,6 +76,8 @@ class TaskType:
     load_options: ClassVar[tuple[str, ...]] = ("dtype",)
     #: defaults of every option the task accepts; others are refused
     defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32"}
+    #: the smallest partition the automatic partitioning cuts (None: ``inputs.MIN_PARTITION_ROWS``)
+    min_partition_rows: ClassVar[int | None] = None
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Validate options on the client, before any work starts."""
@@ -266,6 +268,8 @@ class Generate(TaskType):
 
     name = "generate"
     columns = ("text",)
+    #: a prompt costs a forward pass per new token: 64 prompts still reach every worker
+    min_partition_rows = 16
     defaults = {"dtype": "float32", "max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0,
                 "top_k": 0, "repetition_penalty": 1.0, "stop": (), "seed": None}
 

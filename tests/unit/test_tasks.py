@@ -58,3 +58,13 @@ def test_default_tokenize_without_tokenizer_uses_text_length() -> None:
 
     ids, truncated = Plain().tokenize(Loaded(model=None), ["abcd" * 10, "a"], {})
     assert [len(r) for r in ids] == [10, 1] and truncated == [False, False]
+
+
+def test_partition_rows_for_cheap_and_costly_rows() -> None:
+    from bitinglip.platform.inputs import MAX_PARTITION_ROWS, MIN_PARTITION_ROWS, partition_rows
+
+    assert partition_rows(20_000, 2) == 2500  # about four per worker
+    assert partition_rows(100, 2) == MIN_PARTITION_ROWS
+    assert partition_rows(10**7, 2) == MAX_PARTITION_ROWS
+    assert partition_rows(64, 2, minimum=Generate.min_partition_rows or 0) == 16
+    assert partition_rows(64, 2, configured=7, minimum=16) == 7  # the user's choice wins
