@@ -150,22 +150,23 @@ class Platform:
 
         futures = job._all_futures()
         fire_and_forget(futures)
-        keys = [f.key for f in futures]
+        if not self._until_scheduler(_held_for_good, [f.key for f in futures], timeout, 0.005):
+            raise UnavailableError(f"the scheduler did not take job {job.id} within {timeout:.0f} s")
+
+    def _until_scheduler(self, check: Any, keys: list[Any], timeout: float, step: float) -> bool:
+        """Poll ``check(keys)`` on the scheduler until it holds; False at the deadline."""
         deadline = time.monotonic() + timeout
-        while not self.client.run_on_scheduler(_held_for_good, keys):
+        while not self.client.run_on_scheduler(check, keys):
             if time.monotonic() > deadline:
-                raise UnavailableError(f"the scheduler did not take job {job.id} within {timeout:.0f} s")
-            time.sleep(0.005)
+                return False
+            time.sleep(step)
+        return True
 
     def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
         """Forget an earlier run's futures, and wait until the scheduler has,
         so that a rerun under the same keys starts clean."""
-        keys = [f.key for f in futures]
         self.client.cancel(futures, force=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.client.run_on_scheduler(
-                lambda dask_scheduler, keys=keys: any(k in dask_scheduler.tasks for k in keys)):
-            time.sleep(0.05)
+        self._until_scheduler(_all_gone, [f.key for f in futures], timeout, 0.05)
 
     def _placement(self, gpu: bool | None) -> bool:
         gpu_addrs = self.gpu_workers()
@@ -321,3 +322,8 @@ def _held_for_good(keys: list[Any], dask_scheduler: Any) -> bool:
                 cs.client_key == "fire-and-forget" for cs in ts.who_wants):
             return False
     return True
+
+
+def _all_gone(keys: list[Any], dask_scheduler: Any) -> bool:
+    """On the scheduler: none of the keys is known any more."""
+    return not any(key in dask_scheduler.tasks for key in keys)

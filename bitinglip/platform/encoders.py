@@ -36,7 +36,7 @@ from bitinglip.platform.precision import MATMUL_PRECISIONS
 SHORT_ROW_TOKENS = 8
 #: bfloat16 products run on blocks of this many token rows (see :func:`_blocked`)
 ROW_BLOCK = 4096
-#: ... the last block padded to a multiple of this: at most 64 row counts per product
+#: ... each padded to a multiple of this: at most 64 row counts per product
 ROW_QUANTUM = 64
 
 
@@ -65,22 +65,19 @@ def _blocked(op: Any, x: Any, weight: Any, bias: Any) -> Any:
     """oneDNN's linear on a bounded set of shapes: oneDNN builds and keeps
     kernels per input shape (0.3-0.6 MB each), and packed batches have any
     number of rows up to the token budget, so a worker's memory grew with
-    every new row count it met.  Rows go in blocks of :data:`ROW_BLOCK`, the
-    last one padded up to a multiple of :data:`ROW_QUANTUM`."""
+    every new row count it met.  Rows go in blocks of :data:`ROW_BLOCK`, each
+    padded up to a multiple of :data:`ROW_QUANTUM` and cut back by a view."""
+    import torch
     import torch.nn.functional as F
 
-    rows = x.shape[0]
-    if rows <= ROW_BLOCK:  # one block: the padding rows are cut off by a view, no copy
-        pad = -rows % ROW_QUANTUM
-        return op(F.pad(x, (0, 0, 0, pad)) if pad else x, weight, bias, "none", [], "")[:rows]
-    out = x.new_empty(rows, weight.shape[0])
-    for start in range(0, rows, ROW_BLOCK):
-        block = x[start:start + ROW_BLOCK]
+    def padded(block: Any) -> Any:
         n = block.shape[0]
-        if n % ROW_QUANTUM:
-            block = F.pad(block, (0, 0, 0, ROW_QUANTUM - n % ROW_QUANTUM))
-        out[start:start + n] = op(block, weight, bias, "none", [], "")[:n]
-    return out
+        pad = -n % ROW_QUANTUM
+        return op(F.pad(block, (0, 0, 0, pad)) if pad else block, weight, bias, "none", [], "")[:n]
+
+    if x.shape[0] <= ROW_BLOCK:  # a CPU micro-batch: one block, no copy
+        return padded(x)
+    return torch.cat([padded(block) for block in x.split(ROW_BLOCK)])
 
 
 def _build_kernels(linear: _Linear, layer: tuple[Any, ...]) -> None:

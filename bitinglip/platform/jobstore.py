@@ -238,10 +238,7 @@ class JobStore:
         Expired jobs are dropped from the index as they are met."""
         index = keys.owner_jobs(owner) if owner is not None else keys.all_jobs()
         ids = await self.redis.zrevrange(index, offset, offset + limit - 1)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hgetall(keys.job(job_id))
-            raws = await pipe.execute() if ids else []
+        raws = await self._hashes(ids)
         gone = [job_id for job_id, raw in zip(ids, raws) if not raw]
         if gone:
             await self.redis.zrem(index, *gone)
@@ -251,11 +248,17 @@ class JobStore:
     async def queued_since(self, before: float, limit: int = 100) -> list[dict[str, Any]]:
         """Jobs still queued that were queued before ``before``, oldest first."""
         ids = await self.redis.zrangebyscore(keys.job_index(JobState.QUEUED.value), "-inf", before, start=0, num=limit)
+        raws = await self._hashes(ids)
+        return [job for job in (decode(raw) for raw in raws if raw) if job.get("state") == JobState.QUEUED.value]
+
+    async def _hashes(self, ids: list[str]) -> list[dict[str, str]]:
+        """The jobs' hashes in one round trip (empty for a job that is gone)."""
+        if not ids:
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(keys.job(job_id))
-            raws = await pipe.execute() if ids else []
-        return [job for job in (decode(raw) for raw in raws if raw) if job.get("state") == JobState.QUEUED.value]
+            return list(await pipe.execute())
 
     async def counts(self) -> dict[str, int]:
         """Jobs per state; finished ones only within the TTL."""
