@@ -120,6 +120,31 @@ class ModelSourceError(BitingLipError):
     code = "model_source_failed"
 
 
+class ModelError(ModelSourceError):
+    """A model's files or weights are unusable as given; trying again cannot help,
+    so a partition that meets one fails at once instead of retrying."""
+
+    code = "invalid_model"
+
+
+class UnsafeModelFileError(ModelError):
+    """A model folder holds a link or a special file (FIFO, socket, device)."""
+
+    code = "unsafe_model_file"
+
+
+class ModelTooLargeError(ModelError):
+    """A model's files add up to more than ``BITINGLIP_MODEL_MAX_BYTES``."""
+
+    code = "model_too_large"
+
+
+class UntrainedHeadError(ModelError):
+    """The task's head (e.g. a classifier) is not in the weights: it would start random."""
+
+    code = "untrained_head"
+
+
 class ModelInUseError(BitingLipError):
     """A model version cannot be removed while a running job uses it."""
 

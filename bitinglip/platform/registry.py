@@ -133,6 +133,12 @@ def pin(version_dir: str | os.PathLike[str]) -> int:
     return fd
 
 
+def _write_manifest(path: Path, manifest: Manifest) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, integrity.FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(manifest), indent=1))
+
+
 def unpin(fd: int) -> None:
     os.close(fd)  # closing drops the flock
 
@@ -201,20 +207,28 @@ class Registry:
         if fetched.kind == "hf":
             self.access.append("download", name, actor=actor, source=fetched.source, revision=fetched.revision,
                                offline=fetched.offline)
-        rels = integrity.model_files(fetched.path)
+        where = f"model source {source!r}"
+        cap = self.settings.model_max_bytes
+        found = integrity.scan_source(fetched.path, max_bytes=cap, where=where, links_within=fetched.links_within)
         if fetched.skip_pickle:
-            rels = [rel for rel in rels if not integrity.is_pickle(rel)]
-        integrity.refuse_pickle(rels, self.settings.allow_pickle, f"model source {source!r}")
+            found = [f for f in found if not integrity.is_pickle(f.rel)]
+        rels = [f.rel for f in found]
+        integrity.refuse_pickle(rels, self.settings.allow_pickle, where)
         weights = [rel for rel in rels if rel.endswith(integrity.WEIGHT_SUFFIXES)
                    or (self.settings.allow_pickle and integrity.is_pickle(rel))]
         if not weights:
             raise UnsafeWeightsError(f"model source {source!r} has no .safetensors weight file")
         staging = self.root / ".bitinglip" / "tmp" / uuid.uuid4().hex
+        staging.parent.mkdir(parents=True, exist_ok=True)
         try:
+            os.mkdir(staging, integrity.DIR_MODE)  # becomes the version folder
             files = {}
-            for rel in rels:
-                size, sha = integrity.copy_hashed(fetched.path / rel, staging / rel)
-                files[rel] = {"size": size, "sha256": sha}
+            copied = 0
+            for f in found:
+                dst = integrity.make_dirs(staging, os.path.dirname(f.rel)) / os.path.basename(f.rel)
+                size, sha = integrity.copy_hashed(f.path, dst, cap - copied, f"{where}: {f.rel!r}")
+                copied += size
+                files[f.rel] = {"size": size, "sha256": sha}
             manifest = Manifest(
                 name=name, version="0", task=task, source=fetched.source, revision=fetched.revision, dtype=dtype,
                 max_length=max_length, pooling=pooling, size_bytes=sum(f["size"] for f in files.values()),
@@ -229,12 +243,12 @@ class Registry:
 
     def _publish(self, staging: Path, manifest: Manifest) -> Manifest:
         # rename is atomic and fails on an existing version: two adds never share a number
-        (self.root / manifest.name).mkdir(parents=True, exist_ok=True)
+        (self.root / manifest.name).mkdir(mode=integrity.DIR_MODE, parents=True, exist_ok=True)
         for _ in range(100):
             existing = [p.name for p in (self.root / manifest.name).iterdir() if VERSION_RE.fullmatch(p.name)]
             version = str(max(map(int, existing), default=0) + 1)
             manifest = Manifest(**{**asdict(manifest), "version": version})
-            (staging / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=1))
+            _write_manifest(staging / MANIFEST_FILE, manifest)
             try:
                 os.rename(staging, self.root / manifest.name / version)
             except OSError:

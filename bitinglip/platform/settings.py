@@ -143,6 +143,8 @@ class Settings:
     allow_pickle: bool = False
     #: bytes of loaded models a CPU worker keeps before evicting the least recently used; 0: half its memory
     cpu_model_budget_bytes: int = 0
+    #: the most bytes one model's files may add up to when it is registered (checked before and while copying)
+    model_max_bytes: int = 64 << 30
     #: the Hugging Face hub cache (HF_HUB_CACHE); None: the hub's own default
     hf_cache_dir: Path | None = None
     #: resolve hub models from the local cache only (HF_HUB_OFFLINE)
@@ -205,6 +207,8 @@ class Settings:
             allow_pickle=_read(env, "BITINGLIP_ALLOW_PICKLE", False, _flag, "true or false"),
             cpu_model_budget_bytes=_read(env, "BITINGLIP_CPU_MODEL_BUDGET_BYTES", 0, _non_negative,
                                          "a whole number of bytes, 0 for automatic"),
+            model_max_bytes=_read(env, "BITINGLIP_MODEL_MAX_BYTES", default.model_max_bytes, _positive,
+                                  "a whole number of bytes"),
             hf_cache_dir=_read(env, "HF_HUB_CACHE", None, lambda s: Path(s).expanduser(), "a directory path"),
             hf_offline=_read(env, "HF_HUB_OFFLINE", False, _flag, "1 or 0"),
             scheduler_address=_read(env, "BITINGLIP_SCHEDULER", None, str, "a scheduler address"),

@@ -36,6 +36,8 @@ class Fetched:
     #: pickle files are left behind rather than refused (the hub download skips them too)
     skip_pickle: bool = False
     offline: bool = False
+    #: links in the folder may point here and nowhere else (a hub repository's cache folder)
+    links_within: Path | None = None
 
 
 def package_dir(module_name: str) -> Path:
@@ -97,6 +99,7 @@ def _from_hub(source: str, settings: Settings) -> Fetched:
         where = "the local hub cache (HF_HUB_OFFLINE is set)" if settings.hf_offline else "the Hugging Face Hub"
         raise ModelSourceError(f"model source {source!r}: not found in {where}: {exc}") from exc
     path = Path(folder)
-    # the snapshot folder is named by the commit: that is the pinned revision, even for a branch name
+    # the snapshot folder is named by the commit: that is the pinned revision, even for a branch name;
+    # its files are links into the repository's blobs/ (snapshots/<commit>/.. /..), which may be followed
     return Fetched(path, "hf", f"hf://{repo_id}", revision=path.name, skip_pickle=not settings.allow_pickle,
-                   offline=settings.hf_offline)
+                   offline=settings.hf_offline, links_within=path.parent.parent)

@@ -1,0 +1,152 @@
+"""What a model must be before it is registered or loaded: a folder of
+regular files (no links out of it, no FIFOs or devices), under a size cap,
+copied with sane modes; and for classify/generate, weights that hold the
+task's head, so a job never answers with a randomly initialised one."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from model_helpers import copy_model, lay_out_hub_cache
+
+from bitinglip.platform import integrity
+from bitinglip.platform.access_log import log_path
+from bitinglip.platform.errors import ModelError, ModelTooLargeError, UnsafeModelFileError
+from bitinglip.platform.registry import Registry
+from bitinglip.platform.settings import Settings
+
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+#: small enough that a regression which reads through a link stops here, not at a full disk
+CAP = 64 << 20
+
+
+def _nothing_copied(settings: Settings, name: str) -> None:
+    assert Registry(settings).versions(name) == []
+    cache = Path(settings.model_cache_dir)
+    log = log_path(settings)
+    copied = [p for p in cache.rglob("*") if p != log and not p.is_dir()] if cache.exists() else []
+    assert copied == [], f"refused, yet files were copied: {copied}"
+
+
+@pytest.fixture
+def capped(settings: Settings) -> Settings:
+    return settings.with_(model_max_bytes=CAP)
+
+
+def test_a_link_to_etc_is_refused_and_nothing_is_copied(tmp_path: Path, capped: Settings,
+                                                        tiny_encoder: Path) -> None:
+    model = copy_model(tiny_encoder, tmp_path / "with-etc")
+    os.symlink("/etc", model / "etc")
+    with pytest.raises(UnsafeModelFileError, match="'etc' is a symbolic link") as refused:
+        Registry(capped).add("etc", str(model), task="embed")
+    assert "/etc" in str(refused.value)
+    _nothing_copied(capped, "etc")
+    # a link to one file is refused the same way
+    os.unlink(model / "etc")
+    os.symlink("/etc/passwd", model / "vocab-extra.txt")
+    with pytest.raises(UnsafeModelFileError, match="'vocab-extra.txt' is a symbolic link"):
+        Registry(capped).add("etc", str(model), task="embed")
+    _nothing_copied(capped, "etc")
+
+
+def test_a_link_to_dev_zero_is_refused_before_reading(tmp_path: Path, capped: Settings, tiny_encoder: Path) -> None:
+    model = copy_model(tiny_encoder, tmp_path / "with-zero")
+    os.symlink("/dev/zero", model / "model-00002.safetensors")
+    # the old code read /dev/zero until the disk was full; CAP bounds a regression to 64 MiB
+    with pytest.raises(UnsafeModelFileError, match="'model-00002.safetensors' is a symbolic link"):
+        Registry(capped).add("zero", str(model), task="embed")
+    _nothing_copied(capped, "zero")
+
+
+@pytest.mark.timeout(60)  # the old code blocked forever opening the FIFO
+def test_a_fifo_is_refused(tmp_path: Path, capped: Settings, tiny_encoder: Path) -> None:
+    model = copy_model(tiny_encoder, tmp_path / "with-fifo")
+    os.mkfifo(model / "merges.txt")
+    with pytest.raises(UnsafeModelFileError, match="'merges.txt' is a FIFO"):
+        Registry(capped).add("fifo", str(model), task="embed")
+    _nothing_copied(capped, "fifo")
+
+
+def test_an_over_size_model_is_refused_before_copying(settings: Settings, tiny_encoder: Path) -> None:
+    size = sum(p.stat().st_size for p in tiny_encoder.rglob("*") if p.is_file())
+    small = settings.with_(model_max_bytes=size // 2)
+    with pytest.raises(ModelTooLargeError, match=f"more than {size // 2} bytes") as refused:
+        Registry(small).add("big", str(tiny_encoder), task="embed")
+    assert "BITINGLIP_MODEL_MAX_BYTES" in str(refused.value) and isinstance(refused.value, ModelError)
+    _nothing_copied(small, "big")
+    # the cap at the model's exact size still lets it in
+    assert Registry(settings.with_(model_max_bytes=size)).add("big", str(tiny_encoder), task="embed").version == "1"
+
+
+def test_a_file_that_grows_while_copied_stops_at_the_cap(tmp_path: Path) -> None:
+    src = tmp_path / "growing.bin"
+    src.write_bytes(b"x" * 1000)  # measured at 1000 bytes, then it grew
+    with pytest.raises(ModelTooLargeError, match="grew past the size cap"):
+        integrity.copy_hashed(src, tmp_path / "copy.bin", limit=999)
+    assert (tmp_path / "copy.bin").stat().st_size <= 999
+
+
+def test_the_cap_is_read_from_the_environment() -> None:
+    assert Settings.from_env({}).model_max_bytes == 64 << 30
+    assert Settings.from_env({"BITINGLIP_MODEL_MAX_BYTES": "1000"}).model_max_bytes == 1000
+
+
+@pytest.fixture
+def no_umask() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_copies_get_sane_modes_whatever_the_source_had(tmp_path: Path, settings: Settings, tiny_encoder: Path,
+                                                       no_umask: None) -> None:
+    model = copy_model(tiny_encoder, tmp_path / "modes")
+    (model / "sub").mkdir()
+    (model / "sub" / "notes.txt").write_text("hello")
+    os.chmod(model / "sub", 0o777)
+    os.chmod(model / "sub" / "notes.txt", 0o6777)  # setuid, setgid, executable, writable by all
+    os.chmod(model / "config.json", 0o777)
+    manifest = Registry(settings).add("modes", str(model), task="embed")
+    version = Path(settings.model_cache_dir) / "modes" / manifest.version
+    for path in [version, *version.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (integrity.DIR_MODE if path.is_dir() else integrity.FILE_MODE), (path, oct(mode))
+
+
+def test_hub_links_are_followed_inside_the_repository_only(tmp_path: Path, settings: Settings,
+                                                           tiny_classifier: Path) -> None:
+    hub = tmp_path / "hub"
+    snapshot = lay_out_hub_cache(hub, "acme/tiny-clf", COMMIT, tiny_classifier)
+    offline = settings.with_(hf_cache_dir=hub, hf_offline=True)
+    manifest = Registry(offline).add("clf", f"hf://acme/tiny-clf@{COMMIT}", task="classify")
+    copied = Path(settings.model_cache_dir) / "clf" / "1" / "model.safetensors"
+    assert not copied.is_symlink() and copied.read_bytes() == (tiny_classifier / "model.safetensors").read_bytes()
+    assert manifest.files["model.safetensors"]["size"] == copied.stat().st_size
+    # a link that leaves the repository's cache folder is refused, even in a snapshot
+    os.symlink("/etc/hostname", snapshot / "hostname.txt")
+    with pytest.raises(UnsafeModelFileError, match="'hostname.txt' is a symbolic link.*outside the hub"):
+        Registry(offline).add("clf", f"hf://acme/tiny-clf@{COMMIT}", task="classify")
+    os.unlink(snapshot / "hostname.txt")
+    # ... and so is one into another repository of the same hub cache
+    other = lay_out_hub_cache(hub, "acme/other", COMMIT, tiny_classifier)
+    os.symlink(os.path.relpath(other / "config.json", snapshot), snapshot / "other.json")
+    with pytest.raises(UnsafeModelFileError, match="'other.json'"):
+        Registry(offline).add("clf", f"hf://acme/tiny-clf@{COMMIT}", task="classify")
+    assert Registry(offline).versions("clf") == ["1"]
+
+
+def test_a_link_planted_in_a_registered_version_fails_verification(registry: Registry, tiny_encoder: Path) -> None:
+    from bitinglip.platform.errors import IntegrityError
+
+    registry.add("enc", str(tiny_encoder), task="embed")
+    weights = registry.root / "enc" / "1" / "model.safetensors"
+    os.unlink(weights)
+    os.symlink("/dev/zero", weights)
+    with pytest.raises(IntegrityError, match="'model.safetensors' is no longer a regular file"):
+        registry.verify("enc")
