@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bitinglip.platform import integrity
+from bitinglip.platform import heads, integrity
 from bitinglip.platform.access_log import AccessLog, default_actor
 from bitinglip.platform.errors import (
     InputError,
@@ -218,6 +218,9 @@ class Registry:
                    or (self.settings.allow_pickle and integrity.is_pickle(rel))]
         if not weights:
             raise UnsafeWeightsError(f"model source {source!r} has no .safetensors weight file")
+        if task == "classify":  # refused here rather than when its first job loads it
+            top = [f.path for f in found if "/" not in f.rel and f.rel.endswith(integrity.WEIGHT_SUFFIXES)]
+            heads.refuse_untrained(task, heads.missing_head(fetched.path, top) or (), where)
         staging = self.root / ".bitinglip" / "tmp" / uuid.uuid4().hex
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:

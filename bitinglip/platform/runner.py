@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.platform.batching import default_budget, padding_ratio, plan_batches
-from bitinglip.platform.errors import InputError, JobCancelledError, JobTimeoutError, PartitionFailedError
+from bitinglip.platform.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
 from bitinglip.platform.outputs import committed_summary, errors_file, partition_file
 from bitinglip.platform.tasks import Batch, TaskType, texts_or_error
 
@@ -325,7 +325,7 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
                 spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
                 f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults)
             break
-        except (JobCancelledError, JobTimeoutError, InputError):
+        except (JobCancelledError, JobTimeoutError, InputError, ModelError):  # retrying cannot change these
             raise
         except Exception as exc:
             attempts.append(f"{type(exc).__name__}: {exc}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bitinglip.platform.errors import InputError, UnknownTaskError
+from bitinglip.platform.heads import refuse_untrained
 from bitinglip.platform.precision import MATMUL_CHOICES, matmul_precision
 
 #: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
@@ -177,7 +178,11 @@ class Embed(TaskType):
 
         root = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=_torch_dtype(options["dtype"])).to(device).eval()
+        model, report = AutoModel.from_pretrained(path, dtype=_torch_dtype(options["dtype"]), output_loading_info=True)
+        # the pooler is not used for embeddings: checkpoints saved without it are fine
+        refuse_untrained(self.name, [k for k in report["missing_keys"] if not k.startswith("pooler.")],
+                         f"model at {path}")
+        model = model.to(device).eval()
         pool_cfg = _read_json(root / "1_Pooling" / "config.json")
         pooling = "mean"
         for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
@@ -239,8 +244,10 @@ class Classify(TaskType):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=_torch_dtype(options["dtype"])).to(device).eval()
+        model, report = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=_torch_dtype(options["dtype"]), output_loading_info=True)
+        refuse_untrained(self.name, report["missing_keys"], f"model at {path}")
+        model = model.to(device).eval()
         return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, {}))
 
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -300,7 +307,11 @@ class Generate(TaskType):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(options["dtype"])).to(device).eval()
+        model, report = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(options["dtype"]),
+                                                             output_loading_info=True)
+        # an lm_head tied to the input embeddings is not saved and not reported missing
+        refuse_untrained(self.name, report["missing_keys"], f"model at {path}")
+        model = model.to(device).eval()
         return Loaded(model, tokenizer, device, _max_length(path, tokenizer, model.config, {}))
 
     def tokenize(self, loaded: Loaded, texts: list[str], options: Mapping[str, Any]) -> tuple[list[list[int]], list[bool]]:

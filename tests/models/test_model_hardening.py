@@ -9,15 +9,17 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from model_helpers import copy_model, lay_out_hub_cache
 
-from bitinglip.platform import integrity
+from bitinglip.platform import heads, integrity
 from bitinglip.platform.access_log import log_path
-from bitinglip.platform.errors import ModelError, ModelTooLargeError, UnsafeModelFileError
+from bitinglip.platform.errors import ModelError, ModelTooLargeError, UnsafeModelFileError, UntrainedHeadError
 from bitinglip.platform.registry import Registry
 from bitinglip.platform.settings import Settings
+from bitinglip.platform.tasks import get_task
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 #: small enough that a regression which reads through a link stops here, not at a full disk
@@ -150,3 +152,92 @@ def test_a_link_planted_in_a_registered_version_fails_verification(registry: Reg
     os.symlink("/dev/zero", weights)
     with pytest.raises(IntegrityError, match="'model.safetensors' is no longer a regular file"):
         registry.verify("enc")
+
+
+# --- 13.5: a task head that would start at random is refused
+
+HEADLESS = "has no trained classification head for task 'classify'"
+
+
+def test_classify_load_refuses_an_encoder_without_a_head(tiny_encoder: Path, tiny_classifier: Path) -> None:
+    classify = get_task("classify")
+    with pytest.raises(UntrainedHeadError, match=HEADLESS) as refused:
+        classify.load(str(tiny_encoder), "cpu", classify.check_options({}))
+    assert "classifier.weight" in str(refused.value) and isinstance(refused.value, ModelError)
+    loaded = classify.load(str(tiny_classifier), "cpu", classify.check_options({}))
+    assert loaded.model.config.id2label[2] == "positive"
+
+
+def _untied_gpt2_without_lm_head(tiny_gpt2: Path, path: Path) -> Path:
+    import transformers
+
+    model = copy_model(tiny_gpt2, path)
+    config = transformers.GPT2Config.from_pretrained(model, tie_word_embeddings=False)
+    transformers.GPT2Model(config).save_pretrained(model)  # the base model alone: no lm_head
+    return model
+
+
+def test_generate_refuses_a_missing_lm_head_but_takes_a_tied_one(tmp_path: Path, tiny_gpt2: Path) -> None:
+    generate = get_task("generate")
+    options = generate.check_options({})
+    assert generate.load(str(tiny_gpt2), "cpu", options).model.config.tie_word_embeddings  # tied: not saved, fine
+    headless = _untied_gpt2_without_lm_head(tiny_gpt2, tmp_path / "gpt2-headless")
+    with pytest.raises(UntrainedHeadError, match="no trained language-model head.*lm_head.weight"):
+        generate.load(str(headless), "cpu", options)
+
+
+def test_embed_takes_an_encoder_saved_without_its_pooler(tmp_path: Path, tiny_encoder: Path) -> None:
+    import transformers
+
+    model = copy_model(tiny_encoder, tmp_path / "no-pooler")
+    config = transformers.BertConfig.from_pretrained(model)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(model)
+    embed = get_task("embed")
+    assert embed.load(str(model), "cpu", embed.check_options({})).model is not None
+
+
+def test_registering_a_headless_model_for_classify_is_refused(registry: Registry, settings: Settings,
+                                                              tiny_encoder: Path, tiny_classifier: Path) -> None:
+    with pytest.raises(UntrainedHeadError, match=HEADLESS):
+        registry.add("enc", str(tiny_encoder), task="classify")
+    _nothing_copied(settings, "enc")
+    assert registry.add("enc", str(tiny_encoder), task="embed").version == "1"
+    assert registry.add("clf", str(tiny_classifier), task="classify").version == "1"
+
+
+def test_the_registration_check_reads_headers_not_weights(tmp_path: Path, tiny_classifier: Path,
+                                                          tiny_encoder: Path) -> None:
+    model = copy_model(tiny_classifier, tmp_path / "header-only")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:8 + int.from_bytes(data[:8], "little")])  # the tensors' data cut off: names only
+    assert heads.missing_head(model, [weights]) == []
+    missing = heads.missing_head(tiny_encoder, [tiny_encoder / "model.safetensors"])
+    assert sorted(missing or []) == ["classifier.bias", "classifier.weight"]
+
+
+def test_models_add_cli_refuses_a_headless_classifier(tmp_path: Path, tiny_encoder: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from bitinglip.cli import main
+    from bitinglip.platform.settings import get_settings
+
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    try:
+        assert main(["models", "add", "enc", str(tiny_encoder), "--task", "classify"]) == 1
+    finally:
+        get_settings.cache_clear()
+    assert HEADLESS in capsys.readouterr().err
+
+
+def test_a_classify_job_on_a_headless_model_fails_once_with_the_reason(platform: Any, tiny_encoder: Path,
+                                                                       tiny_classifier: Path) -> None:
+    texts = [f"row {i}" for i in range(40)]
+    # retries would not help: the error comes straight back, not after three more loads
+    job = platform.submit("classify", model=str(tiny_encoder), inputs=texts, partition_rows=10, retries=3)
+    with pytest.raises(UntrainedHeadError, match=HEADLESS):
+        job.result()
+    assert job.status() == "failed"
+    # the workers are still there and serve the next job
+    assert len(platform.submit("classify", model=str(tiny_classifier), inputs=texts).result()) == 40
