@@ -71,6 +71,8 @@ class SourceFile:
     #: what to read: the file itself, or the hub blob its snapshot link points to
     path: Path
     size: int
+    #: (st_dev, st_ino) when scanned: the copy must read this very file
+    identity: tuple[int, int] = (0, 0)
 
 
 def _what(mode: int) -> str:
@@ -123,7 +125,7 @@ def scan_source(root: str | os.PathLike[str], *, max_bytes: int, where: str,
                     raise ModelTooLargeError(
                         f"{where}: the files add up to more than {max_bytes} bytes (BITINGLIP_MODEL_MAX_BYTES) "
                         f"by {rel!r}; nothing was copied")
-                found.append(SourceFile(rel, path, st.st_size))
+                found.append(SourceFile(rel, path, st.st_size, (st.st_dev, st.st_ino)))
     return sorted(found, key=lambda f: f.rel)
 
 
@@ -174,21 +176,28 @@ def make_dirs(root: Path, rel: str) -> Path:
     return path
 
 
-def copy_hashed(src: Path, dst: Path, limit: int, where: str = "") -> tuple[int, str]:
+def copy_hashed(src: Path, dst: Path, limit: int, where: str = "",
+                identity: tuple[int, int] | None = None) -> tuple[int, str]:
     """Copy the regular file ``src`` to the new file ``dst`` (mode
     :data:`FILE_MODE`), hashing in the same pass; refuse with
     :class:`ModelTooLargeError` once more than ``limit`` bytes come, so a
-    file that grows after it was measured cannot fill the disk."""
+    file that grows after it was measured cannot fill the disk, and with
+    :class:`UnsafeModelFileError` when ``src`` is no longer the file
+    ``identity`` names (a folder on its path was swapped for a link)."""
     digest, size = hashlib.sha256(), 0
-    with _open_regular(src) as fin, os.fdopen(
-            os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE), "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise ModelTooLargeError(f"{where or src}: grew past the size cap (BITINGLIP_MODEL_MAX_BYTES) "
-                                         "while it was copied")
-            digest.update(chunk)
-            fout.write(chunk)
+    with _open_regular(src) as fin:
+        st = os.fstat(fin.fileno())
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise UnsafeModelFileError(f"{where or src}: is no longer the file that was checked (a folder on "
+                                       "its path was replaced, maybe by a link); refused")
+        with os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE), "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ModelTooLargeError(f"{where or src}: grew past the size cap (BITINGLIP_MODEL_MAX_BYTES) "
+                                             "while it was copied")
+                digest.update(chunk)
+                fout.write(chunk)
     return size, digest.hexdigest()
 
 
