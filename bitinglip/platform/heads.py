@@ -14,6 +14,7 @@ import json
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bitinglip.platform.errors import ModelError, UntrainedHeadError
 
@@ -52,24 +53,44 @@ def safetensors_names(files: Sequence[Path]) -> set[str]:
     return names
 
 
-def missing_head(folder: Path, weights: Sequence[Path]) -> list[str] | None:
-    """The sequence-classification head's weights that ``weights`` lack, or
-    None when the architecture is one transformers cannot build (the
-    worker's load still checks then).
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    return {"classify": transformers.AutoModelForSequenceClassification,
+            "generate": transformers.AutoModelForCausalLM}.get(task)
+
+
+def missing_head(task: str, folder: Path, weights: Sequence[Path]) -> list[str] | None:
+    """The weights of ``task``'s head that the checkpoint files ``weights``
+    lack, or None when there is nothing to check (a task without a known
+    head, or an architecture transformers cannot build: the worker's load
+    still checks then).
 
     The head is what the model has beyond its base model (``classifier.*``,
-    ``score.*``); its shapes come from building the model on the meta
-    device, which allocates nothing."""
+    ``score.*``, ``lm_head.*``), found by building the model on the meta
+    device, which allocates nothing; a head weight tied to one the
+    checkpoint holds (GPT-2's ``lm_head`` is the input embedding) is there."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
+    auto = _auto_class(task)
+    if auto is None:
+        return None
     try:
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config)
     except (ValueError, KeyError, OSError):
         return None
     prefix = f"{model.base_model_prefix}."
-    head = [k for k in model.state_dict() if not k.startswith(prefix)]
     names = safetensors_names(weights)
-    return [k for k in head if k not in names]
+
+    def saved(key: str) -> bool:  # a base-model checkpoint names its weights without the prefix
+        return key in names or (key.startswith(prefix) and key[len(prefix):] in names)
+
+    shared: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(key)
+    tied = {key: keys for keys in shared.values() for key in keys}
+    head = [k for k in model.state_dict() if not k.startswith(prefix)]
+    return [k for k in head if not saved(k) and not any(saved(t) for t in tied.get(k, ()))]

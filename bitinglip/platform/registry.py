@@ -218,9 +218,9 @@ class Registry:
                    or (self.settings.allow_pickle and integrity.is_pickle(rel))]
         if not weights:
             raise UnsafeWeightsError(f"model source {source!r} has no .safetensors weight file")
-        if task == "classify":  # refused here rather than when its first job loads it
-            top = [f.path for f in found if "/" not in f.rel and f.rel.endswith(integrity.WEIGHT_SUFFIXES)]
-            heads.refuse_untrained(task, heads.missing_head(fetched.path, top) or (), where)
+        top = [f.path for f in found if "/" not in f.rel and f.rel.endswith(integrity.WEIGHT_SUFFIXES)]
+        if task in ("classify", "generate") and top:  # refused here rather than when its first job loads it
+            heads.refuse_untrained(task, heads.missing_head(task, fetched.path, top) or (), where)
         staging = self.root / ".bitinglip" / "tmp" / uuid.uuid4().hex
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -229,7 +229,7 @@ class Registry:
             copied = 0
             for f in found:
                 dst = integrity.make_dirs(staging, os.path.dirname(f.rel)) / os.path.basename(f.rel)
-                size, sha = integrity.copy_hashed(f.path, dst, cap - copied, f"{where}: {f.rel!r}")
+                size, sha = integrity.copy_hashed(f.path, dst, cap - copied, f"{where}: {f.rel!r}", f.identity)
                 copied += size
                 files[f.rel] = {"size": size, "sha256": sha}
             manifest = Manifest(

@@ -92,6 +92,17 @@ def test_a_file_that_grows_while_copied_stops_at_the_cap(tmp_path: Path) -> None
     assert (tmp_path / "copy.bin").stat().st_size <= 999
 
 
+def test_a_folder_swapped_for_a_link_after_the_scan_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "swap"
+    (model / "etc").mkdir(parents=True)
+    (model / "etc" / "hostname").write_text("a harmless file")
+    [scanned] = integrity.scan_source(model, max_bytes=CAP, where="test")
+    os.rename(model / "etc", tmp_path / "moved")
+    os.symlink("/etc", model / "etc")  # the same path now reads /etc/hostname
+    with pytest.raises(UnsafeModelFileError, match="no longer the file that was checked"):
+        integrity.copy_hashed(scanned.path, tmp_path / "copy", CAP, "test", scanned.identity)
+
+
 def test_the_cap_is_read_from_the_environment() -> None:
     assert Settings.from_env({}).model_max_bytes == 64 << 30
     assert Settings.from_env({"BITINGLIP_MODEL_MAX_BYTES": "1000"}).model_max_bytes == 1000
@@ -143,6 +154,23 @@ def test_hub_links_are_followed_inside_the_repository_only(tmp_path: Path, setti
     assert Registry(offline).versions("clf") == ["1"]
 
 
+def test_a_packaged_model_is_held_to_the_same_rules(tmp_path: Path, capped: Settings, tiny_encoder: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    model = copy_model(tiny_encoder, site / "fake_model_pkg" / "model")
+    (site / "fake_model_pkg" / "__init__.py").write_text(f"MODEL_DIR = {str(model)!r}\n")
+    info = site / "fake_model_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-model-pkg\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("fake_model_pkg\n")
+    monkeypatch.syspath_prepend(str(site))
+    os.symlink("/etc/passwd", model / "passwd.txt")
+    with pytest.raises(UnsafeModelFileError, match="'passwd.txt' is a symbolic link"):
+        Registry(capped).add("pkg", "pkg://fake-model-pkg", task="embed")
+    os.unlink(model / "passwd.txt")
+    assert Registry(capped).add("pkg", "pkg://fake-model-pkg", task="embed").revision == "1.0"
+
+
 def test_a_link_planted_in_a_registered_version_fails_verification(registry: Registry, tiny_encoder: Path) -> None:
     from bitinglip.platform.errors import IntegrityError
 
@@ -186,6 +214,14 @@ def test_generate_refuses_a_missing_lm_head_but_takes_a_tied_one(tmp_path: Path,
         generate.load(str(headless), "cpu", options)
 
 
+def test_registering_for_generate_checks_the_lm_head(tmp_path: Path, registry: Registry, tiny_gpt2: Path) -> None:
+    assert registry.add("gpt", str(tiny_gpt2), task="generate").version == "1"  # its lm_head is tied
+    headless = _untied_gpt2_without_lm_head(tiny_gpt2, tmp_path / "gpt2-headless")
+    with pytest.raises(UntrainedHeadError, match="no trained language-model head.*lm_head.weight"):
+        registry.add("headless", str(headless), task="generate")
+    assert registry.versions("headless") == []
+
+
 def test_embed_takes_an_encoder_saved_without_its_pooler(tmp_path: Path, tiny_encoder: Path) -> None:
     import transformers
 
@@ -211,9 +247,10 @@ def test_the_registration_check_reads_headers_not_weights(tmp_path: Path, tiny_c
     weights = model / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:8 + int.from_bytes(data[:8], "little")])  # the tensors' data cut off: names only
-    assert heads.missing_head(model, [weights]) == []
-    missing = heads.missing_head(tiny_encoder, [tiny_encoder / "model.safetensors"])
+    assert heads.missing_head("classify", model, [weights]) == []
+    missing = heads.missing_head("classify", tiny_encoder, [tiny_encoder / "model.safetensors"])
     assert sorted(missing or []) == ["classifier.bias", "classifier.weight"]
+    assert heads.missing_head("embed", tiny_encoder, [tiny_encoder / "model.safetensors"]) is None
 
 
 def test_models_add_cli_refuses_a_headless_classifier(tmp_path: Path, tiny_encoder: Path,
