@@ -55,6 +55,7 @@ def test_a_link_to_etc_is_refused_and_nothing_is_copied(tmp_path: Path, capped: 
     _nothing_copied(capped, "etc")
 
 
+@pytest.mark.timeout(60)  # "refused quickly": the scan never opens the link
 def test_a_link_to_dev_zero_is_refused_before_reading(tmp_path: Path, capped: Settings, tiny_encoder: Path) -> None:
     model = copy_model(tiny_encoder, tmp_path / "with-zero")
     os.symlink("/dev/zero", model / "model-00002.safetensors")
@@ -185,6 +186,13 @@ def test_a_link_planted_in_a_registered_version_fails_verification(registry: Reg
 # --- 13.5: a task head that would start at random is refused
 
 HEADLESS = "has no trained classification head for task 'classify'"
+
+
+@pytest.mark.parametrize("error", [UnsafeModelFileError, ModelTooLargeError, UntrainedHeadError])
+def test_model_errors_are_a_422_over_rest(error: type[ModelError]) -> None:
+    from bitinglip.gateway.handlers import status_of
+
+    assert status_of(error("refused")) == 422
 
 
 def test_classify_load_refuses_an_encoder_without_a_head(tiny_encoder: Path, tiny_classifier: Path) -> None:
