@@ -4,8 +4,8 @@ Transformers fills a head that is missing from the checkpoint (a classifier
 on a plain encoder) with random weights and only logs "newly initialized":
 the job would then answer with noise.  A task's ``load`` refuses such a
 model from the loading report (:func:`refuse_untrained`); registering a model
-for ``classify`` refuses it earlier, from the tensor names in the
-safetensors headers, without reading any weights (:func:`missing_head`).
+for ``classify`` or ``generate`` refuses it earlier, from the tensor names in
+the safetensors headers, without reading any weights (:func:`missing_head`).
 """
 
 from __future__ import annotations
