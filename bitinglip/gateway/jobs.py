@@ -29,7 +29,9 @@ from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import write_rest_record
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.errors import BitingLipError, ConflictError, InputError, NotFoundError, UnavailableError
+from bitinglip.gateway.handlers import scrub
+from bitinglip.platform.errors import (BitingLipError, ConflictError, InputError, NotFoundError, OutputWriteError,
+                                       UnavailableError)
 from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.settings import Settings
@@ -119,7 +121,7 @@ def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
     out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
            "priority": job.get("priority"), "rows_done": done, "rows_total": total,
            "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
-           "error": job.get("error"), "created_at": job.get("created_at"), "started_at": started,
+           "error": job.get("error") and scrub(job["error"]), "created_at": job.get("created_at"), "started_at": started,
            "finished_at": finished, "idempotency_key": job.get("idempotency_key")}
     if admin:
         out["owner"] = job.get("owner")
@@ -160,7 +162,9 @@ async def submit_job(request: Request) -> Response:
     now = time.time()
     got, created = await gw.store.create(job_id, principal.sub, fields, sub["idempotency_key"], now=now)
     if not created:
-        job = await own_job(gw, principal, got)
+        job = await gw.store.get(got)
+        if job is None or job.get("owner") != principal.sub:  # never name a job that is not the caller's
+            raise NotFoundError("the job submitted under this idempotency key is gone; submit with a new key")
         return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
@@ -170,6 +174,9 @@ async def submit_job(request: Request) -> Response:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
         if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
+        if isinstance(exc, OSError):  # the job's record is written here, on the gateway's own disk
+            raise OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
+                                   "it is full or not writable: nothing was submitted") from exc
         raise UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}") from exc
     figures = {"rows_total": total, "parts": parts}
     if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile

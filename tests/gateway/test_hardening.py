@@ -1,0 +1,164 @@
+"""Issue 14's findings against the gateway (and issue 13's REST items):
+Redis pool, submissions beside busy workers, rate buckets, idempotency keys
+of two subjects, a full results disk, addresses in 503s, slow clients,
+partial results and resume.  All on the session's live gateway, Redis and
+Dask cluster, unless a test needs a gateway of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gwtools import SECRET, auth, free_port, wait_for
+
+from bitinglip.platform.settings import Settings
+
+TEXTS = [f"row {i}: a sentence to embed {i % 5}" for i in range(40)]
+
+
+def user() -> str:
+    return f"hard-{uuid.uuid4().hex[:8]}"
+
+
+def get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    r = httpx.get(url, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+# --- 14.5: a pool sized to the gateway's concurrency
+
+def test_300_concurrent_reads_all_succeed(gateway: str) -> None:
+    h = auth(user())
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            got = await asyncio.gather(*(client.get(f"{gateway}/v1/jobs", headers=h) for _ in range(300)))
+        return [r.status_code for r in got]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == 300, {s: statuses.count(s) for s in set(statuses)}
+
+
+# --- 13.10: online inference has its own bucket; invalid requests use up nothing
+
+def test_eleven_infer_calls_in_a_minute_pass(gateway: str, models: dict[str, str]) -> None:
+    h = auth(user())
+    for i in range(11):
+        r = httpx.post(f"{gateway}/v1/infer", headers=h, timeout=60,
+                       json={"task": "embed", "model": "tiny-encoder", "inputs": [f"text {i}"]})
+        assert r.status_code == 200, (i, r.text)
+    assert int(r.headers["x-ratelimit-limit"]) == 600
+    # nor did they touch the submission bucket
+    r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+                   json={"task": "embed", "model": "tiny-encoder", "inputs": ["one"]})
+    assert r.status_code == 202 and r.headers["x-ratelimit-remaining"] == "9", r.text
+
+
+def test_invalid_submissions_do_not_use_up_the_limit(gateway: str, models: dict[str, str]) -> None:
+    h = auth(user())
+    for _ in range(12):  # over the limit of 10, all refused as invalid
+        r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+                       json={"task": "embed", "model": "tiny-encoder", "inputs": []})
+        assert r.status_code == 422, r.text
+    r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+                   json={"task": "embed", "model": "tiny-encoder", "inputs": ["valid"]})
+    assert r.status_code == 202, r.text
+    assert r.headers["x-ratelimit-remaining"] == "9"
+
+
+# --- 14.8: idempotency keys of two subjects never meet
+
+def test_idempotency_keys_with_colons_stay_apart(gateway: str, models: dict[str, str]) -> None:
+    tag = uuid.uuid4().hex[:6]
+    first, second = auth(f"{tag}:x"), auth(tag)
+    body = {"task": "embed", "model": "tiny-encoder", "inputs": ["a"]}
+    a = httpx.post(f"{gateway}/v1/jobs", headers=first, timeout=60, json={**body, "idempotency_key": "k"})
+    assert a.status_code == 202, a.text
+    # subject "<tag>" with key "x:k" used to build the same Redis key as "<tag>:x" with "k"
+    b = httpx.post(f"{gateway}/v1/jobs", headers=second, timeout=60, json={**body, "idempotency_key": "x:k"})
+    assert b.status_code == 202, b.text
+    assert "idempotent-replayed" not in b.headers
+    assert b.json()["id"] != a.json()["id"] and a.json()["id"] not in b.text
+    again = httpx.post(f"{gateway}/v1/jobs", headers=first, timeout=60, json={**body, "idempotency_key": "k"})
+    assert again.json()["id"] == a.json()["id"] and again.headers["idempotent-replayed"] == "true"
+
+
+# --- 14.8: a full results disk is the gateway's storage, not the cluster
+
+def test_full_results_disk_is_507_not_the_cluster(gw_settings: Settings, models: dict[str, str],
+                                                  platform: Any, tmp_path: Path) -> None:
+    port = free_port()
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {**os.environ, "REDIS_URL": gw_settings.redis_url or "", "BITINGLIP_JWT_SECRET": SECRET,
+           "BITINGLIP_RESULTS_DIR": str(results), "MODEL_CACHE_DIR": str(gw_settings.model_cache_dir),
+           "ENVIRONMENT": "test"}
+
+    def small_files() -> None:  # a real write failure: EFBIG past 256 bytes (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    proc = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port), "--scheduler",
+                             platform.client.scheduler.address, "--no-access-log"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=small_files)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, "the gateway exited"
+            try:
+                if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the gateway did not start"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/jobs", headers=auth(user()), timeout=60,
+                       json={"task": "embed", "model": "tiny-encoder", "inputs": ["x" * 400]})
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert error["code"] == "output_write_failed"
+        assert "results folder" in error["message"] and "cluster" not in error["message"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# --- 14.8: 503s do not name the cluster's addresses
+
+def test_5xx_messages_name_no_worker_address(caplog: pytest.LogCaptureFixture) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
+    from bitinglip.platform.errors import UnavailableError
+
+    async def failing(request: Any) -> Any:
+        raise UnavailableError("the cluster refused the job: KilledWorker: ('run-1', <WorkerState "
+                               "'tcp://10.1.2.3:40123', name: 0, status: closed>) after tcp://10.1.2.4:40999 left")
+
+    app = Starlette(routes=[Route("/x", failing)], exception_handlers=EXCEPTION_HANDLERS)
+    with caplog.at_level(logging.WARNING, logger="bitinglip.gateway.handlers"), TestClient(app) as client:
+        r = client.get("/x")
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "10.1.2." not in message and "tcp://" not in message, message
+    assert "a worker" in message
+    # the detail stays in the gateway's log, with the request id
+    assert any("tcp://10.1.2.3:40123" in rec.getMessage() and r.json()["error"]["request_id"] in rec.getMessage()
+               for rec in caplog.records)
+
