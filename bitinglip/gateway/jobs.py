@@ -169,7 +169,8 @@ async def submit_job(request: Request) -> Response:
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
     try:
-        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output, record)
+        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output, record,
+                                                      limiter=gw.submissions)
     except BaseException as exc:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
         if isinstance(exc, BitingLipError | asyncio.CancelledError):

@@ -50,6 +50,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.platform: Any = None
         self.batcher: Any = None
+        self.submissions: anyio.CapacityLimiter
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,6 +58,9 @@ class Gateway:
 
         from bitinglip.gateway.infer import Batcher
 
+        # submissions talk to the scheduler and write files: their own threads,
+        # so that reads (on anyio's default pool) never wait behind them
+        self.submissions = anyio.CapacityLimiter(self.settings.submit_threads)
         # a request beyond the pool waits briefly for a connection rather than failing
         pool = aioredis.BlockingConnectionPool.from_url(
             self.settings.redis_url, max_connections=self.settings.redis_max_connections,

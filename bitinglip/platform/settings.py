@@ -181,6 +181,8 @@ class Settings:
     #: stops at 100 and reports "too many connections" as Redis being down)
     redis_max_connections: int = 256
     redis_pool_timeout_s: float = 5.0
+    #: submissions running at once in their own threads, so that reads never wait behind them
+    submit_threads: int = 8
     #: seconds a client may take to send its request body (then 408), and to
     #: open its next request on a kept-alive connection
     body_timeout_s: float = 30.0
@@ -243,6 +245,8 @@ class Settings:
                                         _positive, "a whole number of connections"),
             redis_pool_timeout_s=_read(env, "BITINGLIP_REDIS_POOL_TIMEOUT", default.redis_pool_timeout_s,
                                        _positive_float, "a number of seconds above 0"),
+            submit_threads=_read(env, "BITINGLIP_SUBMIT_THREADS", default.submit_threads, _positive,
+                                 "a whole number of threads"),
             body_timeout_s=_read(env, "BITINGLIP_BODY_TIMEOUT", default.body_timeout_s, _positive_float,
                                  "a number of seconds above 0"),
             keep_alive_s=_read(env, "BITINGLIP_KEEP_ALIVE", default.keep_alive_s, _positive,
