@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from bitinglip.gateway import health, infer, jobs, models, results
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
-from bitinglip.gateway.middleware import BodyLimit, RequestContext
+from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext
 from bitinglip.gateway.openapi import document
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.settings import Settings, get_settings
@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RequestContext, metrics=gateway.metrics),
-                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)],
+                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes),
+                    Middleware(BodyTimeout, timeout_s=gateway.settings.body_timeout_s)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -225,3 +225,36 @@ def test_remote_cluster_resolves_on_a_worker(platform: Any, tiny_encoder: Path, 
         assert not any("distributed" in name for name in frames), frames
     finally:
         remote.close()
+
+
+# --- 14.8: a client that trickles its body is answered 408 (or let go), not waited for
+
+def test_slow_body_gets_408(gw_settings: Settings, models: dict[str, str]) -> None:
+    from gwtools import serve
+
+    from bitinglip.gateway.cli import server
+
+    with serve(gw_settings.with_(body_timeout_s=2.0, keep_alive_s=2)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        token = auth(user())["Authorization"]
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"task\": ".encode())
+            started = time.monotonic()
+            answer = b""
+            while b"request_id" not in answer:  # and nothing more is sent
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        assert waited < 20, waited  # the bound is 2 s; before, the gateway waited for ever
+    # the gateway's uvicorn gets the keep-alive and header-size settings
+    import argparse
+
+    srv = server(argparse.Namespace(host="127.0.0.1", port=0, scheduler=None, ssl_certfile=None, ssl_keyfile=None,
+                                    log_level="warning", access_log=False),
+                 gw_settings.with_(keep_alive_s=3, max_header_bytes=4096))
+    assert srv.config.timeout_keep_alive == 3 and srv.config.h11_max_incomplete_event_size == 4096
