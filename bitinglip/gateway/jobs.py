@@ -27,7 +27,7 @@ from bitinglip.gateway.auth import Principal
 from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.rebuild import write_rest_record
+from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.state import Gateway
 from bitinglip.gateway.handlers import scrub
 from bitinglip.platform.errors import (BitingLipError, ConflictError, InputError, NotFoundError, OutputWriteError,
@@ -136,11 +136,13 @@ async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, A
     return job
 
 
-def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
+def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
             record: dict[str, Any]) -> tuple[int, int]:
-    """On a worker thread: hand the job to the cluster and let go of it."""
+    """On a worker thread: hand the job to the cluster and let go of it
+    (also to resume it: same job id, same output, same inputs)."""
     import dask
 
+    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
     write_rest_record(output, record)
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
@@ -169,7 +171,7 @@ async def submit_job(request: Request) -> Response:
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
     try:
-        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output, record,
+        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, record,
                                                       limiter=gw.submissions)
     except BaseException as exc:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
