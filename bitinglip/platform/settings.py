@@ -187,6 +187,8 @@ class Settings:
     #: open its next request on a kept-alive connection
     body_timeout_s: float = 30.0
     keep_alive_s: int = 5
+    #: seconds a client may take to send its request line and headers (then the connection closes)
+    header_timeout_s: float = 10.0
     #: bytes of request line and headers a client may send before h11 refuses it
     max_header_bytes: int = 65_536
     admin_allowlist: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
@@ -249,6 +251,8 @@ class Settings:
                                  "a whole number of threads"),
             body_timeout_s=_read(env, "BITINGLIP_BODY_TIMEOUT", default.body_timeout_s, _positive_float,
                                  "a number of seconds above 0"),
+            header_timeout_s=_read(env, "BITINGLIP_HEADER_TIMEOUT", default.header_timeout_s, _positive_float,
+                                   "a number of seconds above 0"),
             keep_alive_s=_read(env, "BITINGLIP_KEEP_ALIVE", default.keep_alive_s, _positive,
                                "a whole number of seconds"),
             max_header_bytes=_read(env, "BITINGLIP_MAX_HEADER_BYTES", default.max_header_bytes, _positive,

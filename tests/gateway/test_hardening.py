@@ -260,6 +260,26 @@ def test_slow_body_gets_408(gw_settings: Settings, models: dict[str, str]) -> No
     assert srv.config.timeout_keep_alive == 3 and srv.config.h11_max_incomplete_event_size == 4096
 
 
+def test_slow_request_head_is_cut_off(gw_settings: Settings, models: dict[str, str]) -> None:
+    from gwtools import serve
+
+    with serve(gw_settings.with_(header_timeout_s=2.0)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        # one that sends a part of its headers, and one that sends nothing at all
+        for opening in (f"GET /v1/jobs HTTP/1.1\r\nHost: {host}\r\nX-Slow: ".encode(), b""):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(opening)
+                started = time.monotonic()
+                assert sock.recv(65536) == b""  # the gateway hangs up
+                assert time.monotonic() - started < 20  # the bound is 2 s; before, it waited for ever
+        # a client that keeps its connection and sends requests in time is served throughout
+        with httpx.Client(timeout=30) as client:
+            h = auth(user())
+            for _ in range(3):
+                assert client.get(f"{url}/v1/jobs", headers=h).status_code == 200
+                time.sleep(1.0)
+
+
 # --- 13.13: a cancelled job's committed rows, and its resume over REST
 
 def _all_rows(url: str, h: dict[str, str]) -> tuple[list[dict[str, Any]], list[httpx.Response]]:
