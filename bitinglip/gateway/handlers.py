@@ -92,7 +92,7 @@ async def refund(request: Request, status: int) -> None:
     if status in INVALID and verdict is not None:
         try:
             await request.app.state.gateway.limiter.refund(verdict)
-        except Exception:  # noqa: BLE001 - the refusal itself must still be answered
+        except Exception:
             log.warning("request %s: giving back its rate-limit slot failed", request_id(request.scope),
                         exc_info=True)
 

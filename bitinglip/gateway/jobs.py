@@ -25,13 +25,19 @@ from starlette.responses import Response, StreamingResponse
 
 from bitinglip.gateway.auth import Principal
 from bitinglip.gateway.body import query_int, read_json
+from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.state import Gateway
-from bitinglip.gateway.handlers import scrub
-from bitinglip.platform.errors import (BitingLipError, ConflictError, InputError, NotFoundError, OutputWriteError,
-                                       UnavailableError)
+from bitinglip.platform.errors import (
+    BitingLipError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    OutputWriteError,
+    UnavailableError,
+)
 from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.settings import Settings

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import anyio
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitinglip.gateway.handlers import error_response, request_id

@@ -108,12 +108,11 @@ def test_full_results_disk_is_507_not_the_cluster(gw_settings: Settings, models:
            "BITINGLIP_RESULTS_DIR": str(results), "MODEL_CACHE_DIR": str(gw_settings.model_cache_dir),
            "ENVIRONMENT": "test"}
 
-    def small_files() -> None:  # a real write failure: EFBIG past 256 bytes (Python ignores SIGXFSZ)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
-
     proc = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port), "--scheduler",
                              platform.client.scheduler.address, "--no-access-log"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=small_files)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a real write failure: EFBIG past 256 bytes (Python ignores SIGXFSZ); set long before the gateway is up
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (256, 256))
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
