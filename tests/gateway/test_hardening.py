@@ -186,6 +186,23 @@ def test_submission_answered_while_workers_are_busy(gateway: str, models: dict[s
         assert get_json(long_url, h)["state"] == "running"
         # issue 14.6 measured 41-44 s for the submission, 37 s for the model list
         assert submit_s < 5 and models_s < 5, (submit_s, models_s)
+
+        async def crowd() -> tuple[list[int], float]:
+            """45 submissions at once (one subject each: 10 a minute per subject), and a read among them."""
+            async with httpx.AsyncClient(timeout=120) as client:
+                posts = [asyncio.ensure_future(client.post(
+                    f"{gateway}/v1/jobs", headers=auth(user()),
+                    json={"task": "embed", "model": "tiny-encoder", "inputs": [f"crowd {i}"]})) for i in range(45)]
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                listed = await client.get(f"{gateway}/v1/models", headers=h)
+                read_s = time.monotonic() - started
+                assert listed.status_code == 200, listed.text
+                return [r.status_code for r in await asyncio.gather(*posts)], read_s
+
+        codes, read_s = asyncio.run(crowd())
+        assert codes == [202] * 45
+        assert read_s < 5, read_s  # reads do not wait behind submissions (37 s in the issue)
     finally:
         httpx.delete(long_url, headers=h, timeout=60)
 
