@@ -157,6 +157,14 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
     return job.total, len(job.futures)
 
 
+def refusal(exc: BaseException) -> BitingLipError:
+    """What a failed hand-over tells the caller."""
+    if isinstance(exc, OSError):  # the job's record and inputs are written here, on the gateway's own disk
+        return OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
+                                "it is full or not writable: nothing was submitted")
+    return UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}")
+
+
 async def submit_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write", WRITE)
@@ -183,10 +191,7 @@ async def submit_job(request: Request) -> Response:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
         if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
-        if isinstance(exc, OSError):  # the job's record is written here, on the gateway's own disk
-            raise OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
-                                   "it is full or not writable: nothing was submitted") from exc
-        raise UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}") from exc
+        raise refusal(exc) from exc
     figures = {"rows_total": total, "parts": parts}
     if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
         await gw.store.restore({**record, **figures})

@@ -7,6 +7,7 @@ beside the output; the job's record in Redis goes back to ``queued``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.gateway.jobs import hand_over, own_job, view
+from bitinglip.gateway.jobs import hand_over, own_job, refusal, view
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS
 from bitinglip.gateway.state import Gateway
@@ -82,9 +83,9 @@ async def resume_job(request: Request) -> Response:
         # the job ends again as it was, saying why the resume failed
         await gw.store.transition(job["id"], JobState.FAILED.value,
                                   {"finished_at": time.time(), "error": f"resume failed: {type(exc).__name__}: {exc}"})
-        if isinstance(exc, BitingLipError):
+        if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
-        raise UnavailableError(f"the cluster refused the resumed job: {type(exc).__name__}: {exc}") from exc
+        raise refusal(exc) from exc
     await gw.store.transition(job["id"], None, {"rows_total": total, "parts": parts})
     current = await gw.store.get(job["id"])
     return gw.json(request, view(current or {**job, "state": "queued"}), 202, {"Location": f"/v1/jobs/{job['id']}"})
