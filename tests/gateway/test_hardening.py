@@ -356,3 +356,30 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
     by_id = {row["id"]: row for row in rows}
     assert all(by_id[row["id"]] == row for row in partial)  # committed rows were not run again
     assert httpx.post(f"{url}/resume", headers=h, timeout=60).status_code == 409  # succeeded: nothing to resume
+
+
+# --- the new settings, and the idempotency key's layout
+
+def test_new_settings_read_from_the_environment() -> None:
+    from bitinglip.platform.errors import ConfigError
+    from bitinglip.platform.settings import Rate
+
+    s = Settings.from_env({"BITINGLIP_INFER_RATE_LIMIT": "50/second", "BITINGLIP_REDIS_MAX_CONNECTIONS": "400",
+                           "BITINGLIP_REDIS_POOL_TIMEOUT": "2.5", "BITINGLIP_SUBMIT_THREADS": "4",
+                           "BITINGLIP_BODY_TIMEOUT": "12", "BITINGLIP_HEADER_TIMEOUT": "3",
+                           "BITINGLIP_KEEP_ALIVE": "7", "BITINGLIP_MAX_HEADER_BYTES": "8192"})
+    assert s.infer_rate_limit == Rate(50, 1.0) and s.redis_max_connections == 400 and s.redis_pool_timeout_s == 2.5
+    assert s.submit_threads == 4 and s.body_timeout_s == 12 and s.header_timeout_s == 3
+    assert s.keep_alive_s == 7 and s.max_header_bytes == 8192
+    assert Settings().infer_rate_limit == Rate(600, 60.0)
+    for name, value in (("BITINGLIP_REDIS_POOL_TIMEOUT", "0"), ("BITINGLIP_SUBMIT_THREADS", "0"),
+                        ("BITINGLIP_BODY_TIMEOUT", "soon"), ("BITINGLIP_INFER_RATE_LIMIT", "many")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_idempotency_keys_are_unambiguous() -> None:
+    from bitinglip.platform import keys
+
+    assert keys.idempotency("a:b", "c") != keys.idempotency("a", "b:c")
+    assert keys.idempotency("a", "b:c") != keys.idempotency("a:b:", "c")
