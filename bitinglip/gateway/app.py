@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from bitinglip.gateway import health, infer, jobs, models, results
+from bitinglip.gateway import health, infer, jobs, models, results, resume
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
-from bitinglip.gateway.middleware import BodyLimit, RequestContext
+from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext
 from bitinglip.gateway.openapi import document
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.settings import Settings, get_settings
@@ -52,6 +52,7 @@ ROUTES = [
     Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
     Route("/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}", jobs.cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/resume", resume.resume_job, methods=["POST"]),
     Route("/v1/jobs/{job_id}/results", results.job_results),
     Route("/v1/jobs/{job_id}/results/files", results.result_files),
     Route("/v1/jobs/{job_id}/results/files/{name}", results.result_file),
@@ -79,7 +80,8 @@ def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RequestContext, metrics=gateway.metrics),
-                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)],
+                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes),
+                    Middleware(BodyTimeout, timeout_s=gateway.settings.body_timeout_s)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -12,6 +12,7 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
     import uvicorn
 
     from bitinglip.gateway.app import create_app
+    from bitinglip.gateway.protocol import protocol
     from bitinglip.platform.errors import ConfigError
     from bitinglip.platform.settings import get_settings
 
@@ -31,6 +32,10 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile, proxy_headers=False, server_header=False,
                             log_level=args.log_level, access_log=args.access_log, lifespan="on",
+                            # a slow request head is cut off, an idle kept-alive connection closes,
+                            # an endless header block is refused
+                            http=protocol(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_s,
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
                             # json: uvicorn's loggers go through the JSON handler instead of its own
                             log_config=None if log_format == "json" else uvicorn.config.LOGGING_CONFIG)
     return uvicorn.Server(config)

@@ -6,6 +6,7 @@ Every error body is ``{"error": {"code", "message", "request_id"}}``.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -43,11 +44,20 @@ STATUS: dict[type[errors.BitingLipError], int] = {
     errors.ModelSourceError: 422,
     errors.JobTimeoutError: 504,
     errors.PartitionFailedError: 502,
+    errors.OutputWriteError: 507,
+    errors.RequestTimeoutError: 408,
 }
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-              422: "invalid_input", 429: "rate_limited", 500: "internal", 503: "unavailable"}
+              405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "invalid_input", 429: "rate_limited", 500: "internal",
+              503: "unavailable", 507: "insufficient_storage"}
+
+#: statuses of requests refused for what the caller sent: they give back their rate-limit slot
+INVALID = frozenset({400, 413, 415, 422})
+
+#: a Dask address (tcp://10.0.0.7:40123, tls://[::1]:8786, inproc://...), with a WorkerState's quotes
+_ADDRESS = re.compile(r"<WorkerState [^>]*>|'?\b(?:tcp|tls|inproc|ucx|ws|wss)://[^\s'\">,)]+'?")
 
 
 def request_id(scope: Scope) -> str:
@@ -71,16 +81,36 @@ def status_of(exc: errors.BitingLipError) -> int:
     return 500
 
 
+def scrub(message: str) -> str:
+    """``message`` without the cluster's internal addresses: a caller learns
+    that a worker failed, not where the workers listen."""
+    return _ADDRESS.sub("a worker", message)
+
+
+async def refund(request: Request, status: int) -> None:
+    verdict = getattr(request.state, "rate_verdict", None)
+    if status in INVALID and verdict is not None:
+        try:
+            await request.app.state.gateway.limiter.refund(verdict)
+        except Exception:
+            log.warning("request %s: giving back its rate-limit slot failed", request_id(request.scope),
+                        exc_info=True)
+
+
 async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.BitingLipError)
     status = status_of(exc)
+    message = str(exc)
     if status >= 500:
-        log.warning("request %s failed: %s", request_id(request.scope), exc)
-    return error_response(request.scope, status, exc.code, str(exc), getattr(exc, "headers", None))
+        log.warning("request %s failed: %s", request_id(request.scope), exc)  # the full text stays here
+        message = scrub(message)
+    await refund(request, status)
+    return error_response(request.scope, status, exc.code, message, getattr(exc, "headers", None))
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    await refund(request, exc.status_code)
     return error_response(request.scope, exc.status_code, HTTP_CODES.get(exc.status_code, "error"),
                           str(exc.detail), dict(exc.headers or {}))
 
@@ -88,6 +118,9 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
 async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
     # job status lives in Redis: without it, say so rather than answer "no such job"
     log.warning("request %s failed: Redis unreachable: %s", request_id(request.scope), exc)
+    if "No connection available" in str(exc):  # the pool's wait ran out: Redis is up, the gateway is busy
+        return error_response(request.scope, 503, errors.UnavailableError.code,
+                              "the gateway is at its limit of Redis connections; retry shortly", {"Retry-After": "1"})
     return error_response(request.scope, 503, errors.UnavailableError.code,
                           "the job status store (Redis) is unreachable; retry shortly", {"Retry-After": "1"})
 

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bitinglip import __version__
+from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.models import catalogue
 from bitinglip.gateway.state import Gateway
 
@@ -27,7 +28,7 @@ async def _models(gw: Gateway) -> dict[str, Any]:
         with anyio.fail_after(CHECK_TIMEOUT_S):
             entry["registry_size"] = len(await catalogue(gw))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        entry.update(status="down", error=f"registry: {type(exc).__name__}: {exc}")
+        entry.update(status="down", error=scrub(f"registry: {type(exc).__name__}: {exc}"))
     return entry
 
 
@@ -37,7 +38,7 @@ async def _tasks(gw: Gateway) -> dict[str, Any]:
             await gw.redis.ping()
             counts = await gw.store.counts()
     except Exception as exc:  # noqa: BLE001
-        return {"status": "down", "redis": "unreachable", "error": f"{type(exc).__name__}: {exc}"}
+        return {"status": "down", "redis": "unreachable", "error": scrub(f"{type(exc).__name__}: {exc}")}
     return {"status": "ok", "redis": "reachable", "queued": counts["queued"], "running": counts["running"]}
 
 
@@ -56,7 +57,7 @@ async def _cluster(gw: Gateway) -> dict[str, Any]:
         with anyio.fail_after(CHECK_TIMEOUT_S):
             info = await anyio.to_thread.run_sync(_cluster_info, client, abandon_on_cancel=True)
     except Exception as exc:  # noqa: BLE001
-        return {"status": "down", "scheduler": "unreachable", "error": f"{type(exc).__name__}: {exc}"}
+        return {"status": "down", "scheduler": "unreachable", "error": scrub(f"{type(exc).__name__}: {exc}")}
     return {"status": "ok" if info["workers"] else "down", **info}
 
 

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.jobs import check_task, check_texts
 from bitinglip.gateway.models import resolve
-from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.errors import BitingLipError, InputError, JobFailedError, UnavailableError
 
@@ -122,7 +122,7 @@ class Batcher:
 
 async def infer(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
-    await gw.authorize(request, "jobs:write", WRITE)
+    await gw.authorize(request, "jobs:write", INFER)
     body = await read_json(request)
     unknown = sorted(set(body) - {"task", "model", "inputs", "options"})
     if unknown:

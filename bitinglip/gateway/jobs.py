@@ -25,11 +25,19 @@ from starlette.responses import Response, StreamingResponse
 
 from bitinglip.gateway.auth import Principal
 from bitinglip.gateway.body import query_int, read_json
+from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.rebuild import write_rest_record
+from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.errors import BitingLipError, ConflictError, InputError, NotFoundError, UnavailableError
+from bitinglip.platform.errors import (
+    BitingLipError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    OutputWriteError,
+    UnavailableError,
+)
 from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.settings import Settings
@@ -119,7 +127,7 @@ def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
     out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
            "priority": job.get("priority"), "rows_done": done, "rows_total": total,
            "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
-           "error": job.get("error"), "created_at": job.get("created_at"), "started_at": started,
+           "error": job.get("error") and scrub(job["error"]), "created_at": job.get("created_at"), "started_at": started,
            "finished_at": finished, "idempotency_key": job.get("idempotency_key")}
     if admin:
         out["owner"] = job.get("owner")
@@ -134,17 +142,27 @@ async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, A
     return job
 
 
-def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
+def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
             record: dict[str, Any]) -> tuple[int, int]:
-    """On a worker thread: hand the job to the cluster and let go of it."""
+    """On a worker thread: hand the job to the cluster and let go of it
+    (also to resume it: same job id, same output, same inputs)."""
     import dask
 
+    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
     write_rest_record(output, record)
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id)
     platform.detach(job)  # the job survives this process from here on
     return job.total, len(job.futures)
+
+
+def refusal(exc: BaseException) -> BitingLipError:
+    """What a failed hand-over tells the caller."""
+    if isinstance(exc, OSError):  # the job's record and inputs are written here, on the gateway's own disk
+        return OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
+                                "it is full or not writable: nothing was submitted")
+    return UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}")
 
 
 async def submit_job(request: Request) -> Response:
@@ -160,17 +178,20 @@ async def submit_job(request: Request) -> Response:
     now = time.time()
     got, created = await gw.store.create(job_id, principal.sub, fields, sub["idempotency_key"], now=now)
     if not created:
-        job = await own_job(gw, principal, got)
+        job = await gw.store.get(got)
+        if job is None or job.get("owner") != principal.sub:  # never name a job that is not the caller's
+            raise NotFoundError("the job submitted under this idempotency key is gone; submit with a new key")
         return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
     try:
-        total, parts = await anyio.to_thread.run_sync(_submit, gw.platform, job_id, sub, model, output, record)
+        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, record,
+                                                      limiter=gw.submissions)
     except BaseException as exc:
         await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
         if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
-        raise UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}") from exc
+        raise refusal(exc) from exc
     figures = {"rows_total": total, "parts": parts}
     if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
         await gw.store.restore({**record, **figures})

@@ -1,5 +1,5 @@
-"""ASGI middleware: a request id and metrics on every request, and a cap
-on request body size."""
+"""ASGI middleware: a request id and metrics on every request, a cap on
+request body size, and a deadline for the body to arrive."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import re
 import time
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitinglip.gateway.handlers import error_response, request_id
 from bitinglip.gateway.metrics import Metrics
-from bitinglip.platform.errors import PayloadTooLargeError
+from bitinglip.platform.errors import PayloadTooLargeError, RequestTimeoutError
 from bitinglip.platform.logs import REQUEST_ID
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -86,3 +87,36 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class BodyTimeout:
+    """408 for a body that has not fully arrived ``timeout_s`` after the app
+    first asked for it: a client that trickles its body would otherwise hold
+    a connection and a task for as long as it likes (uvicorn has no such
+    limit).  Once the body is in, ``receive`` is the server's again (a stream
+    waits on it for the disconnect)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline: float | None = None
+        done = False
+
+        async def timed() -> Message:
+            nonlocal deadline, done
+            if done:
+                return await receive()
+            deadline = deadline or anyio.current_time() + self.timeout_s
+            with anyio.move_on_after(deadline - anyio.current_time()) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                raise RequestTimeoutError(f"the request body did not arrive within {self.timeout_s:g} s")
+            done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)

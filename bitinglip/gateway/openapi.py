@@ -13,6 +13,8 @@ _PAGE = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimu
          {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
 _TASK = {"type": "string", "enum": ["embed", "classify", "generate"]}
 _TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_PARTIAL = {"X-BitingLip-Partial": {"description": "true when the job was cancelled: only its committed rows",
+                                    "schema": {"type": "string", "enum": ["true", "false"]}}}
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -76,14 +78,21 @@ def document() -> dict[str, Any]:
                 "delete": _op("Cancel a job", {"202": _json(_ref("Job"), "cancelled")}, params=[_JOB_ID],
                               codes=(401, 403, 404, 409, 429)),
             },
+            "/v1/jobs/{job_id}/resume": {"post": _op(
+                "Resume a cancelled or failed job: same id, same output; only the partitions not committed run",
+                {"202": _json(_ref("Job"), "queued again")}, params=[_JOB_ID],
+                codes=(401, 403, 404, 409, 429, 503))},
             "/v1/jobs/{job_id}/results": {"get": _op(
-                "Result rows, paged", {"200": _json({"type": "object"})},
+                "Result rows, paged; a cancelled job's committed rows, marked partial "
+                "(X-BitingLip-Partial: true, \"partial\": true)",
+                {"200": {**_json(_ref("ResultPage")), "headers": _PARTIAL}},
                 params=[_JOB_ID, {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
                 codes=(401, 403, 404, 409, 422, 429, 503))},
             "/v1/jobs/{job_id}/results/files": {"get": _op(
-                "The Parquet files", {"200": _json({"type": "object"})}, params=[_JOB_ID],
+                "The Parquet files (of a cancelled job: those committed, marked partial)",
+                {"200": {**_json({"type": "object"}), "headers": _PARTIAL}}, params=[_JOB_ID],
                 codes=(401, 403, 404, 409, 429, 503))},
             "/v1/jobs/{job_id}/results/files/{name}": {"get": _op(
                 "One Parquet file", {"200": {"description": "Parquet",
@@ -139,6 +148,12 @@ def document() -> dict[str, Any]:
                                                      "task": _TASK}},
                 "Model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "source": {"type": "string"}}},
+                "ResultPage": {"type": "object", "properties": {
+                    "job_id": {"type": "string"},
+                    "state": {"type": "string", "enum": ["succeeded", "cancelled"]},
+                    "partial": {"type": "boolean"}, "rows": {"type": "array", "items": {"type": "object"}},
+                    "offset": {"type": "integer"}, "limit": {"type": "integer"}, "total": {"type": "integer"},
+                    "next_offset": {"type": ["integer", "null"]}}},
                 "Job": {"type": "object", "properties": {
                     "id": {"type": "string"},
                     "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},

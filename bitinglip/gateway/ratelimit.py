@@ -18,7 +18,7 @@ from bitinglip.platform import keys
 from bitinglip.platform.errors import RateLimitedError
 from bitinglip.platform.settings import Rate
 
-WRITE, READ = "write", "read"
+WRITE, READ, INFER = "write", "read", "infer"
 
 # KEYS: the bucket. ARGV: now (s), period (s), count, member.
 # Returns {allowed 0/1, requests in the window, oldest time in the window}.
@@ -43,6 +43,10 @@ class Verdict:
     limit: int
     remaining: int
     reset_s: int
+    #: the request's entry in its bucket, for :meth:`RateLimiter.refund`
+    bucket: str = ""
+    subject: str = ""
+    member: str = ""
 
     def headers(self) -> dict[str, str]:
         return {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining),
@@ -52,18 +56,26 @@ class Verdict:
 class RateLimiter:
     def __init__(self, redis: Any, rates: dict[str, Rate]) -> None:
         self.rates = rates
+        self.redis = redis
         self._hit = redis.register_script(_HIT)
 
     async def hit(self, bucket: str, subject: str) -> Verdict:
         """Count one request; raise :class:`RateLimitedError` when over."""
         rate = self.rates[bucket]
         now = time.time()
+        member = f"{now}:{uuid.uuid4().hex[:8]}"
         allowed, used, oldest = await self._hit(keys=[keys.rate(bucket, subject)],
-                                                args=[now, rate.period_s, rate.count, f"{now}:{uuid.uuid4().hex[:8]}"])
+                                                args=[now, rate.period_s, rate.count, member])
         reset = max(1, math.ceil(float(oldest) + rate.period_s - now))
-        verdict = Verdict(rate.count, max(0, rate.count - int(used)), reset)
+        verdict = Verdict(rate.count, max(0, rate.count - int(used)), reset, bucket, subject, member)
         if not int(allowed):
             raise RateLimitedError(f"rate limit of {rate.count} {bucket} requests per {rate.period_s:g}s reached; "
                                    f"retry in {reset}s", retry_after=reset,
                                    headers={**verdict.headers(), "Retry-After": str(reset)})
         return verdict
+
+    async def refund(self, verdict: Verdict) -> None:
+        """Give back a request that was refused as invalid: a caller's
+        mistakes must not use up what the limit allows them."""
+        if verdict.member:
+            await self.redis.zrem(keys.rate(verdict.bucket, verdict.subject), verdict.member)

@@ -35,6 +35,8 @@ log = logging.getLogger("bitinglip.gateway")
 
 #: the job hash as the gateway created it, kept beside the job's output
 REST_RECORD = "_rest.json"
+#: the job's inputs (inline rows, or the input file's path) and text column, for a resume
+REST_INPUTS = "_rest_inputs.json"
 #: how often a gateway looks at the dataset stamp
 CHECK_S = 1.0
 #: how often a gateway looks for abandoned submissions
@@ -45,9 +47,9 @@ ABANDONED_ERROR = ("the gateway that accepted this job stopped before the cluste
                    "nothing ran: submit it again (with a new idempotency key)")
 
 
-def write_rest_record(output: str, record: dict[str, Any]) -> None:
+def write_rest_record(output: str, record: dict[str, Any], name: str = REST_RECORD) -> None:
     os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, REST_RECORD)
+    path = os.path.join(output, name)
     with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
         json.dump(record, fh)
     os.replace(f"{path}.tmp-{os.getpid()}", path)

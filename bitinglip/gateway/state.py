@@ -18,7 +18,7 @@ from bitinglip.gateway import rebuild
 from bitinglip.gateway.auth import Principal, Verifier, mint, verifier
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
-from bitinglip.gateway.ratelimit import READ, WRITE, RateLimiter
+from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
 from bitinglip.platform.errors import ConfigError, RateLimitedError
 from bitinglip.platform.jobstore import JobStore
 from bitinglip.platform.settings import Settings
@@ -50,6 +50,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.platform: Any = None
         self.batcher: Any = None
+        self.submissions: anyio.CapacityLimiter
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,10 +58,18 @@ class Gateway:
 
         from bitinglip.gateway.infer import Batcher
 
-        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True,
-                                       socket_timeout=10, socket_connect_timeout=5)
+        # submissions talk to the scheduler and write files: their own threads,
+        # so that reads (on anyio's default pool) never wait behind them
+        self.submissions = anyio.CapacityLimiter(self.settings.submit_threads)
+        # a request beyond the pool waits briefly for a connection rather than failing
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.settings.redis_url, max_connections=self.settings.redis_max_connections,
+            timeout=self.settings.redis_pool_timeout_s, decode_responses=True,
+            socket_timeout=10, socket_connect_timeout=5)
+        self.redis = aioredis.Redis.from_pool(pool)
         self.store = JobStore(self.redis, self.settings.job_ttl_s)
-        self.limiter = RateLimiter(self.redis, {WRITE: self.settings.rate_limit, READ: self.settings.read_rate_limit})
+        self.limiter = RateLimiter(self.redis, {WRITE: self.settings.rate_limit, READ: self.settings.read_rate_limit,
+                                                INFER: self.settings.infer_rate_limit})
         os.makedirs(self.settings.results_dir, exist_ok=True)
         os.makedirs(self.settings.model_cache_dir, exist_ok=True)
         self.platform = await anyio.to_thread.run_sync(self._connect)
@@ -101,6 +110,7 @@ class Gateway:
             self.metrics.rejected(bucket)
             raise
         conn.state.ratelimit = verdict.headers()
+        conn.state.rate_verdict = verdict  # refunded if the request turns out invalid
         return principal
 
     def json(self, conn: HTTPConnection, body: Any, status: int = 200, headers: dict[str, str] | None = None

@@ -19,22 +19,28 @@ import re
 import time
 import uuid
 import weakref
+from pathlib import Path
 
 from distributed import Event
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bitinglip.platform.cluster import local_cluster, worker_resources
-from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError
+from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
 from bitinglip.platform.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs import Job
+from bitinglip.platform.models import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
 from bitinglip.platform.placement import prefer, warm_workers
-from bitinglip.platform.registry import Registry
+from bitinglip.platform.registry import Registry, is_ref
 from bitinglip.platform.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition, task_key
 from bitinglip.platform.settings import Settings, get_settings
 from bitinglip.platform.tasks import TaskType, check_task_type, get_task
 from bitinglip.worker_plugins.models import ModelPlugin
+
+
+#: seconds a remote worker has to say where a model is
+MODEL_LOOKUP_S = 10.0
 
 
 class Platform:
@@ -104,8 +110,7 @@ class Platform:
                          timeout=timeout, job_id=job_id)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
-        # where the model resolves is where it will run: ask a worker
-        self.client.submit(_resolve, model, pure=False, resources=resources).result()
+        model = self._locate_model(model, use_gpu)
         job_id = job_id or uuid.uuid4().hex
         resubmit[1]["job_id"] = job_id
         rows_wanted = partition_rows or self.settings.partition_rows
@@ -140,6 +145,46 @@ class Platform:
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
+
+    def _locate_model(self, model: str, use_gpu: bool) -> str:
+        """The model reference the workers get, checked here and now: a name
+        (registered, packaged, under ``MODEL_CACHE_DIR``) stays the name, so
+        the worker verifies the registered version; a directory becomes its
+        absolute path, as input paths do, so a worker with another working
+        directory loads the same folder.  Resolved in this process, not in a
+        task, which would wait behind every busy worker; a cluster of our own
+        sees the same files, a remote one is asked through one worker."""
+        try:
+            ref = resolve_model(model, self.settings)
+        except UnknownModelError:
+            if self.cluster is not None:
+                raise
+            return self._ask_a_worker(_worker_reference(model), use_gpu)
+        named = model in PACKAGED_MODELS or ref.version is not None or \
+            ref.path != str(Path(model).expanduser().resolve())
+        return model if named else ref.path
+
+    def _ask_a_worker(self, model: str, use_gpu: bool) -> str:
+        """Resolve ``model`` on one worker with ``Client.run``, which runs
+        beside the worker's tasks rather than queueing behind them."""
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        addresses = self.gpu_workers() if use_gpu else list(worker_resources(self.client))
+        if not addresses:
+            raise UnavailableError(f"no worker to look up model {model!r} on; the cluster has none")
+        pool = ThreadPoolExecutor(1)
+        try:
+            answer = pool.submit(self.client.run, _resolve_on_worker, model, workers=addresses[:1])
+            found, text = next(iter(answer.result(timeout=MODEL_LOOKUP_S).values()))
+        except FutureTimeout:
+            raise UnavailableError(f"a worker did not answer within {MODEL_LOOKUP_S:g} s where model "
+                                   f"{model!r} is") from None
+        finally:
+            pool.shutdown(wait=False)
+        if not found:
+            raise UnknownModelError(text)
+        return model
 
     def detach(self, job: Job, timeout: float = 60.0) -> None:
         """Let ``job`` run to its end without this client (``fire_and_forget``),
@@ -271,11 +316,25 @@ def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def _resolve(model: str) -> str:
-    from bitinglip.platform.models import resolve_model
-    from bitinglip.worker_plugins.models import get_model_plugin
+def _worker_reference(model: str) -> str:
+    """What to ask a remote worker for: a relative directory path made
+    absolute here, as input paths are; names as they are."""
+    if model in PACKAGED_MODELS or is_ref(model) or not model.strip():
+        return model
+    return os.path.abspath(os.path.expanduser(model))
 
-    return resolve_model(model, get_model_plugin().settings).path
+
+def _resolve_on_worker(model: str, dask_worker: Any = None) -> tuple[bool, str]:
+    """On a worker, through ``Client.run``: (True, its path) or (False, why
+    not), so that an unknown model is one clear error on the client, not a
+    worker's traceback."""
+    from bitinglip.worker_plugins.models import PLUGIN_NAME
+
+    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
+    try:
+        return True, resolve_model(model, plugin.settings if plugin is not None else get_settings()).path
+    except UnknownModelError as exc:
+        return False, str(exc)
 
 
 def connect(address: str | None = None, *, settings: Settings | None = None, n_workers: int | None = None,

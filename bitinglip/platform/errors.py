@@ -173,3 +173,16 @@ class StackError(BitingLipError):
     """A service of the local stack (``bitinglip up``) did not start or stay up."""
 
     code = "stack_failed"
+
+
+class OutputWriteError(BitingLipError):
+    """Results or a job's record could not be written: the results folder is
+    full or not writable."""
+
+    code = "output_write_failed"
+
+
+class RequestTimeoutError(BitingLipError):
+    """The client took too long to send its request."""
+
+    code = "request_timeout"

@@ -28,7 +28,8 @@ from bitinglip.platform.jobs import JobState
 TERMINAL = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
 STATES = tuple(s.value for s in JobState)
 
-#: allowed moves; a finished job never changes again
+#: allowed moves; a finished job never changes again, except through
+#: :meth:`JobStore.reopen` (a resume, asked for explicitly)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     JobState.QUEUED.value: (JobState.RUNNING.value, *TERMINAL),
     JobState.RUNNING.value: TERMINAL,
@@ -102,8 +103,23 @@ if KEYS[9] ~= '' then redis.call('SET', KEYS[9], ARGV[1], 'NX', 'EX', ARGV[6]) e
 return 1
 """
 
+# KEYS: job hash, then the five state indexes in STATES order.
+# ARGV: job id, now, states it may be reopened from (comma-separated).
+_REOPEN = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 'missing' end
+if not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then return cur end
+local states = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+for i, s in ipairs(states) do if s == cur then redis.call('ZREM', KEYS[i + 1], ARGV[1]) end end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[2], 'resumed_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'finished_at', 'error')
+redis.call('PERSIST', KEYS[1])
+return 'moved'
+"""
+
 _INT_FIELDS = ("rows_total", "rows_done", "parts", "priority")
-_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
+_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "resumed_at")
 
 
 def flat(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -140,6 +156,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION)
         self._create = redis.register_script(_CREATE)
         self._restore = redis.register_script(_RESTORE)
+        self._reopen = redis.register_script(_REOPEN)
 
     async def create(self, job_id: str, owner: str, fields: Mapping[str, Any],
                      idempotency_key: str | None = None, now: float | None = None) -> tuple[str, bool]:
@@ -180,6 +197,15 @@ class JobStore:
         return {"keys": [keys.job(job_id), *(keys.job_index(s) for s in STATES)],
                 "args": [job_id, state or "", ",".join(allowed), now, self.ttl_s,
                          *_flat({**(fields or {}), "updated_at": now})]}
+
+    async def reopen(self, job_id: str, from_states: tuple[str, ...], now: float | None = None) -> str:
+        """Put a finished job back in the queue, for a resume: only from
+        ``from_states``, atomically, so two resumes never both go ahead; it
+        loses its TTL again (running jobs never expire).  Returns MOVED,
+        MISSING, or the state that refused it."""
+        now = time.time() if now is None else now
+        return str(await self._reopen(keys=[keys.job(job_id), *(keys.job_index(s) for s in STATES)],
+                                      args=[job_id, now, ",".join(from_states)]))
 
     async def restore(self, record: Mapping[str, Any], now: float | None = None) -> bool:
         """Write back the record of a job that Redis lost, with its indexes,

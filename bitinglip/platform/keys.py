@@ -30,8 +30,11 @@ def all_jobs() -> str:
 
 
 def idempotency(owner: str, key: str) -> str:
-    """The job id created under a client-chosen idempotency key."""
-    return f"{PREFIX}idem:{owner}:{key}"
+    """The job id created under a client-chosen idempotency key.
+
+    The owner goes in length-prefixed: both may hold ``:``, and subject
+    ``a:b`` with key ``c`` must not meet subject ``a`` with key ``b:c``."""
+    return f"{PREFIX}idem:{len(owner)}:{owner}:{key}"
 
 
 def rate(bucket: str, subject: str) -> str:

@@ -61,6 +61,13 @@ def _non_negative(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be above 0")
+    return value
+
+
 def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
@@ -98,6 +105,8 @@ def _rate(raw: str) -> Rate:
 #: the seed's default for submissions, and a read limit high enough to poll a job
 SUBMIT_RATE = Rate(10, 60.0)
 READ_RATE = Rate(600, 60.0)
+#: online inference is many small calls: its own bucket, well above submissions
+INFER_RATE = Rate(600, 60.0)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -168,6 +177,22 @@ class Settings:
     #: per token subject, counted in Redis: submissions, and everything else
     rate_limit: Rate = SUBMIT_RATE
     read_rate_limit: Rate = READ_RATE
+    infer_rate_limit: Rate = INFER_RATE
+    #: Redis connections per gateway process; a request beyond them waits up to
+    #: ``redis_pool_timeout_s`` for one instead of failing (redis-py's own pool
+    #: stops at 100 and reports "too many connections" as Redis being down)
+    redis_max_connections: int = 256
+    redis_pool_timeout_s: float = 5.0
+    #: submissions running at once in their own threads, so that reads never wait behind them
+    submit_threads: int = 8
+    #: seconds a client may take to send its request body (then 408), and to
+    #: open its next request on a kept-alive connection
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    #: seconds a client may take to send its request line and headers (then the connection closes)
+    header_timeout_s: float = 10.0
+    #: bytes of request line and headers a client may send before h11 refuses it
+    max_header_bytes: int = 65_536
     admin_allowlist: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                             ipaddress.ip_network("::1/128"))
     #: X-Forwarded-For is read only from these addresses
@@ -220,6 +245,22 @@ class Settings:
             rate_limit=_read(env, "BITINGLIP_RATE_LIMIT", default.rate_limit, _rate, "N/second|minute|hour|day"),
             read_rate_limit=_read(env, "BITINGLIP_READ_RATE_LIMIT", default.read_rate_limit, _rate,
                                   "N/second|minute|hour|day"),
+            infer_rate_limit=_read(env, "BITINGLIP_INFER_RATE_LIMIT", default.infer_rate_limit, _rate,
+                                   "N/second|minute|hour|day"),
+            redis_max_connections=_read(env, "BITINGLIP_REDIS_MAX_CONNECTIONS", default.redis_max_connections,
+                                        _positive, "a whole number of connections"),
+            redis_pool_timeout_s=_read(env, "BITINGLIP_REDIS_POOL_TIMEOUT", default.redis_pool_timeout_s,
+                                       _positive_float, "a number of seconds above 0"),
+            submit_threads=_read(env, "BITINGLIP_SUBMIT_THREADS", default.submit_threads, _positive,
+                                 "a whole number of threads"),
+            body_timeout_s=_read(env, "BITINGLIP_BODY_TIMEOUT", default.body_timeout_s, _positive_float,
+                                 "a number of seconds above 0"),
+            header_timeout_s=_read(env, "BITINGLIP_HEADER_TIMEOUT", default.header_timeout_s, _positive_float,
+                                   "a number of seconds above 0"),
+            keep_alive_s=_read(env, "BITINGLIP_KEEP_ALIVE", default.keep_alive_s, _positive,
+                               "a whole number of seconds"),
+            max_header_bytes=_read(env, "BITINGLIP_MAX_HEADER_BYTES", default.max_header_bytes, _positive,
+                                   "a whole number of bytes"),
             admin_allowlist=_read(env, "BITINGLIP_ADMIN_ALLOWLIST", default.admin_allowlist, _networks,
                                   "comma-separated CIDRs"),
             trusted_proxies=_read(env, "BITINGLIP_TRUSTED_PROXIES", (), _networks, "comma-separated CIDRs"),

@@ -122,8 +122,12 @@ class RedisStatusPlugin(SchedulerPlugin):
                      **kwargs: Any) -> None:
         for key, record in ((annotations or {}).get(ANNOTATION) or {}).items():
             match = KEY.match(key) if isinstance(key, str) else None
-            if match is None or not isinstance(record, dict) or match["job"] in self._finished:
+            if match is None or not isinstance(record, dict):
                 continue
+            if match["job"] in self._finished:
+                if not record.get("resumed_at"):
+                    continue
+                del self._finished[match["job"]]  # a resumed job (POST .../resume): follow it again
             track = self._jobs.get(match["job"])
             if track is None:
                 track = self._jobs[match["job"]] = _Track(record=flat(record))

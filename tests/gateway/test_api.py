@@ -216,22 +216,23 @@ def test_token_rules(gateway: str) -> None:
     assert httpx.get(f"{gateway}/health/live").status_code == 200  # health needs no token
 
 
-def test_eleventh_submission_in_a_minute_is_refused(gateway: str) -> None:
+def test_eleventh_submission_in_a_minute_is_refused(gateway: str, models: dict[str, str]) -> None:
     h = auth(user())
-    body = {"task": "embed", "model": "no-such-model", "inputs": ["a"]}  # refused after counting
-    codes = [httpx.post(f"{gateway}/v1/jobs", headers=h, json=body).status_code for _ in range(10)]
-    assert codes == [422] * 10
-    r = httpx.post(f"{gateway}/v1/jobs", headers=h, json=body)
+    valid = {"task": "embed", "model": "tiny-encoder", "inputs": ["a"]}
+    body = {"task": "embed", "model": "no-such-model", "inputs": ["a"]}  # invalid: gives its slot back (13.10)
+    codes = [httpx.post(f"{gateway}/v1/jobs", headers=h, json=valid, timeout=60).status_code for _ in range(10)]
+    assert codes == [202] * 10
+    r = httpx.post(f"{gateway}/v1/jobs", headers=h, json=valid)
     assert_error(r, 429, "rate_limited")
     assert 1 <= int(r.headers["retry-after"]) <= 60
     assert r.headers["x-ratelimit-limit"] == "10" and r.headers["x-ratelimit-remaining"] == "0"
-    assert_error(httpx.post(f"{gateway}/v1/infer", headers=h, json=body), 429)  # infer shares the bucket
+    assert_error(httpx.post(f"{gateway}/v1/infer", headers=h, json=body), 422)  # infer has its own bucket
     ok = httpx.get(f"{gateway}/v1/jobs", headers=h)  # reads have their own, higher limit
     assert ok.status_code == 200 and ok.headers["x-ratelimit-limit"] == "600"
     assert httpx.post(f"{gateway}/v1/jobs", headers=auth(user()), json=body).status_code == 422  # per subject
     metrics = httpx.get(f"{gateway}/metrics", headers=h).text
     assert 'bitinglip_rate_limit_rejections_total{bucket="write"}' in metrics
-    assert float(metrics.split('bitinglip_rate_limit_rejections_total{bucket="write"} ')[1].split()[0]) >= 2
+    assert float(metrics.split('bitinglip_rate_limit_rejections_total{bucket="write"} ')[1].split()[0]) >= 1
 
 
 def test_admin_routes_need_scope_and_address(gateway: str, admin: dict[str, str]) -> None:
