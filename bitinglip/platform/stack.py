@@ -62,7 +62,11 @@ class Stack:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now.  SO_REUSEADDR as
+    the servers themselves set it: a port whose last connections are in
+    TIME_WAIT (for about 60 s after ``bitinglip down``) is free for them."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -147,7 +151,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if busy:
         raise ConfigError(f"in use on {host}: {', '.join(busy)}; choose other ports (see `bitinglip up --help`)")
     worker_args, n_workers, kind = _plan_workers(args.workers or settings.max_workers)
-    secret = secrets.token_urlsafe(32)
+    secret = _jwt_secret(settings)
     redis_url = f"redis://{host}:{ports['redis']}/0"
     scheduler = f"tcp://{host}:{ports['scheduler']}"
     env = {**os.environ, "REDIS_URL": redis_url, "BITINGLIP_JWT_SECRET": secret, "BITINGLIP_SCHEDULER": scheduler,
@@ -210,6 +214,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"stopped: {', '.join(stack.groups) or 'nothing had started'}", file=sys.stderr, flush=True)
 
 
+def _jwt_secret(settings: Any) -> str:
+    """The gateway's HS256 secret: an exported ``BITINGLIP_JWT_SECRET``, so that
+    ``bitinglip token`` from the same shell signs tokens this stack accepts;
+    else a fresh one for this stack only."""
+    return str(settings.jwt_secret) if settings.jwt_secret else secrets.token_urlsafe(32)
+
+
 def _install_signal_handlers() -> None:
     """SIGTERM (what ``bitinglip down`` sends) stops the stack like Ctrl-C."""
     def interrupt(signum: int, frame: Any) -> None:
@@ -233,7 +244,7 @@ def _print_summary(stack: Stack, health: dict[str, Any], kind: str, run_dir: Pat
         "  token (dev, all scopes, 24h):",
         f"  {stack.token}",
         "",
-        f"  curl -H 'Authorization: Bearer {stack.token[:12]}...' {stack.urls['gateway']}/v1/jobs",
+        f"  curl -H 'Authorization: Bearer {stack.token}' {stack.urls['gateway']}/v1/jobs",
     ]
     print("\n".join(lines), flush=True)
 
