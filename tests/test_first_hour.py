@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 
 from bitinglip.platform.settings import Settings
-from bitinglip.platform.stack import _jwt_secret, _port_free
+from bitinglip.platform.stack import _jwt_secret, port_free
 
 
 def test_a_port_in_time_wait_is_free_for_up() -> None:
@@ -23,11 +23,11 @@ def test_a_port_in_time_wait_is_free_for_up() -> None:
         conn, _ = server.accept()
         conn.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
         client.close()
-    assert _port_free("127.0.0.1", port)
+    assert port_free("127.0.0.1", port)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        assert not _port_free("127.0.0.1", busy.getsockname()[1])
+        assert not port_free("127.0.0.1", busy.getsockname()[1])
 
 
 def test_up_signs_with_an_exported_secret() -> None:
