@@ -55,7 +55,6 @@ def _sample_input(spec: str, output_dir: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
-
     from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
     from bitinglip.platform.settings import get_settings
     from bitinglip.platform.tasks import get_task
@@ -100,7 +99,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     import bitinglip
-
     from bitinglip.platform.outputs import RECORD, read_json
 
     record = read_json(os.path.join(os.path.abspath(args.output), RECORD))

@@ -65,7 +65,7 @@ def input_columns(path: Path) -> list[str]:
             return [str(c) for c in pd.read_json(path, lines=True, nrows=1).columns]
         if name.endswith((".csv", ".tsv")):
             return [str(c) for c in pd.read_csv(path, sep="\t" if name.endswith(".tsv") else ",", nrows=0).columns]
-    except Exception as exc:  # noqa: BLE001 - any reader error means the file cannot be read
+    except Exception as exc:
         raise InputError(f"--input {str(path)!r}: cannot read it: {exc}") from exc
     raise InputError(f"--input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
 
