@@ -4,7 +4,15 @@ first — the example as a script, the demo run twice, `bitinglip up` after
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from bitinglip.platform.settings import Settings
 from bitinglip.platform.stack import _jwt_secret, port_free
@@ -34,3 +42,57 @@ def test_up_signs_with_an_exported_secret() -> None:
     assert _jwt_secret(Settings(jwt_secret="exported-secret")) == "exported-secret"
     fresh = _jwt_secret(Settings(jwt_secret=None))
     assert len(fresh) >= 32 and fresh != _jwt_secret(Settings(jwt_secret=None))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make_demo(cwd: Path) -> subprocess.CompletedProcess[str]:
+    # the venv the tests run in; -o: it is set up already, make must not install into it
+    venv = Path(sys.executable).parent.parent
+    return subprocess.run(["make", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed", "demo",
+                           f"VENV={venv}", "ROWS=200"], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+@pytest.mark.slow
+def test_make_demo_runs_again(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("no make on PATH (apt-get install make)")
+    first = _make_demo(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    time.sleep(1)  # a new second, as between two demos a user starts by hand
+    second = _make_demo(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]  # was: "holds the results of another job"
+    outputs = sorted((tmp_path / "bitinglip-output").glob("demo-*"))
+    assert len(outputs) == 2
+    for out in outputs:
+        assert json.loads((out / "_manifest.json").read_text())["rows_out"] == 200
+
+
+def _script(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(path), *args], cwd=path.parent, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_a_script(tmp_path: Path) -> None:
+    script = tmp_path / "quickstart.py"
+    shutil.copy(REPO / "examples" / "quickstart.py", script)  # as copied out of the README
+    proc = _script(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedding" in proc.stdout and "[3 rows x" in proc.stdout, proc.stdout
+
+
+def test_a_script_without_the_main_guard_gets_a_one_line_hint(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text("import bitinglip\n\n"
+                      "with bitinglip.connect(n_workers=1) as platform:\n"
+                      "    print(platform.submit('embed', model='all-MiniLM-L6-v2', inputs=['a']).result())\n")
+    proc = _script(script)
+    assert proc.returncode != 0
+    hint = ('bitinglip.platform.errors.ConfigError: bitinglip.connect() without an address starts worker processes '
+            'that import unguarded.py again: put the code that calls it under `if __name__ == "__main__":` '
+            '(see examples/quickstart.py)')
+    assert hint in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert len((proc.stdout + proc.stderr).splitlines()) < 20  # was about 490 lines of worker tracebacks
