@@ -81,7 +81,7 @@ def test_the_readme_example_runs_as_a_script(tmp_path: Path) -> None:
     shutil.copy(REPO / "examples" / "quickstart.py", script)  # as copied out of the README
     proc = _script(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embedding" in proc.stdout and "[3 rows x" in proc.stdout, proc.stdout
+    assert "3 rows, embeddings of 384 dimensions" in proc.stdout, proc.stdout
 
 
 def test_a_script_without_the_main_guard_gets_a_one_line_hint(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from distributed import Event
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from bitinglip.platform.bootstrap import check_main_guard
 from bitinglip.platform.cluster import local_cluster, worker_resources
 from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError
 from bitinglip.platform.inputs import Partitions, to_partitions
@@ -289,6 +290,7 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
     settings = settings or get_settings()
     cluster = None
     if address is None:
+        check_main_guard()  # before any process starts: one line instead of a child's tracebacks
         cluster = local_cluster(settings, n_workers=n_workers, dashboard_address=dashboard_address)
         client = Client(cluster, **client_kwargs)
     else:
