@@ -304,6 +304,10 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
         # an embedded cluster shares these settings; remote workers read their own environment
         client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction,
                                            settings=settings if cluster is not None else None))
+        if cluster is not None:  # the Jobs page on the dashboard this cluster prints, as `bitinglip scheduler` has
+            from bitinglip.platform.ops_plugin import OpsPlugin
+
+            client.register_plugin(OpsPlugin())
     except Exception:
         client.close()
         if cluster is not None:

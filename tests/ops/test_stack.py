@@ -232,6 +232,15 @@ def test_jobs_page_shows_a_running_job_in_chromium(stack: dict[str, Any]) -> Non
     taken = _browse(exe, f"{dashboard}/bitinglip/jobs", f"--screenshot={shot}")
     assert taken.returncode == 0 and shot.stat().st_size > 1000, taken.stderr[-2000:]
     httpx.delete(f"{stack['urls']['gateway']}/v1/jobs/{job_id}", headers=stack["headers"], timeout=30)
+    rest = _finished(stack, job_id)
+    assert rest["state"] == "cancelled", rest
+
+    def agrees() -> dict[str, Any] | None:  # the page takes REST's figure once the scheduler sees the cancel
+        jobs = httpx.get(f"{dashboard}/bitinglip/jobs.json", timeout=30).json()["jobs"]
+        job = next((j for j in jobs if j["job"] == job_id), None)
+        return job if job and (job["state"], job["rows_done"]) == ("cancelled", rest["rows_done"]) else None
+
+    _wait(agrees, 30, f"the Jobs page did not show the cancelled job's {rest['rows_done']} rows done as REST does")
 
 
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_rest_gateway.ipynb", "03_custom_task.ipynb"])
