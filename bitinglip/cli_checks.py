@@ -11,7 +11,6 @@ matters.  Errors raised deep down name Python keywords (``text_column=``);
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +91,13 @@ def check_gpu_here() -> None:
                                 "drop --gpu, or give --address of a cluster with GPU workers")
 
 
-def check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
-    """A TCP connect to the scheduler, with a deadline: a dead one is an
-    error of one line, not a `dask worker` traceback half a minute later."""
-    from distributed.comm import parse_address
-    from distributed.comm.addressing import parse_host_port
+def check_scheduler_reachable(address: str) -> None:
+    """A dead scheduler is an error of one line, not a `dask worker`
+    traceback half a minute later."""
+    from bitinglip.platform.cluster import check_reachable
 
     try:
-        _, location = parse_address(address)
-        host, port = parse_host_port(location)
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError, TypeError) as exc:
-        raise UnavailableError(f"no scheduler answers at {address} ({exc}); start it first "
-                               "(`bitinglip scheduler` or `bitinglip up`), or leave out --no-restart "
-                               "to wait for it") from None
+        check_reachable(address)
+    except UnavailableError as exc:
+        raise UnavailableError(f"{exc}; start it first (`bitinglip scheduler` or `bitinglip up`), or leave out "
+                               "--no-restart to wait for it") from None

@@ -140,7 +140,7 @@ def test_a_busy_port_or_a_dead_scheduler_is_one_line(tmp_path: Path) -> None:
             assert f"--port {port}: in use on 127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
             assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1, proc.stdout + proc.stderr
     proc = bitinglip("worker", f"tcp://127.0.0.1:{free_port()}", "--no-restart", "--nworkers", "1", timeout=120)
-    assert proc.returncode == 1 and "no scheduler answers at tcp://127.0.0.1:" in proc.stderr
+    assert proc.returncode == 1 and "cannot reach the scheduler at tcp://127.0.0.1:" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 

@@ -96,3 +96,13 @@ def test_a_script_without_the_main_guard_gets_a_one_line_hint(tmp_path: Path) ->
             '(see examples/quickstart.py)')
     assert hint in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert len((proc.stdout + proc.stderr).splitlines()) < 20  # was about 490 lines of worker tracebacks
+
+
+def test_connect_to_an_unresolvable_host_fails_fast_naming_it() -> None:
+    import bitinglip
+    from bitinglip.platform.errors import UnavailableError
+
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match=r"cannot reach the scheduler at tcp://no-such-host\.invalid:8786"):
+        bitinglip.connect("tcp://no-such-host.invalid:8786")
+    assert time.monotonic() - started < 15  # was a bare OSError after 30 s
