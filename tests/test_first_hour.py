@@ -5,6 +5,7 @@ first — the example as a script, the demo run twice, `bitinglip up` after
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -106,3 +107,17 @@ def test_connect_to_an_unresolvable_host_fails_fast_naming_it() -> None:
     with pytest.raises(UnavailableError, match=r"cannot reach the scheduler at tcp://no-such-host\.invalid:8786"):
         bitinglip.connect("tcp://no-such-host.invalid:8786")
     assert time.monotonic() - started < 15  # was a bare OSError after 30 s
+
+
+def test_models_add_from_the_hub_without_a_network_fails_fast_with_a_hint(tmp_path: Path) -> None:
+    # an endpoint that never resolves: the same as a machine without a network, and never reaches one
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "MODEL_CACHE_DIR": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "m", "hf://org/name@abc123",
+                           "--task", "embed"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert time.monotonic() - started < 30  # the hub client alone retried for about 23 s
+    assert proc.returncode == 1
+    assert "cannot reach the Hugging Face Hub at https://hub.invalid" in proc.stderr
+    assert "set HF_HUB_OFFLINE=1 to read the local hub cache" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -11,8 +11,6 @@ embed about 1.6x faster than one process with two torch threads.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from typing import Any
 
 from bitinglip.platform.settings import Settings
@@ -114,33 +112,15 @@ def check_reachable(address: str, timeout: float = 5.0, connect: bool = True) ->
     from distributed.comm.addressing import parse_host_port
 
     from bitinglip.platform.errors import UnavailableError
+    from bitinglip.platform.netcheck import unreachable
 
     scheme, location = parse_address(address)
     if scheme not in ("tcp", "tls"):
         return  # inproc://, ucx://: not a TCP endpoint to try
     host, port = parse_host_port(location)
-    found: list[Any] = []
-
-    def resolve() -> None:
-        try:
-            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as exc:
-            found.append(exc)
-
-    # getaddrinfo has no timeout of its own: a resolver without a network retries for about 20 s
-    resolver = threading.Thread(target=resolve, daemon=True)
-    resolver.start()
-    resolver.join(timeout)
-    if not found or isinstance(found[0], OSError):
-        why = found[0] if found else f"no answer from the resolver within {timeout:.0f} s"
-        raise UnavailableError(f"cannot reach the scheduler at {address}: the host {host!r} does not resolve "
-                               f"({why})")
-    if not connect:
-        return
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        raise UnavailableError(f"cannot reach the scheduler at {address}: {exc}") from None
+    why = unreachable(host, int(port), timeout, connect)
+    if why is not None:
+        raise UnavailableError(f"cannot reach the scheduler at {address}: {why}")
 
 
 def worker_resources(client: Any) -> dict[str, dict[str, float]]:
