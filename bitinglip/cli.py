@@ -88,13 +88,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.progress(wait=not args.quiet)
         job.wait()
         seconds = time.perf_counter() - started
-    summary = {"job": job.id, "task": args.task, "model": args.model, "rows": job.total,
-               "seconds": round(seconds, 3), "rows_per_s": round(job.total / seconds, 1) if seconds else None,
-               "output": os.path.abspath(output)}
+        summary = _summary(job, job.summaries(), seconds, output)
     print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
           file=sys.stderr)
     print(json.dumps(summary))
     return 0
+
+
+def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: str) -> dict[str, Any]:
+    """The last line of ``run`` and ``resume``: one JSON object, the same keys for both."""
+    return {"job": job.id, "task": job.spec.task.name, "model": job.spec.model, "rows": job.total,
+            "partitions": len(summaries), "skipped_partitions": sum(1 for s in summaries if s.get("skipped")),
+            "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
+            "rows_per_s": round(job.total / seconds, 1) if seconds else None, "output": os.path.abspath(output)}
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -114,12 +120,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         job.progress(wait=not args.quiet)
         summaries = job.summaries()
         seconds = time.perf_counter() - started
-    skipped = sum(1 for s in summaries if s.get("skipped"))
-    summary = {"job": job.id, "rows": job.total, "partitions": len(summaries), "skipped_partitions": skipped,
-               "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
-               "output": os.path.abspath(args.output)}
-    print(f"resumed job {job.id}: {skipped} of {len(summaries)} partitions were already committed",
-          file=sys.stderr)
+    summary = _summary(job, summaries, seconds, args.output)
+    print(f"resumed job {job.id}: {summary['skipped_partitions']} of {len(summaries)} partitions were already "
+          "committed", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

@@ -149,12 +149,15 @@ def test_resume_skips_committed_partitions(tmp_path: Path) -> None:
     proc = bitinglip("run", "--task", "embed", "--model", "all-MiniLM-L6-v2", "--input", "sample:200",
                      "--output", str(out), "--workers", "1", "--partition-rows", "50", "--quiet")
     assert proc.returncode == 0, proc.stderr
+    ran = json.loads(proc.stdout.strip().splitlines()[-1])
     (out / "part-00002.parquet").unlink()  # as if the job had died before this partition
     (out / "_manifest.json").unlink()
     proc = bitinglip("resume", str(out), "--workers", "1", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["skipped_partitions"] == 3 and summary["partitions"] == 4
+    assert summary.keys() == ran.keys()  # one shape for the last line of run and resume
+    assert (summary["job"], summary["task"], summary["rows"]) == (ran["job"], "embed", 200)
     df = pd.concat(pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet")))
     assert df["id"].tolist() == list(range(200))
     proc = bitinglip("resume", str(tmp_path / "nothing-here"), "--workers", "1")
