@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,35 @@ def test_models_add_from_the_hub_without_a_network_fails_fast_with_a_hint(tmp_pa
     assert "cannot reach the Hugging Face Hub at https://hub.invalid" in proc.stderr
     assert "set HF_HUB_OFFLINE=1 to read the local hub cache" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_bar_ends_on_the_figures_progress_returns(platform: Any, tiny_encoder: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=[f"row {i}" for i in range(40)])
+    final = job.progress()
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.state == "succeeded" and final.rows_done == 40
+    assert f"40/40 [" in last and f"{final.rows_per_s:.1f} rows/s" in last, last  # was tqdm's own rate
+    assert job.progress(wait=False) == final  # and it stays that figure
+
+
+@pytest.mark.slow
+def test_a_notebook_without_ipywidgets_gets_one_progress_line(platform: Any, tiny_encoder: Path,
+                                                             tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (the dev extra has it)")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (the dev extra has it)")
+    address = platform.client.scheduler.address
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import sys\nsys.modules['ipywidgets'] = None  # as where it is not installed"),
+        nbformat.v4.new_code_cell(f"import bitinglip\nplatform = bitinglip.connect({address!r})"),
+        nbformat.v4.new_code_cell(f"job = platform.submit('embed', model={str(tiny_encoder)!r}, "
+                                  "inputs=['a', 'b', 'c', 'd'])\n_ = job.progress()"),
+        nbformat.v4.new_code_cell("platform.close()"),
+    ])
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env={**os.environ})
+    outputs = nb.cells[2].outputs
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) == 1 and "4/4 rows" in lines[0] and "(succeeded)" in lines[0], text  # was about 40 lines
