@@ -130,7 +130,7 @@ def test_the_bar_ends_on_the_figures_progress_returns(platform: Any, tiny_encode
     final = job.progress()
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.state == "succeeded" and final.rows_done == 40
-    assert f"40/40 [" in last and f"{final.rows_per_s:.1f} rows/s" in last, last  # was tqdm's own rate
+    assert "40/40 [" in last and f"{final.rows_per_s:.1f} rows/s" in last, last  # was tqdm's own rate
     assert job.progress(wait=False) == final  # and it stays that figure
 
 
