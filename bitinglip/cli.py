@@ -78,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     loading = time.perf_counter()
     # preloading in the plugin's setup keeps model load time out of the job's throughput
     with bitinglip.connect(args.address, n_workers=args.workers, preload=[(args.task, args.model)]) as platform:
-        print(f"dashboard: {platform.dashboard_link} (ready in {time.perf_counter() - loading:.1f}s)",
+        # the embedded cluster serves the Jobs page (also in the dashboard's top bar, "Jobs")
+        jobs_page = "" if args.address else f", jobs: {platform.dashboard_link.rsplit('/status', 1)[0]}/jobs"
+        print(f"dashboard: {platform.dashboard_link}{jobs_page} (ready in {time.perf_counter() - loading:.1f}s)",
               file=sys.stderr, flush=True)
         started = time.perf_counter()
         job = platform.submit(args.task, model=args.model, inputs=inputs, output=output,

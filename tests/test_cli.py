@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def test_run_embeds_a_sample_corpus_to_parquet(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 300 and summary["output"] == str(out)
-    assert "dashboard: http" in proc.stderr
+    dashboard = re.search(r"dashboard: (http\S+)/status, jobs: (http\S+/jobs)", proc.stderr)
+    assert dashboard is not None, proc.stderr  # the Jobs page of the embedded cluster, next to its dashboard
     assert "rows/s" in proc.stderr
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows_out"] == 300 and len(manifest["partitions"]) == 3
