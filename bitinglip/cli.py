@@ -112,9 +112,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     record = read_json(os.path.join(os.path.abspath(args.output), RECORD))
     if record is None:  # before starting a cluster
         raise InputError(f"{os.path.abspath(args.output)} holds no job record ({RECORD}); nothing to resume")
-    if args.input is None and record.get("input") is None:
+    source = args.input or record.get("input")
+    if source is None:
         raise InputError(f"the job in {os.path.abspath(args.output)} had in-memory inputs: pass them again "
                          "with --input")
+    if not os.path.exists(source):
+        raise InputError(f"the job's input {source!r} does not exist (any more); give it with --input")
+    if args.address is None:
+        from bitinglip.cli_checks import check_model_here
+        from bitinglip.platform.settings import get_settings
+
+        check_model_here(str(record.get("model")), get_settings())
     with bitinglip.connect(args.address, n_workers=args.workers) as platform:
         print(f"dashboard: {platform.dashboard_link}", file=sys.stderr, flush=True)
         started = time.perf_counter()

@@ -170,3 +170,9 @@ def test_resume_without_a_job_record_starts_no_cluster(tmp_path: Path) -> None:
     proc = bitinglip("resume", str(tmp_path / "nothing-here"), "--workers", "1")
     assert proc.returncode == 1 and "no job record (_job.json)" in proc.stderr
     assert "dashboard:" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "_job.json").write_text(json.dumps({
+        "job_id": "j", "task": "embed", "model": "all-MiniLM-L6-v2", "input": str(tmp_path / "gone.parquet")}))
+    proc = bitinglip("resume", str(tmp_path / "moved"), "--workers", "1")
+    assert proc.returncode == 1 and "gone.parquet' does not exist (any more); give it with --input" in proc.stderr
+    assert "dashboard:" not in proc.stderr, proc.stderr
