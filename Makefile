@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CPU torch by default; a GPU machine uses EXTRAS=gateway,dev,gpu after installing its CUDA torch
 EXTRAS ?= cpu,gateway,dev
 ROWS ?= 20000
+# a new folder each run: an output folder holds one job's results, and a second demo is another job
+DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup demo test test-fast bench services
 
@@ -20,7 +22,7 @@ services:
 	bash scripts/install-services.sh
 
 demo: setup
-	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output bitinglip-output/demo
+	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output $(DEMO_OUTPUT)
 
 # the venv's bin on PATH, as for a user who activated it: tests run its commands
 test: setup services

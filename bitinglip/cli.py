@@ -9,8 +9,10 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from bitinglip.cli_checks import cli_words, missing_module
 from bitinglip.platform.errors import BitingLipError, ConfigError, InputError
 
 
@@ -53,13 +55,20 @@ def _sample_input(spec: str, output_dir: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
-
+    from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
+    from bitinglip.platform.settings import get_settings
     from bitinglip.platform.tasks import get_task
 
-    # what can be checked without a cluster is checked before starting one
+    # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
     get_task(args.task).check_options(dict(args.option))
-    if not args.input.startswith("sample:") and not os.path.exists(args.input):
-        raise InputError(f"--input {args.input!r} does not exist")
+    if not args.input.startswith("sample:"):
+        if not os.path.exists(args.input):
+            raise InputError(f"--input {args.input!r} does not exist")
+        check_text_column(Path(args.input), args.text_column)
+    if args.address is None:  # the embedded cluster's workers run here: so do these checks
+        check_model_here(args.model, get_settings())
+        if args.gpu:
+            check_gpu_here()
     output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
     inputs: Any = args.input
     if args.input.startswith("sample:"):
@@ -69,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     loading = time.perf_counter()
     # preloading in the plugin's setup keeps model load time out of the job's throughput
     with bitinglip.connect(args.address, n_workers=args.workers, preload=[(args.task, args.model)]) as platform:
-        print(f"dashboard: {platform.dashboard_link} (ready in {time.perf_counter() - loading:.1f}s)",
+        # the embedded cluster serves the Jobs page (also in the dashboard's top bar, "Jobs")
+        jobs_page = "" if args.address else f", jobs: {platform.dashboard_link.rsplit('/status', 1)[0]}/jobs"
+        print(f"dashboard: {platform.dashboard_link}{jobs_page} (ready in {time.perf_counter() - loading:.1f}s)",
               file=sys.stderr, flush=True)
         started = time.perf_counter()
         job = platform.submit(args.task, model=args.model, inputs=inputs, output=output,
@@ -79,18 +90,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.progress(wait=not args.quiet)
         job.wait()
         seconds = time.perf_counter() - started
-    summary = {"job": job.id, "task": args.task, "model": args.model, "rows": job.total,
-               "seconds": round(seconds, 3), "rows_per_s": round(job.total / seconds, 1) if seconds else None,
-               "output": os.path.abspath(output)}
+        summary = _summary(job, job.summaries(), seconds, output)
     print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
           file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
 
+def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: str) -> dict[str, Any]:
+    """The last line of ``run`` and ``resume``: one JSON object, the same keys for both."""
+    return {"job": job.id, "task": job.spec.task.name, "model": job.spec.model, "rows": job.total,
+            "partitions": len(summaries), "skipped_partitions": sum(1 for s in summaries if s.get("skipped")),
+            "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
+            "rows_per_s": round(job.total / seconds, 1) if seconds else None, "output": os.path.abspath(output)}
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     import bitinglip
+    from bitinglip.platform.outputs import RECORD, read_json
 
+    record = read_json(os.path.join(os.path.abspath(args.output), RECORD))
+    if record is None:  # before starting a cluster
+        raise InputError(f"{os.path.abspath(args.output)} holds no job record ({RECORD}); nothing to resume")
+    source = args.input or record.get("input")
+    if source is None:
+        raise InputError(f"the job in {os.path.abspath(args.output)} had in-memory inputs: pass them again "
+                         "with --input")
+    if not os.path.exists(source):
+        raise InputError(f"the job's input {source!r} does not exist (any more); give it with --input")
+    if args.address is None:
+        from bitinglip.cli_checks import check_model_here
+        from bitinglip.platform.settings import get_settings
+
+        check_model_here(str(record.get("model")), get_settings())
     with bitinglip.connect(args.address, n_workers=args.workers) as platform:
         print(f"dashboard: {platform.dashboard_link}", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -98,12 +130,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         job.progress(wait=not args.quiet)
         summaries = job.summaries()
         seconds = time.perf_counter() - started
-    skipped = sum(1 for s in summaries if s.get("skipped"))
-    summary = {"job": job.id, "rows": job.total, "partitions": len(summaries), "skipped_partitions": skipped,
-               "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
-               "output": os.path.abspath(args.output)}
-    print(f"resumed job {job.id}: {skipped} of {len(summaries)} partitions were already committed",
-          file=sys.stderr)
+    summary = _summary(job, summaries, seconds, args.output)
+    print(f"resumed job {job.id}: {summary['skipped_partitions']} of {len(summaries)} partitions were already "
+          "committed", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
@@ -119,6 +148,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = settings_with_tls(get_settings(), args)
     check_address(settings, args.scheduler)
+    if not args.restart:  # nothing will wait for a scheduler that is not there
+        from bitinglip.cli_checks import check_scheduler_reachable
+
+        check_scheduler_reachable(args.scheduler)
     env = {**os.environ, **worker_process_env()}  # the nanny passes its environment on to the worker
     gpus = gpu_count() if args.gpus is None else args.gpus
     # `python -m dask` rather than `dask` from PATH: the same environment as this command
@@ -144,7 +177,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do; COMMAND -h for its options")
 
     run = sub.add_parser("run", help="run a job and write its results to Parquet")
     run.add_argument("--task", required=True, help="embed, classify, generate")
@@ -154,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output directory (default: bitinglip-output/<time>)")
     run.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
     run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
-    run.add_argument("--text-column", default="text")
+    run.add_argument("--text-column", default="text", help="the input's column of texts (default: %(default)s)")
     run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      help="a task option; VALUE is read as JSON when it parses (true, 3, [\"a\"])")
-    run.add_argument("--partition-rows", type=_positive)
-    run.add_argument("--token-budget", type=_positive)
+    run.add_argument("--partition-rows", type=_positive,
+                     help="rows per partition (default: PARTITION_ROWS, else sized to the workers)")
+    run.add_argument("--token-budget", type=_positive,
+                     help="padded tokens per micro-batch (default: TOKEN_BUDGET)")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
@@ -177,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.1:8786")
     worker.add_argument("--gpus", type=int, help="GPU workers to start (default: every visible GPU)")
     worker.add_argument("--nworkers", type=_positive, help="CPU workers (default: one per core)")
-    worker.add_argument("--name")
+    worker.add_argument("--name", help="the worker's name on the dashboard (default: Dask's)")
     worker.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                         help="start dask worker again when it exits, e.g. after losing the scheduler "
                              "(default: on)")
@@ -205,10 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_settings()
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"bitinglip: configuration error: {exc}", file=sys.stderr)
+        print(f"bitinglip: configuration error: {cli_words(str(exc))}", file=sys.stderr)
         return 2
     except BitingLipError as exc:
-        print(f"bitinglip: {exc}", file=sys.stderr)
+        print(f"bitinglip: {cli_words(str(exc))}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        print(missing_module(args.command, exc), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

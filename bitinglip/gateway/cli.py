@@ -42,6 +42,12 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from bitinglip.platform.errors import ConfigError
+    from bitinglip.platform.stack import port_free
+
+    if not port_free(args.host, args.port):  # before anything starts or prints a token
+        raise ConfigError(f"--port {args.port}: in use on {args.host}; stop what listens there or choose another "
+                          "--port")
     srv = server(args)
     srv.run()
     return 0 if srv.started else 1
@@ -63,14 +69,15 @@ def cmd_token(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the gateway's subcommands to the ``bitinglip`` parser."""
     gateway = sub.add_parser("gateway", help="serve the REST API (needs REDIS_URL)")
-    gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    gateway.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     gateway.add_argument("--scheduler", help="Dask scheduler address (default: BITINGLIP_SCHEDULER, "
                                              "else an embedded local cluster)")
     gateway.add_argument("--ssl-certfile", help="TLS certificate (PEM)")
     gateway.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
-    gateway.add_argument("--log-level", default="info")
-    gateway.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    gateway.add_argument("--log-level", default="info", help="uvicorn's log level (default: %(default)s)")
+    gateway.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                         help="log every request (default: on)")
     gateway.add_argument("--log-format", choices=("text", "json"), default="text",
                          help="json: one JSON object per log line, with the request id")
     gateway.set_defaults(func=cmd_gateway)

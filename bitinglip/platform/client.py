@@ -25,7 +25,8 @@ from distributed import Event
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from bitinglip.platform.cluster import local_cluster, worker_resources
+from bitinglip.platform.bootstrap import check_main_guard
+from bitinglip.platform.cluster import check_reachable, local_cluster, worker_resources
 from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
 from bitinglip.platform.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs import Job
@@ -348,19 +349,30 @@ def connect(address: str | None = None, *, settings: Settings | None = None, n_w
     settings = settings or get_settings()
     cluster = None
     if address is None:
+        check_main_guard()  # before any process starts: one line instead of a child's tracebacks
         cluster = local_cluster(settings, n_workers=n_workers, dashboard_address=dashboard_address)
         client = Client(cluster, **client_kwargs)
     else:
         from bitinglip.platform.security import check_address, security
 
         check_address(settings, address)
+        # a name that does not resolve fails in seconds, not after Dask's 30 s of retries; a scheduler
+        # that is still starting (a closed port) gets those retries
+        check_reachable(address, connect=False)
         if settings.tls:
             client_kwargs.setdefault("security", security(settings))
-        client = Client(address, **client_kwargs)
+        try:
+            client = Client(address, **client_kwargs)
+        except OSError as exc:  # Dask's "Timed out trying to connect"
+            raise UnavailableError(f"cannot reach the scheduler at {address}: {exc}") from exc
     try:
         # an embedded cluster shares these settings; remote workers read their own environment
         client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction,
                                            settings=settings if cluster is not None else None))
+        if cluster is not None:  # the Jobs page on the dashboard this cluster prints, as `bitinglip scheduler` has
+            from bitinglip.platform.ops_plugin import OpsPlugin
+
+            client.register_plugin(OpsPlugin())
     except Exception:
         client.close()
         if cluster is not None:

@@ -103,6 +103,26 @@ def _local_cluster(settings: Settings, n_workers: int | None, gpus: int | None, 
                         env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}, **kwargs)
 
 
+def check_reachable(address: str, timeout: float = 5.0, connect: bool = True) -> None:
+    """Resolve the scheduler's host and (``connect``) open a TCP connection
+    to it, each within ``timeout`` seconds; else :class:`UnavailableError`
+    naming the address.  Dask's own connect retries for 30 s and then raises
+    a bare ``OSError``; a name that does not resolve will not in 30 s either."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    from bitinglip.platform.errors import UnavailableError
+    from bitinglip.platform.netcheck import unreachable
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://: not a TCP endpoint to try
+    host, port = parse_host_port(location)
+    why = unreachable(host, int(port), timeout, connect)
+    if why is not None:
+        raise UnavailableError(f"cannot reach the scheduler at {address}: {why}")
+
+
 def worker_resources(client: Any) -> dict[str, dict[str, float]]:
     """Each worker's declared resources, by address."""
     workers = client.scheduler_info(n_workers=-1)["workers"]

@@ -115,19 +115,36 @@ class Job:
 
     def progress(self, wait: bool = True, interval: float = 0.25) -> Progress:
         """With ``wait`` (the default), show a progress bar until the job
-        ends; without, return the current figures at once."""
+        ends; without, return the current figures at once.  The bar shows
+        these figures' rows/s, so what it ends on is what this returns."""
         if not wait:
             return self.snapshot()
+        if _notebook_without_widgets():
+            # tqdm's text bar in a notebook prints a line per update (about 40 for a 4-row job): one line instead
+            while not self.done():
+                time.sleep(interval)
+            final = self._final()
+            print(f"{self.spec.task.name} {self.id[:8]}: {final}", flush=True)
+            return final
         from tqdm.auto import tqdm
 
-        with tqdm(total=self.total, unit="row", desc=f"{self.spec.task.name} {self.id[:8]}",
-                  dynamic_ncols=True) as bar:
-            while True:
-                snap = self.snapshot()
-                bar.update(snap.rows_done - bar.n)
-                if self.done():
-                    break
+        with tqdm(total=self.total, unit="row", desc=f"{self.spec.task.name} {self.id[:8]}", dynamic_ncols=True,
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]") as bar:
+            while not self.done():
+                self._show(bar, self.snapshot())
                 time.sleep(interval)
+            final = self._final()
+            self._show(bar, final)
+        return final
+
+    @staticmethod
+    def _show(bar: Any, snap: Progress) -> None:
+        eta = f", ETA {snap.eta_s:.0f}s" if snap.eta_s else ""
+        bar.set_postfix_str(f"{snap.rows_per_s:.1f} rows/s{eta}", refresh=False)
+        bar.update(snap.rows_done - bar.n)  # refreshes with the postfix
+
+    def _final(self) -> Progress:
+        """The figures at the job's end, fixed from then on."""
         self._finished_at = self._finished_at or time.time()
         return self.snapshot()
 
@@ -220,6 +237,23 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.spec.task.name} {self.spec.model!r}: {self.snapshot()}>"
+
+
+def _notebook_without_widgets() -> bool:
+    """A Jupyter kernel where tqdm's widget bar cannot load (no ipywidgets)."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return False  # not in IPython: a terminal or a script
+    from IPython import get_ipython
+
+    if not hasattr(get_ipython(), "kernel"):
+        return False  # the IPython terminal: tqdm's text bar works there
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def progress_dict(progress: Progress) -> dict[str, Any]:

@@ -82,6 +82,13 @@ th {{ background: #f3f3f3; }}
 """
 
 
+class ToJobs(RequestHandler):
+    """``/jobs``, the dashboard's navigation entry, is the Jobs page."""
+
+    def get(self) -> None:
+        self.redirect("bitinglip/jobs")
+
+
 class _Base(RequestHandler):
     def initialize(self, plugin: Any) -> None:
         self.plugin = plugin
@@ -105,8 +112,26 @@ class Metrics(_Base):
         self.write(self.plugin.metrics_text())
 
 
+def add_to_navigation(scheduler: Any) -> None:
+    """Link the Jobs page from the top bar of every dashboard page.
+
+    Dask draws that bar from ``template_variables(scheduler)["pages"]`` of
+    ``distributed.dashboard.scheduler``: memoized per scheduler and shared by
+    every page it renders, so an entry added here shows on all of them.
+    That is Dask's private API; tests/ops/test_jobs_page.py fails loudly if
+    an upgrade moves it."""
+    try:
+        from distributed.dashboard.scheduler import template_variables
+    except ImportError:  # no bokeh: no dashboard to link from
+        return
+    pages = template_variables(scheduler)["pages"]
+    if "jobs" not in pages:
+        pages.append("jobs")  # rendered as <a href="jobs">Jobs</a>; /jobs redirects to the page
+
+
 def handlers(plugin: Any) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
     """Routes for ``http_application.add_handlers``."""
-    return [(r"/bitinglip/jobs", JobsPage, {"plugin": plugin}),
+    return [(r"/jobs", ToJobs),
+            (r"/bitinglip/jobs", JobsPage, {"plugin": plugin}),
             (r"/bitinglip/jobs\.json", JobsJSON, {"plugin": plugin}),
             (r"/bitinglip/metrics", Metrics, {"plugin": plugin})]

@@ -28,6 +28,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from bitinglip.platform.opsmetrics import Collector, Figures, render
 from bitinglip.platform.runner import PROGRESS_TOPIC
+from bitinglip.platform.status_plugin import RedisStatusPlugin
 from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
 from bitinglip.worker_plugins.reporter import SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
 
@@ -58,16 +59,22 @@ class OpsPlugin(SchedulerPlugin):
         await scheduler.register_worker_plugin(None, dumps(ReporterPlugin()), name=REPORTER, idempotent=True)
         app = getattr(scheduler, "http_application", None)
         if app is not None:
-            from bitinglip.platform.jobs_page import handlers
+            from bitinglip.platform.jobs_page import add_to_navigation, handlers
 
             app.add_handlers(r".*", handlers(self))
+            add_to_navigation(scheduler)
         try:
             import prometheus_client
         except ImportError:
             log.info("prometheus_client is not installed: per-job series only at /bitinglip/metrics")
         else:
-            self._collector = Collector(self.figures)
-            prometheus_client.REGISTRY.register(self._collector)  # type: ignore[arg-type]
+            collector = Collector(self.figures)
+            try:
+                prometheus_client.REGISTRY.register(collector)  # type: ignore[arg-type]
+            except ValueError:  # a second embedded cluster in this process: the registry is per process
+                log.info("another BitingLip scheduler in this process serves the per-job series of /metrics")
+            else:
+                self._collector = collector
 
     async def close(self) -> None:
         if self._collector is not None:
@@ -114,7 +121,7 @@ class OpsPlugin(SchedulerPlugin):
         return render(self.figures.families())
 
     def snapshot(self) -> dict[str, Any]:
-        jobs = [f.view() for f in reversed(self.figures.jobs.values())]
+        jobs = [self._as_rest_shows(f.view()) for f in reversed(self.figures.jobs.values())]
         workers = []
         for address, ws in sorted((self.scheduler.workers if self.scheduler else {}).items()):
             report = self.figures.workers.get(address, {})
@@ -122,6 +129,20 @@ class OpsPlugin(SchedulerPlugin):
                             "memory_bytes": int(ws.memory.process), "memory_limit": int(ws.memory_limit or 0),
                             "models": report.get("models", []), "gpu": report.get("gpu")})
         return {"jobs": jobs, "workers": workers}
+
+
+    def _as_rest_shows(self, view: dict[str, Any]) -> dict[str, Any]:
+        """Rows done and state as REST shows them, where the Redis status
+        plugin runs on this scheduler: one figure for both views (after a
+        cancel, partitions report a few rows more that REST never counts)."""
+        for plugin in (self.scheduler.plugins.values() if self.scheduler else ()):
+            shown = plugin.shown(view["job"]) if isinstance(plugin, RedisStatusPlugin) else None
+            if shown is not None:
+                state, done = shown
+                total = view["rows_total"]
+                return {**view, "state": state, "rows_done": done,
+                        "progress": round(done / total, 4) if total else 0.0}
+        return view
 
 
 def install(client: Any) -> None:

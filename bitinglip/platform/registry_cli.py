@@ -71,7 +71,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bitinglip models ...`` to the ``bitinglip`` parser."""
     models = sub.add_parser("models", help="add, list, show, verify and remove registered models")
-    verbs = models.add_subparsers(dest="verb", required=True)
+    verbs = models.add_subparsers(dest="verb", required=True, help="what to do with the registry")
 
     add = verbs.add_parser("add", help="copy a model into the registry as a new version")
     add.add_argument("name", help="letters, digits, '.', '_', '-'")
@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.set_defaults(func=cmd_add)
 
     listing = verbs.add_parser("list", help="every version of every model")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     listing.set_defaults(func=cmd_list)
 
     for verb, func, text in (("show", cmd_show, "the manifest of NAME (newest) or NAME@VERSION"),

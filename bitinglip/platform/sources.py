@@ -83,6 +83,26 @@ def _from_package(source: str) -> Fetched:
                            "(a get_model_path() function or a MODEL_DIR attribute)")
 
 
+def _check_hub_reachable(source: str) -> None:
+    """Fail at once, with what to do, on a machine that cannot reach the hub:
+    the hub client retries the resolver for about 23 s before giving up."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    from bitinglip.platform.netcheck import unreachable
+
+    endpoint = urlparse(constants.ENDPOINT)
+    if endpoint.hostname is None or urllib.request.getproxies().get(endpoint.scheme):
+        return  # through a proxy only the proxy resolves the hub's name
+    why = unreachable(endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    if why is not None:
+        raise ModelSourceError(f"model source {source!r}: cannot reach the Hugging Face Hub at {constants.ENDPOINT}: "
+                               f"{why}; set HF_HUB_OFFLINE=1 to read the local hub cache, or add the model from "
+                               "a folder")
+
+
 def _from_hub(source: str, settings: Settings) -> Fetched:
     repo_id, sep, revision = source[len("hf://"):].partition("@")
     if not sep or not revision:
@@ -90,6 +110,9 @@ def _from_hub(source: str, settings: Settings) -> Fetched:
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or not re.fullmatch(r"[A-Za-z0-9_.-]+", revision):
         raise InputError(f"model source {source!r}: not a valid hub repository id and revision")
     from huggingface_hub import snapshot_download
+
+    if not settings.hf_offline:
+        _check_hub_reachable(source)
 
     ignore = None if settings.allow_pickle else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:

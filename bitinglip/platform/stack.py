@@ -61,8 +61,12 @@ class Stack:
             return None
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now.  SO_REUSEADDR as
+    the servers themselves set it: a port whose last connections are in
+    TIME_WAIT (for about 60 s after ``bitinglip down``) is free for them."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -143,11 +147,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = args.host
     ports = {"redis": args.redis_port, "scheduler": args.scheduler_port, "dashboard": args.dashboard_port,
              "gateway": args.gateway_port}
-    busy = [f"{name} port {port}" for name, port in ports.items() if not _port_free(host, port)]
+    busy = [f"{name} port {port}" for name, port in ports.items() if not port_free(host, port)]
     if busy:
         raise ConfigError(f"in use on {host}: {', '.join(busy)}; choose other ports (see `bitinglip up --help`)")
     worker_args, n_workers, kind = _plan_workers(args.workers or settings.max_workers)
-    secret = secrets.token_urlsafe(32)
+    secret = _jwt_secret(settings)
     redis_url = f"redis://{host}:{ports['redis']}/0"
     scheduler = f"tcp://{host}:{ports['scheduler']}"
     env = {**os.environ, "REDIS_URL": redis_url, "BITINGLIP_JWT_SECRET": secret, "BITINGLIP_SCHEDULER": scheduler,
@@ -210,6 +214,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"stopped: {', '.join(stack.groups) or 'nothing had started'}", file=sys.stderr, flush=True)
 
 
+def _jwt_secret(settings: Any) -> str:
+    """The gateway's HS256 secret: an exported ``BITINGLIP_JWT_SECRET``, so that
+    ``bitinglip token`` from the same shell signs tokens this stack accepts;
+    else a fresh one for this stack only."""
+    return str(settings.jwt_secret) if settings.jwt_secret else secrets.token_urlsafe(32)
+
+
 def _install_signal_handlers() -> None:
     """SIGTERM (what ``bitinglip down`` sends) stops the stack like Ctrl-C."""
     def interrupt(signum: int, frame: Any) -> None:
@@ -233,7 +244,7 @@ def _print_summary(stack: Stack, health: dict[str, Any], kind: str, run_dir: Pat
         "  token (dev, all scopes, 24h):",
         f"  {stack.token}",
         "",
-        f"  curl -H 'Authorization: Bearer {stack.token[:12]}...' {stack.urls['gateway']}/v1/jobs",
+        f"  curl -H 'Authorization: Bearer {stack.token}' {stack.urls['gateway']}/v1/jobs",
     ]
     print("\n".join(lines), flush=True)
 
@@ -266,6 +277,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from bitinglip.platform.settings import get_settings
 
     settings = settings_with_tls(get_settings(), args)
+    if not port_free(args.host or "0.0.0.0", args.port):  # one line, not Dask's traceback
+        raise ConfigError(f"--port {args.port}: in use on {args.host or 'this host'}; stop what listens there "
+                          "or choose another --port")
     dashboard = args.dashboard_address or settings.dashboard_address
     tls = ["--protocol", "tls", *dask_cli_arguments(settings)] if settings.tls else []
     argv = [*(["--host", args.host] if args.host else []), "--port", str(args.port),
@@ -288,26 +302,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``up``, ``down`` and ``scheduler`` to the ``bitinglip`` parser."""
     up = sub.add_parser("up", help="start redis, a scheduler, workers and the gateway here; Ctrl-C stops them")
     up.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="state and logs (default: %(default)s)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--redis-port", type=int, default=6379)
-    up.add_argument("--scheduler-port", type=int, default=8786)
-    up.add_argument("--dashboard-port", type=int, default=8787)
-    up.add_argument("--gateway-port", type=int, default=8000)
+    up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
+    up.add_argument("--redis-port", type=int, default=6379, help="default: %(default)s")
+    up.add_argument("--scheduler-port", type=int, default=8786, help="default: %(default)s")
+    up.add_argument("--dashboard-port", type=int, default=8787,
+                    help="the Dask dashboard and the Jobs page (default: %(default)s)")
+    up.add_argument("--gateway-port", type=int, default=8000, help="the REST API (default: %(default)s)")
     up.add_argument("--workers", type=int, help="worker processes (default: MAX_WORKERS, else one per GPU or core)")
-    up.add_argument("--log-format", choices=("text", "json"), default="text")
+    up.add_argument("--log-format", choices=("text", "json"), default="text",
+                    help="json: one JSON object per log line in RUN_DIR/*.log (default: %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once it is up; `bitinglip down` stops it")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop the stack that `bitinglip up` started")
-    down.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    down.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="the --run-dir `up` was given (default: %(default)s)")
     down.set_defaults(func=cmd_down)
 
     scheduler = sub.add_parser("scheduler", help="start a Dask scheduler with BitingLip's plugins "
                                                  "(wraps `dask scheduler`)")
     scheduler.add_argument("--host", help="address to listen on (default: all)")
-    scheduler.add_argument("--port", type=int, default=8786)
+    scheduler.add_argument("--port", type=int, default=8786, help="default: %(default)s")
     scheduler.add_argument("--dashboard-address", help="default: BITINGLIP_DASHBOARD_ADDRESS, else :8787")
-    scheduler.add_argument("--log-format", choices=("text", "json"))
+    scheduler.add_argument("--log-format", choices=("text", "json"), help="json: one JSON object per log line")
     add_tls_arguments(scheduler)
     scheduler.add_argument("dask_args", nargs=argparse.REMAINDER, help="more `dask scheduler` options")
     scheduler.set_defaults(func=cmd_scheduler)

@@ -178,6 +178,21 @@ class RedisStatusPlugin(SchedulerPlugin):
             track.started_at = track.started_at or time.time()
         self._dirty.add(job)
 
+    # --- what the Jobs page shows
+    def shown(self, job: str) -> tuple[str, int] | None:
+        """The state and rows done of ``job`` as REST shows them (None: not
+        a job of this plugin).  A finished job's come from its record in
+        Redis: a cancel through the gateway fixes them there."""
+        record = self._finished.get(job)
+        if record is not None:
+            return str(record.get("state") or JobState.CANCELLED.value), int(record.get("rows_done") or 0)
+        track = self._jobs.get(job)
+        if track is None:
+            return None
+        if track.record.get("state") in TERMINAL:  # ended in Redis (a gateway's cancel) before here
+            return str(track.record["state"]), int(track.record.get("rows_done") or 0)
+        return track.state, sum(track.done.values())
+
     # --- the writer
     async def _loop(self) -> None:
         while True:

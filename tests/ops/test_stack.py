@@ -60,8 +60,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ports = {name: free_port() for name in ("redis", "scheduler", "dashboard", "gateway")}
     env = {**os.environ, "MODEL_CACHE_DIR": str(run_dir / "models"), "BITINGLIP_RESULTS_DIR": str(run_dir / "results"),
            "ENVIRONMENT": "test"}
-    for name in ("REDIS_URL", "BITINGLIP_JWT_SECRET", "BITINGLIP_SCHEDULER", "MAX_WORKERS"):
+    for name in ("REDIS_URL", "BITINGLIP_SCHEDULER", "MAX_WORKERS"):
         env.pop(name, None)
+    env["BITINGLIP_JWT_SECRET"] = "a-secret-the-user-exported-before-up"  # `bitinglip token` signs with it too
     log = run_dir / "up.out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bitinglip", "up", "--run-dir", str(run_dir), "--workers", "1", "--log-format", "json",
@@ -125,6 +126,16 @@ def test_health_reports_every_component(stack: dict[str, Any]) -> None:
     assert parts["cluster"]["scheduler"] == stack["urls"]["scheduler"]
     assert parts["cluster"]["workers"] == 1
     assert {p.name() for p in map(psutil.Process, stack["groups"].values())} >= {"redis-server"}
+
+
+def test_tokens_of_bitinglip_token_work_and_the_curl_line_is_whole(stack: dict[str, Any]) -> None:
+    token = subprocess.run([sys.executable, "-m", "bitinglip", "token", "--sub", "me", "--scope", "jobs:read"],
+                           env=stack["env"], capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    r = httpx.get(f"{stack['urls']['gateway']}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    # the sample curl works as pasted: the whole token, not its first 12 characters
+    curl = next(line for line in stack["log"].read_text().splitlines() if "curl -H" in line)
+    assert f"Authorization: Bearer {stack['token']}'" in curl
 
 
 def test_rest_job_finishes_and_metrics_match_it(stack: dict[str, Any]) -> None:
@@ -221,6 +232,15 @@ def test_jobs_page_shows_a_running_job_in_chromium(stack: dict[str, Any]) -> Non
     taken = _browse(exe, f"{dashboard}/bitinglip/jobs", f"--screenshot={shot}")
     assert taken.returncode == 0 and shot.stat().st_size > 1000, taken.stderr[-2000:]
     httpx.delete(f"{stack['urls']['gateway']}/v1/jobs/{job_id}", headers=stack["headers"], timeout=30)
+    rest = _finished(stack, job_id)
+    assert rest["state"] == "cancelled", rest
+
+    def agrees() -> dict[str, Any] | None:  # the page takes REST's figure once the scheduler sees the cancel
+        jobs = httpx.get(f"{dashboard}/bitinglip/jobs.json", timeout=30).json()["jobs"]
+        job = next((j for j in jobs if j["job"] == job_id), None)
+        return job if job and (job["state"], job["rows_done"]) == ("cancelled", rest["rows_done"]) else None
+
+    _wait(agrees, 30, f"the Jobs page did not show the cancelled job's {rest['rows_done']} rows done as REST does")
 
 
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_rest_gateway.ipynb", "03_custom_task.ipynb"])
