@@ -47,6 +47,13 @@ class JobFailedError(BitingLipError):
     code = "job_failed"
 
 
+class RowCountError(JobFailedError):
+    """Rows out plus rows in error differ from rows in: rows were lost or
+    made up on the way, so the job must not report success."""
+
+    code = "row_count_mismatch"
+
+
 class JobCancelledError(BitingLipError):
     code = "job_cancelled"
 

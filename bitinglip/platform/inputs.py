@@ -118,13 +118,16 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
         raise InputError(f"the input has no column {text_column!r} (columns: "
                          f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
     keep = [c for c in ("id", text_column) if c in frame.columns]
-    frame = frame[keep]
-    lengths = client.compute(frame.map_partitions(len)).result().tolist()
+    pieces = frame[keep].to_delayed()
+    # count the very pieces that will be sliced: Dask may fuse
+    # ``map_partitions(len)`` into fewer partitions than ``to_delayed()``
+    # gives once columns are projected away, and pairing the two lost rows
+    lengths = [int(n) for n in client.gather(client.compute([delayed(len)(p) for p in pieces]))]
     total = int(sum(lengths))
     size = partition_rows(total, workers, configured_rows, min_rows)
     parts: list[tuple[Any, int]] = []
     offset = 0
-    for data, n in zip(frame.to_delayed(), lengths):
+    for data, n in zip(pieces, lengths, strict=True):
         # a big file partition is read once and shared out in slices, so
         # one large Parquet file still keeps every worker busy
         for a, b in _slices(n, size) if n > size else ([(0, n)] if n else []):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bitinglip.platform.errors import OutputConflictError
+from bitinglip.platform.errors import OutputConflictError, RowCountError
 
 RECORD = "_job.json"
 MANIFEST = "_manifest.json"
@@ -94,16 +94,37 @@ def committed_parts(out_dir: str, count: int) -> set[int]:
     return {i for i in range(count) if os.path.exists(os.path.join(out_dir, partition_file(i)))}
 
 
+def count_mismatch(rows_in: int, rows_out: int, rows_in_error: int) -> str | None:
+    """Why a finished job's figures break "rows in = rows out + rows in
+    error", or None when they hold."""
+    if rows_out + rows_in_error == rows_in:
+        return None
+    return (f"rows out ({rows_out}) plus rows in error ({rows_in_error}) make {rows_out + rows_in_error}, "
+            f"but the input has {rows_in} rows; the results are not trustworthy")
+
+
 def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: dict[str, Any],
-                   state: str = "succeeded") -> dict[str, Any]:
-    """The job's closing record; runs on a worker once every partition is in."""
-    manifest = {**record, "state": state, "finished": time.time(),
-                "rows_out": sum(int(s["rows"]) for s in summaries),
-                "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries),
+                   state: str = "succeeded", error: str | None = None) -> dict[str, Any]:
+    """The job's closing record; runs on a worker once every partition is in.
+
+    A job whose counts do not add up gets a failed manifest saying so, and
+    this task raises :class:`RowCountError`, so every watcher of the job
+    (the client, the scheduler's status plugin) sees it fail."""
+    rows_out = sum(int(s["rows"]) for s in summaries)
+    rows_in_error = sum(int(s.get("errors", 0)) for s in summaries)
+    mismatch = count_mismatch(int(record.get("rows", 0)), rows_out, rows_in_error) if state == "succeeded" else None
+    if mismatch is not None:
+        state, error = "failed", mismatch
+    manifest = {**record, "state": state, "finished": time.time(), "rows_out": rows_out,
+                "rows_in_error": rows_in_error,
                 "partitions": sorted((_public(s) for s in summaries), key=lambda s: s["part"])}
+    if error is not None:
+        manifest["error"] = error
     _write_json(os.path.join(out_dir, MANIFEST), manifest)
     for leftover in Path(out_dir).glob("*.tmp-*"):  # from attempts that died mid-write
         leftover.unlink(missing_ok=True)
+    if mismatch is not None:
+        raise RowCountError(f"job {record.get('job_id')}: {mismatch}")
     return manifest
 
 
@@ -111,8 +132,10 @@ def _public(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in ("frame", "errors_frame")}
 
 
-def write_partial_manifest(out_dir: str, record: dict[str, Any], state: str) -> dict[str, Any]:
-    """Mark a cancelled or failed job's output as partial, naming what is committed."""
+def write_partial_manifest(out_dir: str, record: dict[str, Any], state: str,
+                           error: str | None = None) -> dict[str, Any]:
+    """Mark a cancelled or failed job's output as partial, naming what is
+    committed (and, for a failed job, why it failed)."""
     parts = sorted(committed_parts(out_dir, int(record.get("partitions", 0))))
     summaries = [s for s in (committed_summary(out_dir, i) for i in parts) if s is not None]
-    return write_manifest(summaries, out_dir, record, state)
+    return write_manifest(summaries, out_dir, record, state, error)

@@ -1,0 +1,71 @@
+"""The data path on real files and the session's real cluster: inputs in,
+Parquet results out, and the count invariant "rows in = rows out + rows in
+error" (issues 13 and 14)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from bitinglip.platform.errors import RowCountError  # noqa
+from bitinglip.platform.jobs import Job
+from bitinglip.platform.outputs import write_manifest
+
+
+def texts(n: int, tag: str = "t") -> list[str]:
+    return [f"{tag} row {i} says {'word ' * (i % 7)}" for i in range(n)]
+
+
+def write_parquet_files(folder: Path, files: int, rows: int, text_column: str = "text") -> list[str]:
+    """``files`` Parquet files with an id, the text and two more columns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids: list[str] = []
+    for k in range(files):
+        frame = pd.DataFrame({"id": [f"f{k}-{i}" for i in range(rows)], text_column: texts(rows, f"f{k}"),
+                              "score": range(rows), "note": ["x" * 40] * rows})
+        frame.to_parquet(folder / f"data-{k}.parquet")
+        ids += frame["id"].tolist()
+    return ids
+
+
+# --- 13.1: a multi-file Parquet input keeps every row ------------------------
+
+@pytest.mark.parametrize("kind", ["directory", "dask"])
+def test_a_multi_file_parquet_input_keeps_every_row(platform, tiny_encoder: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    kind: str) -> None:
+    import dask.dataframe as dd
+
+    ids = write_parquet_files(tmp_path / "in", files=2, rows=300)
+    inputs: Any = str(tmp_path / "in") if kind == "directory" else dd.read_parquet(str(tmp_path / "in"))
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=inputs, output=tmp_path / "out")
+    df = job.result()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert (manifest["rows"], manifest["rows_out"], manifest["state"]) == (600, 600, "succeeded")
+    assert sorted(df["id"]) == sorted(ids)
+
+
+def test_a_manifest_whose_counts_disagree_fails_the_job(tmp_path: Path) -> None:
+    record = {"job_id": "j1", "rows": 600, "partitions": 2}
+    summaries = [{"part": 0, "rows": 290, "errors": 10}, {"part": 1, "rows": 0, "errors": 0}]
+    with pytest.raises(RowCountError, match=r"rows out \(290\) plus rows in error \(10\) make 300.*600"):
+        write_manifest(summaries, str(tmp_path), record)
+    manifest = json.loads((tmp_path / "_manifest.json").read_text())
+    assert manifest["state"] == "failed" and "600" in manifest["error"]
+    assert write_manifest(summaries[:1], str(tmp_path), {**record, "rows": 300})["state"] == "succeeded"
+
+
+def test_an_in_memory_job_whose_counts_disagree_fails(platform, tiny_encoder: Path) -> None:  # type: ignore[no-untyped-def]
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=texts(15))
+    job.wait()
+    # the same real partitions, planned as 10 rows: 15 come out, so rows were made up
+    wrong = Job(platform, job.spec, job.futures, [10])
+    with pytest.raises(RowCountError, match="input has 10 rows"):
+        wrong.wait()
+    assert wrong.status() == "failed"
+    with pytest.raises(RowCountError):
+        wrong.result()
+    assert Job(platform, job.spec, job.futures, [15]).status() == "succeeded"
