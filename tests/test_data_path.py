@@ -69,3 +69,30 @@ def test_an_in_memory_job_whose_counts_disagree_fails(platform, tiny_encoder: Pa
     with pytest.raises(RowCountError):
         wrong.result()
     assert Job(platform, job.spec, job.futures, [15]).status() == "succeeded"
+
+
+# --- 13.2: an output folder with bad rows reads back as the results ----------
+
+def test_an_output_folder_with_bad_rows_reads_as_the_results(platform, tiny_encoder: Path,  # type: ignore[no-untyped-def]
+                                                             tmp_path: Path) -> None:
+    import dask.dataframe as dd
+    import pyarrow.parquet as pq
+
+    rows: list[Any] = texts(40)
+    rows[3], rows[25] = 5, None  # bad rows: they go to the errors tables
+    out = tmp_path / "out"
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=rows, output=out, partition_rows=20)
+    assert len(job.result()) == 38 and sorted(job.errors()["id"]) == [3, 25]
+    for frame in (pd.read_parquet(out), pq.read_table(out).to_pandas(), dd.read_parquet(str(out)).compute()):
+        assert {"id", "embedding", "truncated"} <= set(frame.columns) and "reason" not in frame.columns
+        assert sorted(frame["id"]) == [i for i in range(40) if i not in (3, 25)]
+    assert sorted(p.name for p in (out / "_errors").iterdir()) == ["part-00000.errors", "part-00001.errors"]
+
+    # a resumed job finds the committed errors where they now live
+    (out / "part-00001.parquet").unlink()
+    resumed = job.resume()
+    assert sorted(resumed.errors()["id"]) == [3, 25] and len(resumed.result()) == 38
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["rows_out"], manifest["rows_in_error"], manifest["state"]) == (38, 2, "succeeded")
+    assert [p["skipped"] for p in manifest["partitions"] if "skipped" in p] == [True]
+    assert sorted(pd.read_parquet(out / "_errors")["id"]) == [3, 25]  # the errors tables read as one too

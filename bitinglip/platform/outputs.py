@@ -2,7 +2,12 @@
 its manifest.
 
 A partition is committed when its ``part-NNNNN.parquet`` is renamed into
-place (its errors file, if any, lands just before).  ``_job.json`` is written
+place (its errors table, if any, lands just before, in ``_errors/``).  The
+folder reads as the results alone (``pd.read_parquet(out)``,
+``dd.read_parquet(out)``): pyarrow skips names starting with ``_`` or ``.``,
+and Dask reads only names ending ``.parquet``, so no other file has both a
+plain name and that ending (errors tables are Parquet named ``*.errors``;
+files being written have a hidden name).  ``_job.json`` is written
 when the job is first submitted and pins what the job is (its input
 fingerprint and partitioning), so a resumed or resubmitted job runs only the
 partitions not yet committed, with the same boundaries, and no row is
@@ -22,10 +27,19 @@ from bitinglip.platform.errors import OutputConflictError, RowCountError
 
 RECORD = "_job.json"
 MANIFEST = "_manifest.json"
+#: the errors tables' folder (see the module's docstring for why the names)
+ERRORS_DIR = "_errors"
+
+
+def temp_path(path: str) -> str:
+    """Where ``path`` is written before its atomic rename: a hidden name,
+    so a reader of the folder never takes a half-written file for a result."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_path(path)
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=1, default=str)
     os.replace(tmp, path)
@@ -74,7 +88,8 @@ def partition_file(index: int) -> str:
 
 
 def errors_file(index: int) -> str:
-    return f"errors-{index:05d}.parquet"
+    """The errors table of partition ``index``, relative to the output folder."""
+    return f"{ERRORS_DIR}/part-{index:05d}.errors"
 
 
 def committed_summary(out_dir: str, index: int) -> dict[str, Any] | None:
@@ -121,7 +136,7 @@ def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: di
     if error is not None:
         manifest["error"] = error
     _write_json(os.path.join(out_dir, MANIFEST), manifest)
-    for leftover in Path(out_dir).glob("*.tmp-*"):  # from attempts that died mid-write
+    for leftover in Path(out_dir).rglob("*.tmp-*"):  # from attempts that died mid-write
         leftover.unlink(missing_ok=True)
     if mismatch is not None:
         raise RowCountError(f"job {record.get('job_id')}: {mismatch}")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from bitinglip.platform.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.errors import InputError, JobCancelledError, JobTimeoutError, PartitionFailedError
-from bitinglip.platform.outputs import committed_summary, errors_file, partition_file
+from bitinglip.platform.outputs import committed_summary, errors_file, partition_file, temp_path
 from bitinglip.platform.tasks import Batch, TaskType, texts_or_error
 
 PROGRESS_TOPIC = "bitinglip-progress"
@@ -220,7 +220,8 @@ def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncat
 
 
 def _write_atomically(frame: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_path(path)
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
 
