@@ -11,9 +11,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bitinglip.platform.errors import RowCountError  # noqa
+from bitinglip.platform.errors import OutputConflictError, RowCountError
 from bitinglip.platform.jobs import Job
-from bitinglip.platform.outputs import write_manifest
+from bitinglip.platform.outputs import claim, write_manifest
 
 
 def texts(n: int, tag: str = "t") -> list[str]:
@@ -96,3 +96,75 @@ def test_an_output_folder_with_bad_rows_reads_as_the_results(platform, tiny_enco
     assert (manifest["rows_out"], manifest["rows_in_error"], manifest["state"]) == (38, 2, "succeeded")
     assert [p["skipped"] for p in manifest["partitions"] if "skipped" in p] == [True]
     assert sorted(pd.read_parquet(out / "_errors")["id"]) == [3, 25]  # the errors tables read as one too
+
+
+# --- 14.2: one output directory, one job -------------------------------------
+
+def _claim_at_once(out_dir: str, job_id: str, barrier: Any) -> str:
+    barrier.wait()
+    try:
+        claim(out_dir, {"job_id": job_id, "task": "embed", "model": "m", "fingerprint": job_id})
+        return "won"
+    except OutputConflictError:
+        return "refused"
+
+
+def test_claiming_an_output_directory_is_atomic(tmp_path: Path) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    contenders = 6
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(contenders, mp_context=ctx) as pool:
+        for round_ in range(10):
+            out = tmp_path / f"out{round_}"
+            barrier = manager.Barrier(contenders)
+            results = list(pool.map(_claim_at_once, [str(out)] * contenders,
+                                    [f"job{round_}-{i}" for i in range(contenders)], [barrier] * contenders))
+            assert sorted(results) == ["refused"] * (contenders - 1) + ["won"], results
+            winner = results.index("won")
+            assert json.loads((out / "_job.json").read_text())["job_id"] == f"job{round_}-{winner}"
+            assert [p.name for p in out.iterdir()] == ["_job.json"]  # no temporary file left behind
+
+
+def test_two_jobs_on_one_output_directory_one_wins(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    out = tmp_path / "out"
+    barrier = threading.Barrier(2)
+    outcome: dict[str, Any] = {}
+
+    def submit(name: str) -> None:
+        barrier.wait()
+        try:
+            outcome[name] = platform.submit("embed", model=str(tiny_encoder), inputs=texts(50, name), output=out,
+                                            job_id=f"job-{name}", partition_rows=20).result()
+        except OutputConflictError as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=submit, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    won = [n for n, o in outcome.items() if isinstance(o, pd.DataFrame)]
+    assert len(won) == 1 and isinstance(outcome[{"a": "b", "b": "a"}[won[0]]], OutputConflictError), outcome
+    assert json.loads((out / "_manifest.json").read_text())["job_id"] == f"job-{won[0]}"
+    assert json.loads((out / "_job.json").read_text())["job_id"] == f"job-{won[0]}"
+    embedded = pd.read_parquet(out)
+    assert len(embedded) == 50 and embedded["embedding"].map(len).eq(len(outcome[won[0]]["embedding"][0])).all()
+    assert embedded.sort_values("id")["embedding"].map(list).tolist() == outcome[won[0]]["embedding"].map(list).tolist()
+
+
+def test_a_committed_file_of_another_job_is_an_error_not_a_skip(platform, tiny_encoder: Path,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    ours = platform.submit("embed", model=str(tiny_encoder), inputs=texts(40, "ours"), output=tmp_path / "ours",
+                           partition_rows=20)
+    ours.wait()
+    platform.submit("embed", model=str(tiny_encoder), inputs=texts(40, "theirs"), output=tmp_path / "theirs",
+                    partition_rows=20).wait()
+    shutil.copy(tmp_path / "theirs" / "part-00001.parquet", tmp_path / "ours" / "part-00001.parquet")
+    with pytest.raises(OutputConflictError, match=f"part-00001.parquet holds the results of job .*not of job {ours.id}"):
+        ours.resume().result()

@@ -186,7 +186,8 @@ class Platform:
         for i, (data, offset) in enumerate(parts.parts):
             key = task_key(spec.job_id, i)
             if i in done:  # committed by an earlier run: only read its figures
-                futures.append(self.client.submit(committed_summary, spec.output, i, key=key, pure=False))
+                futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
+                                                  pure=False))
             elif parts.lazy:
                 futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
                                                    resources=resources))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,40 @@ MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
 
 
+#: the key, in a result file's Parquet metadata, naming the job that wrote it
+JOB_ID_KEY = b"bitinglip.job_id"
+
+
 def temp_path(path: str) -> str:
     """Where ``path`` is written before its atomic rename: a hidden name,
-    so a reader of the folder never takes a half-written file for a result."""
+    so a reader of the folder never takes a half-written file for a result,
+    and one of its own per writer (process and thread)."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _dump_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
     tmp = temp_path(path)
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
+    _dump_json(tmp, data)
+    os.replace(tmp, path)
+
+
+def write_parquet(frame: Any, path: str, job_id: str) -> None:
+    """Write ``frame`` to ``path`` atomically, stamped with ``job_id``: a
+    rerun counts a committed file as its own only if the stamp says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), JOB_ID_KEY: job_id.encode()})
+    tmp = temp_path(path)
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
@@ -67,14 +91,23 @@ def fingerprint(inputs: Any) -> str:
 def claim(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
     """Write the job record, or check that the one there is this job's.
 
+    The record is written whole under a temporary name and hard-linked into
+    place, which fails if a record is there already: of two jobs claiming
+    one folder at once exactly one wins, and nobody reads half a record.
     Returns the record in force: on a resume, the earlier one (its partition
     size wins, so partitions keep their boundaries)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RECORD)
-    previous = read_json(path)
-    if previous is None:
-        _write_json(path, record)
+    tmp = temp_path(path)
+    _dump_json(tmp, record)
+    try:
+        os.link(tmp, path)
         return record
+    except FileExistsError:
+        pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    previous = read_json(path) or {}
     for key in ("job_id", "fingerprint", "task", "model"):
         if previous.get(key) != record.get(key):
             raise OutputConflictError(
@@ -92,13 +125,18 @@ def errors_file(index: int) -> str:
     return f"{ERRORS_DIR}/part-{index:05d}.errors"
 
 
-def committed_summary(out_dir: str, index: int) -> dict[str, Any] | None:
-    """The summary of a partition whose output file is already in place."""
+def committed_summary(out_dir: str, index: int, job_id: str) -> dict[str, Any] | None:
+    """The summary of a partition whose output file is already in place;
+    :class:`OutputConflictError` if another job wrote that file."""
     path = os.path.join(out_dir, partition_file(index))
     if not os.path.exists(path):
         return None
     import pyarrow.parquet as pq
 
+    owner = (pq.read_schema(path).metadata or {}).get(JOB_ID_KEY, b"").decode()
+    if owner != job_id:
+        raise OutputConflictError(f"{path} holds the results of job {owner or '(unknown)'}, not of job {job_id}; "
+                                  "use a new output directory")
     err_path = os.path.join(out_dir, errors_file(index))
     errors = pq.ParquetFile(err_path).metadata.num_rows if os.path.exists(err_path) else 0
     return {"part": index, "rows": pq.ParquetFile(path).metadata.num_rows, "file": partition_file(index),
@@ -151,6 +189,12 @@ def write_partial_manifest(out_dir: str, record: dict[str, Any], state: str,
                            error: str | None = None) -> dict[str, Any]:
     """Mark a cancelled or failed job's output as partial, naming what is
     committed (and, for a failed job, why it failed)."""
-    parts = sorted(committed_parts(out_dir, int(record.get("partitions", 0))))
-    summaries = [s for s in (committed_summary(out_dir, i) for i in parts) if s is not None]
+    summaries = []
+    for index in sorted(committed_parts(out_dir, int(record.get("partitions", 0)))):
+        try:
+            summary = committed_summary(out_dir, index, str(record.get("job_id")))
+        except OutputConflictError:  # another job's file: not this job's output
+            continue
+        if summary is not None:
+            summaries.append(summary)
     return write_manifest(summaries, out_dir, record, state, error)
