@@ -5,15 +5,19 @@ error" (issues 13 and 14)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from bitinglip.platform.errors import OutputConflictError, RowCountError
+from bitinglip.platform.errors import OutputConflictError, OutputWriteError, RowCountError
 from bitinglip.platform.jobs import Job
 from bitinglip.platform.outputs import claim, write_manifest
+from bitinglip.platform.sample import sample_corpus
 
 
 def texts(n: int, tag: str = "t") -> list[str]:
@@ -168,3 +172,47 @@ def test_a_committed_file_of_another_job_is_an_error_not_a_skip(platform, tiny_e
     shutil.copy(tmp_path / "theirs" / "part-00001.parquet", tmp_path / "ours" / "part-00001.parquet")
     with pytest.raises(OutputConflictError, match=f"part-00001.parquet holds the results of job .*not of job {ours.id}"):
         ours.resume().result()
+
+
+# --- 14.8: a full results disk -----------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs, so that writes run out of space for real."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Take all the space of ``disk`` but ``leave`` bytes."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:  # full
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(disk / "filler", max(0, os.path.getsize(disk / "filler") - leave))
+
+
+def test_a_full_disk_is_an_output_write_error_and_leaves_no_temp_file(platform, tiny_encoder: Path,  # type: ignore[no-untyped-def]
+                                                                      small_disk: Path) -> None:
+    fill(small_disk)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*_job.json: no space left on device"):
+        platform.submit("embed", model=str(tiny_encoder), inputs=texts(10), output=small_disk / "a")
+    fill(small_disk, leave=8192)  # room for the record, not for 1000 embeddings (about 130 kB)
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=sample_corpus(1000, seed=1),
+                          output=small_disk / "b", partition_rows=1000)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*part-00000.parquet: no space left on device"):
+        job.result()
+    assert job.status() == "failed"
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]

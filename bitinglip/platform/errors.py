@@ -151,6 +151,13 @@ class OutputConflictError(BitingLipError):
     code = "output_conflict"
 
 
+class OutputWriteError(BitingLipError):
+    """A result file could not be written (disk full, no permission...);
+    the message names the path and the operating system's reason."""
+
+    code = "output_write_failed"
+
+
 class StackError(BitingLipError):
     """A service of the local stack (``bitinglip up``) did not start or stay up."""
 

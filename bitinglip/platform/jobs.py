@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from bitinglip.platform.errors import BitingLipError, InputError, JobCancelledError, JobFailedError, RowCountError
+from bitinglip.platform.errors import (BitingLipError, InputError, JobCancelledError, JobFailedError, OutputWriteError,
+                                       RowCountError)
 from bitinglip.platform.outputs import count_mismatch, write_partial_manifest
 from bitinglip.platform.runner import JobSpec, cancel_event_name
 
@@ -196,8 +197,11 @@ class Job:
         # the rest of the job is moot: free the workers for other jobs
         self.platform.client.cancel([f for f in self._all_futures() if f.status != "error"])
         if self.output is not None and self.record is not None:
-            write_partial_manifest(self.output, self.record, JobState.FAILED.value,
-                                   f"{where}: {type(exc).__name__}: {exc}")
+            try:
+                write_partial_manifest(self.output, self.record, JobState.FAILED.value,
+                                       f"{where}: {type(exc).__name__}: {exc}")
+            except OutputWriteError:  # the disk that failed the job: its own error says more
+                pass
         if isinstance(exc, BitingLipError):
             raise exc
         raise JobFailedError(f"job {self.id} failed in {where}: {type(exc).__name__}: {exc}") from exc

@@ -20,11 +20,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bitinglip.platform.errors import OutputConflictError, RowCountError
+from bitinglip.platform.errors import OutputConflictError, OutputWriteError, RowCountError
 
 RECORD = "_job.json"
 MANIFEST = "_manifest.json"
@@ -44,6 +45,23 @@ def temp_path(path: str) -> str:
     return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+@contextmanager
+def _writing(path: str, tmp: str | None = None) -> Iterator[None]:
+    """Turn a failed write of ``path`` (via ``tmp``) into an
+    :class:`OutputWriteError` naming it and the system's reason (a full
+    disk, say), and leave no temporary file behind."""
+    try:
+        yield
+    except FileExistsError:  # an answer (see claim), not a failure
+        raise
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # the system's words for the errno: pyarrow's own message buries them
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OutputWriteError(f"cannot write {path}: {reason[:1].lower()}{reason[1:]}") from exc
+
+
 def _dump_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1, default=str)
@@ -51,8 +69,9 @@ def _dump_json(path: str, data: dict[str, Any]) -> None:
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
     tmp = temp_path(path)
-    _dump_json(tmp, data)
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        _dump_json(tmp, data)
+        os.replace(tmp, path)
 
 
 def write_parquet(frame: Any, path: str, job_id: str) -> None:
@@ -61,12 +80,14 @@ def write_parquet(frame: Any, path: str, job_id: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _writing(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), JOB_ID_KEY: job_id.encode()})
     tmp = temp_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -96,12 +117,14 @@ def claim(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
     one folder at once exactly one wins, and nobody reads half a record.
     Returns the record in force: on a resume, the earlier one (its partition
     size wins, so partitions keep their boundaries)."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RECORD)
+    with _writing(path):
+        os.makedirs(out_dir, exist_ok=True)
     tmp = temp_path(path)
-    _dump_json(tmp, record)
     try:
-        os.link(tmp, path)
+        with _writing(path, tmp):
+            _dump_json(tmp, record)
+            os.link(tmp, path)
         return record
     except FileExistsError:
         pass
