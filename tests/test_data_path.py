@@ -102,6 +102,59 @@ def test_an_output_folder_with_bad_rows_reads_as_the_results(platform, tiny_enco
     assert sorted(pd.read_parquet(out / "_errors")["id"]) == [3, 25]  # the errors tables read as one too
 
 
+# --- 13.3: a job resumes from its record alone --------------------------------
+
+def _interrupted_job(platform: Any, tiny_encoder: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A finished job on a Parquet file whose text is in ``body`` (one row
+    null), then two of its four part files deleted, as if it had stopped."""
+    frame = pd.DataFrame({"id": [f"r{i}" for i in range(80)], "body": texts(80), "other": range(80)})
+    frame.loc[7, "body"] = None
+    frame.to_parquet(tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=tmp_path / "in.parquet", output=out,
+                          text_column="body", partition_rows=20, retries=1, normalize=True)
+    assert len(job.result()) == 79
+    for part in ("part-00000.parquet", "part-00002.parquet"):
+        (out / part).unlink()
+    (out / "_errors" / "part-00000.errors").unlink()
+    return out, frame["id"].tolist()
+
+
+def _check_every_row_once(out: Path, ids: list[str]) -> None:
+    import dask.dataframe as dd
+
+    for frame in (pd.read_parquet(out), dd.read_parquet(str(out)).compute()):
+        assert sorted(frame["id"]) == sorted(i for i in ids if i != "r7")
+    assert pd.read_parquet(out / "_errors")["id"].tolist() == ["r7"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["rows"], manifest["rows_out"], manifest["rows_in_error"], manifest["state"]) == (
+        80, 79, 1, "succeeded")
+    assert sum(1 for p in manifest["partitions"] if p.get("skipped")) == 2
+
+
+def test_resume_with_nothing_but_the_output_directory(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    out, ids = _interrupted_job(platform, tiny_encoder, tmp_path)
+    record = json.loads((out / "_job.json").read_text())
+    assert (record["text_column"], record["retries"], record["options"]["normalize"]) == ("body", 1, True)
+    resumed = platform.resume(out)
+    assert resumed.spec.text_column == "body" and resumed.spec.retries == 1
+    df = resumed.result()
+    assert np.allclose(np.linalg.norm(np.stack(df["embedding"].to_numpy()), axis=1), 1.0, atol=1e-4)
+    _check_every_row_once(out, ids)
+
+
+def test_cli_resume_with_nothing_but_the_output_directory(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    out, ids = _interrupted_job(platform, tiny_encoder, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "resume", str(out), "--workers", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _check_every_row_once(out, ids)
+
+
 # --- 14.2: one output directory, one job -------------------------------------
 
 def _claim_at_once(out_dir: str, job_id: str, barrier: Any) -> str:

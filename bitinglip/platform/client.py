@@ -122,8 +122,11 @@ class Platform:
                        out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
         done: set[int] = set()
         if out_dir is not None:
+            # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
             record = claim(out_dir, {
                 "job_id": job_id, "task": task_type.name, "model": model, "options": _jsonable(merged),
+                "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
+                "retries": retries, "timeout": timeout, "gpu": gpu,
                 "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
                 "rows": parts.total, "submitted": time.time(),
                 "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
@@ -218,8 +221,11 @@ class Platform:
 
     def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
         """Resume the job whose results are in ``output``: only partitions not
-        committed there run. ``inputs`` defaults to the input path that the
-        job recorded (in-memory inputs must be given again)."""
+        committed there run, with the parameters the job recorded in
+        ``_job.json`` (text column, options, partitioning, token budget,
+        fail_fast, retries, timeout, placement); ``kwargs`` override them.
+        ``inputs`` defaults to the input path that the job recorded
+        (in-memory inputs must be given again)."""
         out_dir = os.path.abspath(os.fspath(output))
         record = read_json(os.path.join(out_dir, RECORD))
         if record is None:
@@ -227,8 +233,9 @@ class Platform:
         inputs = inputs if inputs is not None else record.get("input")
         if inputs is None:
             raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
+        recorded = {name: record[name] for name in RESUMED if record.get(name) is not None}
         return self.submit(record["task"], record["model"], inputs, output=out_dir, job_id=record["job_id"],
-                           options=record.get("options") or {}, **kwargs)
+                           options=record.get("options") or {}, **{**recorded, **kwargs})
 
     def close(self) -> None:
         try:
@@ -248,6 +255,9 @@ class Platform:
     def __repr__(self) -> str:
         return f"<Platform {self.client.scheduler.address} workers={len(worker_resources(self.client))}>"
 
+
+#: the submit parameters that a job's record keeps and a resume reuses
+RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu")
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
