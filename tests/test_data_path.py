@@ -155,6 +155,46 @@ def test_cli_resume_with_nothing_but_the_output_directory(platform, tiny_encoder
     _check_every_row_once(out, ids)
 
 
+# --- 13.4: one rule for empty text in every format ---------------------------
+
+EDGE_TEXTS = ["hello", "", "NA", "null", "  ", "world"]
+
+
+@pytest.mark.parametrize("kind", ["pandas", "parquet", "jsonl", "csv"])
+def test_empty_text_is_a_text_in_every_format(platform, tiny_encoder: Path, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    frame = pd.DataFrame({"id": range(len(EDGE_TEXTS)), "text": EDGE_TEXTS})
+    inputs: Any = frame
+    if kind == "parquet":
+        frame.to_parquet(inputs := tmp_path / "in.parquet")
+    elif kind == "jsonl":
+        frame.to_json(inputs := tmp_path / "in.jsonl", orient="records", lines=True)
+    elif kind == "csv":
+        frame.to_csv(inputs := tmp_path / "in.csv", index=False)
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=inputs)
+    want = platform.submit("embed", model=str(tiny_encoder), inputs=EDGE_TEXTS).result()
+    got = job.result()
+    assert job.errors().empty and got["id"].tolist() == list(range(len(EDGE_TEXTS)))
+    np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), np.stack(want["embedding"].to_numpy()),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["list", "pandas", "parquet", "jsonl"])
+def test_only_a_real_null_is_a_missing_text(platform, tiny_encoder: Path, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    rows: list[Any] = ["hello", None, ""]
+    frame = pd.DataFrame({"id": range(3), "text": rows})
+    inputs: Any = rows if kind == "list" else frame
+    if kind == "parquet":
+        frame.to_parquet(inputs := tmp_path / "in.parquet")
+    elif kind == "jsonl":
+        frame.to_json(inputs := tmp_path / "in.jsonl", orient="records", lines=True)
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=inputs)
+    assert job.result()["id"].tolist() == [0, 2]
+    errors = job.errors()
+    assert errors["id"].tolist() == [1] and "missing (null)" in errors["reason"][0]
+
+
 # --- 14.2: one output directory, one job -------------------------------------
 
 def _claim_at_once(out_dir: str, job_id: str, barrier: Any) -> str:

@@ -78,7 +78,7 @@ def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bo
     return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame), size=size)
 
 
-def _read_path(path: Path) -> Any:
+def _read_path(path: Path, text_column: str) -> Any:
     import dask
 
     if not path.exists():
@@ -86,10 +86,10 @@ def _read_path(path: Path) -> Any:
     # keep values as they are in the file: a number where text belongs must
     # reach the row check as a number, not be turned into the string "5"
     with dask.config.set({"dataframe.convert-string": False}):
-        return _read_known_type(path)
+        return _read_known_type(path, text_column)
 
 
-def _read_known_type(path: Path) -> Any:
+def _read_known_type(path: Path, text_column: str) -> Any:
     import dask.dataframe as dd
 
     name = path.name.lower()
@@ -99,8 +99,11 @@ def _read_known_type(path: Path) -> Any:
         if name.endswith((".jsonl", ".ndjson", ".json")):
             return dd.read_json(str(path), lines=True, blocksize=TEXT_FILE_BLOCKSIZE)
         if name.endswith((".csv", ".tsv")):
+            # CSV has no null: every field is text as written, so "" is an
+            # empty text (as in Parquet and JSONL) and "NA" or "null" are words
             return dd.read_csv(str(path), sep="\t" if name.endswith(".tsv") else ",",
-                               blocksize=TEXT_FILE_BLOCKSIZE, dtype={"text": "object"})
+                               blocksize=TEXT_FILE_BLOCKSIZE, dtype={text_column: "object"},
+                               keep_default_na=False)
     except Exception as exc:
         raise InputError(f"cannot read input {str(path)!r}: {exc}") from exc
     raise InputError(f"input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
@@ -145,7 +148,8 @@ def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, conf
     :data:`MIN_PARTITION_ROWS`)."""
     min_rows = min_rows or MIN_PARTITION_ROWS
     if isinstance(inputs, (str, os.PathLike)):
-        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows, min_rows)
+        return _from_dask(_read_path(Path(inputs).expanduser(), text_column), text_column, client, workers,
+                          configured_rows, min_rows)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
         return _from_dask(inputs, text_column, client, workers, configured_rows, min_rows)
     if isinstance(inputs, pd.Series):
