@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bitinglip.platform.errors import OutputConflictError, OutputWriteError, RowCountError
+from bitinglip.platform.errors import InputError, OutputConflictError, OutputWriteError, RowCountError
 from bitinglip.platform.jobs import Job
 from bitinglip.platform.outputs import claim, write_manifest
 from bitinglip.platform.sample import sample_corpus
@@ -24,12 +24,12 @@ def texts(n: int, tag: str = "t") -> list[str]:
     return [f"{tag} row {i} says {'word ' * (i % 7)}" for i in range(n)]
 
 
-def write_parquet_files(folder: Path, files: int, rows: int, text_column: str = "text") -> list[str]:
+def write_parquet_files(folder: Path, files: int, rows: int, text_column: str = "text", tag: str = "f") -> list[str]:
     """``files`` Parquet files with an id, the text and two more columns."""
     folder.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     for k in range(files):
-        frame = pd.DataFrame({"id": [f"f{k}-{i}" for i in range(rows)], text_column: texts(rows, f"f{k}"),
+        frame = pd.DataFrame({"id": [f"{tag}{k}-{i}" for i in range(rows)], text_column: texts(rows, f"{tag}{k}"),
                               "score": range(rows), "note": ["x" * 40] * rows})
         frame.to_parquet(folder / f"data-{k}.parquet")
         ids += frame["id"].tolist()
@@ -309,3 +309,42 @@ def test_a_full_disk_is_an_output_write_error_and_leaves_no_temp_file(platform, 
         job.result()
     assert job.status() == "failed"
     assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]
+
+
+# --- 14.3: a directory input reads nothing outside its root ------------------
+
+def linked_input(tmp_path: Path) -> tuple[Path, Path]:
+    """An input root whose ``data`` folder holds a real file, a link to a
+    file inside the root and a link to a secret file outside it."""
+    root, outside = tmp_path / "inputs", tmp_path / "elsewhere"
+    write_parquet_files(root / "data", files=1, rows=30)
+    write_parquet_files(root / "other", files=1, rows=10, tag="o")
+    (root / "data" / "data-inside.parquet").symlink_to(root / "other" / "data-0.parquet")
+    outside.mkdir()
+    pd.DataFrame({"id": ["s1", "s2"], "text": ["secret one", "secret two"]}).to_parquet(outside / "secret.parquet")
+    (root / "data" / "data-leak.parquet").symlink_to(outside / "secret.parquet")
+    return root, outside
+
+
+def test_a_link_out_of_the_input_root_is_refused(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, outside = linked_input(tmp_path)
+    with pytest.raises(InputError, match=r"data-leak.parquet' leads to .*secret.parquet', outside the input directory"):
+        platform.submit("embed", model=str(tiny_encoder), inputs=root / "data", input_root=root)
+    (root / "data" / "data-leak.parquet").unlink()
+    (root / "data" / "more").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InputError, match=r"input folder .*more' leads to .*elsewhere', outside the input directory"):
+        platform.submit("embed", model=str(tiny_encoder), inputs=root / "data", input_root=root)
+    (root / "data" / "more").unlink()
+    # links that stay inside the root are read, each file once
+    df = platform.submit("embed", model=str(tiny_encoder), inputs=root / "data", input_root=root).result()
+    assert len(df) == 40 and df["id"].is_unique
+
+
+def test_the_files_checked_are_the_files_read(tmp_path: Path) -> None:
+    from bitinglip.platform.inputs import parquet_files
+
+    root, outside = linked_input(tmp_path)
+    (root / "data" / "data-leak.parquet").unlink()
+    (root / "data" / "_hidden.parquet").symlink_to(outside / "secret.parquet")  # skipped, as readers skip it
+    files = parquet_files(root / "data", root.resolve())
+    assert files == [(root / "data" / "data-0.parquet").resolve(), (root / "other" / "data-0.parquet").resolve()]

@@ -79,7 +79,8 @@ class Platform:
                text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
                fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
-               faults: Mapping[str, Any] | None = None, **task_options: Any) -> Job:
+               faults: Mapping[str, Any] | None = None, input_root: str | os.PathLike[str] | None = None,
+               **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
         ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
@@ -92,12 +93,15 @@ class Platform:
         has them.  A bad row goes to ``job.errors()`` and the job goes on,
         unless ``fail_fast``.  ``retries``: further attempts for a partition
         that raised; ``timeout``: seconds before the job stops.  Task options
-        go in ``options`` or as keywords (``normalize=True``).
+        go in ``options`` or as keywords (``normalize=True``).  ``input_root``:
+        a path input must lie inside this folder, and so must every file of a
+        directory input once its links are resolved (the gateway passes
+        ``BITINGLIP_INPUT_DIR``).
         """
         resubmit = ((task, model, inputs), dict(
             output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
-            **task_options))
+            input_root=input_root, **task_options))
         task_type = get_task(task, self.tasks)
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
@@ -117,7 +121,7 @@ class Platform:
                 rows_wanted = int(previous["partition_rows"])  # same boundaries as before
         workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
-                              min_rows=task_type.min_partition_rows)
+                              min_rows=task_type.min_partition_rows, root=input_root)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
                        out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
         done: set[int] = set()
@@ -127,6 +131,7 @@ class Platform:
                 "job_id": job_id, "task": task_type.name, "model": model, "options": _jsonable(merged),
                 "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
                 "retries": retries, "timeout": timeout, "gpu": gpu,
+                "input_root": os.fspath(input_root) if input_root is not None else None,
                 "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
                 "rows": parts.total, "submitted": time.time(),
                 "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
@@ -257,7 +262,7 @@ class Platform:
 
 
 #: the submit parameters that a job's record keeps and a resume reuses
-RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu")
+RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root")
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
