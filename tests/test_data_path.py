@@ -267,6 +267,17 @@ def test_a_committed_file_of_another_job_is_an_error_not_a_skip(platform, tiny_e
         ours.resume().result()
 
 
+
+def test_a_foreign_errors_table_is_an_error_too(tmp_path: Path) -> None:
+    from bitinglip.platform.outputs import committed_summary, write_parquet
+
+    write_parquet(pd.DataFrame({"id": [1], "embedding": [[0.5]]}), str(tmp_path / "part-00000.parquet"), "ours")
+    write_parquet(pd.DataFrame({"id": [2], "reason": ["bad"]}), str(tmp_path / "_errors" / "part-00000.errors"),
+                  "theirs")
+    with pytest.raises(OutputConflictError, match="part-00000.errors holds the results of job theirs, not of job ours"):
+        committed_summary(str(tmp_path), 0, "ours")
+    assert committed_summary(str(tmp_path), 1, "ours") is None
+
 # --- 14.8: a full results disk -----------------------------------------------
 
 @pytest.fixture

@@ -148,21 +148,29 @@ def errors_file(index: int) -> str:
     return f"{ERRORS_DIR}/part-{index:05d}.errors"
 
 
-def committed_summary(out_dir: str, index: int, job_id: str) -> dict[str, Any] | None:
-    """The summary of a partition whose output file is already in place;
-    :class:`OutputConflictError` if another job wrote that file."""
-    path = os.path.join(out_dir, partition_file(index))
-    if not os.path.exists(path):
-        return None
+def _check_owner(path: str, job_id: str) -> Any:
+    """The Parquet file at ``path``, if ``job_id`` wrote it."""
     import pyarrow.parquet as pq
 
-    owner = (pq.read_schema(path).metadata or {}).get(JOB_ID_KEY, b"").decode()
+    file = pq.ParquetFile(path)
+    owner = (file.schema_arrow.metadata or {}).get(JOB_ID_KEY, b"").decode()
     if owner != job_id:
         raise OutputConflictError(f"{path} holds the results of job {owner or '(unknown)'}, not of job {job_id}; "
                                   "use a new output directory")
+    return file
+
+
+def committed_summary(out_dir: str, index: int, job_id: str) -> dict[str, Any] | None:
+    """The summary of a partition whose output file is already in place;
+    :class:`OutputConflictError` if another job wrote that file (or its
+    errors table)."""
+    path = os.path.join(out_dir, partition_file(index))
+    if not os.path.exists(path):
+        return None
+    rows = _check_owner(path, job_id).metadata.num_rows
     err_path = os.path.join(out_dir, errors_file(index))
-    errors = pq.ParquetFile(err_path).metadata.num_rows if os.path.exists(err_path) else 0
-    return {"part": index, "rows": pq.ParquetFile(path).metadata.num_rows, "file": partition_file(index),
+    errors = _check_owner(err_path, job_id).metadata.num_rows if os.path.exists(err_path) else 0
+    return {"part": index, "rows": rows, "file": partition_file(index),
             "errors": errors, "errors_file": errors_file(index) if errors else None, "skipped": True}
 
 
