@@ -152,7 +152,8 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
     write_rest_record(output, record)
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
-                              text_column=sub["text_column"], options=sub["options"], job_id=job_id)
+                              text_column=sub["text_column"], options=sub["options"], job_id=job_id,
+                              input_root=platform.settings.input_dir)
     platform.detach(job)  # the job survives this process from here on
     return job.total, len(job.futures)
 

@@ -86,7 +86,8 @@ class Platform:
                text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
                fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
-               faults: Mapping[str, Any] | None = None, **task_options: Any) -> Job:
+               faults: Mapping[str, Any] | None = None, input_root: str | os.PathLike[str] | None = None,
+               **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
         ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
@@ -99,12 +100,15 @@ class Platform:
         has them.  A bad row goes to ``job.errors()`` and the job goes on,
         unless ``fail_fast``.  ``retries``: further attempts for a partition
         that raised; ``timeout``: seconds before the job stops.  Task options
-        go in ``options`` or as keywords (``normalize=True``).
+        go in ``options`` or as keywords (``normalize=True``).  ``input_root``:
+        a path input must lie inside this folder, and so must every file of a
+        directory input once its links are resolved (the gateway passes
+        ``BITINGLIP_INPUT_DIR``).
         """
         resubmit = ((task, model, inputs), dict(
             output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
-            **task_options))
+            input_root=input_root, **task_options))
         task_type = get_task(task, self.tasks)
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
@@ -123,13 +127,17 @@ class Platform:
                 rows_wanted = int(previous["partition_rows"])  # same boundaries as before
         workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
-                              min_rows=task_type.min_partition_rows)
+                              min_rows=task_type.min_partition_rows, root=input_root)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
                        out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
         done: set[int] = set()
         if out_dir is not None:
+            # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
             record = claim(out_dir, {
                 "job_id": job_id, "task": task_type.name, "model": model, "options": _jsonable(merged),
+                "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
+                "retries": retries, "timeout": timeout, "gpu": gpu,
+                "input_root": os.fspath(input_root) if input_root is not None else None,
                 "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
                 "rows": parts.total, "submitted": time.time(),
                 "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
@@ -232,7 +240,8 @@ class Platform:
         for i, (data, offset) in enumerate(parts.parts):
             key = task_key(spec.job_id, i)
             if i in done:  # committed by an earlier run: only read its figures
-                futures.append(self.client.submit(committed_summary, spec.output, i, key=key, pure=False))
+                futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
+                                                  pure=False))
             elif parts.lazy:
                 futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
                                                    resources=resources))
@@ -263,8 +272,11 @@ class Platform:
 
     def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
         """Resume the job whose results are in ``output``: only partitions not
-        committed there run. ``inputs`` defaults to the input path that the
-        job recorded (in-memory inputs must be given again)."""
+        committed there run, with the parameters the job recorded in
+        ``_job.json`` (text column, options, partitioning, token budget,
+        fail_fast, retries, timeout, placement); ``kwargs`` override them.
+        ``inputs`` defaults to the input path that the job recorded
+        (in-memory inputs must be given again)."""
         out_dir = os.path.abspath(os.fspath(output))
         record = read_json(os.path.join(out_dir, RECORD))
         if record is None:
@@ -272,8 +284,9 @@ class Platform:
         inputs = inputs if inputs is not None else record.get("input")
         if inputs is None:
             raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
+        recorded = {name: record[name] for name in RESUMED if record.get(name) is not None}
         return self.submit(record["task"], record["model"], inputs, output=out_dir, job_id=record["job_id"],
-                           options=record.get("options") or {}, **kwargs)
+                           options=record.get("options") or {}, **{**recorded, **kwargs})
 
     def close(self) -> None:
         try:
@@ -293,6 +306,9 @@ class Platform:
     def __repr__(self) -> str:
         return f"<Platform {self.client.scheduler.address} workers={len(worker_resources(self.client))}>"
 
+
+#: the submit parameters that a job's record keeps and a resume reuses
+RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root")
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

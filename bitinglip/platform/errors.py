@@ -47,6 +47,13 @@ class JobFailedError(BitingLipError):
     code = "job_failed"
 
 
+class RowCountError(JobFailedError):
+    """Rows out plus rows in error differ from rows in: rows were lost or
+    made up on the way, so the job must not report success."""
+
+    code = "row_count_mismatch"
+
+
 class JobCancelledError(BitingLipError):
     code = "job_cancelled"
 
@@ -169,17 +176,17 @@ class OutputConflictError(BitingLipError):
     code = "output_conflict"
 
 
+class OutputWriteError(BitingLipError):
+    """A result file or a job's record could not be written (disk full, no
+    permission...); the message names the path and the operating system's reason."""
+
+    code = "output_write_failed"
+
+
 class StackError(BitingLipError):
     """A service of the local stack (``bitinglip up``) did not start or stay up."""
 
     code = "stack_failed"
-
-
-class OutputWriteError(BitingLipError):
-    """Results or a job's record could not be written: the results folder is
-    full or not writable."""
-
-    code = "output_write_failed"
 
 
 class RequestTimeoutError(BitingLipError):

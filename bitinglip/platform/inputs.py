@@ -24,6 +24,8 @@ MIN_PARTITION_ROWS = 64
 MAX_PARTITION_ROWS = 5000
 #: bytes per partition when reading CSV or JSONL text files
 TEXT_FILE_BLOCKSIZE = "4MB"
+#: the names of the files of a Parquet directory that are read
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
 
 @dataclass
@@ -78,29 +80,70 @@ def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bo
     return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame), size=size)
 
 
-def _read_path(path: Path) -> Any:
+def _inside(path: Path, root: Path | None, what: str) -> Path:
+    """``path`` with every link resolved; refused if that leaves ``root``."""
+    real = path.resolve()
+    if root is not None and not real.is_relative_to(root):
+        raise InputError(f"{what} {str(path)!r} leads to {str(real)!r}, outside the input directory {str(root)!r}")
+    return real
+
+
+def parquet_files(folder: Path, root: Path | None = None) -> list[Path]:
+    """The Parquet files a directory input is made of, each resolved through
+    its links and checked against ``root``: the reader is then given exactly
+    these files, so nothing a link points to is read unchecked.  Names
+    starting with ``_`` or ``.`` are skipped, as pyarrow does, and files come
+    in Dask's order (natural order of their paths)."""
+    from dask.utils import natural_sort_key
+
+    files: dict[str, Path] = {}
+    seen: set[Path] = set()
+    pending = [_inside(folder, root, "input directory")]
+    while pending:
+        current = pending.pop()
+        if current in seen:  # a link back up the tree
+            continue
+        seen.add(current)
+        for entry in sorted(current.iterdir()):
+            if entry.name.startswith(("_", ".")):
+                continue
+            if entry.is_dir():
+                pending.append(_inside(entry, root, "input folder"))
+            elif entry.name.lower().endswith(PARQUET_SUFFIXES):
+                files[str(entry)] = _inside(entry, root, "input file")
+    if not files:
+        raise InputError(f"input directory {str(folder)!r} holds no Parquet files ({', '.join(PARQUET_SUFFIXES)})")
+    ordered = [files[name] for name in sorted(files, key=natural_sort_key)]
+    return list(dict.fromkeys(ordered))  # a file reached through two links is read once
+
+
+def _read_path(path: Path, text_column: str, root: Path | None) -> Any:
     import dask
 
     if not path.exists():
         raise InputError(f"input path {str(path)!r} does not exist")
+    files = parquet_files(path, root) if path.is_dir() else [_inside(path, root, "input file")]
     # keep values as they are in the file: a number where text belongs must
     # reach the row check as a number, not be turned into the string "5"
     with dask.config.set({"dataframe.convert-string": False}):
-        return _read_known_type(path)
+        return _read_known_type(path, files, text_column)
 
 
-def _read_known_type(path: Path) -> Any:
+def _read_known_type(path: Path, files: list[Path], text_column: str) -> Any:
     import dask.dataframe as dd
 
     name = path.name.lower()
     try:
-        if path.is_dir() or name.endswith((".parquet", ".pq")):
-            return dd.read_parquet(str(path))
+        if path.is_dir() or name.endswith(PARQUET_SUFFIXES):
+            return dd.read_parquet([str(f) for f in files])
         if name.endswith((".jsonl", ".ndjson", ".json")):
-            return dd.read_json(str(path), lines=True, blocksize=TEXT_FILE_BLOCKSIZE)
+            return dd.read_json(str(files[0]), lines=True, blocksize=TEXT_FILE_BLOCKSIZE)
         if name.endswith((".csv", ".tsv")):
-            return dd.read_csv(str(path), sep="\t" if name.endswith(".tsv") else ",",
-                               blocksize=TEXT_FILE_BLOCKSIZE, dtype={"text": "object"})
+            # CSV has no null: every field is text as written, so "" is an
+            # empty text (as in Parquet and JSONL) and "NA" or "null" are words
+            return dd.read_csv(str(files[0]), sep="\t" if name.endswith(".tsv") else ",",
+                               blocksize=TEXT_FILE_BLOCKSIZE, dtype={text_column: "object"},
+                               keep_default_na=False)
     except Exception as exc:
         raise InputError(f"cannot read input {str(path)!r}: {exc}") from exc
     raise InputError(f"input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
@@ -118,13 +161,16 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
         raise InputError(f"the input has no column {text_column!r} (columns: "
                          f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
     keep = [c for c in ("id", text_column) if c in frame.columns]
-    frame = frame[keep]
-    lengths = client.compute(frame.map_partitions(len)).result().tolist()
+    pieces = frame[keep].to_delayed()
+    # count the very pieces that will be sliced: Dask may fuse
+    # ``map_partitions(len)`` into fewer partitions than ``to_delayed()``
+    # gives once columns are projected away, and pairing the two lost rows
+    lengths = [int(n) for n in client.gather(client.compute([delayed(len)(p) for p in pieces]))]
     total = int(sum(lengths))
     size = partition_rows(total, workers, configured_rows, min_rows)
     parts: list[tuple[Any, int]] = []
     offset = 0
-    for data, n in zip(frame.to_delayed(), lengths):
+    for data, n in zip(pieces, lengths, strict=True):
         # a big file partition is read once and shared out in slices, so
         # one large Parquet file still keeps every worker busy
         for a, b in _slices(n, size) if n > size else ([(0, n)] if n else []):
@@ -134,15 +180,19 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
 
 
 def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0,
-                  check_rows: bool = True, min_rows: int | None = None) -> Partitions:
+                  check_rows: bool = True, min_rows: int | None = None,
+                  root: str | os.PathLike[str] | None = None) -> Partitions:
     """Partitions for any accepted input; raises :class:`InputError` saying
     what is wrong. With ``check_rows`` a bad row in a list or pandas input is
     refused here, before any work starts; without, the workers report it.
     ``min_rows``: the task's smallest automatic partition (default
-    :data:`MIN_PARTITION_ROWS`)."""
+    :data:`MIN_PARTITION_ROWS`).  ``root``: a path input, and every file of
+    a directory input once its links are resolved, must lie inside it."""
     min_rows = min_rows or MIN_PARTITION_ROWS
     if isinstance(inputs, (str, os.PathLike)):
-        return _from_dask(_read_path(Path(inputs).expanduser()), text_column, client, workers, configured_rows, min_rows)
+        real_root = Path(root).expanduser().resolve() if root is not None else None
+        return _from_dask(_read_path(Path(inputs).expanduser(), text_column, real_root), text_column, client,
+                          workers, configured_rows, min_rows)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
         return _from_dask(inputs, text_column, client, workers, configured_rows, min_rows)
     if isinstance(inputs, pd.Series):

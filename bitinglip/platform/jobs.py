@@ -16,8 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from bitinglip.platform.errors import BitingLipError, InputError, JobCancelledError, JobFailedError
-from bitinglip.platform.outputs import write_partial_manifest
+from bitinglip.platform.errors import (BitingLipError, InputError, JobCancelledError, JobFailedError, OutputWriteError,
+                                       RowCountError)
+from bitinglip.platform.outputs import count_mismatch, write_partial_manifest
 from bitinglip.platform.runner import JobSpec, cancel_event_name
 
 class JobState(str, Enum):
@@ -62,6 +63,7 @@ class Job:
         self._cancelled = False
         self._error: BaseException | None = None
         self._finished_at: float | None = None
+        self._counted = False
 
     # --- fed by the platform's subscription to the progress topic
     def _on_progress(self, msg: dict[str, Any]) -> None:
@@ -88,7 +90,7 @@ class Job:
         if any(f.status == "cancelled" for f in futures):
             return JobState.CANCELLED.value
         if all(f.status == "finished" for f in futures):
-            return JobState.SUCCEEDED.value
+            return JobState.SUCCEEDED.value if self._counts_hold() else JobState.FAILED.value
         if self._done_in_part or any(f.status == "finished" for f in self.futures):
             return JobState.RUNNING.value
         return JobState.QUEUED.value
@@ -186,7 +188,25 @@ class Job:
             dask_wait([self.final], timeout=timeout)
         if self.final is not None and self.final.status == "error":
             self._fail(self.final, "the manifest")
+        if not self._counts_hold():
+            assert self._error is not None
+            raise self._error
         self._finished_at = self._finished_at or time.time()
+
+    def _counts_hold(self) -> bool:
+        """Whether rows in = rows out + rows in error, once every partition
+        is in.  A job with an output directory checks this in its manifest
+        task; an in-memory job checks it here, once, counting each
+        partition's frames where they lie."""
+        if self.final is not None or self._counted:
+            return self._error is None
+        client = self.platform.client
+        figures = client.gather(client.map(_rows_and_errors, self.futures, pure=False))
+        self._counted = True
+        mismatch = count_mismatch(self.total, sum(r for r, _ in figures), sum(e for _, e in figures))
+        if mismatch is not None and self._error is None:
+            self._error = RowCountError(f"job {self.id}: {mismatch}")
+        return self._error is None
 
     def _fail(self, future: Any, where: str) -> None:
         exc = future.exception()
@@ -194,7 +214,11 @@ class Job:
         # the rest of the job is moot: free the workers for other jobs
         self.platform.client.cancel([f for f in self._all_futures() if f.status != "error"])
         if self.output is not None and self.record is not None:
-            write_partial_manifest(self.output, self.record, JobState.FAILED.value)
+            try:
+                write_partial_manifest(self.output, self.record, JobState.FAILED.value,
+                                       f"{where}: {type(exc).__name__}: {exc}")
+            except OutputWriteError:  # the disk that failed the job: its own error says more
+                pass
         if isinstance(exc, BitingLipError):
             raise exc
         raise JobFailedError(f"job {self.id} failed in {where}: {type(exc).__name__}: {exc}") from exc
@@ -254,6 +278,11 @@ def _notebook_without_widgets() -> bool:
     except ImportError:
         return True
     return False
+
+
+def _rows_and_errors(summary: dict[str, Any]) -> tuple[int, int]:
+    """On the worker holding a partition's result: its two counts."""
+    return len(summary["frame"]), len(summary["errors_frame"])
 
 
 def progress_dict(progress: Progress) -> dict[str, Any]:

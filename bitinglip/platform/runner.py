@@ -21,7 +21,7 @@ import pandas as pd
 
 from bitinglip.platform.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
-from bitinglip.platform.outputs import committed_summary, errors_file, partition_file
+from bitinglip.platform.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.tasks import Batch, TaskType, texts_or_error
 
 PROGRESS_TOPIC = "bitinglip-progress"
@@ -219,12 +219,6 @@ def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncat
     return pd.DataFrame(columns)
 
 
-def _write_atomically(frame: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``)."""
@@ -303,7 +297,7 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     from bitinglip.worker_plugins.models import get_model_plugin
 
     if spec.output is not None:
-        committed = committed_summary(spec.output, index)
+        committed = committed_summary(spec.output, index, spec.job_id)
         if committed is not None:  # a rerun after a worker died past its commit
             return committed
     started = time.perf_counter()
@@ -345,6 +339,6 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     if spec.output is None:
         return {**summary, "frame": frame, "errors_frame": errors}
     if len(errors):
-        _write_atomically(errors, os.path.join(spec.output, errors_file(index)))
-    _write_atomically(frame, os.path.join(spec.output, partition_file(index)))
+        write_parquet(errors, os.path.join(spec.output, errors_file(index)), spec.job_id)
+    write_parquet(frame, os.path.join(spec.output, partition_file(index)), spec.job_id)
     return {**summary, "file": partition_file(index), "errors_file": errors_file(index) if len(errors) else None}
