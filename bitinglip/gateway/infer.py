@@ -23,6 +23,8 @@ from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.errors import BitingLipError, InputError, JobFailedError, UnavailableError
+from bitinglip.platform.models import resolve_model
+from bitinglip.platform.tasks import BUILTIN_TASKS
 
 #: Dask priority of infer batches; bulk jobs use 1 to 10
 INFER_PRIORITY = 100
@@ -120,6 +122,18 @@ class Batcher:
             batch.result.set_result(result)
 
 
+async def check_model_options(gw: Gateway, task: str, model: str, options: dict[str, Any]) -> None:
+    """Refuse options past what ``model`` takes (its labels, vocabulary,
+    positions) with an :class:`InputError`; a model this gateway cannot see
+    keeps the fixed bounds, and the cluster checks it again at submission."""
+    try:
+        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
+    except (BitingLipError, OSError):
+        return
+    checked = BUILTIN_TASKS[task].check_options(options)
+    BUILTIN_TASKS[task].check_model_options(checked, path.path)
+
+
 async def infer(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:write", WRITE)
@@ -130,6 +144,7 @@ async def infer(request: Request) -> Response:
     options = check_task(body.get("task"), body.get("options"))
     texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
     model = await resolve(gw, body.get("model"))
+    await check_model_options(gw, body["task"], model, options)
     outputs, shared = await gw.batcher.infer(body["task"], model, options, texts)
     return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,
                              "batched_requests": shared})

@@ -3,9 +3,10 @@
 A submission is recorded in Redis first, then handed to the cluster with
 ``fire_and_forget``, so it runs to its end whatever happens to this
 process; its status and progress reach Redis from the scheduler plugin.
-Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The record
-also travels with the job's tasks (for the plugin) and lies beside its
-output (for :mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
+Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The job's
+id travels with its tasks (for the plugin, which reads the record from
+Redis), and the record lies beside its output (for
+:mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def _submit(platform: Any, job_id: str, sub: dict[str, Any], model: str, output:
     import dask
 
     write_rest_record(output, record)
-    with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
+    # only the id: the scheduler serialises annotations with msgpack, and a
+    # caller's value it cannot encode (an int of 2**64) would drop every worker
+    with dask.annotate(priority=sub["priority"], **{ANNOTATION: {"id": job_id}}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id)
     platform.detach(job)  # the job survives this process from here on

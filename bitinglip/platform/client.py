@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -28,6 +29,7 @@ from bitinglip.platform.cluster import local_cluster, worker_resources
 from bitinglip.platform.errors import InputError, NoGPUWorkersError, UnavailableError
 from bitinglip.platform.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs import Job
+from bitinglip.platform.options import surrogate_at
 from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
 from bitinglip.platform.placement import prefer, warm_workers
 from bitinglip.platform.registry import Registry
@@ -99,13 +101,17 @@ class Platform:
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
             **task_options))
         task_type = get_task(task, self.tasks)
+        if options is not None and not isinstance(options, Mapping):
+            raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
-                         timeout=timeout, job_id=job_id)
+                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
+                         faults=faults)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
         # where the model resolves is where it will run: ask a worker
-        self.client.submit(_resolve, model, pure=False, resources=resources).result()
+        model_dir = self.client.submit(_resolve, model, pure=False, resources=resources).result()
+        merged = task_type.check_model_options(merged, model_dir)
         job_id = job_id or uuid.uuid4().hex
         resubmit[1]["job_id"] = job_id
         rows_wanted = partition_rows or self.settings.partition_rows
@@ -251,20 +257,37 @@ class Platform:
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+#: bounds of submit's own arguments: each reaches the wire, so each is finite and plain
+MAX_PARTITION_ROWS = MAX_TOKEN_BUDGET = 100_000_000
+MAX_RETRIES = 100
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
+
 def _check_arguments(**values: Any) -> None:
-    for name in ("partition_rows", "token_budget"):
+    for name, high in (("partition_rows", MAX_PARTITION_ROWS), ("token_budget", MAX_TOKEN_BUDGET)):
         v = values[name]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise InputError(f"{name}={v!r}: expected a whole number of at least 1")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high):
+            raise InputError(f"{name}={v!r:.60}: expected a whole number from 1 to {high}")
     r = values["retries"]
-    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-        raise InputError(f"retries={r!r}: expected a whole number of 0 or more")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_RETRIES:
+        raise InputError(f"retries={r!r:.60}: expected a whole number from 0 to {MAX_RETRIES}")
     t = values["timeout"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
-        raise InputError(f"timeout={t!r}: expected a number of seconds above 0")
+    # NaN compares false with everything and inf never comes: neither would ever stop the job
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                          or not 0 < t <= MAX_TIMEOUT_S):
+        raise InputError(f"timeout={t!r:.60}: expected a finite number of seconds above 0, "
+                         f"at most {MAX_TIMEOUT_S:.0f}")
     j = values["job_id"]
     if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
-        raise InputError(f"job_id={j!r}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+        raise InputError(f"job_id={j!r:.60}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+    c = values["text_column"]
+    if not isinstance(c, str) or not 0 < len(c) <= 200 or surrogate_at(c) is not None:
+        raise InputError(f"text_column={c!r:.60}: expected a column name of 1 to 200 characters")
+    for name in ("gpu", "fail_fast"):
+        if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
+            raise InputError(f"{name}={values[name]!r:.60}: expected True or False")
+    if values["faults"] is not None and not isinstance(values["faults"], Mapping):
+        raise InputError(f"faults={values['faults']!r:.60}: expected a mapping")
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""Hostile options through REST and the Python client, on
+the session's real gateway, Redis and Dask cluster (issue 14.1, 14.8):
+each is refused with a 4xx or a BitingLipError before any work starts, and
+the scheduler still has every worker it had."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from gwtools import auth, wait_for
+
+from bitinglip.platform.cluster import worker_resources
+from bitinglip.platform.errors import InputError
+
+MODEL_OF = {"embed": "tiny-encoder", "classify": "tiny-classifier", "generate": "tiny-gpt2"}
+
+
+def _post(gateway: str, path: str, body: Any) -> httpx.Response:
+    """``body`` as Python's json writes it (NaN, Infinity and "\\ud800" escapes
+    included), from a principal of its own: the write rate limit (10 a minute)
+    is per principal."""
+    headers = {**auth(f"opt-{uuid.uuid4().hex[:12]}"), "Content-Type": "application/json"}
+    return httpx.post(f"{gateway}{path}", headers=headers, content=json.dumps(body), timeout=60)
+
+
+def _error(r: httpx.Response, status: int = 422) -> str:
+    assert r.status_code == status, r.text
+    return str(r.json()["error"]["message"])
+
+
+def _workers(platform: Any) -> set[str]:
+    return set(worker_resources(platform.client))
+
+
+@pytest.fixture(scope="module")
+def workers_at_start(platform: Any) -> set[str]:
+    return _workers(platform)
+
+
+def test_top_k_of_2_64_leaves_every_worker_connected(gateway: str, models: dict[str, str], platform: Any,
+                                                     workers_at_start: set[str]) -> None:
+    for task, options in (("classify", {"top_k": 2**64}), ("generate", {"top_k": 2**64}),
+                          ("generate", {"seed": 2**64})):
+        body = {"task": task, "model": MODEL_OF[task], "inputs": ["a b c"], "options": options}
+        assert next(iter(options)) in _error(_post(gateway, "/v1/jobs", body))
+        with pytest.raises(InputError, match=next(iter(options))):
+            platform.submit(task, model=models[MODEL_OF[task]], inputs=["a b c"], options=options)
+    # a normal job after them runs to its end on the same workers
+    h = auth(f"opt-{uuid.uuid4().hex[:12]}")
+    r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60, json={
+        "task": "classify", "model": "tiny-classifier", "inputs": [f"row {i}" for i in range(40)],
+        "options": {"top_k": 2}})
+    assert r.status_code == 202, r.text
+    done = wait_for(lambda: httpx.get(f"{gateway}/v1/jobs/{r.json()['id']}", headers=h, timeout=30).json())
+    assert done["state"] == "succeeded" and done["rows_done"] == 40, done
+    assert _workers(platform) == workers_at_start
+
+
+def test_infer_bounds_options_by_the_model(gateway: str, models: dict[str, str]) -> None:
+    def infer(task: str, options: dict[str, Any]) -> httpx.Response:
+        return _post(gateway, "/v1/infer", {"task": task, "model": MODEL_OF[task], "inputs": ["a b"],
+                                            "options": options})
+
+    assert "seed" in _error(infer("generate", {"seed": 2**70}))
+    assert "max_new_tokens=128" in _error(infer("generate", {"max_new_tokens": 128}))  # 128 positions
+    assert "top_k=501" in _error(infer("generate", {"top_k": 501, "temperature": 1.0}))  # 500 tokens
+    assert "top_k=4" in _error(infer("classify", {"top_k": 4}))  # 3 labels
+    ok = infer("classify", {"top_k": 3})
+    assert ok.status_code == 200 and len(ok.json()["outputs"][0]["labels"]) == 3, ok.text
+    longest = infer("generate", {"max_new_tokens": 127})
+    assert longest.status_code == 200, longest.text
+
+
+def test_client_refuses_nan_timeout_and_options_not_a_mapping(platform: Any, models: dict[str, str]) -> None:
+    for timeout in (math.nan, math.inf):
+        with pytest.raises(InputError, match="timeout"):
+            platform.submit("embed", model=models["tiny-encoder"], inputs=["a"], timeout=timeout)
+    with pytest.raises(InputError, match="options"):
+        platform.submit("embed", model=models["tiny-encoder"], inputs=["a"], options="x")
