@@ -1,4 +1,4 @@
-"""Hostile options through REST and the Python client, on
+"""Hostile options and bodies through REST and the Python client, on
 the session's real gateway, Redis and Dask cluster (issue 14.1, 14.8):
 each is refused with a 4xx or a BitingLipError before any work starts, and
 the scheduler still has every worker it had."""
@@ -82,3 +82,13 @@ def test_client_refuses_nan_timeout_and_options_not_a_mapping(platform: Any, mod
             platform.submit("embed", model=models["tiny-encoder"], inputs=["a"], timeout=timeout)
     with pytest.raises(InputError, match="options"):
         platform.submit("embed", model=models["tiny-encoder"], inputs=["a"], options="x")
+
+
+def test_deeply_nested_body_gets_a_422(gateway: str) -> None:
+    headers = {**auth(f"opt-{uuid.uuid4().hex[:12]}"), "Content-Type": "application/json"}
+    for body in ('{"task": ' + "[" * 50_000 + "]" * 50_000 + "}", '{"options": ' + "[" * 40 + "]" * 40 + "}"):
+        r = httpx.post(f"{gateway}/v1/jobs", headers=headers, content=body, timeout=30)
+        assert "nests deeper than 32 levels" in _error(r)
+    r = httpx.post(f"{gateway}/v1/infer", headers=headers, timeout=30,
+                   content='{"task": "generate", "model": "tiny-gpt2", "inputs": ["a"], "options": {"top_p": NaN}}')
+    assert "NaN" in _error(r)
