@@ -3,6 +3,9 @@
 Requests for the same task, model and options that arrive within
 ``BITINGLIP_INFER_BATCH_MS`` of each other go to the cluster as one task, at
 a Dask priority above every bulk job, so they start before queued partitions.
+Each request's rows and options are checked before it joins a batch; should
+a merged batch fail all the same, each of its requests runs again alone, so
+only the bad one fails.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ INFER_TIMEOUT_S = 120.0
 def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
     """Runs on a worker: one output dict per text, in order, JSON-ready."""
     from bitinglip.platform.batching import default_budget, plan_batches
-    from bitinglip.platform.tasks import Batch, get_task
+    from bitinglip.platform.tasks import Batch, get_task, texts_or_error
     from bitinglip.worker_plugins.models import get_model_plugin
 
     task = get_task(task_name)
     merged = task.check_options(options)
+    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
     loaded = get_model_plugin().get(task, model, merged)
     ids, truncated = task.tokenize(loaded, texts, merged)
     empty = [i for i, row in enumerate(ids) if not row]
@@ -93,8 +97,19 @@ class Batcher:
         batch.requests += 1
         if len(batch.texts) >= self.max_rows:
             self._fire(key, batch)
-        outputs = await asyncio.shield(batch.result)
+        try:
+            outputs = await asyncio.shield(batch.result)
+        except BitingLipError as exc:
+            if batch.requests == 1 or isinstance(exc, UnavailableError):
+                raise
+            # the failure may be another request's: run this one alone
+            return await self._alone(task, model, json.loads(key[2]), texts), 1
         return outputs[start:start + len(texts)], batch.requests
+
+    async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+        batch = _Batch(texts=list(texts), requests=1, fired=True)
+        await self._run(batch, task, model, options)
+        return await batch.result
 
     def _fire(self, key: tuple[str, str, str], batch: _Batch) -> None:
         if batch.fired:

@@ -35,7 +35,7 @@ from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.settings import Settings
 from bitinglip.platform.status_plugin import ANNOTATION
-from bitinglip.platform.tasks import BUILTIN_TASKS
+from bitinglip.platform.tasks import BUILTIN_TASKS, texts_or_error
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -55,6 +55,7 @@ def check_texts(texts: Any, limit: int, max_chars: int, what: str) -> list[str]:
             raise InputError(f"{what}[{i}] must be a string, got {type(text).__name__}")
         if len(text) > max_chars:
             raise InputError(f"{what}[{i}] has {len(text)} characters; the limit is {max_chars}")
+        texts_or_error([text], [f"{what}[{i}]"])  # e.g. a lone surrogate
     return texts
 
 

@@ -37,6 +37,7 @@ from bitinglip.platform.options import (
     model_limits,
     real,
     strings,
+    surrogate_at,
     whole,
 )
 from bitinglip.platform.precision import MATMUL_CHOICES, matmul_precision
@@ -396,4 +397,8 @@ def texts_or_error(values: Sequence[Any], ids: Sequence[Any]) -> list[str]:
             raise InputError(f"row id={row_id!r}: the text is missing (null)")
         if not isinstance(value, str):
             raise InputError(f"row id={row_id!r}: expected text (str), got {type(value).__name__} {value!r:.60}")
+        at = surrogate_at(value)
+        if at is not None:  # no tokenizer, JSON encoder or Parquet file takes it
+            raise InputError(f"row id={row_id!r}: the text is not valid Unicode (a lone surrogate "
+                             f"{value[at]!r} at character {at})")
     return list(values)

@@ -1,19 +1,23 @@
-"""Hostile options and bodies through REST and the Python client, on
-the session's real gateway, Redis and Dask cluster (issue 14.1, 14.8):
+"""Hostile options, texts and bodies through REST and the Python client, on
+the session's real gateway, Redis and Dask cluster (issue 14.1, 14.7, 14.8):
 each is refused with a 4xx or a BitingLipError before any work starts, and
 the scheduler still has every worker it had."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from gwtools import auth, wait_for
 
+from bitinglip.gateway.infer import Batcher
 from bitinglip.platform.cluster import worker_resources
 from bitinglip.platform.errors import InputError
 
@@ -92,3 +96,45 @@ def test_deeply_nested_body_gets_a_422(gateway: str) -> None:
     r = httpx.post(f"{gateway}/v1/infer", headers=headers, timeout=30,
                    content='{"task": "generate", "model": "tiny-gpt2", "inputs": ["a"], "options": {"top_p": NaN}}')
     assert "NaN" in _error(r)
+
+
+# --- 14.7: a text that cannot be encoded is a bad row, never a failed job or batch
+
+def test_lone_surrogate_is_named_in_a_rest_body(gateway: str, models: dict[str, str]) -> None:
+    for path in ("/v1/jobs", "/v1/infer"):
+        r = _post(gateway, path, {"task": "embed", "model": "tiny-encoder", "inputs": ["fine", "bad \ud800"]})
+        assert "inputs[1]" in _error(r) and "lone surrogate" in _error(r)
+
+
+def test_lone_surrogate_in_concurrent_infer_fails_only_its_request(gateway: str, models: dict[str, str]) -> None:
+    bodies = [{"task": "embed", "model": "tiny-encoder", "inputs": texts}
+              for texts in (["good one"], ["bad \udc00"], ["good two"])]
+    with ThreadPoolExecutor(3) as pool:
+        good, bad, other = pool.map(lambda b: _post(gateway, "/v1/infer", b), bodies)
+    assert good.status_code == other.status_code == 200 and "inputs[0]" in _error(bad)
+
+
+def test_a_failing_merged_batch_fails_only_the_bad_request(platform: Any, tiny_encoder: Path) -> None:
+    async def both() -> list[Any]:
+        # a window long enough that both requests share one batch
+        batcher = Batcher(platform.client, wait_s=0.5, max_rows=64)
+        return await asyncio.gather(batcher.infer("embed", str(tiny_encoder), {}, ["good", "also good"]),
+                                    batcher.infer("embed", str(tiny_encoder), {}, ["bad \ud800"]),
+                                    return_exceptions=True)
+
+    good, bad = asyncio.run(both())
+    assert not isinstance(good, BaseException), good
+    outputs, _ = good
+    assert len(outputs) == 2 and all(len(o["embedding"]) == 32 for o in outputs)
+    assert isinstance(bad, InputError) and "inputs[0]" in str(bad), bad
+
+
+def test_lone_surrogate_row_goes_to_the_errors_table(platform: Any, tiny_encoder: Path, tmp_path: Path) -> None:
+    texts = ["fine", "bad \ud800 row", "also fine", "more"]
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=texts, output=tmp_path / "out")
+    rows, errors = job.result(), job.errors()
+    assert sorted(rows["id"]) == [0, 2, 3] and errors["id"].tolist() == [1]
+    assert "lone surrogate" in errors["reason"][0]
+    assert len(rows) + len(errors) == len(texts)
+    with pytest.raises(InputError, match=r"row id=1: .*lone surrogate"):
+        platform.submit("embed", model=str(tiny_encoder), inputs=texts, fail_fast=True)

@@ -1,4 +1,5 @@
-"""Option bounds (issue 14.1, 14.8), without a cluster: every option of every task, out of range, huge, negative,
+"""Option bounds (issue 14.1, 14.8) and the row rule for lone surrogates (14.7),
+without a cluster: every option of every task, out of range, huge, negative,
 NaN, infinite or of the wrong type, is an InputError naming it; what passes
 is a plain value that msgpack (the scheduler's wire format) can encode."""
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from bitinglip.platform.client import _check_arguments
 from bitinglip.platform.errors import InputError
 from bitinglip.platform.options import INT64_MAX
-from bitinglip.platform.tasks import BUILTIN_TASKS, Classify, Generate
+from bitinglip.platform.tasks import BUILTIN_TASKS, Classify, Generate, texts_or_error
 
 #: values no option of any built-in task takes
 HOSTILE = st.one_of(
@@ -126,3 +127,9 @@ def test_client_arguments_are_bounded(name: str, value: Any) -> None:
     _check_arguments(**arguments)
     with pytest.raises(InputError, match=name):
         _check_arguments(**{**arguments, name: value})
+
+
+def test_lone_surrogate_row_is_named() -> None:
+    assert texts_or_error(["a", "\U0001f600 fine"], [0, 1]) == ["a", "\U0001f600 fine"]
+    with pytest.raises(InputError, match=r"row id='b': the text is not valid Unicode .* at character 4"):
+        texts_or_error(["ok", "bad \ud800 x"], ["a", "b"])
