@@ -16,12 +16,24 @@ from typing import Any
 import httpx
 import pytest
 from gwtools import auth, wait_for
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from bitinglip.gateway.infer import Batcher
 from bitinglip.platform.cluster import worker_resources
-from bitinglip.platform.errors import InputError
+from bitinglip.platform.errors import BitingLipError, InputError
+from bitinglip.platform.tasks import BUILTIN_TASKS
 
 MODEL_OF = {"embed": "tiny-encoder", "classify": "tiny-classifier", "generate": "tiny-gpt2"}
+OPTIONS = [(task, name) for task, t in sorted(BUILTIN_TASKS.items()) for name in sorted(t.defaults)]
+#: values no option takes, as JSON can carry them (NaN and Infinity too: Python's json writes them)
+HOSTILE = st.one_of(
+    st.integers(min_value=2**63, max_value=2**200), st.integers(max_value=-1, min_value=-(2**100)),
+    st.just(2**64), st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.floats(min_value=1e6, allow_infinity=False), st.floats(max_value=-1e-9, allow_infinity=False),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.lists(st.integers(), min_size=1, max_size=3),
+    st.sampled_from(["", "x" * 300, "float64"]),
+)
 
 
 def _post(gateway: str, path: str, body: Any) -> httpx.Response:
@@ -62,6 +74,21 @@ def test_top_k_of_2_64_leaves_every_worker_connected(gateway: str, models: dict[
     assert r.status_code == 202, r.text
     done = wait_for(lambda: httpx.get(f"{gateway}/v1/jobs/{r.json()['id']}", headers=h, timeout=30).json())
     assert done["state"] == "succeeded" and done["rows_done"] == 40, done
+    assert _workers(platform) == workers_at_start
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(option=st.sampled_from(OPTIONS), value=HOSTILE, path=st.sampled_from(["/v1/infer", "/v1/jobs"]))
+def test_hostile_options_get_a_4xx_and_a_bitinglip_error(gateway: str, models: dict[str, str], platform: Any,
+                                                         workers_at_start: set[str], option: tuple[str, str],
+                                                         value: Any, path: str) -> None:
+    task, name = option
+    assume(not (name == "stop" and value == "float64"))  # a fine stop string
+    body = {"task": task, "model": MODEL_OF[task], "inputs": ["a b c"], "options": {name: value}}
+    r = _post(gateway, path, body)
+    assert r.status_code == 422, r.text
+    with pytest.raises(BitingLipError):
+        platform.submit(task, model=models[MODEL_OF[task]], inputs=["a b c"], options={name: value})
     assert _workers(platform) == workers_at_start
 
 
@@ -138,3 +165,4 @@ def test_lone_surrogate_row_goes_to_the_errors_table(platform: Any, tiny_encoder
     assert len(rows) + len(errors) == len(texts)
     with pytest.raises(InputError, match=r"row id=1: .*lone surrogate"):
         platform.submit("embed", model=str(tiny_encoder), inputs=texts, fail_fast=True)
+
