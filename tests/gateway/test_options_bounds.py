@@ -92,7 +92,7 @@ def test_hostile_options_get_a_4xx_and_a_bitinglip_error(gateway: str, models: d
     assert _workers(platform) == workers_at_start
 
 
-def test_infer_bounds_options_by_the_model(gateway: str, models: dict[str, str]) -> None:
+def test_options_are_bounded_by_the_model(gateway: str, models: dict[str, str]) -> None:
     def infer(task: str, options: dict[str, Any]) -> httpx.Response:
         return _post(gateway, "/v1/infer", {"task": task, "model": MODEL_OF[task], "inputs": ["a b"],
                                             "options": options})
@@ -105,6 +105,11 @@ def test_infer_bounds_options_by_the_model(gateway: str, models: dict[str, str])
     assert ok.status_code == 200 and len(ok.json()["outputs"][0]["labels"]) == 3, ok.text
     longest = infer("generate", {"max_new_tokens": 127})
     assert longest.status_code == 200, longest.text
+    # a REST job meets the same bounds in Platform.submit, once the model is resolved
+    for task, options, word in (("classify", {"top_k": 4}, "top_k=4"),
+                                ("generate", {"max_new_tokens": 128}, "max_new_tokens=128")):
+        body = {"task": task, "model": MODEL_OF[task], "inputs": ["a b"], "options": options}
+        assert word in _error(_post(gateway, "/v1/jobs", body))
 
 
 def test_client_refuses_nan_timeout_and_options_not_a_mapping(platform: Any, models: dict[str, str]) -> None:
