@@ -9,6 +9,9 @@ from starlette.requests import Request
 
 from bitinglip.platform.errors import InputError
 
+#: the deepest nesting a body may have; real ones go 3 deep ({"options": {"stop": [...]}})
+MAX_DEPTH = 32
+
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request's JSON object body, or an :class:`InputError`."""
@@ -16,12 +19,35 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InputError("send the body as JSON with Content-Type: application/json")
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # the parser recurses per level: thousands of "[" exhaust the stack
+        raise InputError(f"the body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InputError("the body must be a JSON object")
+    if _depth(body) > MAX_DEPTH:  # every later walk (checks, json.dumps, Redis) would recurse as deep
+        raise InputError(f"the body nests deeper than {MAX_DEPTH} levels")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json takes NaN and Infinity; JSON does not
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value``, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:

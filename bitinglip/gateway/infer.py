@@ -3,6 +3,9 @@
 Requests for the same task, model and options that arrive within
 ``BITINGLIP_INFER_BATCH_MS`` of each other go to the cluster as one task, at
 a Dask priority above every bulk job, so they start before queued partitions.
+Each request's rows and options are checked before it joins a batch; should
+a merged batch fail all the same, each of its requests runs again alone, so
+only the bad one fails.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from bitinglip.gateway.models import resolve
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.errors import BitingLipError, InputError, JobFailedError, UnavailableError
+from bitinglip.platform.models import resolve_model
+from bitinglip.platform.tasks import BUILTIN_TASKS
 
 #: Dask priority of infer batches; bulk jobs use 1 to 10
 INFER_PRIORITY = 100
@@ -32,11 +37,12 @@ INFER_TIMEOUT_S = 120.0
 def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
     """Runs on a worker: one output dict per text, in order, JSON-ready."""
     from bitinglip.platform.batching import default_budget, plan_batches
-    from bitinglip.platform.tasks import Batch, get_task
+    from bitinglip.platform.tasks import Batch, get_task, texts_or_error
     from bitinglip.worker_plugins.models import get_model_plugin
 
     task = get_task(task_name)
     merged = task.check_options(options)
+    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
     loaded = get_model_plugin().get(task, model, merged)
     ids, truncated = task.tokenize(loaded, texts, merged)
     empty = [i for i, row in enumerate(ids) if not row]
@@ -91,8 +97,19 @@ class Batcher:
         batch.requests += 1
         if len(batch.texts) >= self.max_rows:
             self._fire(key, batch)
-        outputs = await asyncio.shield(batch.result)
+        try:
+            outputs = await asyncio.shield(batch.result)
+        except BitingLipError as exc:
+            if batch.requests == 1 or isinstance(exc, UnavailableError):
+                raise
+            # the failure may be another request's: run this one alone
+            return await self._alone(task, model, json.loads(key[2]), texts), 1
         return outputs[start:start + len(texts)], batch.requests
+
+    async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+        batch = _Batch(texts=list(texts), requests=1, fired=True)
+        await self._run(batch, task, model, options)
+        return await batch.result
 
     def _fire(self, key: tuple[str, str, str], batch: _Batch) -> None:
         if batch.fired:
@@ -120,6 +137,18 @@ class Batcher:
             batch.result.set_result(result)
 
 
+async def check_model_options(gw: Gateway, task: str, model: str, options: dict[str, Any]) -> None:
+    """Refuse options past what ``model`` takes (its labels, vocabulary,
+    positions) with an :class:`InputError`; a model this gateway cannot see
+    keeps the fixed bounds, and the cluster checks it again at submission."""
+    try:
+        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
+    except (BitingLipError, OSError):
+        return
+    checked = BUILTIN_TASKS[task].check_options(options)
+    BUILTIN_TASKS[task].check_model_options(checked, path.path)
+
+
 async def infer(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:write", INFER)
@@ -130,6 +159,7 @@ async def infer(request: Request) -> Response:
     options = check_task(body.get("task"), body.get("options"))
     texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
     model = await resolve(gw, body.get("model"))
+    await check_model_options(gw, body["task"], model, options)
     outputs, shared = await gw.batcher.infer(body["task"], model, options, texts)
     return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,
                              "batched_requests": shared})

@@ -3,9 +3,10 @@
 A submission is recorded in Redis first, then handed to the cluster with
 ``fire_and_forget``, so it runs to its end whatever happens to this
 process; its status and progress reach Redis from the scheduler plugin.
-Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The record
-also travels with the job's tasks (for the plugin) and lies beside its
-output (for :mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
+Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The job's
+id travels with its tasks (for the plugin, which reads the record from
+Redis), and the record lies beside its output (for
+:mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from bitinglip.platform.jobs import JobState
 from bitinglip.platform.jobstore import MISSING, MOVED, TERMINAL
 from bitinglip.platform.settings import Settings
 from bitinglip.platform.status_plugin import ANNOTATION
-from bitinglip.platform.tasks import BUILTIN_TASKS
+from bitinglip.platform.tasks import BUILTIN_TASKS, texts_or_error
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -62,6 +63,7 @@ def check_texts(texts: Any, limit: int, max_chars: int, what: str) -> list[str]:
             raise InputError(f"{what}[{i}] must be a string, got {type(text).__name__}")
         if len(text) > max_chars:
             raise InputError(f"{what}[{i}] has {len(text)} characters; the limit is {max_chars}")
+        texts_or_error([text], [f"{what}[{i}]"])  # e.g. a lone surrogate
     return texts
 
 
@@ -150,7 +152,9 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
 
     write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
     write_rest_record(output, record)
-    with dask.annotate(priority=sub["priority"], **{ANNOTATION: record}):
+    # only the id: the scheduler serialises annotations with msgpack, and a
+    # caller's value it cannot encode (an int of 2**64) would drop every worker
+    with dask.annotate(priority=sub["priority"], **{ANNOTATION: {"id": job_id}}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id,
                               input_root=platform.settings.input_dir)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -31,6 +32,7 @@ from bitinglip.platform.errors import InputError, NoGPUWorkersError, Unavailable
 from bitinglip.platform.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs import Job
 from bitinglip.platform.models import PACKAGED_MODELS, resolve_model
+from bitinglip.platform.options import surrogate_at
 from bitinglip.platform.outputs import RECORD, claim, committed_parts, committed_summary, fingerprint, read_json, write_manifest
 from bitinglip.platform.placement import prefer, warm_workers
 from bitinglip.platform.registry import Registry, is_ref
@@ -110,12 +112,16 @@ class Platform:
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
             input_root=input_root, **task_options))
         task_type = get_task(task, self.tasks)
+        if options is not None and not isinstance(options, Mapping):
+            raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
-                         timeout=timeout, job_id=job_id)
+                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
+                         faults=faults)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
-        model = self._locate_model(model, use_gpu)
+        model, model_dir, model_version = self._locate_model(model, use_gpu)
+        merged = task_type.check_model_options(merged, model_dir)
         job_id = job_id or uuid.uuid4().hex
         resubmit[1]["job_id"] = job_id
         rows_wanted = partition_rows or self.settings.partition_rows
@@ -134,7 +140,8 @@ class Platform:
         if out_dir is not None:
             # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
             record = claim(out_dir, {
-                "job_id": job_id, "task": task_type.name, "model": model, "options": _jsonable(merged),
+                "job_id": job_id, "task": task_type.name, "model": model, "model_version": model_version,
+                "options": _jsonable(merged),
                 "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
                 "retries": retries, "timeout": timeout, "gpu": gpu,
                 "input_root": os.fspath(input_root) if input_root is not None else None,
@@ -155,23 +162,26 @@ class Platform:
         self._jobs[job_id] = job
         return job
 
-    def _locate_model(self, model: str, use_gpu: bool) -> str:
+    def _locate_model(self, model: str, use_gpu: bool) -> tuple[str, str | None, str | None]:
         """The model reference the workers get, checked here and now: a name
         (registered, packaged, under ``MODEL_CACHE_DIR``) stays the name, so
         the worker verifies the registered version; a directory becomes its
         absolute path, as input paths do, so a worker with another working
         directory loads the same folder.  Resolved in this process, not in a
         task, which would wait behind every busy worker; a cluster of our own
-        sees the same files, a remote one is asked through one worker."""
+        sees the same files, a remote one is asked through one worker.
+
+        Returns the reference, the model's directory here (None when only a
+        worker sees it) and its registry version (None when unregistered)."""
         try:
             ref = resolve_model(model, self.settings)
         except UnknownModelError:
             if self.cluster is not None:
                 raise
-            return self._ask_a_worker(_worker_reference(model), use_gpu)
+            return self._ask_a_worker(_worker_reference(model), use_gpu), None, None
         named = model in PACKAGED_MODELS or ref.version is not None or \
             ref.path != str(Path(model).expanduser().resolve())
-        return model if named else ref.path
+        return (model if named else ref.path), ref.path, ref.version
 
     def _ask_a_worker(self, model: str, use_gpu: bool) -> str:
         """Resolve ``model`` on one worker with ``Client.run``, which runs
@@ -285,7 +295,10 @@ class Platform:
         if inputs is None:
             raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
         recorded = {name: record[name] for name in RESUMED if record.get(name) is not None}
-        return self.submit(record["task"], record["model"], inputs, output=out_dir, job_id=record["job_id"],
+        model = record["model"]
+        if record.get("model_version") and "@" not in model:  # the same registry version, not a newer one
+            model = f"{model}@{record['model_version']}"
+        return self.submit(record["task"], model, inputs, output=out_dir, job_id=record["job_id"],
                            options=record.get("options") or {}, **{**recorded, **kwargs})
 
     def close(self) -> None:
@@ -313,20 +326,37 @@ RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retrie
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+#: bounds of submit's own arguments: each reaches the wire, so each is finite and plain
+MAX_PARTITION_ROWS = MAX_TOKEN_BUDGET = 100_000_000
+MAX_RETRIES = 100
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
+
 def _check_arguments(**values: Any) -> None:
-    for name in ("partition_rows", "token_budget"):
+    for name, high in (("partition_rows", MAX_PARTITION_ROWS), ("token_budget", MAX_TOKEN_BUDGET)):
         v = values[name]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise InputError(f"{name}={v!r}: expected a whole number of at least 1")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high):
+            raise InputError(f"{name}={v!r:.60}: expected a whole number from 1 to {high}")
     r = values["retries"]
-    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-        raise InputError(f"retries={r!r}: expected a whole number of 0 or more")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_RETRIES:
+        raise InputError(f"retries={r!r:.60}: expected a whole number from 0 to {MAX_RETRIES}")
     t = values["timeout"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
-        raise InputError(f"timeout={t!r}: expected a number of seconds above 0")
+    # NaN compares false with everything and inf never comes: neither would ever stop the job
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                          or not 0 < t <= MAX_TIMEOUT_S):
+        raise InputError(f"timeout={t!r:.60}: expected a finite number of seconds above 0, "
+                         f"at most {MAX_TIMEOUT_S:.0f}")
     j = values["job_id"]
     if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
-        raise InputError(f"job_id={j!r}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+        raise InputError(f"job_id={j!r:.60}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+    c = values["text_column"]
+    if not isinstance(c, str) or not 0 < len(c) <= 200 or surrogate_at(c) is not None:
+        raise InputError(f"text_column={c!r:.60}: expected a column name of 1 to 200 characters")
+    for name in ("gpu", "fail_fast"):
+        if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
+            raise InputError(f"{name}={values[name]!r:.60}: expected True or False")
+    if values["faults"] is not None and not isinstance(values["faults"], Mapping):
+        raise InputError(f"faults={values['faults']!r:.60}: expected a mapping")
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:

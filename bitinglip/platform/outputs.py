@@ -109,6 +109,13 @@ def fingerprint(inputs: Any) -> str:
     return tokenize(inputs)
 
 
+def _same(key: str, value: Any) -> Any:
+    """What must match for a record to be the same job's: a resume pins the
+    registry version that ran (``name@version``) where the first run named
+    only ``name``."""
+    return value.partition("@")[0] if key == "model" and isinstance(value, str) else value
+
+
 def claim(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
     """Write the job record, or check that the one there is this job's.
 
@@ -132,7 +139,7 @@ def claim(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
         Path(tmp).unlink(missing_ok=True)
     previous = read_json(path) or {}
     for key in ("job_id", "fingerprint", "task", "model"):
-        if previous.get(key) != record.get(key):
+        if _same(key, previous.get(key)) != _same(key, record.get(key)):
             raise OutputConflictError(
                 f"{out_dir} holds the results of another job ({key} differs: {previous.get(key)!r} there, "
                 f"{record.get(key)!r} now); use a new output directory, or the same job id and inputs to resume")

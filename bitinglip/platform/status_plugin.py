@@ -8,8 +8,9 @@ record.  It watches two things: task transitions of a job's keys
 only note what changed; a loop on the scheduler's event loop writes the
 changes every ``interval_s``, so Redis latency never slows the scheduler.
 
-Only REST jobs are followed: the gateway annotates their tasks with the job
-record (:data:`ANNOTATION`); jobs of Python clients are ignored.
+Only REST jobs are followed: the gateway annotates their tasks with the job's
+id (:data:`ANNOTATION`, never caller-supplied values: the scheduler encodes
+annotations with msgpack); jobs of Python clients are ignored.
 
 The plugin keeps each job's hash as Redis last returned it, and finished
 jobs' hashes for their TTL (up to :data:`FINISHED_MAX`).  When Redis loses
@@ -39,7 +40,7 @@ from bitinglip.platform.runner import PROGRESS_TOPIC, task_key
 
 log = logging.getLogger(__name__)
 KEY = re.compile(r"^bitinglip-(?P<job>[0-9a-f]{32})-(?P<part>\d+|manifest)$")
-#: the task annotation carrying a REST job's record, as the gateway created it
+#: the task annotation carrying a REST job's ``{"id": ...}``; the rest of its record comes from Redis
 ANNOTATION = "bitinglip_job"
 #: finished jobs whose records are kept to rebuild Redis
 FINISHED_MAX = 10_000
@@ -53,7 +54,7 @@ def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
 
 @dataclass
 class _Track:
-    record: dict[str, str]  # the job's hash as last seen: the annotation, then what Redis returned
+    record: dict[str, str]  # the job's hash as last seen: its id, then what Redis returned
     keys: set[str] = field(default_factory=set)
     state: str = JobState.QUEUED.value
     done: dict[int, int] = field(default_factory=dict)

@@ -29,6 +29,18 @@ from typing import Any, ClassVar
 
 from bitinglip.platform.errors import InputError, UnknownTaskError
 from bitinglip.platform.heads import refuse_untrained
+from bitinglip.platform.options import (
+    INT64_MAX,
+    MAX_CLASSES,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    choice,
+    model_limits,
+    real,
+    strings,
+    surrogate_at,
+    whole,
+)
 from bitinglip.platform.precision import MATMUL_CHOICES, matmul_precision
 
 #: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
@@ -82,16 +94,24 @@ class TaskType:
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Validate options on the client, before any work starts."""
-        unknown = sorted(set(options) - set(self.defaults))
+        if not isinstance(options, Mapping):
+            raise InputError(f"options must be a mapping of option names to values, got {type(options).__name__}")
+        unknown = sorted(map(repr, set(options) - set(self.defaults)))
         if unknown:
             raise InputError(
-                f"task {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"task {self.name!r} has no option {', '.join(unknown)[:300]}; "
                 f"it takes {', '.join(sorted(self.defaults)) or 'none'}"
             )
         merged = {**self.defaults, **options}
-        if "dtype" in merged and merged["dtype"] not in DTYPES:
-            raise InputError(f"option dtype={merged['dtype']!r}: expected one of {', '.join(DTYPES)}")
+        if "dtype" in merged:
+            choice("dtype", merged["dtype"], DTYPES)
         return merged
+
+    def check_model_options(self, options: Mapping[str, Any], model_dir: str | None) -> dict[str, Any]:
+        """Bounds that depend on the model (labels, vocabulary, positions), from
+        ``model_dir``'s config.json once the model is resolved; ``options`` are
+        those :meth:`check_options` returned."""
+        return dict(options)
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
         raise NotImplementedError
@@ -162,13 +182,9 @@ class Embed(TaskType):
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        if merged["pooling"] not in (None, "mean", "cls", "max", "lasttoken"):
-            raise InputError(f"option pooling={merged['pooling']!r}: expected mean, cls, max or lasttoken")
-        if merged["normalize"] not in (None, True, False):
-            raise InputError(f"option normalize={merged['normalize']!r}: expected true or false")
-        if merged["matmul_precision"] not in MATMUL_CHOICES:
-            raise InputError(f"option matmul_precision={merged['matmul_precision']!r}: "
-                             f"expected one of {', '.join(MATMUL_CHOICES)}")
+        choice("pooling", merged["pooling"], (None, "mean", "cls", "max", "lasttoken"))
+        choice("normalize", merged["normalize"], (None, True, False))
+        choice("matmul_precision", merged["matmul_precision"], MATMUL_CHOICES)
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
@@ -236,9 +252,14 @@ class Classify(TaskType):
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        if not isinstance(merged["top_k"], int) or isinstance(merged["top_k"], bool) or merged["top_k"] < 1:
-            raise InputError(f"option top_k={merged['top_k']!r}: expected a whole number of at least 1")
+        merged["top_k"] = whole("top_k", merged["top_k"], 1, MAX_CLASSES)
         return merged
+
+    def check_model_options(self, options: Mapping[str, Any], model_dir: str | None) -> dict[str, Any]:
+        labels = model_limits(model_dir).labels
+        if labels is not None:
+            whole("top_k", options["top_k"], 1, labels)  # the model's labels
+        return dict(options)
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -270,6 +291,10 @@ class Classify(TaskType):
         return out
 
 
+#: fixed bounds of generation options; the model's positions may bound max_new_tokens further
+MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY = 4096, 100.0, 100.0
+
+
 class Generate(TaskType):
     """Causal LM generation; the same seed gives the same text."""
 
@@ -282,24 +307,24 @@ class Generate(TaskType):
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        checks = {
-            "max_new_tokens": lambda v: isinstance(v, int) and 1 <= v <= 4096,
-            "temperature": lambda v: isinstance(v, (int, float)) and v >= 0,
-            "top_p": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-            "top_k": lambda v: isinstance(v, int) and v >= 0,
-            "repetition_penalty": lambda v: isinstance(v, (int, float)) and v > 0,
-            "seed": lambda v: v is None or (isinstance(v, int) and v >= 0),
-        }
-        for key, ok in checks.items():
-            if isinstance(merged[key], bool) or not ok(merged[key]):
-                raise InputError(f"option {key}={merged[key]!r} is out of range")
-        stop = merged["stop"]
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise InputError("option stop must be a string or a list of non-empty strings")
-        merged["stop"] = tuple(stop)
+        merged["max_new_tokens"] = whole("max_new_tokens", merged["max_new_tokens"], 1, MAX_NEW_TOKENS)
+        merged["temperature"] = real("temperature", merged["temperature"], 0.0, MAX_TEMPERATURE)
+        merged["top_p"] = real("top_p", merged["top_p"], 0.0, 1.0, low_open=True)
+        merged["top_k"] = whole("top_k", merged["top_k"], 0, MAX_CLASSES)  # 0: no top-k cut
+        merged["repetition_penalty"] = real("repetition_penalty", merged["repetition_penalty"], 0.0,
+                                            MAX_REPETITION_PENALTY, low_open=True)
+        if merged["seed"] is not None:
+            merged["seed"] = whole("seed", merged["seed"], 0, INT64_MAX)
+        merged["stop"] = strings("stop", merged["stop"], MAX_STOPS, MAX_STOP_CHARS)
         return merged
+
+    def check_model_options(self, options: Mapping[str, Any], model_dir: str | None) -> dict[str, Any]:
+        limits = model_limits(model_dir)
+        if limits.vocabulary is not None:
+            whole("top_k", options["top_k"], 0, limits.vocabulary)
+        if limits.positions is not None:  # a prompt keeps at least its last token (see tokenize)
+            whole("max_new_tokens", options["max_new_tokens"], 1, max(1, limits.positions - 1))
+        return dict(options)
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -383,4 +408,8 @@ def texts_or_error(values: Sequence[Any], ids: Sequence[Any]) -> list[str]:
             raise InputError(f"row id={row_id!r}: the text is missing (null)")
         if not isinstance(value, str):
             raise InputError(f"row id={row_id!r}: expected text (str), got {type(value).__name__} {value!r:.60}")
+        at = surrogate_at(value)
+        if at is not None:  # no tokenizer, JSON encoder or Parquet file takes it
+            raise InputError(f"row id={row_id!r}: the text is not valid Unicode (a lone surrogate "
+                             f"{value[at]!r} at character {at})")
     return list(values)

@@ -1,0 +1,136 @@
+"""Option bounds (issue 14.1, 14.8) and the row rule for lone surrogates (14.7),
+without a cluster: every option of every task, out of range, huge, negative,
+NaN, infinite or of the wrong type, is an InputError naming it; what passes
+is a plain value that msgpack (the scheduler's wire format) can encode."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitinglip.platform.client import _check_arguments
+from bitinglip.platform.errors import InputError
+from bitinglip.platform.options import INT64_MAX
+from bitinglip.platform.tasks import BUILTIN_TASKS, Classify, Generate, texts_or_error
+
+#: values no option of any built-in task takes
+HOSTILE = st.one_of(
+    st.integers(min_value=2**63), st.integers(max_value=-1), st.just(2**64), st.just(-(2**70)),
+    st.sampled_from([math.nan, math.inf, -math.inf]), st.floats(min_value=1e6, allow_infinity=True),
+    st.floats(max_value=-1e-9, allow_infinity=True),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.lists(st.integers(), min_size=1, max_size=3),
+    st.binary(max_size=4),
+    st.text(max_size=8).filter(lambda s: s not in {"float32", "float16", "bfloat16", "int8", "mean", "cls", "max",
+                                                   "lasttoken", "auto", "highest", "high", "medium"}),
+)
+OPTIONS = [(task, name) for task, t in sorted(BUILTIN_TASKS.items()) for name in sorted(t.defaults)]
+
+
+def _refused(task: str, name: str, value: Any) -> bool:
+    try:
+        merged = BUILTIN_TASKS[task].check_options({name: value})
+    except InputError as exc:
+        assert name in str(exc)
+        return True
+    msgpack.packb(merged)  # what passes must travel to the scheduler
+    return False
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids="-".join)
+@settings(max_examples=40, deadline=None)
+@given(value=HOSTILE)
+def test_hostile_option_values_are_refused_with_their_name(option: tuple[str, str], value: Any) -> None:
+    task, name = option
+    # a short non-empty text is a stop string; nothing else here is any option's value
+    fits = option == ("generate", "stop") and isinstance(value, str) and value != ""
+    assert _refused(task, name, value) is not fits
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=INT64_MAX), top_k=st.integers(min_value=0, max_value=1_000_000),
+       temperature=st.floats(min_value=0, max_value=100), top_p=st.floats(min_value=1e-6, max_value=1),
+       max_new_tokens=st.integers(min_value=1, max_value=4096))
+def test_in_range_generate_options_pass_as_plain_values(seed: int, top_k: int, temperature: float, top_p: float,
+                                                        max_new_tokens: int) -> None:
+    merged = Generate().check_options({"seed": seed, "top_k": top_k, "temperature": temperature, "top_p": top_p,
+                                       "max_new_tokens": max_new_tokens})
+    assert msgpack.unpackb(msgpack.packb(merged))["seed"] == seed
+
+
+@pytest.mark.parametrize("task,options,word", [
+    ("classify", {"top_k": 2**64}, "top_k"),
+    ("generate", {"top_k": 2**64}, "top_k"),
+    ("generate", {"seed": 2**64}, "seed"),
+    ("generate", {"seed": 2**70}, "seed"),
+    ("generate", {"seed": 10**5000}, "seed"),  # too long even to print
+    ("generate", {"temperature": 10**400}, "temperature"),  # past float's range
+    ("generate", {"temperature": math.nan}, "temperature"),
+    ("generate", {"top_p": math.inf}, "top_p"),
+    ("generate", {"repetition_penalty": -math.inf}, "repetition_penalty"),
+    ("generate", {"stop": 5}, "stop"),
+    ("generate", {"stop": ["x"] * 17}, "stop"),
+    ("generate", {"stop": ["y" * 201]}, "stop"),
+    ("embed", {"normalize": 1}, "normalize"),
+    ("embed", {"dtype": ["float32"]}, "dtype"),
+])
+def test_each_issue_value_is_refused(task: str, options: dict[str, Any], word: str) -> None:
+    with pytest.raises(InputError, match=word):
+        BUILTIN_TASKS[task].check_options(options)
+
+
+def test_options_that_are_not_a_mapping_name_options() -> None:
+    with pytest.raises(InputError, match="options must be a mapping"):
+        Classify().check_options("x")  # type: ignore[arg-type]
+
+
+def _config(tmp_path: Path, **config: Any) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_classify_top_k_is_bounded_by_the_model_labels(tmp_path: Path) -> None:
+    model = _config(tmp_path, num_labels=3, id2label={"0": "a", "1": "b", "2": "c"})
+    assert Classify().check_model_options(Classify().check_options({"top_k": 3}), model)["top_k"] == 3
+    with pytest.raises(InputError, match="top_k=4"):
+        Classify().check_model_options(Classify().check_options({"top_k": 4}), model)
+
+
+def test_generate_bounds_come_from_vocabulary_and_positions(tmp_path: Path) -> None:
+    model = _config(tmp_path, vocab_size=500, n_positions=128)
+    gen = Generate()
+    assert gen.check_model_options(gen.check_options({"max_new_tokens": 127, "top_k": 500}), model)
+    with pytest.raises(InputError, match="max_new_tokens=128"):
+        gen.check_model_options(gen.check_options({"max_new_tokens": 128}), model)
+    with pytest.raises(InputError, match="top_k=501"):
+        gen.check_model_options(gen.check_options({"top_k": 501}), model)
+    # a model whose folder this process cannot see keeps the fixed bounds
+    assert gen.check_model_options(gen.check_options({"max_new_tokens": 4096}), str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("timeout", math.nan), ("timeout", math.inf), ("timeout", -math.inf), ("timeout", 0), ("timeout", 10**12),
+    ("partition_rows", 2**64), ("token_budget", 2**70), ("retries", 2**64), ("retries", -1),
+    ("text_column", ""), ("text_column", "a\udc80"), ("text_column", 5), ("gpu", "yes"), ("fail_fast", 1),
+    ("faults", "oom"),
+])
+def test_client_arguments_are_bounded(name: str, value: Any) -> None:
+    arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
+                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False,
+                                 "faults": None}
+    _check_arguments(**arguments)
+    with pytest.raises(InputError, match=name):
+        _check_arguments(**{**arguments, name: value})
+
+
+def test_lone_surrogate_row_is_named() -> None:
+    assert texts_or_error(["a", "\U0001f600 fine"], [0, 1]) == ["a", "\U0001f600 fine"]
+    with pytest.raises(InputError, match=r"row id='b': the text is not valid Unicode .* at character 4"):
+        texts_or_error(["ok", "bad \ud800 x"], ["a", "b"])
