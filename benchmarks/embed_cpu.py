@@ -1,6 +1,6 @@
 """CPU embedding benchmark: the platform beside the usual ways to embed.
 
-The same seeded corpus (``bitinglip.platform.sample.sample_corpus``) goes
+The same seeded corpus (``bitinglip.platform.jobs.sample.sample_corpus``) goes
 through each variant, each in a subprocess of its own so that its peak
 memory (all its processes together) is measured cleanly:
 
@@ -56,7 +56,7 @@ WARM_ROWS = 256
 
 
 def corpus(rows: int, seed: int) -> list[str]:
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     return sample_corpus(rows, seed)
 
@@ -160,7 +160,7 @@ def _overhead_init(threads: int) -> None:
     global _LOADED
     import torch
 
-    from bitinglip.platform.tasks import Embed
+    from bitinglip.platform.tasks.builtin import Embed
 
     torch.set_num_threads(threads)
     task = Embed()
@@ -169,8 +169,8 @@ def _overhead_init(threads: int) -> None:
 
 
 def _overhead_part(texts: list[str]) -> np.ndarray:
-    from bitinglip.platform.batching import default_budget
-    from bitinglip.platform.runner import predict_rows
+    from bitinglip.platform.jobs.runner import predict_rows
+    from bitinglip.platform.tasks.batching import default_budget
 
     task, loaded, options = _LOADED
     outputs = predict_rows(task, loaded, texts, options, default_budget("cpu"))[0]
@@ -181,7 +181,7 @@ def run_overhead(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from bitinglip.platform.inputs import partition_rows
+    from bitinglip.platform.jobs.inputs import partition_rows
 
     n = cores()
     size = partition_rows(len(texts), n)

@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import bitinglip
-    from bitinglip.platform.settings import Settings
+    from bitinglip.settings import Settings
 
     tmp = tempfile.mkdtemp(prefix="bitinglip-bench-")
     redis_port, port = free_port(), free_port()

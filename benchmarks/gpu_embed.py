@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -32,7 +32,7 @@ FILE_ROWS = 5000
 def write_input(rows: int, seed: int, folder: str) -> str:
     import pandas as pd
 
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     os.makedirs(folder, exist_ok=True)
     for start in range(0, rows, FILE_ROWS):
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sizes = [int(x) for x in args.rows.split(",") if x.strip()]
 
     import bitinglip
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     results = []
     with tempfile.TemporaryDirectory() as tmp, \

@@ -9,11 +9,11 @@
         df = job.result()
 """
 
-from bitinglip.platform.client import Platform, connect
-from bitinglip.platform.errors import BitingLipError
-from bitinglip.platform.jobs import Job, Progress
-from bitinglip.platform.settings import Settings, get_settings
-from bitinglip.platform.tasks import Batch, Loaded, TaskType
+from bitinglip.errors import BitingLipError
+from bitinglip.platform.jobs.client import Platform, connect
+from bitinglip.platform.jobs.job import Job, Progress
+from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
+from bitinglip.settings import Settings, get_settings
 
 __version__ = "0.1.0"
 __all__ = ["Batch", "BitingLipError", "Job", "Loaded", "Platform", "Progress", "Settings", "TaskType",

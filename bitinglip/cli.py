@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bitinglip.cli_checks import cli_words, missing_module
-from bitinglip.platform.errors import BitingLipError, ConfigError, InputError
+from bitinglip.errors import BitingLipError, ConfigError, InputError
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -41,7 +41,7 @@ def _sample_input(spec: str, output_dir: str) -> str:
     """``sample:N`` writes N rows of the built-in corpus to Parquet."""
     import pandas as pd
 
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     try:
         n = int(spec.split(":", 1)[1])
@@ -56,8 +56,8 @@ def _sample_input(spec: str, output_dir: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
     from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
-    from bitinglip.platform.settings import get_settings
-    from bitinglip.platform.tasks import get_task
+    from bitinglip.platform.tasks.builtin import get_task
+    from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
     get_task(args.task).check_options(dict(args.option))
@@ -107,7 +107,7 @@ def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     import bitinglip
-    from bitinglip.platform.outputs import RECORD, read_json
+    from bitinglip.platform.jobs.outputs import RECORD, read_json
 
     record = read_json(os.path.join(os.path.abspath(args.output), RECORD))
     if record is None:  # before starting a cluster
@@ -120,7 +120,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise InputError(f"the job's input {source!r} does not exist (any more); give it with --input")
     if args.address is None:
         from bitinglip.cli_checks import check_model_here
-        from bitinglip.platform.settings import get_settings
+        from bitinglip.settings import get_settings
 
         check_model_here(str(record.get("model")), get_settings())
     with bitinglip.connect(args.address, n_workers=args.workers) as platform:
@@ -141,10 +141,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Start Dask workers for BitingLip on this host: one per GPU with
     ``GPU=1``, else CPU workers; ``dask worker`` does the real work, and is
     started again when it exits (it does when it loses the scheduler)."""
-    from bitinglip.platform.cluster import cpu_count, gpu_count, worker_process_env
-    from bitinglip.platform.processes import supervise
-    from bitinglip.platform.security import check_address, dask_cli_arguments, settings_with_tls
-    from bitinglip.platform.settings import get_settings
+    from bitinglip.platform.cluster.local import cpu_count, gpu_count, worker_process_env
+    from bitinglip.platform.cluster.processes import supervise
+    from bitinglip.platform.cluster.tls import check_address, dask_cli_arguments, settings_with_tls
+    from bitinglip.settings import get_settings
 
     settings = settings_with_tls(get_settings(), args)
     check_address(settings, args.scheduler)
@@ -216,17 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                         help="start dask worker again when it exits, e.g. after losing the scheduler "
                              "(default: on)")
-    from bitinglip.platform.security import add_tls_arguments
+    from bitinglip.platform.cluster.tls import add_tls_arguments
 
     add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
 
-    from bitinglip.gateway.cli import register as register_gateway
+    from bitinglip.gateway.serve import register as register_gateway
 
     register_gateway(sub)
-    from bitinglip.platform.registry_cli import register as register_models
+    from bitinglip.platform.models.registry_cli import register as register_models
     register_models(sub)
-    from bitinglip.platform.stack import register as register_stack
+    from bitinglip.platform.cluster.stack import register as register_stack
     register_stack(sub)
     return parser
 
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from bitinglip.platform.settings import get_settings
+        from bitinglip.settings import get_settings
 
         get_settings()
         return int(args.func(args))

@@ -52,7 +52,7 @@ def tiny_gpt2(models_dir: Path) -> Path:
 def platform(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One embedded cluster (2 worker processes) shared by the integration tests."""
     import bitinglip
-    from bitinglip.platform.settings import Settings
+    from bitinglip.settings import Settings
 
     settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"))
     with bitinglip.connect(settings=settings, n_workers=2, dashboard_address=":0") as p:

@@ -78,7 +78,7 @@ def test_wrong_text_column_and_gpu_are_named_by_their_flags_before_a_cluster(tmp
     assert proc.returncode == 1 and "no column 'text'" in proc.stderr and "columns: body" in proc.stderr
     assert "--text-column" in proc.stderr and "text_column=" not in proc.stderr
     assert "starting workers" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
-    from bitinglip.platform.cluster import gpu_count
+    from bitinglip.platform.cluster.local import gpu_count
 
     if gpu_count():
         return  # --gpu is right on this machine; the rest needs one without a GPU

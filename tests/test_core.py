@@ -10,11 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bitinglip.platform.errors import (InputError, JobCancelledError, NoGPUWorkersError, PluginMissingError,
-                                       UnknownModelError, UnknownTaskError)
-from bitinglip.platform.precision import native_bf16
-from bitinglip.platform.sample import sample_corpus
-from bitinglip.platform.tasks import Batch, Loaded, TaskType
+from bitinglip.errors import (
+    InputError,
+    JobCancelledError,
+    NoGPUWorkersError,
+    PluginMissingError,
+    UnknownModelError,
+    UnknownTaskError,
+)
+from bitinglip.platform.jobs.sample import sample_corpus
+from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
+from bitinglip.platform.tasks.precision import native_bf16
 
 MINILM = "all-MiniLM-L6-v2"
 

@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bitinglip.platform.errors import InputError, OutputConflictError, OutputWriteError, RowCountError
-from bitinglip.platform.jobs import Job
-from bitinglip.platform.outputs import claim, write_manifest
-from bitinglip.platform.sample import sample_corpus
+from bitinglip.errors import InputError, OutputConflictError, OutputWriteError, RowCountError
+from bitinglip.platform.jobs.job import Job
+from bitinglip.platform.jobs.outputs import claim, write_manifest
+from bitinglip.platform.jobs.sample import sample_corpus
 
 
 def texts(n: int, tag: str = "t") -> list[str]:
@@ -269,7 +269,7 @@ def test_a_committed_file_of_another_job_is_an_error_not_a_skip(platform, tiny_e
 
 
 def test_a_foreign_errors_table_is_an_error_too(tmp_path: Path) -> None:
-    from bitinglip.platform.outputs import committed_summary, write_parquet
+    from bitinglip.platform.jobs.outputs import committed_summary, write_parquet
 
     write_parquet(pd.DataFrame({"id": [1], "embedding": [[0.5]]}), str(tmp_path / "part-00000.parquet"), "ours")
     write_parquet(pd.DataFrame({"id": [2], "reason": ["bad"]}), str(tmp_path / "_errors" / "part-00000.errors"),
@@ -352,7 +352,7 @@ def test_a_link_out_of_the_input_root_is_refused(platform, tiny_encoder: Path, t
 
 
 def test_the_files_checked_are_the_files_read(tmp_path: Path) -> None:
-    from bitinglip.platform.inputs import parquet_files
+    from bitinglip.platform.jobs.inputs import parquet_files
 
     root, outside = linked_input(tmp_path)
     (root / "data" / "data-leak.parquet").unlink()

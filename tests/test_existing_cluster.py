@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import kill_processes, start_dask_processes
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bitinglip.platform.settings import Settings
-from bitinglip.platform.stack import _jwt_secret, port_free
+from bitinglip.platform.cluster.stack import _jwt_secret, port_free
+from bitinglip.settings import Settings
 
 
 def test_a_port_in_time_wait_is_free_for_up() -> None:
@@ -93,7 +93,7 @@ def test_a_script_without_the_main_guard_gets_a_one_line_hint(tmp_path: Path) ->
                       "    print(platform.submit('embed', model='all-MiniLM-L6-v2', inputs=['a']).result())\n")
     proc = _script(script)
     assert proc.returncode != 0
-    hint = ('bitinglip.platform.errors.ConfigError: bitinglip.connect() without an address starts worker processes '
+    hint = ('bitinglip.errors.ConfigError: bitinglip.connect() without an address starts worker processes '
             'that import unguarded.py again: put the code that calls it under `if __name__ == "__main__":` '
             '(see examples/quickstart.py)')
     assert hint in proc.stderr.splitlines(), proc.stderr[-3000:]
@@ -102,7 +102,7 @@ def test_a_script_without_the_main_guard_gets_a_one_line_hint(tmp_path: Path) ->
 
 def test_connect_to_an_unresolvable_host_fails_fast_naming_it() -> None:
     import bitinglip
-    from bitinglip.platform.errors import UnavailableError
+    from bitinglip.errors import UnavailableError
 
     started = time.monotonic()
     with pytest.raises(UnavailableError, match=r"cannot reach the scheduler at tcp://no-such-host\.invalid:8786"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitinglip.platform.sample import sample_corpus
+from bitinglip.platform.jobs.sample import sample_corpus
 
 
 def _train_wordpiece(path: Path) -> object:

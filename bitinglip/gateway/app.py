@@ -18,12 +18,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from bitinglip.gateway import health, infer, jobs, models, results, resume
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
 from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext
 from bitinglip.gateway.openapi import document
+from bitinglip.gateway.routes import health, infer, jobs, models, results, resume
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.settings import Settings, get_settings
+from bitinglip.settings import Settings, get_settings
 
 
 async def openapi(request: Request) -> Response:

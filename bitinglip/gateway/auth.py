@@ -17,8 +17,8 @@ from typing import Any
 
 import jwt
 
-from bitinglip.platform.errors import ConfigError, ForbiddenError, UnauthorizedError
-from bitinglip.platform.settings import Settings
+from bitinglip.errors import ConfigError, ForbiddenError, UnauthorizedError
+from bitinglip.settings import Settings
 
 SCOPES = ("jobs:read", "jobs:write", "admin")
 #: where a development gateway keeps the secret it generated, so that
@@ -37,7 +37,7 @@ class Principal:
 
 
 @dataclass(frozen=True)
-class Verifier:
+class TokenVerifier:
     key: str
     algorithm: str
     issuer: str | None = None
@@ -75,16 +75,16 @@ def _dev_secret() -> str:
     return secret
 
 
-def verifier(settings: Settings) -> tuple[Verifier, bool]:
+def verifier(settings: Settings) -> tuple[TokenVerifier, bool]:
     """The token verifier for these settings, and whether its key was
     generated for development. Production without a key is an error."""
     if settings.jwt_public_key:
-        return Verifier(settings.jwt_public_key, "RS256", settings.jwt_issuer, settings.jwt_audience), False
+        return TokenVerifier(settings.jwt_public_key, "RS256", settings.jwt_issuer, settings.jwt_audience), False
     if settings.jwt_secret:
-        return Verifier(settings.jwt_secret, "HS256", settings.jwt_issuer, settings.jwt_audience), False
+        return TokenVerifier(settings.jwt_secret, "HS256", settings.jwt_issuer, settings.jwt_audience), False
     if settings.environment == "production":
         raise ConfigError("ENVIRONMENT=production needs BITINGLIP_JWT_SECRET or BITINGLIP_JWT_PUBLIC_KEY")
-    return Verifier(_dev_secret(), "HS256", settings.jwt_issuer, settings.jwt_audience), True
+    return TokenVerifier(_dev_secret(), "HS256", settings.jwt_issuer, settings.jwt_audience), True
 
 
 def mint(settings: Settings, sub: str, scopes: list[str], ttl_s: int = 3600,

@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from bitinglip.platform.errors import InputError
+from bitinglip.errors import InputError
 
 #: the deepest nesting a body may have; real ones go 3 deep ({"options": {"stop": [...]}})
 MAX_DEPTH = 32

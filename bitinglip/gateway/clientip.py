@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from starlette.requests import HTTPConnection
 
-from bitinglip.platform.errors import ForbiddenError
-from bitinglip.platform.settings import Network
+from bitinglip.errors import ForbiddenError
+from bitinglip.settings import Network
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

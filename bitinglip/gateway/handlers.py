@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Scope
 
-from bitinglip.platform import errors
+from bitinglip import errors
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bitinglip.errors import PayloadTooLargeError, RequestTimeoutError
 from bitinglip.gateway.handlers import error_response, request_id
 from bitinglip.gateway.metrics import Metrics
-from bitinglip.platform.errors import PayloadTooLargeError, RequestTimeoutError
-from bitinglip.platform.logs import REQUEST_ID
+from bitinglip.logs import REQUEST_ID
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

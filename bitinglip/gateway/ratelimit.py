@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from bitinglip.platform import keys
-from bitinglip.platform.errors import RateLimitedError
-from bitinglip.platform.settings import Rate
+from bitinglip import redis_keys as keys
+from bitinglip.errors import RateLimitedError
+from bitinglip.settings import Rate
 
 WRITE, READ, INFER = "write", "read", "infer"
 

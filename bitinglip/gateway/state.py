@@ -14,14 +14,14 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
+from bitinglip.errors import ConfigError, RateLimitedError
 from bitinglip.gateway import rebuild
-from bitinglip.gateway.auth import Principal, Verifier, mint, verifier
+from bitinglip.gateway.auth import Principal, TokenVerifier, mint, verifier
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
-from bitinglip.platform.errors import ConfigError, RateLimitedError
-from bitinglip.platform.jobstore import JobStore
-from bitinglip.platform.settings import Settings
+from bitinglip.platform.jobs.jobstore import JobStore
+from bitinglip.settings import Settings
 
 log = logging.getLogger("bitinglip.gateway")
 
@@ -35,7 +35,7 @@ class Gateway:
             raise ConfigError("the gateway needs REDIS_URL (job status and rate limits live in Redis)")
         self.settings = settings
         self.tls = tls
-        self.verifier: Verifier
+        self.verifier: TokenVerifier
         self.verifier, generated = verifier(settings)
         if generated:
             token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"], ttl_s=86400)
@@ -56,7 +56,7 @@ class Gateway:
     async def start(self) -> None:
         import redis.asyncio as aioredis
 
-        from bitinglip.gateway.infer import Batcher
+        from bitinglip.gateway.routes.infer import Batcher
 
         # submissions talk to the scheduler and write files: their own threads,
         # so that reads (on anyio's default pool) never wait behind them
@@ -79,7 +79,7 @@ class Gateway:
 
     def _connect(self) -> Any:
         import bitinglip
-        from bitinglip.platform.status_plugin import RedisStatusPlugin
+        from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
 
         platform = bitinglip.connect(self.settings.scheduler_address, settings=self.settings)
         assert self.settings.redis_url is not None

@@ -5,7 +5,7 @@ When a partition task (``bitinglip-{job}-{i}``) finishes, its summary (rows,
 errors, tokens, batches, padding ratio, OOM splits, seconds) is read from the
 worker's memory and sent as a Dask event on :data:`SUMMARY_TOPIC` with the
 job's task and model; the models resident (with their measured bytes and load
-times, from :class:`~bitinglip.worker_plugins.models.ModelPlugin`) and the GPU
+times, from :class:`~bitinglip.worker_plugins.model_plugin.ModelPlugin`) and the GPU
 memory in use go on :data:`WORKER_TOPIC` every ``interval_s`` when they
 change.  The scheduler plugin registers this plugin on every worker.
 """
@@ -99,7 +99,7 @@ class ReporterPlugin(WorkerPlugin):
             self.worker.log_event(WORKER_TOPIC, report)
 
     def _worker_report(self) -> dict[str, Any]:
-        from bitinglip.worker_plugins.models import PLUGIN_NAME as MODELS
+        from bitinglip.worker_plugins.model_plugin import PLUGIN_NAME as MODELS
 
         report: dict[str, Any] = {"worker": self.worker.address, "models": [], "load_seconds": {}, "load_counts": {},
                                   "gpu": None}
@@ -118,8 +118,8 @@ class ReporterPlugin(WorkerPlugin):
 
 
 def _job_spec(run_spec: Any) -> Any:
-    """The :class:`~bitinglip.platform.runner.JobSpec` among a partition task's arguments."""
-    from bitinglip.platform.runner import JobSpec
+    """The :class:`~bitinglip.platform.jobs.runner.JobSpec` among a partition task's arguments."""
+    from bitinglip.platform.jobs.runner import JobSpec
 
     for arg in getattr(run_spec, "args", ()) or ():
         if isinstance(arg, JobSpec):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from gwtools import SECRET, auth, serve
 
-from bitinglip.platform.settings import Settings
+from bitinglip.settings import Settings
 
 
 @pytest.fixture(scope="session")

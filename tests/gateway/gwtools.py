@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-
-from bitinglip.platform.settings import Settings
 from helpers import free_port
+
+from bitinglip.settings import Settings
 
 __all__ = ["free_port"]  # re-exported for the gateway tests
 
@@ -41,7 +41,7 @@ def serve(settings: Settings, ssl: tuple[str, str] | None = None) -> Iterator[st
     """A gateway in a thread of this process, until the block ends."""
     import argparse
 
-    from bitinglip.gateway.cli import server
+    from bitinglip.gateway.serve import server
 
     port = free_port()
     args = argparse.Namespace(host="127.0.0.1", port=port, scheduler=None, ssl_certfile=ssl and ssl[0],

@@ -111,8 +111,8 @@ def test_idempotency_key_gives_the_same_job(gateway: str, models: dict[str, str]
 
 
 def test_failed_job_reports_the_error(gateway: str, admin: dict[str, str], tmp_path: Any) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gwtools import auth, free_port, serve, start_gateway, wait_for
 
-from bitinglip.platform.settings import Settings
+from bitinglip.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from gwtools import auth, serve
 
-from bitinglip.platform.cluster import worker_resources
-from bitinglip.platform.settings import Rate, Settings
+from bitinglip.platform.cluster.local import worker_resources
+from bitinglip.settings import Rate, Settings
 
 pytestmark = pytest.mark.slow
 

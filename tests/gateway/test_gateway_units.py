@@ -18,13 +18,13 @@ import pytest
 import redis.asyncio as aioredis
 from gwtools import SECRET
 
-from bitinglip.gateway.auth import Verifier, verifier
+from bitinglip.errors import ConfigError, RateLimitedError, UnauthorizedError
+from bitinglip.gateway.auth import TokenVerifier, verifier
 from bitinglip.gateway.clientip import client_address
 from bitinglip.gateway.ratelimit import RateLimiter
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.errors import ConfigError, RateLimitedError, UnauthorizedError
-from bitinglip.platform.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
-from bitinglip.platform.settings import Rate, Settings
+from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
+from bitinglip.settings import Rate, Settings
 
 
 async def _store(redis_url: str, ttl: int = 3600) -> tuple[Any, JobStore]:
@@ -140,7 +140,7 @@ def test_client_address_behind_proxies() -> None:
 
 
 def test_verifier_rules() -> None:
-    v = Verifier(SECRET, "HS256", issuer="bitinglip", audience="api")
+    v = TokenVerifier(SECRET, "HS256", issuer="bitinglip", audience="api")
     good = jwt.encode({"sub": "a", "exp": 2**31, "scope": ["jobs:read"], "iss": "bitinglip", "aud": "api"}, SECRET)
     assert v.decode(f"Bearer {good}").scopes == {"jobs:read"}
     wrong_iss = jwt.encode({"sub": "a", "exp": 2**31, "iss": "other", "aud": "api"}, SECRET)

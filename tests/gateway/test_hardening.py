@@ -23,7 +23,7 @@ import httpx
 import pytest
 from gwtools import SECRET, auth, free_port, wait_for
 
-from bitinglip.platform.settings import Settings
+from bitinglip.settings import Settings
 
 TEXTS = [f"row {i}: a sentence to embed {i % 5}" for i in range(40)]
 
@@ -143,8 +143,8 @@ def test_5xx_messages_name_no_worker_address(caplog: pytest.LogCaptureFixture) -
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
+    from bitinglip.errors import UnavailableError
     from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
-    from bitinglip.platform.errors import UnavailableError
 
     async def failing(request: Any) -> Any:
         raise UnavailableError("the cluster refused the job: KilledWorker: ('run-1', <WorkerState "
@@ -225,7 +225,7 @@ def test_remote_cluster_resolves_on_a_worker(platform: Any, tiny_encoder: Path, 
     import shutil
 
     import bitinglip
-    from bitinglip.platform.errors import UnknownModelError
+    from bitinglip.errors import UnknownModelError
 
     # a model only the workers' cache holds: this client's cache is elsewhere
     shutil.copytree(tiny_encoder, platform.settings.model_cache_dir / "workers-only-encoder")
@@ -248,7 +248,7 @@ def test_remote_cluster_resolves_on_a_worker(platform: Any, tiny_encoder: Path, 
 def test_slow_body_gets_408(gw_settings: Settings, models: dict[str, str]) -> None:
     from gwtools import serve
 
-    from bitinglip.gateway.cli import server
+    from bitinglip.gateway.serve import server
 
     with serve(gw_settings.with_(body_timeout_s=2.0, keep_alive_s=2)) as url:
         host, port = url.removeprefix("http://").split(":")
@@ -313,7 +313,7 @@ def _all_rows(url: str, h: dict[str, str]) -> tuple[list[dict[str, Any]], list[h
 
 def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settings, models: dict[str, str],
                                               platform: Any) -> None:
-    from bitinglip.gateway.resume import settled
+    from bitinglip.gateway.routes.resume import settled
 
     h = auth(user())
     texts = [f"resume row {i} goes on" for i in range(2000)]
@@ -361,8 +361,8 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
 # --- the new settings, and the idempotency key's layout
 
 def test_new_settings_read_from_the_environment() -> None:
-    from bitinglip.platform.errors import ConfigError
-    from bitinglip.platform.settings import Rate
+    from bitinglip.errors import ConfigError
+    from bitinglip.settings import Rate
 
     s = Settings.from_env({"BITINGLIP_INFER_RATE_LIMIT": "50/second", "BITINGLIP_REDIS_MAX_CONNECTIONS": "400",
                            "BITINGLIP_REDIS_POOL_TIMEOUT": "2.5", "BITINGLIP_SUBMIT_THREADS": "4",
@@ -379,7 +379,7 @@ def test_new_settings_read_from_the_environment() -> None:
 
 
 def test_idempotency_keys_are_unambiguous() -> None:
-    from bitinglip.platform import keys
+    from bitinglip import redis_keys as keys
 
     assert keys.idempotency("a:b", "c") != keys.idempotency("a", "b:c")
     assert keys.idempotency("a", "b:c") != keys.idempotency("a:b:", "c")

@@ -10,7 +10,7 @@ import httpx
 import pandas as pd
 from gwtools import auth, serve, wait_for
 
-from bitinglip.platform.settings import Settings
+from bitinglip.settings import Settings
 
 
 def get_json(url: str, headers: dict[str, str]) -> dict[str, object]:

@@ -19,10 +19,10 @@ from gwtools import auth, wait_for
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bitinglip.gateway.infer import Batcher
-from bitinglip.platform.cluster import worker_resources
-from bitinglip.platform.errors import BitingLipError, InputError
-from bitinglip.platform.tasks import BUILTIN_TASKS
+from bitinglip.errors import BitingLipError, InputError
+from bitinglip.gateway.routes.infer import Batcher
+from bitinglip.platform.cluster.local import worker_resources
+from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
 
 MODEL_OF = {"embed": "tiny-encoder", "classify": "tiny-classifier", "generate": "tiny-gpt2"}
 OPTIONS = [(task, name) for task, t in sorted(BUILTIN_TASKS.items()) for name in sorted(t.defaults)]

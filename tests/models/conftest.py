@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bitinglip.platform.registry import Registry
-from bitinglip.platform.settings import Settings
+from bitinglip.platform.models.registry import Registry
+from bitinglip.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import pytest
 from model_helpers import flip_byte, lay_out_hub_cache
 
-from bitinglip.platform.errors import BitingLipError, IntegrityError, ModelInUseError
-from bitinglip.platform.registry import Registry
-from bitinglip.platform.tasks import Loaded, TaskType
+from bitinglip.errors import BitingLipError, IntegrityError, ModelInUseError
+from bitinglip.platform.models.registry import Registry
+from bitinglip.platform.tasks.builtin import Loaded, TaskType
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -66,7 +66,7 @@ def test_a_job_runs_on_the_worker_where_its_model_is_warm(platform: Any, tiny_en
     warm = workers[1]
 
     def preload(dask_worker: Any) -> list[str]:
-        from bitinglip.platform.tasks import get_task
+        from bitinglip.platform.tasks.builtin import get_task
 
         task = get_task("embed")
         dask_worker.plugins["bitinglip-models"].get(task, "it-warm", task.check_options({}))
@@ -119,9 +119,9 @@ def test_remove_refuses_while_a_running_job_uses_the_version(platform: Any, tiny
 
 def test_budget_for_one_model_evicts_and_reloads(tmp_path: Path, tiny_encoder: Path, tiny_classifier: Path) -> None:
     import bitinglip
-    from bitinglip.platform.precision import model_bytes
-    from bitinglip.platform.settings import Settings
-    from bitinglip.platform.tasks import get_task
+    from bitinglip.platform.tasks.builtin import get_task
+    from bitinglip.platform.tasks.precision import model_bytes
+    from bitinglip.settings import Settings
 
     sizes = []
     for task, path in (("embed", tiny_encoder), ("classify", tiny_classifier)):

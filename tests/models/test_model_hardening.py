@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from model_helpers import copy_model, lay_out_hub_cache
 
-from bitinglip.platform import heads, integrity
-from bitinglip.platform.access_log import log_path
-from bitinglip.platform.errors import ModelError, ModelTooLargeError, UnsafeModelFileError, UntrainedHeadError
-from bitinglip.platform.registry import Registry
-from bitinglip.platform.settings import Settings
-from bitinglip.platform.tasks import get_task
+from bitinglip.errors import ModelError, ModelTooLargeError, UnsafeModelFileError, UntrainedHeadError
+from bitinglip.platform.models import integrity
+from bitinglip.platform.models.access_log import log_path
+from bitinglip.platform.models.registry import Registry
+from bitinglip.platform.tasks import heads
+from bitinglip.platform.tasks.builtin import get_task
+from bitinglip.settings import Settings
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 #: small enough that a regression which reads through a link stops here, not at a full disk
@@ -173,7 +174,7 @@ def test_a_packaged_model_is_held_to_the_same_rules(tmp_path: Path, capped: Sett
 
 
 def test_a_link_planted_in_a_registered_version_fails_verification(registry: Registry, tiny_encoder: Path) -> None:
-    from bitinglip.platform.errors import IntegrityError
+    from bitinglip.errors import IntegrityError
 
     registry.add("enc", str(tiny_encoder), task="embed")
     weights = registry.root / "enc" / "1" / "model.safetensors"
@@ -265,7 +266,7 @@ def test_models_add_cli_refuses_a_headless_classifier(tmp_path: Path, tiny_encod
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from bitinglip.cli import main
-    from bitinglip.platform.settings import get_settings
+    from bitinglip.settings import get_settings
 
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
     get_settings.cache_clear()

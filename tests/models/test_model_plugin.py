@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from model_helpers import copy_model, flip_byte
 
-from bitinglip.platform.errors import IntegrityError, ModelLoadError, UnsafeWeightsError
-from bitinglip.platform.integrity import Verifier
-from bitinglip.platform.precision import model_bytes, quantize_int8
-from bitinglip.platform.registry import Registry
-from bitinglip.platform.sample import sample_corpus
-from bitinglip.platform.settings import Settings
-from bitinglip.platform.tasks import Batch, get_task
-from bitinglip.worker_plugins.models import ModelPlugin
+from bitinglip.errors import IntegrityError, ModelLoadError, UnsafeWeightsError
+from bitinglip.platform.jobs.sample import sample_corpus
+from bitinglip.platform.models.integrity import FileVerifier
+from bitinglip.platform.models.registry import Registry
+from bitinglip.platform.tasks.builtin import Batch, get_task
+from bitinglip.platform.tasks.precision import model_bytes, quantize_int8
+from bitinglip.settings import Settings
+from bitinglip.worker_plugins.model_plugin import ModelPlugin
 
 EMBED = get_task("embed")
 CLASSIFY = get_task("classify")
@@ -50,7 +50,7 @@ def test_load_verifies_once_and_refuses_a_flipped_byte(registry: Registry, setti
 def test_verifier_hashes_again_only_after_size_or_mtime_change(registry: Registry, tiny_encoder: Path) -> None:
     manifest = registry.add("enc", str(tiny_encoder), task="embed")
     root = registry.root / "enc" / "1"
-    verifier = Verifier()
+    verifier = FileVerifier()
     assert set(verifier.ensure(root, manifest.files)) == set(manifest.files)
     assert verifier.ensure(root, manifest.files) == []  # unchanged on disk: no hashing
     weights = root / "model.safetensors"

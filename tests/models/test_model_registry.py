@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from model_helpers import copy_model, flip_byte, lay_out_hub_cache
 
-from bitinglip.platform import keys
-from bitinglip.platform.errors import (
+from bitinglip import redis_keys as keys
+from bitinglip.errors import (
     InputError,
     IntegrityError,
     InvalidModelNameError,
@@ -21,9 +21,9 @@ from bitinglip.platform.errors import (
     UnknownModelError,
     UnsafeWeightsError,
 )
-from bitinglip.platform.models import resolve_model
-from bitinglip.platform.registry import Registry, parse_ref, pin, unpin
-from bitinglip.platform.settings import Settings
+from bitinglip.platform.models.names import resolve_model
+from bitinglip.platform.models.registry import Registry, parse_ref, pin, unpin
+from bitinglip.settings import Settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -10,7 +10,7 @@ import pytest
 from model_helpers import flip_byte
 
 from bitinglip.cli import main
-from bitinglip.platform.settings import get_settings
+from bitinglip.settings import get_settings
 
 
 @pytest.fixture

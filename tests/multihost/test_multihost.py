@@ -24,9 +24,9 @@ import httpx
 import jwt
 import pandas as pd
 import pytest
-
-from bitinglip.platform.sample import sample_corpus
 from netns import SUBNET, Host, Network, missing
+
+from bitinglip.platform.jobs.sample import sample_corpus
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 

@@ -19,7 +19,7 @@ import yaml
 
 from bitinglip.cli import build_parser
 from bitinglip.gateway.metrics import Metrics
-from bitinglip.platform.opsmetrics import Figures
+from bitinglip.platform.ops.opsmetrics import Figures
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -60,10 +60,10 @@ def test_a_cancelled_job_shows_the_rows_done_rest_shows(redis_url: str) -> None:
     import redis.asyncio as aioredis
     from distributed import Scheduler
 
-    from bitinglip.platform.jobstore import JobStore, flat
-    from bitinglip.platform.ops_plugin import OpsPlugin
-    from bitinglip.platform.runner import PROGRESS_TOPIC, task_key
-    from bitinglip.platform.status_plugin import ANNOTATION, RedisStatusPlugin
+    from bitinglip.platform.jobs.jobstore import JobStore, flat
+    from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, task_key
+    from bitinglip.platform.ops.ops_plugin import OpsPlugin
+    from bitinglip.platform.ops.status_plugin import ANNOTATION, RedisStatusPlugin
 
     job = "c" * 32  # a REST job id, as the gateway makes them
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from bitinglip.platform.logs import REQUEST_ID, JsonFormatter
-from bitinglip.platform.opsmetrics import FINISHED_KEPT, Collector, Figures, render
+from bitinglip.logs import REQUEST_ID, JsonFormatter
+from bitinglip.platform.ops.opsmetrics import FINISHED_KEPT, Collector, Figures, render
 
 JOB = "a" * 32
 
@@ -115,7 +115,7 @@ def test_stop_groups_ends_a_whole_process_group() -> None:
 
     import psutil
 
-    from bitinglip.platform.processes import stop_groups
+    from bitinglip.platform.cluster.processes import stop_groups
 
     # a leader that ignores SIGTERM (so SIGKILL must follow) and a child that does not
     code = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from helpers import free_port
 
-from bitinglip.platform.processes import members
+from bitinglip.platform.cluster.processes import members
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -206,7 +206,7 @@ def _browse(exe: str, url: str, *flags: str) -> subprocess.CompletedProcess[str]
 
 def test_jobs_page_shows_a_running_job_in_chromium(stack: dict[str, Any]) -> None:
     exe = _chromium()
-    from bitinglip.platform.sample import sample_corpus
+    from bitinglip.platform.jobs.sample import sample_corpus
 
     job_id = _submit(stack, sample_corpus(1500))
     dashboard = stack["urls"]["dashboard"]

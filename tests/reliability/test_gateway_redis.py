@@ -14,15 +14,14 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from helpers import free_port, start_redis
 from gateway.gwtools import SECRET, auth, serve, start_gateway, wait_for
+from helpers import free_port, start_redis
+from test_reliability import MINILM, figure, wait_until
 
 import bitinglip
-from bitinglip.platform import keys
-from bitinglip.platform.sample import sample_corpus
-from bitinglip.platform.settings import Rate, Settings
-
-from test_reliability import MINILM, figure, wait_until
+from bitinglip import redis_keys as keys
+from bitinglip.platform.jobs.sample import sample_corpus
+from bitinglip.settings import Rate, Settings
 
 ROWS = 3000
 
@@ -187,7 +186,7 @@ def test_restore_writes_back_only_what_is_missing(redis_server: tuple[int, subpr
 
     import redis.asyncio as aioredis
 
-    from bitinglip.platform.jobstore import JobStore
+    from bitinglip.platform.jobs.jobstore import JobStore
 
     async def scenario() -> None:
         r = aioredis.from_url(f"redis://127.0.0.1:{redis_server[0]}/0", decode_responses=True)

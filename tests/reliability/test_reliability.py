@@ -14,12 +14,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import kill_processes, start_dask_processes
 
 import bitinglip
 from bitinglip import Batch, Loaded, TaskType
-from bitinglip.platform.errors import JobTimeoutError, PartitionFailedError
-from bitinglip.platform.sample import sample_corpus
-from helpers import kill_processes, start_dask_processes
+from bitinglip.errors import JobTimeoutError, PartitionFailedError
+from bitinglip.platform.jobs.sample import sample_corpus
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -111,7 +111,7 @@ def test_resubmitting_with_the_same_key_and_output_does_not_redo_work(own_platfo
     out = again.result()
     assert all(s.get("skipped") for s in again.summaries())
     assert figure("resubmit", 400, out, again.errors())["duplicates"] == 0
-    from bitinglip.platform.errors import OutputConflictError
+    from bitinglip.errors import OutputConflictError
 
     with pytest.raises(OutputConflictError, match="another job"):
         own_platform.submit("embed", model=MINILM, inputs=texts[:10], output=tmp_path / "o", job_id="nightly-1")

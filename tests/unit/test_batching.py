@@ -1,6 +1,6 @@
 import random
 
-from bitinglip.platform.batching import padding_ratio, plan_batches
+from bitinglip.platform.tasks.batching import padding_ratio, plan_batches
 
 
 def test_every_row_in_exactly_one_batch_and_budget_kept() -> None:

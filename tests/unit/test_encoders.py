@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from bitinglip.platform.encoders import SHORT_ROW_TOKENS, PackedEncoder
+from bitinglip.platform.tasks.encoders import SHORT_ROW_TOKENS, PackedEncoder
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_bfloat16_products_meet_a_bounded_set_of_shapes(monkeypatch: pytest.Monk
     """oneDNN keeps a kernel per input shape; a worker that met every row
     count up to the token budget grew by hundreds of MB.  The blocked product
     gives the same numbers on a handful of shapes."""
-    from bitinglip.platform import encoders
+    from bitinglip.platform.tasks import encoders
 
     monkeypatch.setattr(encoders, "ROW_BLOCK", 128)
     monkeypatch.setattr(encoders, "ROW_QUANTUM", 32)

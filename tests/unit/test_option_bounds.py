@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitinglip.platform.client import _check_arguments
-from bitinglip.platform.errors import InputError
-from bitinglip.platform.options import INT64_MAX
-from bitinglip.platform.tasks import BUILTIN_TASKS, Classify, Generate, texts_or_error
+from bitinglip.errors import InputError
+from bitinglip.platform.jobs.client import _check_arguments
+from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, Classify, Generate, texts_or_error
+from bitinglip.platform.tasks.options import INT64_MAX
 
 #: values no option of any built-in task takes
 HOSTILE = st.one_of(

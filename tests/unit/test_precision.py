@@ -2,9 +2,9 @@
 
 import pytest
 
-from bitinglip.platform.errors import InputError
-from bitinglip.platform.precision import matmul_precision, native_bf16
-from bitinglip.platform.tasks import Embed
+from bitinglip.errors import InputError
+from bitinglip.platform.tasks.builtin import Embed
+from bitinglip.platform.tasks.precision import matmul_precision, native_bf16
 
 
 def test_explicit_choices_are_kept_everywhere() -> None:

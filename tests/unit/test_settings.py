@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from bitinglip.platform.errors import ConfigError
-from bitinglip.platform.settings import Settings
+from bitinglip.errors import ConfigError
+from bitinglip.settings import Settings
 
 
 def test_defaults_when_environment_is_empty() -> None:
@@ -40,7 +40,7 @@ def test_settings_are_frozen() -> None:
 
 def test_cli_stops_on_invalid_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from bitinglip import cli
-    from bitinglip.platform.settings import get_settings
+    from bitinglip.settings import get_settings
 
     monkeypatch.setenv("MAX_WORKERS", "-3")
     get_settings.cache_clear()
@@ -53,8 +53,8 @@ def test_cli_stops_on_invalid_setting(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 
 def test_dask_tls_needs_all_three_files(tmp_path) -> None:
-    from bitinglip.platform.errors import ConfigError
-    from bitinglip.platform.settings import Settings
+    from bitinglip.errors import ConfigError
+    from bitinglip.settings import Settings
 
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")
@@ -68,9 +68,9 @@ def test_dask_tls_needs_all_three_files(tmp_path) -> None:
 
 
 def test_tls_and_the_scheduler_address_must_agree(tmp_path) -> None:
-    from bitinglip.platform.errors import ConfigError
-    from bitinglip.platform.security import check_address, dask_cli_arguments, security
-    from bitinglip.platform.settings import Settings
+    from bitinglip.errors import ConfigError
+    from bitinglip.platform.cluster.tls import check_address, dask_cli_arguments, security
+    from bitinglip.settings import Settings
 
     plain = Settings.from_env({})
     with pytest.raises(ConfigError, match="TLS address"):

@@ -1,7 +1,7 @@
 import pytest
 
-from bitinglip.platform.errors import InputError, UnknownTaskError
-from bitinglip.platform.tasks import Generate, Loaded, TaskType, check_task_type, get_task, texts_or_error
+from bitinglip.errors import InputError, UnknownTaskError
+from bitinglip.platform.tasks.builtin import Generate, Loaded, TaskType, check_task_type, get_task, texts_or_error
 
 
 def test_builtin_tasks() -> None:
@@ -61,7 +61,7 @@ def test_default_tokenize_without_tokenizer_uses_text_length() -> None:
 
 
 def test_partition_rows_for_cheap_and_costly_rows() -> None:
-    from bitinglip.platform.inputs import MAX_PARTITION_ROWS, MIN_PARTITION_ROWS, partition_rows
+    from bitinglip.platform.jobs.inputs import MAX_PARTITION_ROWS, MIN_PARTITION_ROWS, partition_rows
 
     assert partition_rows(20_000, 2) == 2500  # about four per worker
     assert partition_rows(100, 2) == MIN_PARTITION_ROWS

@@ -1,0 +1,165 @@
+"""``POST /v1/infer``: small synchronous requests, batched for a moment.
+
+Requests for the same task, model and options that arrive within
+``BITINGLIP_INFER_BATCH_MS`` of each other go to the cluster as one task, at
+a Dask priority above every bulk job, so they start before queued partitions.
+Each request's rows and options are checked before it joins a batch; should
+a merged batch fail all the same, each of its requests runs again alone, so
+only the bad one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bitinglip.errors import BitingLipError, InputError, JobFailedError, UnavailableError
+from bitinglip.gateway.body import read_json
+from bitinglip.gateway.ratelimit import INFER
+from bitinglip.gateway.routes.jobs import check_task, check_texts
+from bitinglip.gateway.routes.models import resolve
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.models.names import resolve_model
+from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
+
+#: Dask priority of infer batches; bulk jobs use 1 to 10
+INFER_PRIORITY = 100
+INFER_TIMEOUT_S = 120.0
+
+
+def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """Runs on a worker: one output dict per text, in order, JSON-ready."""
+    from bitinglip.platform.tasks.batching import default_budget, plan_batches
+    from bitinglip.platform.tasks.builtin import Batch, get_task, texts_or_error
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
+    loaded = get_model_plugin().get(task, model, merged)
+    ids, truncated = task.tokenize(loaded, texts, merged)
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
+        raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
+    outputs: list[dict[str, Any]] = [{}] * len(texts)
+    costs = [task.batch_cost(len(row), merged) for row in ids]
+    for rows in plan_batches(costs, default_budget(loaded.device)):
+        results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), merged)
+        if len(results) != len(rows):
+            raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+        for i, result in zip(rows, results):
+            outputs[i] = result
+    return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class _Batch:
+    texts: list[str] = field(default_factory=list)
+    requests: int = 0
+    fired: bool = False
+    result: asyncio.Future[list[dict[str, Any]]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher:
+    def __init__(self, client: Any, wait_s: float, max_rows: int) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.max_rows = max_rows
+        self._open: dict[tuple[str, str, str], _Batch] = {}
+
+    async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str]
+                    ) -> tuple[list[dict[str, Any]], int]:
+        """Outputs for ``texts`` and how many requests shared their batch."""
+        key = (task, model, json.dumps(options, sort_keys=True))
+        batch = self._open.get(key)
+        if batch is None or len(batch.texts) + len(texts) > self.max_rows:
+            batch = _Batch()
+            self._open[key] = batch
+            asyncio.get_running_loop().call_later(self.wait_s, self._fire, key, batch)
+        start = len(batch.texts)
+        batch.texts += texts
+        batch.requests += 1
+        if len(batch.texts) >= self.max_rows:
+            self._fire(key, batch)
+        try:
+            outputs = await asyncio.shield(batch.result)
+        except BitingLipError as exc:
+            if batch.requests == 1 or isinstance(exc, UnavailableError):
+                raise
+            # the failure may be another request's: run this one alone
+            return await self._alone(task, model, json.loads(key[2]), texts), 1
+        return outputs[start:start + len(texts)], batch.requests
+
+    async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+        batch = _Batch(texts=list(texts), requests=1, fired=True)
+        await self._run(batch, task, model, options)
+        return await batch.result
+
+    def _fire(self, key: tuple[str, str, str], batch: _Batch) -> None:
+        if batch.fired:
+            return
+        batch.fired = True
+        if self._open.get(key) is batch:
+            del self._open[key]
+        task, model, options = key
+        asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options)))
+
+    async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any]) -> None:
+        future = self.client.submit(predict_texts, task, model, options, batch.texts, pure=False,
+                                    priority=INFER_PRIORITY)
+        try:
+            with anyio.fail_after(INFER_TIMEOUT_S):
+                result = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except TimeoutError:
+            future.cancel()
+            batch.result.set_exception(UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s"))
+        except BitingLipError as exc:  # handed to every waiting request
+            batch.result.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a failure on the cluster, not in the gateway
+            batch.result.set_exception(JobFailedError(f"inference failed: {type(exc).__name__}: {exc}"))
+        else:
+            batch.result.set_result(result)
+
+
+async def check_model_options(gw: Gateway, task: str, model: str, options: dict[str, Any]) -> None:
+    """Refuse options past what ``model`` takes (its labels, vocabulary,
+    positions) with an :class:`InputError`; a model this gateway cannot see
+    keeps the fixed bounds, and the cluster checks it again at submission."""
+    try:
+        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
+    except (BitingLipError, OSError):
+        return
+    checked = BUILTIN_TASKS[task].check_options(options)
+    BUILTIN_TASKS[task].check_model_options(checked, path.path)
+
+
+async def infer(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:write", INFER)
+    body = await read_json(request)
+    unknown = sorted(set(body) - {"task", "model", "inputs", "options"})
+    if unknown:
+        raise InputError(f"unknown field {', '.join(unknown)}; fields are inputs, model, options, task")
+    options = check_task(body.get("task"), body.get("options"))
+    texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
+    model = await resolve(gw, body.get("model"))
+    await check_model_options(gw, body["task"], model, options)
+    outputs, shared = await gw.batcher.infer(body["task"], model, options, texts)
+    return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,
+                             "batched_requests": shared})

@@ -1,0 +1,277 @@
+"""Job routes: submit, list, status, cancel, progress events.
+
+A submission is recorded in Redis first, then handed to the cluster with
+``fire_and_forget``, so it runs to its end whatever happens to this
+process; its status and progress reach Redis from the scheduler plugin.
+Every REST job writes Parquet under ``BITINGLIP_RESULTS_DIR``.  The job's
+id travels with its tasks (for the plugin, which reads the record from
+Redis), and the record lies beside its output (for
+:mod:`bitinglip.gateway.rebuild`), so Redis can lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from bitinglip.errors import (
+    BitingLipError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    OutputWriteError,
+    UnavailableError,
+)
+from bitinglip.gateway.auth import Principal
+from bitinglip.gateway.body import query_int, read_json
+from bitinglip.gateway.handlers import scrub
+from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
+from bitinglip.gateway.routes.models import resolve
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.jobs.job import JobState
+from bitinglip.platform.jobs.jobstore import MISSING, MOVED, TERMINAL
+from bitinglip.platform.ops.status_plugin import ANNOTATION
+from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
+from bitinglip.settings import Settings
+
+FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+DEFAULT_PRIORITY = 5
+EVENTS_POLL_S = 0.5
+EVENTS_HEARTBEAT_S = 15.0
+
+
+def check_texts(texts: Any, limit: int, max_chars: int, what: str) -> list[str]:
+    if not isinstance(texts, list) or not texts:
+        raise InputError(f"{what} must be a non-empty list of strings")
+    if len(texts) > limit:
+        raise InputError(f"{what} has {len(texts)} rows; the limit is {limit}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"{what}[{i}] must be a string, got {type(text).__name__}")
+        if len(text) > max_chars:
+            raise InputError(f"{what}[{i}] has {len(text)} characters; the limit is {max_chars}")
+        texts_or_error([text], [f"{what}[{i}]"])  # e.g. a lone surrogate
+    return texts
+
+
+def check_task(task: Any, options: Any) -> dict[str, Any]:
+    """Validate the task name and its options; only registered names, never code."""
+    if not isinstance(task, str) or task not in BUILTIN_TASKS:
+        raise InputError(f"task must be one of {', '.join(sorted(BUILTIN_TASKS))}")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InputError("options must be a JSON object")
+    BUILTIN_TASKS[task].check_options(options)
+    return options
+
+
+def _input_path(uri: Any, settings: Settings) -> str:
+    if settings.input_dir is None:
+        raise InputError("input URIs are disabled on this gateway (BITINGLIP_INPUT_DIR is not set); send inputs inline")
+    if not isinstance(uri, str) or not uri or "\x00" in uri or len(uri) > 2000:
+        raise InputError("input_uri must be a file:// URI or a path")
+    path = Path(uri.removeprefix("file://"))
+    resolved = (settings.input_dir / path).resolve()
+    if not resolved.is_relative_to(settings.input_dir):
+        raise InputError(f"input_uri must point into the input directory {str(settings.input_dir)!r}")
+    return str(resolved)
+
+
+def parse_submission(body: dict[str, Any], settings: Settings, header_key: str | None) -> dict[str, Any]:
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise InputError(f"unknown field {', '.join(unknown)}; fields are {', '.join(sorted(FIELDS))}")
+    options = check_task(body.get("task"), body.get("options"))
+    has_inputs, has_uri = body.get("inputs") is not None, body.get("input_uri") is not None
+    if has_inputs == has_uri:
+        raise InputError("give exactly one of inputs (a list of strings) and input_uri")
+    inputs: Any = (check_texts(body["inputs"], settings.max_job_rows, settings.max_text_chars, "inputs")
+                   if has_inputs else _input_path(body["input_uri"], settings))
+    priority = body.get("priority", DEFAULT_PRIORITY)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= 10:
+        raise InputError("priority must be a whole number from 1 to 10")
+    key = body.get("idempotency_key", header_key)
+    if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
+        raise InputError("idempotency_key must be 1-128 letters, digits or . _ : -")
+    text_column = body.get("text_column", "text")
+    if not isinstance(text_column, str) or not text_column or len(text_column) > 200:
+        raise InputError("text_column must be a non-empty string")
+    return {"task": body["task"], "model": body.get("model"), "inputs": inputs, "options": options,
+            "priority": priority, "idempotency_key": key, "text_column": text_column}
+
+
+def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
+    """A job's public record, with rate and ETA worked out from Redis's figures."""
+    done, total = job.get("rows_done", 0), job.get("rows_total")
+    if job["state"] == JobState.SUCCEEDED.value and total is not None:
+        done = total  # parts resumed from committed output send no progress events
+    started, finished = job.get("started_at"), job.get("finished_at")
+    rate = 0.0
+    if started and done:
+        rate = done / max(1e-6, (finished or time.time()) - started)
+    state = job["state"]
+    eta = 0.0 if state == JobState.SUCCEEDED.value else (
+        (total - done) / rate if state == JobState.RUNNING.value and rate > 0 and total else None)
+    out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
+           "priority": job.get("priority"), "rows_done": done, "rows_total": total,
+           "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
+           "error": job.get("error") and scrub(job["error"]), "created_at": job.get("created_at"), "started_at": started,
+           "finished_at": finished, "idempotency_key": job.get("idempotency_key")}
+    if admin:
+        out["owner"] = job.get("owner")
+    return out
+
+
+async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, Any]:
+    """The caller's job; someone else's is as absent as a missing one."""
+    job = await gw.store.get(job_id) if JOB_ID.match(job_id) else None
+    if job is None or job.get("owner") != principal.sub:
+        raise NotFoundError(f"no job {job_id!r}")
+    return job
+
+
+def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
+            record: dict[str, Any]) -> tuple[int, int]:
+    """On a worker thread: hand the job to the cluster and let go of it
+    (also to resume it: same job id, same output, same inputs)."""
+    import dask
+
+    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
+    write_rest_record(output, record)
+    # only the id: the scheduler serialises annotations with msgpack, and a
+    # caller's value it cannot encode (an int of 2**64) would drop every worker
+    with dask.annotate(priority=sub["priority"], **{ANNOTATION: {"id": job_id}}):
+        job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
+                              text_column=sub["text_column"], options=sub["options"], job_id=job_id,
+                              input_root=platform.settings.input_dir)
+    platform.detach(job)  # the job survives this process from here on
+    return job.total, len(job.futures)
+
+
+def refusal(exc: BaseException) -> BitingLipError:
+    """What a failed hand-over tells the caller."""
+    if isinstance(exc, OSError):  # the job's record and inputs are written here, on the gateway's own disk
+        return OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
+                                "it is full or not writable: nothing was submitted")
+    return UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}")
+
+
+async def submit_job(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:write", WRITE)
+    sub = parse_submission(await read_json(request), gw.settings, request.headers.get("idempotency-key"))
+    model = await resolve(gw, sub["model"])
+    job_id = uuid.uuid4().hex
+    output = str(gw.settings.results_dir / job_id)
+    fields = {"task": sub["task"], "model": sub["model"], "priority": sub["priority"], "output": output,
+              "options": sub["options"],
+              "rows_total": len(sub["inputs"]) if isinstance(sub["inputs"], list) else None}
+    now = time.time()
+    got, created = await gw.store.create(job_id, principal.sub, fields, sub["idempotency_key"], now=now)
+    if not created:
+        job = await gw.store.get(got)
+        if job is None or job.get("owner") != principal.sub:  # never name a job that is not the caller's
+            raise NotFoundError("the job submitted under this idempotency key is gone; submit with a new key")
+        return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
+    record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
+              "updated_at": now, "idempotency_key": sub["idempotency_key"]}
+    try:
+        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, record,
+                                                      limiter=gw.submissions)
+    except BaseException as exc:
+        await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
+        if isinstance(exc, BitingLipError | asyncio.CancelledError):
+            raise
+        raise refusal(exc) from exc
+    figures = {"rows_total": total, "parts": parts}
+    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
+        await gw.store.restore({**record, **figures})
+        await gw.store.transition(job_id, None, figures)
+    current = await gw.store.get(job_id)
+    return gw.json(request, view(current or {"id": job_id, "state": "queued"}), 202,
+                   {"Location": f"/v1/jobs/{job_id}"})
+
+
+async def list_jobs(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:read")
+    return await _page(request, gw, principal.sub)
+
+
+async def admin_list_jobs(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "admin")
+    owner = request.query_params.get("owner")
+    return await _page(request, gw, owner or None, admin=True)
+
+
+async def _page(request: Request, gw: Gateway, owner: str | None, admin: bool = False) -> Response:
+    offset = query_int(request, "offset", 0, 0, 1_000_000)
+    limit = query_int(request, "limit", 50, 1, 500)
+    jobs, total = await gw.store.page(owner, offset, limit)
+    nxt = offset + limit if offset + limit < total else None
+    return gw.json(request, {"jobs": [view(j, admin) for j in jobs], "offset": offset, "limit": limit,
+                             "total": total, "next_offset": nxt})
+
+
+async def get_job(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:read")
+    return gw.json(request, view(await own_job(gw, principal, request.path_params["job_id"])))
+
+
+async def cancel_job(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:write")
+    job = await own_job(gw, principal, request.path_params["job_id"])
+    outcome = await gw.store.transition(job["id"], JobState.CANCELLED.value, {"finished_at": time.time()})
+    if outcome != MOVED:
+        current = await gw.store.get(job["id"])
+        raise ConflictError(f"job {job['id']} is {(current or job)['state']}; only queued or running jobs can be "
+                            "cancelled")
+    await anyio.to_thread.run_sync(lambda: gw.platform.cancel_job(
+        job["id"], int(job.get("parts", 0)), job.get("output"), reason="cancelled through the REST API"))
+    return gw.json(request, view(await gw.store.get(job["id"]) or {**job, "state": "cancelled"}), 202)
+
+
+async def job_events(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "jobs:read")
+    job = await own_job(gw, principal, request.path_params["job_id"])
+
+    async def stream() -> AsyncIterator[str]:
+        last: dict[str, Any] | None = None
+        quiet_since = time.monotonic()
+        current: dict[str, Any] | None = job
+        while current is not None:
+            shown = view(current)
+            key = {k: shown[k] for k in ("state", "rows_done", "rows_total", "error")}
+            if key != last:
+                last, quiet_since = key, time.monotonic()
+                yield f"event: progress\ndata: {json.dumps(shown)}\n\n"
+            elif time.monotonic() - quiet_since > EVENTS_HEARTBEAT_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            if current["state"] in TERMINAL:
+                yield f"event: end\ndata: {json.dumps(shown)}\n\n"
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+            current = await gw.store.get(job["id"])
+        yield "event: end\ndata: {\"state\": \"expired\"}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})

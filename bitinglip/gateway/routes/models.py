@@ -1,0 +1,116 @@
+"""Models over REST: the names a caller may use, and their registration.
+
+A REST caller names models only from the model registry (issue 3's
+``MODEL_CACHE_DIR/name/version`` with sha256 manifests) or the models that
+ship in Python packages, never by path.  Admins add and remove registry
+versions here; the registry is a directory that gateways and workers share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bitinglip.errors import InputError, NotFoundError, UnknownModelError
+from bitinglip.gateway.body import read_json
+from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.models.names import PACKAGED_MODELS
+from bitinglip.platform.models.registry import Registry, parse_ref
+
+ADD_FIELDS = {"name", "source", "task", "dtype", "max_length", "pooling"}
+
+
+def _registered(gw: Gateway) -> dict[str, dict[str, Any]]:
+    """The newest version of each registered model, by name."""
+    newest: dict[str, dict[str, Any]] = {}
+    for manifest in Registry(gw.settings).list():  # by name, then version: the last one wins
+        newest[manifest.name] = {**manifest.summary(), "source_kind": "registered"}
+    return newest
+
+
+async def catalogue(gw: Gateway) -> dict[str, dict[str, Any]]:
+    """Every usable model by name; registered names win over packaged ones."""
+    found: dict[str, dict[str, Any]] = {name: {"name": name, "source_kind": "package"} for name in PACKAGED_MODELS}
+    found.update(await anyio.to_thread.run_sync(_registered, gw))
+    return found
+
+
+async def resolve(gw: Gateway, name: Any) -> str:
+    """The model reference to hand the cluster; unknown names are refused.
+    ``name@version`` pins a registry version."""
+    if not isinstance(name, str) or not name:
+        raise InputError("model must be a non-empty string")
+    if name in PACKAGED_MODELS:
+        return name
+    try:
+        parse_ref(name)
+        await anyio.to_thread.run_sync(Registry(gw.settings).locate, name)
+    except (InputError, UnknownModelError):
+        raise UnknownModelError(f"unknown model {name!r}; GET /v1/models lists the models you can use") from None
+    return name
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    keep = ("name", "version", "task", "dtype", "revision", "size_bytes", "sha256", "added_at", "source_kind")
+    return {"source": entry.get("source_kind"), **{k: entry[k] for k in keep if k in entry and k != "source_kind"}}
+
+
+async def list_models(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:read")
+    models = [_public(e) for e in (await catalogue(gw)).values()]
+    return gw.json(request, {"models": models, "count": len(models)})
+
+
+async def get_model(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:read")
+    entry = (await catalogue(gw)).get(request.path_params["name"])
+    if entry is None:
+        raise NotFoundError(f"no model {request.path_params['name']!r}")
+    return gw.json(request, _public(entry))
+
+
+async def admin_list_models(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "admin")
+    models = [m.summary() for m in await anyio.to_thread.run_sync(Registry(gw.settings).list)]
+    return gw.json(request, {"models": models, "count": len(models)})
+
+
+async def admin_register_model(request: Request) -> Response:
+    """Add a version to the registry: ``{"name", "source", "task", "dtype"?,
+    "max_length"?, "pooling"?}``; ``source`` is a directory the gateway can
+    read, ``hf://org/name@commit`` or ``pkg://distribution``."""
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "admin", WRITE)
+    body = await read_json(request)
+    unknown = sorted(set(body) - ADD_FIELDS)
+    if unknown:
+        raise InputError(f"unknown field {', '.join(unknown)}; expected {', '.join(sorted(ADD_FIELDS))}")
+    for name in ("name", "source", "task"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise InputError(f"field {name!r} is required (a string)")
+    kwargs = {k: body[k] for k in ("dtype", "max_length", "pooling") if k in body}
+
+    def add() -> dict[str, Any]:
+        registry = Registry(gw.settings)
+        return registry.add(body["name"], body["source"], task=body["task"], actor=principal.sub,
+                            **kwargs).summary()
+
+    return gw.json(request, await anyio.to_thread.run_sync(add), 201)
+
+
+async def admin_remove_model(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    principal = await gw.authorize(request, "admin", WRITE)
+    ref = request.path_params["name"]
+    try:
+        await anyio.to_thread.run_sync(lambda: Registry(gw.settings).remove(ref, actor=principal.sub))
+    except UnknownModelError as exc:
+        raise NotFoundError(str(exc)) from None
+    return Response(status_code=204, headers=getattr(request.state, "ratelimit", {}))

@@ -1,0 +1,453 @@
+"""The Python entry point: ``bitinglip.connect()`` and the Platform it gives.
+
+::
+
+    import bitinglip
+
+    with bitinglip.connect() as platform:          # embedded local cluster
+        job = platform.submit("embed", model="all-MiniLM-L6-v2", inputs=["a", "b"])
+        job.progress()
+        df = job.result()
+
+    platform = bitinglip.connect("tcp://scheduler:8786")   # an existing cluster
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from distributed import Event
+
+from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
+from bitinglip.platform.cluster.bootstrap import check_main_guard
+from bitinglip.platform.cluster.local import check_reachable, local_cluster, worker_resources
+from bitinglip.platform.jobs.inputs import Partitions, to_partitions
+from bitinglip.platform.jobs.job import Job
+from bitinglip.platform.jobs.outputs import (
+    RECORD,
+    claim,
+    committed_parts,
+    committed_summary,
+    fingerprint,
+    read_json,
+    write_manifest,
+)
+from bitinglip.platform.jobs.placement import prefer, warm_workers
+from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition, task_key
+from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
+from bitinglip.platform.models.registry import Registry, is_ref
+from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
+from bitinglip.platform.tasks.options import surrogate_at
+from bitinglip.settings import Settings, get_settings
+from bitinglip.worker_plugins.model_plugin import ModelPlugin
+
+#: seconds a remote worker has to say where a model is
+MODEL_LOOKUP_S = 10.0
+
+
+class Platform:
+    """A connection to a Dask cluster that runs BitingLip jobs.
+
+    ``platform.client`` is the underlying :class:`distributed.Client`.
+    """
+
+    def __init__(self, client: Any, cluster: Any = None, settings: Settings | None = None) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.settings = settings or get_settings()
+        self.tasks: dict[str, TaskType] = {}
+        self._jobs: weakref.WeakValueDictionary[str, Job] = weakref.WeakValueDictionary()
+        client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+
+    def _on_progress(self, event: Any) -> None:
+        _, msg = event
+        job = self._jobs.get(str(msg.get("job"))) if isinstance(msg, dict) else None
+        if job is not None:
+            job._on_progress(msg)
+
+    @property
+    def dashboard_link(self) -> str:
+        return str(self.client.dashboard_link)
+
+    def register_task(self, task: TaskType) -> TaskType:
+        """Make a task type of your own available to :meth:`submit` by name."""
+        check_task_type(task)
+        self.tasks[task.name] = task
+        return task
+
+    @property
+    def models(self) -> Registry:
+        """The model registry: ``platform.models.add/list/show/verify/remove``."""
+        return Registry(self.settings)
+
+    def gpu_workers(self) -> list[str]:
+        return [a for a, r in worker_resources(self.client).items() if r.get("GPU", 0) > 0]
+
+    def submit(self, task: str | TaskType, model: str, inputs: Any, *, output: str | os.PathLike[str] | None = None,
+               text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
+               partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
+               fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
+               faults: Mapping[str, Any] | None = None, input_root: str | os.PathLike[str] | None = None,
+               **task_options: Any) -> Job:
+        """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
+
+        ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
+        DataFrame, or a Parquet/JSONL/CSV path (``text_column`` names the
+        text; an ``id`` column, if any, is kept).  ``output``: a directory for
+        Parquet results, one file per partition plus a manifest; submitting
+        again with the same ``job_id`` (an idempotency key) and output runs
+        only the partitions not yet committed.  ``gpu``: True demands GPU
+        workers, False keeps to any worker, None uses GPUs when the cluster
+        has them.  A bad row goes to ``job.errors()`` and the job goes on,
+        unless ``fail_fast``.  ``retries``: further attempts for a partition
+        that raised; ``timeout``: seconds before the job stops.  Task options
+        go in ``options`` or as keywords (``normalize=True``).  ``input_root``:
+        a path input must lie inside this folder, and so must every file of a
+        directory input once its links are resolved (the gateway passes
+        ``BITINGLIP_INPUT_DIR``).
+        """
+        resubmit = ((task, model, inputs), dict(
+            output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
+            token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
+            input_root=input_root, **task_options))
+        task_type = get_task(task, self.tasks)
+        if options is not None and not isinstance(options, Mapping):
+            raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
+        merged = task_type.check_options({**(options or {}), **task_options})
+        _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
+                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
+                         faults=faults)
+        use_gpu = self._placement(gpu)
+        resources = {"GPU": 1} if use_gpu else None
+        model, model_dir, model_version = self._locate_model(model, use_gpu)
+        merged = task_type.check_model_options(merged, model_dir)
+        job_id = job_id or uuid.uuid4().hex
+        resubmit[1]["job_id"] = job_id
+        rows_wanted = partition_rows or self.settings.partition_rows
+        record = None
+        out_dir = os.path.abspath(os.fspath(output)) if output is not None else None
+        if out_dir is not None:
+            previous = read_json(os.path.join(out_dir, RECORD))
+            if previous is not None and previous.get("job_id") == job_id:
+                rows_wanted = int(previous["partition_rows"])  # same boundaries as before
+        workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
+        parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
+                              min_rows=task_type.min_partition_rows, root=input_root)
+        spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
+                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
+        done: set[int] = set()
+        if out_dir is not None:
+            # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
+            record = claim(out_dir, {
+                "job_id": job_id, "task": task_type.name, "model": model, "model_version": model_version,
+                "options": _jsonable(merged),
+                "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
+                "retries": retries, "timeout": timeout, "gpu": gpu,
+                "input_root": os.fspath(input_root) if input_root is not None else None,
+                "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
+                "rows": parts.total, "submitted": time.time(),
+                "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
+            done = committed_parts(out_dir, len(parts.parts))
+        superseded = self._jobs.get(job_id)
+        if superseded is not None:  # a resume: the new run's futures take over the keys
+            self._release(superseded._all_futures())
+        Event(cancel_event_name(job_id), client=self.client).clear()  # a resumed job starts uncancelled
+        futures = self._submit_partitions(spec, parts, done, resources)
+        final = None
+        if out_dir is not None and record is not None:
+            final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
+                                       key=task_key(job_id, "manifest"))
+        job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
+        self._jobs[job_id] = job
+        return job
+
+    def _locate_model(self, model: str, use_gpu: bool) -> tuple[str, str | None, str | None]:
+        """The model reference the workers get, checked here and now: a name
+        (registered, packaged, under ``MODEL_CACHE_DIR``) stays the name, so
+        the worker verifies the registered version; a directory becomes its
+        absolute path, as input paths do, so a worker with another working
+        directory loads the same folder.  Resolved in this process, not in a
+        task, which would wait behind every busy worker; a cluster of our own
+        sees the same files, a remote one is asked through one worker.
+
+        Returns the reference, the model's directory here (None when only a
+        worker sees it) and its registry version (None when unregistered)."""
+        try:
+            ref = resolve_model(model, self.settings)
+        except UnknownModelError:
+            if self.cluster is not None:
+                raise
+            return self._ask_a_worker(_worker_reference(model), use_gpu), None, None
+        named = model in PACKAGED_MODELS or ref.version is not None or \
+            ref.path != str(Path(model).expanduser().resolve())
+        return (model if named else ref.path), ref.path, ref.version
+
+    def _ask_a_worker(self, model: str, use_gpu: bool) -> str:
+        """Resolve ``model`` on one worker with ``Client.run``, which runs
+        beside the worker's tasks rather than queueing behind them."""
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        addresses = self.gpu_workers() if use_gpu else list(worker_resources(self.client))
+        if not addresses:
+            raise UnavailableError(f"no worker to look up model {model!r} on; the cluster has none")
+        pool = ThreadPoolExecutor(1)
+        try:
+            answer = pool.submit(self.client.run, _resolve_on_worker, model, workers=addresses[:1])
+            found, text = next(iter(answer.result(timeout=MODEL_LOOKUP_S).values()))
+        except FutureTimeout:
+            raise UnavailableError(f"a worker did not answer within {MODEL_LOOKUP_S:g} s where model "
+                                   f"{model!r} is") from None
+        finally:
+            pool.shutdown(wait=False)
+        if not found:
+            raise UnknownModelError(text)
+        return model
+
+    def detach(self, job: Job, timeout: float = 60.0) -> None:
+        """Let ``job`` run to its end without this client (``fire_and_forget``),
+        and return only once the scheduler holds it: a Dask client sends graphs
+        and wishes in batches a few milliseconds later, so a process that dies
+        just after ``fire_and_forget`` could lose the job it has promised."""
+        from distributed import fire_and_forget
+
+        futures = job._all_futures()
+        fire_and_forget(futures)
+        if not self._until_scheduler(_held_for_good, [f.key for f in futures], timeout, 0.005):
+            raise UnavailableError(f"the scheduler did not take job {job.id} within {timeout:.0f} s")
+
+    def _until_scheduler(self, check: Any, keys: list[Any], timeout: float, step: float) -> bool:
+        """Poll ``check(keys)`` on the scheduler until it holds; False at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not self.client.run_on_scheduler(check, keys):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(step)
+        return True
+
+    def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
+        """Forget an earlier run's futures, and wait until the scheduler has,
+        so that a rerun under the same keys starts clean."""
+        self.client.cancel(futures, force=True)
+        self._until_scheduler(_all_gone, [f.key for f in futures], timeout, 0.05)
+
+    def _placement(self, gpu: bool | None) -> bool:
+        gpu_addrs = self.gpu_workers()
+        if gpu and not gpu_addrs:
+            workers = len(worker_resources(self.client))
+            raise NoGPUWorkersError(
+                f"the job asks for GPUs but none of the cluster's {workers} workers has the GPU resource; "
+                "start workers with `dask worker ADDRESS --resources GPU=1` or submit with gpu=False")
+        return bool(gpu_addrs) if gpu is None else gpu
+
+    def _submit_partitions(self, spec: JobSpec, parts: Partitions, done: set[int],
+                           resources: Mapping[str, float] | None) -> list[Any]:
+        from dask import delayed
+
+        futures: list[Any] = []
+        warm = warm_workers(self.client, spec.model, spec.task.name, resources)  # no reload of a warm model
+        for i, (data, offset) in enumerate(parts.parts):
+            key = task_key(spec.job_id, i)
+            if i in done:  # committed by an earlier run: only read its figures
+                futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
+                                                  pure=False))
+            elif parts.lazy:
+                futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
+                                                   resources=resources))
+            else:
+                futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
+                                                  resources=resources, **prefer(warm, i)))
+        return futures
+
+    def cancel_job(self, job_id: str, parts: int, output: str | os.PathLike[str] | None = None,
+                   reason: str = "cancelled") -> None:
+        """Cancel a job by its id, also one this client did not submit (a
+        REST job, fire-and-forget): running partitions stop at their next
+        micro-batch, queued ones never start, and its output, if any, gets a
+        partial manifest saying so."""
+        from distributed import Future
+
+        from bitinglip.platform.jobs.outputs import write_partial_manifest
+        from bitinglip.platform.ops.status_plugin import job_keys
+
+        Event(cancel_event_name(job_id), client=self.client).set()
+        # force: fire_and_forget made the scheduler itself want these keys
+        self.client.cancel([Future(key, client=self.client) for key in job_keys(job_id, parts)],
+                           force=True, reason=reason)
+        out_dir = os.fspath(output) if output else None
+        record = read_json(os.path.join(out_dir, RECORD)) if out_dir else None
+        if out_dir and record is not None:  # the output says so too: the job's end survives a loss of Redis
+            write_partial_manifest(out_dir, record, "cancelled")
+
+    def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
+        """Resume the job whose results are in ``output``: only partitions not
+        committed there run, with the parameters the job recorded in
+        ``_job.json`` (text column, options, partitioning, token budget,
+        fail_fast, retries, timeout, placement); ``kwargs`` override them.
+        ``inputs`` defaults to the input path that the job recorded
+        (in-memory inputs must be given again)."""
+        out_dir = os.path.abspath(os.fspath(output))
+        record = read_json(os.path.join(out_dir, RECORD))
+        if record is None:
+            raise InputError(f"{out_dir} holds no job record ({RECORD}); nothing to resume")
+        inputs = inputs if inputs is not None else record.get("input")
+        if inputs is None:
+            raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
+        recorded = {name: record[name] for name in RESUMED if record.get(name) is not None}
+        model = record["model"]
+        if record.get("model_version") and "@" not in model:  # the same registry version, not a newer one
+            model = f"{model}@{record['model_version']}"
+        return self.submit(record["task"], model, inputs, output=out_dir, job_id=record["job_id"],
+                           options=record.get("options") or {}, **{**recorded, **kwargs})
+
+    def close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(PROGRESS_TOPIC)
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Platform {self.client.scheduler.address} workers={len(worker_resources(self.client))}>"
+
+
+#: the submit parameters that a job's record keeps and a resume reuses
+RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root")
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+#: bounds of submit's own arguments: each reaches the wire, so each is finite and plain
+MAX_PARTITION_ROWS = MAX_TOKEN_BUDGET = 100_000_000
+MAX_RETRIES = 100
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
+
+def _check_arguments(**values: Any) -> None:
+    for name, high in (("partition_rows", MAX_PARTITION_ROWS), ("token_budget", MAX_TOKEN_BUDGET)):
+        v = values[name]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high):
+            raise InputError(f"{name}={v!r:.60}: expected a whole number from 1 to {high}")
+    r = values["retries"]
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_RETRIES:
+        raise InputError(f"retries={r!r:.60}: expected a whole number from 0 to {MAX_RETRIES}")
+    t = values["timeout"]
+    # NaN compares false with everything and inf never comes: neither would ever stop the job
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                          or not 0 < t <= MAX_TIMEOUT_S):
+        raise InputError(f"timeout={t!r:.60}: expected a finite number of seconds above 0, "
+                         f"at most {MAX_TIMEOUT_S:.0f}")
+    j = values["job_id"]
+    if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
+        raise InputError(f"job_id={j!r:.60}: expected 1 to 128 letters, digits, '_', '.' or '-'")
+    c = values["text_column"]
+    if not isinstance(c, str) or not 0 < len(c) <= 200 or surrogate_at(c) is not None:
+        raise InputError(f"text_column={c!r:.60}: expected a column name of 1 to 200 characters")
+    for name in ("gpu", "fail_fast"):
+        if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
+            raise InputError(f"{name}={values[name]!r:.60}: expected True or False")
+    if values["faults"] is not None and not isinstance(values["faults"], Mapping):
+        raise InputError(f"faults={values['faults']!r:.60}: expected a mapping")
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _worker_reference(model: str) -> str:
+    """What to ask a remote worker for: a relative directory path made
+    absolute here, as input paths are; names as they are."""
+    if model in PACKAGED_MODELS or is_ref(model) or not model.strip():
+        return model
+    return os.path.abspath(os.path.expanduser(model))
+
+
+def _resolve_on_worker(model: str, dask_worker: Any = None) -> tuple[bool, str]:
+    """On a worker, through ``Client.run``: (True, its path) or (False, why
+    not), so that an unknown model is one clear error on the client, not a
+    worker's traceback."""
+    from bitinglip.worker_plugins.model_plugin import PLUGIN_NAME
+
+    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
+    try:
+        return True, resolve_model(model, plugin.settings if plugin is not None else get_settings()).path
+    except UnknownModelError as exc:
+        return False, str(exc)
+
+
+def connect(address: str | None = None, *, settings: Settings | None = None, n_workers: int | None = None,
+            preload: Iterable[tuple[str, str]] = (), dashboard_address: str | None = None,
+            **client_kwargs: Any) -> Platform:
+    """Connect to a Dask scheduler at ``address``, or start an embedded local
+    cluster when there is none. ``preload`` lists ``(task, model)`` pairs that
+    every worker loads at start."""
+    from distributed import Client
+
+    settings = settings or get_settings()
+    cluster = None
+    if address is None:
+        check_main_guard()  # before any process starts: one line instead of a child's tracebacks
+        cluster = local_cluster(settings, n_workers=n_workers, dashboard_address=dashboard_address)
+        client = Client(cluster, **client_kwargs)
+    else:
+        from bitinglip.platform.cluster.tls import check_address, security
+
+        check_address(settings, address)
+        # a name that does not resolve fails in seconds, not after Dask's 30 s of retries; a scheduler
+        # that is still starting (a closed port) gets those retries
+        check_reachable(address, connect=False)
+        if settings.tls:
+            client_kwargs.setdefault("security", security(settings))
+        try:
+            client = Client(address, **client_kwargs)
+        except OSError as exc:  # Dask's "Timed out trying to connect"
+            raise UnavailableError(f"cannot reach the scheduler at {address}: {exc}") from exc
+    try:
+        # an embedded cluster shares these settings; remote workers read their own environment
+        client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction,
+                                           settings=settings if cluster is not None else None))
+        if cluster is not None:  # the Jobs page on the dashboard this cluster prints, as `bitinglip scheduler` has
+            from bitinglip.platform.ops.ops_plugin import OpsPlugin
+
+            client.register_plugin(OpsPlugin())
+    except Exception:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise
+    return Platform(client, cluster, settings)
+
+
+def _held_for_good(keys: list[Any], dask_scheduler: Any) -> bool:
+    """On the scheduler: every key is known and either wanted by the
+    fire-and-forget client or already finished (its work is done; the
+    scheduler drops that wish once a task ends)."""
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        if ts is None:
+            return False
+        if ts.state not in ("memory", "erred") and not any(
+                cs.client_key == "fire-and-forget" for cs in ts.who_wants):
+            return False
+    return True
+
+
+def _all_gone(keys: list[Any], dask_scheduler: Any) -> bool:
+    """On the scheduler: none of the keys is known any more."""
+    return not any(key in dask_scheduler.tasks for key in keys)

@@ -1,0 +1,344 @@
+"""What runs on a worker for one partition of a job.
+
+``run_partition`` takes the partition's rows, reaches the model through the
+worker plugin, tokenizes, cuts micro-batches by token budget, predicts,
+restores input order, and returns a DataFrame (or writes it to Parquet
+atomically and returns a summary).  Progress goes to the scheduler as Dask
+events on one topic; a cancelled job is noticed between micro-batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
+from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
+from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
+from bitinglip.platform.tasks.builtin import Batch, TaskType, texts_or_error
+
+PROGRESS_TOPIC = "bitinglip-progress"
+PROGRESS_INTERVAL_S = 0.5
+CANCEL_CHECK_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a partition needs to know about its job; small to pickle."""
+
+    job_id: str
+    task: TaskType
+    model: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    text_column: str = "text"
+    token_budget: int = 0
+    output: str | None = None
+    #: the first bad row fails the job (default: it goes to the errors table)
+    fail_fast: bool = False
+    #: attempts after the first for a partition that raised (worker deaths are Dask's to retry)
+    retries: int = 0
+    #: wall-clock time (epoch seconds) after which the job stops
+    deadline: float | None = None
+    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}
+    faults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def task_key(job_id: str, part: int | str) -> str:
+    """The Dask key of a job's partition ``part`` (or of its ``"manifest"``
+    task): the one place the format lives; the status plugin parses it."""
+    return f"bitinglip-{job_id}-{part}"
+
+
+def cancel_event_name(job_id: str) -> str:
+    return f"bitinglip-cancel-{job_id}"
+
+
+class _Reporter:
+    """Sends progress events and checks for cancellation, both throttled."""
+
+    def __init__(self, spec: JobSpec, index: int, total: int) -> None:
+        self.spec, self.index, self.total = spec, index, total
+        self.worker = _current_worker()
+        self.last_sent = self.last_check = time.monotonic()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.worker is not None and (final or now - self.last_sent >= PROGRESS_INTERVAL_S):
+            self.last_sent = now
+            self.worker.log_event(PROGRESS_TOPIC, {"job": self.spec.job_id, "part": self.index,
+                                                   "done": done, "total": self.total})
+        if not final and self.spec.deadline is not None and time.time() > self.spec.deadline:
+            raise JobTimeoutError(f"job {self.spec.job_id} ran past its timeout (partition {self.index} "
+                                  f"stopped after {done} of {self.total} rows)")
+        if self.worker is not None and not final and now - self.last_check >= CANCEL_CHECK_INTERVAL_S:
+            self.last_check = now
+            from distributed import Event
+
+            if Event(cancel_event_name(self.spec.job_id)).is_set():
+                raise JobCancelledError(f"job {self.spec.job_id} was cancelled (partition {self.index} "
+                                        f"stopped after {done} of {self.total} rows)")
+
+
+def _current_worker() -> Any:
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
+    if isinstance(data, pd.DataFrame):
+        if spec.text_column not in data.columns:
+            raise InputError(f"the input has no column {spec.text_column!r} (columns: "
+                             f"{', '.join(map(str, data.columns))}); name the text column with text_column=")
+        ids = data["id"].tolist() if "id" in data.columns else list(range(offset, offset + len(data)))
+        return ids, data[spec.text_column].tolist()
+    values = list(data)
+    return list(range(offset, offset + len(values))), values
+
+
+#: the token budget each model got down to after out-of-memory splits; a
+#: worker process remembers it for the rest of its life
+_REDUCED_BUDGETS: dict[str, int] = {}
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping[str, Any], budget: int,
+                 reporter: _Reporter | None = None, fail_fast: bool = False, model_key: str = "",
+                 faults: Mapping[str, Any] | None = None,
+                 ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
+    """Outputs for ``texts`` in their order, truncation flags, the rows that
+    failed (index -> reason) and stats.
+
+    A batch that runs out of memory is split in half and retried, and the
+    smaller budget is remembered for the model; a batch that fails otherwise
+    is retried row by row so that only the bad rows fail (unless
+    ``fail_fast``).
+    """
+    budget = min(budget, _REDUCED_BUDGETS.get(model_key, budget))
+    ids, truncated = task.tokenize(loaded, texts, options)
+    costs = [task.batch_cost(len(row), options) for row in ids]
+    batches = plan_batches(costs, budget)
+    planned = len(batches)
+    outputs: list[dict[str, Any] | None] = [None] * len(texts)
+    failed: dict[int, str] = {}
+    oom_limit = int((faults or {}).get("oom_above_tokens", 0))
+    queue = deque(batches)
+    heap = _HeapGuard()
+    done = oom_splits = 0
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:  # nothing to run a model on (a tokenizer without special tokens, an empty text)
+        if fail_fast:
+            raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
+        failed.update({i: "the text has no tokens for this model" for i in empty})
+        skip = set(empty)
+        queue = deque([r for r in ([i for i in b if i not in skip] for b in batches) if r])
+        done = len(empty)
+    while queue:
+        rows = queue.popleft()
+        size = len(rows) * max(costs[i] for i in rows)
+        try:
+            if oom_limit and size > oom_limit:
+                raise MemoryError(f"injected out-of-memory: {size} tokens > {oom_limit}")
+            results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
+            if len(results) != len(rows):
+                raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+        except (JobCancelledError, JobTimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is either split, isolated or reported
+            if fail_fast and not _is_out_of_memory(exc):
+                raise
+            if len(rows) > 1:
+                if _is_out_of_memory(exc):
+                    _free_device_memory()
+                    oom_splits += 1
+                    if model_key:
+                        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
+                    half = len(rows) // 2
+                    queue.extendleft([rows[half:], rows[:half]])
+                else:
+                    queue.extendleft([[i] for i in reversed(rows)])
+                continue
+            if fail_fast:
+                raise
+            failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+            results = []
+        for i, result in zip(rows, results):
+            outputs[i] = result
+        done += len(rows)
+        heap.check()
+        if reporter is not None:
+            reporter.update(done)
+    stats = {"batches": planned, "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
+             "padding_ratio": padding_ratio(costs, batches)}
+    return outputs, truncated, failed, stats
+
+
+def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
+    """Positions of good rows and the bad ones with their reasons."""
+    good, bad = [], {}
+    for pos, (row_id, value) in enumerate(zip(ids, values)):
+        try:
+            texts_or_error([value], [row_id])
+            good.append(pos)
+        except InputError as exc:
+            if fail_fast:
+                raise
+            bad[pos] = str(exc)
+    return good, bad
+
+
+def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncated: list[bool]) -> pd.DataFrame:
+    columns: dict[str, list[Any]] = {"id": ids}
+    names = list(spec.task.columns) + sorted({k for o in outputs for k in o} - set(spec.task.columns))
+    for name in names:
+        columns[name] = [o.get(name) for o in outputs]
+    columns["truncated"] = truncated
+    return pd.DataFrame(columns)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+
+
+def trim_heap() -> None:
+    """Give the worker's freed heap back to the system (glibc's
+    ``malloc_trim``).  Workers keep freed memory while a partition runs, so
+    activation tensors reuse pages instead of faulting fresh ones (see
+    ``cluster.PRE_SPAWN_ENV``); between partitions it goes back, so a
+    worker's memory stays flat however many partitions it runs."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+#: freed heap a worker may hold on to within a partition before it is trimmed
+HEAP_SLACK_BYTES = 256 * 1024 * 1024
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return 0
+
+
+class _HeapGuard:
+    """Trims the heap when it grows :data:`HEAP_SLACK_BYTES` past where it
+    was: freed tensors leave holes that glibc never hands back by itself,
+    and without this a worker's peak memory creeps up with every partition."""
+
+    def __init__(self) -> None:
+        self.limit = _rss() + HEAP_SLACK_BYTES
+
+    def check(self) -> None:
+        if self.limit > HEAP_SLACK_BYTES and _rss() > self.limit:
+            trim_heap()
+            self.limit = max(self.limit, _rss() + HEAP_SLACK_BYTES)  # live memory did grow: do not trim each batch
+
+
+def _worker_address() -> str | None:
+    """The Dask worker running this task (None outside a worker)."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return None
+
+
+def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
+    """Run one partition on this worker and return its summary (see :func:`_run_partition`)."""
+    try:
+        return _run_partition(data, spec, index, offset)
+    finally:
+        trim_heap()
+
+
+def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
+    """Run one partition on this worker and return its summary.
+
+    Without an output directory the summary carries the DataFrames
+    (``frame``, ``errors``); with one, they are written atomically (errors
+    first, then the part file whose rename commits the partition), and a
+    partition already committed is not run again.
+    """
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    if spec.output is not None:
+        committed = committed_summary(spec.output, index, spec.job_id)
+        if committed is not None:  # a rerun after a worker died past its commit
+            return committed
+    started = time.perf_counter()
+    ids, values = _rows(data, spec, offset)
+    reporter = _Reporter(spec, index, len(values))
+    good, bad = _check_rows(ids, values, spec.fail_fast)
+    texts = [values[p] for p in good]
+    attempts: list[str] = []
+    stats: dict[str, float] = {"batches": 0, "tokens": 0, "oom_splits": 0, "padding_ratio": 1.0}
+    outputs: list[dict[str, Any] | None] = []
+    truncated: list[bool] = []
+    failed: dict[int, str] = {}
+    while texts:
+        try:
+            reporter.update(0)
+            loaded = get_model_plugin().get(spec.task, spec.model, spec.options)
+            budget = spec.token_budget or default_budget(loaded.device)
+            outputs, truncated, failed, stats = predict_rows(
+                spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
+                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults)
+            break
+        except (JobCancelledError, JobTimeoutError, InputError, ModelError):  # retrying cannot change these
+            raise
+        except Exception as exc:
+            attempts.append(f"{type(exc).__name__}: {exc}")
+            if len(attempts) > spec.retries:
+                raise PartitionFailedError(f"partition {index} failed after {len(attempts)} attempt(s): "
+                                           + " | ".join(attempts)) from exc
+    for pos, reason in failed.items():
+        bad[good[pos]] = f"row id={ids[good[pos]]!r}: {reason}"
+    kept = [k for k, p in enumerate(good) if k not in failed]
+    frame = _frame(spec, [ids[good[k]] for k in kept], [outputs[k] or {} for k in kept],
+                   [truncated[k] for k in kept])
+    errors = pd.DataFrame({"id": [ids[p] for p in sorted(bad)], "reason": [bad[p] for p in sorted(bad)]})
+    reporter.update(len(values), final=True)
+    summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors),
+                               "truncated": int(frame["truncated"].sum()), "attempts": attempts,
+                               "seconds": time.perf_counter() - started, "worker": _worker_address(), **stats}
+    if spec.output is None:
+        return {**summary, "frame": frame, "errors_frame": errors}
+    if len(errors):
+        write_parquet(errors, os.path.join(spec.output, errors_file(index)), spec.job_id)
+    write_parquet(frame, os.path.join(spec.output, partition_file(index)), spec.job_id)
+    return {**summary, "file": partition_file(index), "errors_file": errors_file(index) if len(errors) else None}

@@ -1,0 +1,1 @@
+"""The model manager: names, registry, sources, integrity, access log, residency."""

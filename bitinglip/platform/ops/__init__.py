@@ -1,0 +1,1 @@
+"""Scheduler-side plugins: job status, metrics, the Jobs page."""

@@ -1,0 +1,150 @@
+"""The scheduler plugin behind BitingLip's operations views.
+
+It keeps :class:`~bitinglip.platform.ops.opsmetrics.Figures` up to date from task
+transitions and the workers' events, registers the reporter worker plugin on
+every worker (present and future), and serves on the Dask dashboard's HTTP
+server:
+
+- ``/bitinglip/jobs``: the Jobs page (state, progress, rows/s, ETA; models
+  resident per worker and their memory),
+- ``/bitinglip/jobs.json``: the same as JSON,
+- ``/bitinglip/metrics``: the per-job and per-model Prometheus series.
+
+With ``prometheus_client`` installed the same series also appear in the
+scheduler's own ``/metrics``.  ``bitinglip scheduler`` loads it; on any other
+cluster::
+
+    from bitinglip.platform.ops.ops_plugin import install
+    install(platform.client)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from bitinglip.platform.jobs.runner import PROGRESS_TOPIC
+from bitinglip.platform.ops.opsmetrics import Collector, Figures, render
+from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
+from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
+from bitinglip.worker_plugins.reporter import SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
+
+log = logging.getLogger("bitinglip.ops")
+KEY = re.compile(r"^bitinglip-(?P<job>[0-9A-Za-z_.-]+)-(?P<part>\d+|manifest)$")
+PLUGIN_NAME = "bitinglip-ops"
+
+
+class OpsPlugin(SchedulerPlugin):
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.figures = Figures()
+        self.scheduler: Any = None
+        self._collector: Collector | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    async def start(self, scheduler: Any) -> None:
+        from distributed.protocol.pickle import dumps
+
+        self.scheduler = scheduler
+        await scheduler.register_worker_plugin(None, dumps(ReporterPlugin()), name=REPORTER, idempotent=True)
+        app = getattr(scheduler, "http_application", None)
+        if app is not None:
+            from bitinglip.platform.ops.jobs_page import add_to_navigation, handlers
+
+            app.add_handlers(r".*", handlers(self))
+            add_to_navigation(scheduler)
+        try:
+            import prometheus_client
+        except ImportError:
+            log.info("prometheus_client is not installed: per-job series only at /bitinglip/metrics")
+        else:
+            collector = Collector(self.figures)
+            try:
+                prometheus_client.REGISTRY.register(collector)  # type: ignore[arg-type]
+            except ValueError:  # a second embedded cluster in this process: the registry is per process
+                log.info("another BitingLip scheduler in this process serves the per-job series of /metrics")
+            else:
+                self._collector = collector
+
+    async def close(self) -> None:
+        if self._collector is not None:
+            import prometheus_client
+
+            prometheus_client.REGISTRY.unregister(self._collector)  # type: ignore[arg-type]
+            self._collector = None
+
+    # --- hooks: cheap, on the scheduler's event loop
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(key, str) or not key.startswith("bitinglip-"):
+            return
+        match = KEY.match(key)
+        if match is not None:
+            before = self.figures.jobs.get(match["job"])
+            state = before.state if before else None
+            self.figures.on_key(match["job"], match["part"], finish)
+            after = self.figures.jobs.get(match["job"])
+            if after is not None and after.state != state:
+                log.info("job %s", after.state, extra={"job_id": after.job, "event": f"job.{after.state}",
+                                                        "task": after.task, "model": after.model})
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            return
+        try:
+            if topic == PROGRESS_TOPIC:
+                self.figures.on_progress(msg)
+            elif topic == SUMMARY_TOPIC:
+                self.figures.on_summary(msg)
+                if msg.get("phase") == "done":
+                    log.info("partition done", extra={"job_id": msg.get("job"), "event": "partition.done",
+                                                      **{k: msg.get(k) for k in ("part", "rows", "errors", "tokens")}})
+            elif topic == WORKER_TOPIC:
+                self.figures.on_worker(str(msg.get("worker") or ""), msg)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignored a malformed %s event: %r", topic, msg)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.figures.remove_worker(worker)
+
+    # --- views
+    def metrics_text(self) -> str:
+        return render(self.figures.families())
+
+    def snapshot(self) -> dict[str, Any]:
+        jobs = [self._as_rest_shows(f.view()) for f in reversed(self.figures.jobs.values())]
+        workers = []
+        for address, ws in sorted((self.scheduler.workers if self.scheduler else {}).items()):
+            report = self.figures.workers.get(address, {})
+            workers.append({"address": address, "name": str(ws.name), "resources": dict(ws.resources or {}),
+                            "memory_bytes": int(ws.memory.process), "memory_limit": int(ws.memory_limit or 0),
+                            "models": report.get("models", []), "gpu": report.get("gpu")})
+        return {"jobs": jobs, "workers": workers}
+
+
+    def _as_rest_shows(self, view: dict[str, Any]) -> dict[str, Any]:
+        """Rows done and state as REST shows them, where the Redis status
+        plugin runs on this scheduler: one figure for both views (after a
+        cancel, partitions report a few rows more that REST never counts)."""
+        for plugin in (self.scheduler.plugins.values() if self.scheduler else ()):
+            shown = plugin.shown(view["job"]) if isinstance(plugin, RedisStatusPlugin) else None
+            if shown is not None:
+                state, done = shown
+                total = view["rows_total"]
+                return {**view, "state": state, "rows_done": done,
+                        "progress": round(done / total, 4) if total else 0.0}
+        return view
+
+
+def install(client: Any) -> None:
+    """Add the plugin to the scheduler behind ``client`` (idempotent)."""
+    client.register_plugin(OpsPlugin())

@@ -1,0 +1,297 @@
+"""Per-job and per-model figures that Dask's own ``/metrics`` lacks.
+
+:class:`Figures` is pure bookkeeping, fed by the scheduler plugin
+(:mod:`bitinglip.platform.ops.ops_plugin`) from task transitions and the
+workers' events: progress (``bitinglip-progress``), partition summaries and
+model residency (both sent by :mod:`bitinglip.worker_plugins.reporter`).
+:meth:`Figures.families` turns them into Prometheus metric families, which
+:func:`render` writes as text and :class:`Collector` hands to
+``prometheus_client`` (so the scheduler's own ``/metrics`` carries them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: finished jobs kept (and exported with a ``job`` label); older ones are dropped to bound label cardinality
+FINISHED_KEPT = 200
+TERMINAL = ("succeeded", "failed", "cancelled")
+SUM_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits")
+
+
+@dataclass
+class JobFigures:
+    job: str
+    task: str = "unknown"
+    model: str = "unknown"
+    state: str = "queued"
+    parts: set[int] = field(default_factory=set)
+    parts_done: set[int] = field(default_factory=set)
+    has_manifest: bool = False
+    done: dict[int, int] = field(default_factory=dict)
+    totals: dict[int, int] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_FIELDS, 0))
+    padded_tokens: float = 0.0
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_progress_at: float | None = None
+
+    @property
+    def rows_done(self) -> int:
+        return sum(self.done.values())
+
+    @property
+    def rows_total(self) -> int | None:
+        """Rows of the job: exact once every partition has reported, else an estimate."""
+        if not self.totals:
+            return None
+        known = sum(self.totals.values())
+        missing = len(self.parts) - len(self.totals)
+        return known + round(missing * known / len(self.totals)) if missing > 0 else known
+
+    @property
+    def padding_ratio(self) -> float:
+        return self.padded_tokens / self.sums["tokens"] if self.sums["tokens"] else 1.0
+
+    @property
+    def batch_rows(self) -> float:
+        """Mean rows per micro-batch."""
+        return (self.sums["rows"] + self.sums["errors"]) / self.sums["batches"] if self.sums["batches"] else 0.0
+
+    def rate(self, now: float | None = None) -> float:
+        if not self.started_at or not self.rows_done:
+            return 0.0
+        end = self.finished_at or now or time.time()
+        return self.rows_done / max(1e-6, end - self.started_at)
+
+    def eta(self, now: float | None = None) -> float | None:
+        if self.state == "succeeded":
+            return 0.0
+        rate, total = self.rate(now), self.rows_total
+        if self.state != "running" or not rate or total is None:
+            return None
+        return max(0.0, (total - self.rows_done) / rate)
+
+    def view(self) -> dict[str, Any]:
+        now = time.time()
+        total = self.rows_total
+        return {"job": self.job, "task": self.task, "model": self.model, "state": self.state,
+                "partitions": len(self.parts), "partitions_done": len(self.parts_done),
+                "rows_done": self.rows_done, "rows_total": total,
+                "progress": round(self.rows_done / total, 4) if total else 0.0,
+                "rows_per_s": round(self.rate(now), 2), "eta_s": _round(self.eta(now)),
+                "rows": int(self.sums["rows"]), "rows_in_error": int(self.sums["errors"]),
+                "tokens": int(self.sums["tokens"]), "batches": int(self.sums["batches"]),
+                "oom_splits": int(self.sums["oom_splits"]), "padding_ratio": round(self.padding_ratio, 4),
+                "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Prometheus metric family: ``samples`` are (label values, value)."""
+
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+    labels: tuple[str, ...]
+    samples: Sequence[tuple[tuple[str, ...], float]]
+
+
+class Figures:
+    """Jobs, models and workers as the scheduler sees them. Not thread-safe:
+    the scheduler's event loop is its only writer and reader."""
+
+    def __init__(self) -> None:
+        self.jobs: OrderedDict[str, JobFigures] = OrderedDict()
+        self.finished: dict[str, int] = dict.fromkeys(TERMINAL, 0)
+        self.by_model: dict[tuple[str, str], dict[str, float]] = {}
+        #: worker address -> its last report: {"models": [...], "load_seconds": {...}, "gpu": {...}}
+        self.workers: dict[str, dict[str, Any]] = {}
+
+    def job(self, job_id: str) -> JobFigures:
+        figures = self.jobs.get(job_id)
+        if figures is None:
+            figures = self.jobs[job_id] = JobFigures(job_id)
+        return figures
+
+    # --- what the scheduler plugin feeds in
+    def on_key(self, job_id: str, part: str, finish: str) -> None:
+        """A task of a job changed state on the scheduler."""
+        figures = self.job(job_id)
+        if part == "manifest":
+            figures.has_manifest = True
+        else:
+            figures.parts.add(int(part))
+        if figures.state in TERMINAL:
+            return
+        now = time.time()
+        if finish == "processing" and figures.state == "queued":
+            figures.state, figures.started_at = "running", figures.started_at or now
+        elif finish == "memory" and part != "manifest":
+            figures.parts_done.add(int(part))
+            figures.done[int(part)] = figures.totals.get(int(part), figures.done.get(int(part), 0))
+        if finish == "erred":
+            self._finish(figures, "failed")
+        elif finish == "forgotten" and not (part == "manifest" or int(part) in figures.parts_done):
+            self._finish(figures, "cancelled")
+        elif finish == "memory" and (part == "manifest" or (
+                not figures.has_manifest and figures.parts and figures.parts_done == figures.parts)):
+            self._finish(figures, "succeeded")
+
+    def on_progress(self, msg: dict[str, Any]) -> None:
+        figures = self.job(str(msg["job"]))
+        part = int(msg.get("part", 0))
+        figures.parts.add(part)
+        figures.done[part] = max(figures.done.get(part, 0), int(msg.get("done", 0)))
+        figures.totals[part] = int(msg.get("total", 0))
+        figures.last_progress_at = time.time()
+        if figures.state == "queued":
+            figures.state, figures.started_at = "running", figures.started_at or figures.last_progress_at
+
+    def on_summary(self, msg: dict[str, Any]) -> None:
+        """A partition started (``phase`` "start": the job's task and model)
+        or finished on a worker (its rows, errors, tokens, batches...)."""
+        figures = self.job(str(msg["job"]))
+        figures.task, figures.model = str(msg.get("task") or figures.task), str(msg.get("model") or figures.model)
+        if msg.get("phase") == "start":
+            return
+        model = self.by_model.setdefault((figures.task, figures.model), dict.fromkeys(SUM_FIELDS, 0))
+        for name in SUM_FIELDS:
+            value = float(msg.get(name) or 0)
+            figures.sums[name] += value
+            model[name] += value
+        figures.padded_tokens += float(msg.get("padding_ratio") or 1.0) * float(msg.get("tokens") or 0)
+
+    def on_worker(self, address: str, report: dict[str, Any]) -> None:
+        self.workers[address] = report
+
+    def remove_worker(self, address: str) -> None:
+        self.workers.pop(address, None)
+
+    def _finish(self, figures: JobFigures, state: str) -> None:
+        figures.state, figures.finished_at = state, time.time()
+        self.finished[state] += 1
+        ended = [j for j, f in self.jobs.items() if f.state in TERMINAL]
+        for job_id in ended[:max(0, len(ended) - FINISHED_KEPT)]:
+            del self.jobs[job_id]
+
+    # --- what goes out
+    def families(self) -> list[Family]:
+        now = time.time()
+        jobs = list(self.jobs.values())
+        labels = ("job", "task", "model")
+
+        def per_job(name: str, kind: str, help: str, value: Any) -> Family:
+            return Family(name, kind, help, labels, [((f.job, f.task, f.model), float(value(f))) for f in jobs])
+
+        active = {s: sum(1 for f in jobs if f.state == s) for s in ("queued", "running")}
+        out = [
+            Family("bitinglip_jobs_active", "gauge", "Jobs on the cluster that have not ended, by state.",
+                   ("state",), [((s,), n) for s, n in active.items()]),
+            Family("bitinglip_jobs_finished_total", "counter", "Jobs that ended since the scheduler started, by state.",
+                   ("state",), [((s,), n) for s, n in self.finished.items()]),
+            per_job("bitinglip_job_running", "gauge", "1 while the job runs, else 0.",
+                    lambda f: f.state == "running"),
+            per_job("bitinglip_job_rows_done", "gauge", "Rows done so far (progress events).", lambda f: f.rows_done),
+            per_job("bitinglip_job_rows_expected", "gauge", "Rows of the job (an estimate until every partition "
+                    "has started).", lambda f: f.rows_total or 0),
+            per_job("bitinglip_job_rows_total", "counter", "Rows written by finished partitions.",
+                    lambda f: f.sums["rows"]),
+            per_job("bitinglip_job_rows_in_error_total", "counter", "Rows that failed (the errors table).",
+                    lambda f: f.sums["errors"]),
+            per_job("bitinglip_job_tokens_total", "counter", "Tokens processed.", lambda f: f.sums["tokens"]),
+            per_job("bitinglip_job_batches_total", "counter", "Micro-batches planned.", lambda f: f.sums["batches"]),
+            per_job("bitinglip_job_oom_splits_total", "counter", "Batches split after running out of memory.",
+                    lambda f: f.sums["oom_splits"]),
+            per_job("bitinglip_job_batch_rows", "gauge", "Mean rows per micro-batch.", lambda f: f.batch_rows),
+            per_job("bitinglip_job_padding_ratio", "gauge", "Padded tokens over real tokens (1 is no padding).",
+                    lambda f: f.padding_ratio),
+            per_job("bitinglip_job_rows_per_second", "gauge", "Rows per second since the job started.",
+                    lambda f: f.rate(now)),
+            per_job("bitinglip_job_seconds_since_progress", "gauge", "Seconds since the last progress event.",
+                    lambda f: now - (f.last_progress_at or f.started_at or f.submitted_at)
+                    if f.state not in TERMINAL else 0),
+        ]
+        models = sorted(self.by_model.items())
+        for name, help in (("rows", "Rows written"), ("errors", "Rows in error"), ("tokens", "Tokens processed"),
+                           ("batches", "Micro-batches"), ("oom_splits", "Out-of-memory batch splits")):
+            metric = "bitinglip_model_rows_in_error_total" if name == "errors" else f"bitinglip_model_{name}_total"
+            out.append(Family(metric, "counter", f"{help}, by task and model.", ("task", "model"),
+                              [((t, m), v[name]) for (t, m), v in models]))
+        resident, loads, load_s, gpu_used, gpu_total = [], [], [], [], []
+        for address, report in sorted(self.workers.items()):
+            for entry in report.get("models", []):
+                resident.append(((address, entry["task"], entry["model"], str(entry.get("dtype"))),
+                                 float(entry["bytes"])))
+            for model, seconds in report.get("load_seconds", {}).items():
+                load_s.append(((address, model), float(seconds)))
+            for model, count in report.get("load_counts", {}).items():
+                loads.append(((address, model), float(count)))
+            gpu = report.get("gpu") or {}
+            if gpu:
+                gpu_used.append(((address,), float(gpu["used"])))
+                gpu_total.append(((address,), float(gpu["total"])))
+        out += [
+            Family("bitinglip_model_resident_bytes", "gauge", "Bytes a resident model takes on a worker (measured).",
+                   ("worker", "task", "model", "dtype"), resident),
+            Family("bitinglip_model_load_seconds", "gauge", "Seconds the last load of a model took on a worker.",
+                   ("worker", "model"), load_s),
+            Family("bitinglip_model_loads_total", "counter", "Model loads on a worker.", ("worker", "model"), loads),
+            Family("bitinglip_worker_gpu_memory_used_bytes", "gauge", "GPU memory torch holds on a worker.",
+                   ("worker",), gpu_used),
+            Family("bitinglip_worker_gpu_memory_total_bytes", "gauge", "GPU memory of a worker's device.",
+                   ("worker",), gpu_total),
+        ]
+        return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def render(families: Sequence[Family]) -> str:
+    """The Prometheus text format (version 0.0.4)."""
+    out: list[str] = []
+    for fam in families:
+        out += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
+        for values, value in fam.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(fam.labels, values))
+            out.append(f"{fam.name}{{{labels}}} {_number(value)}" if labels else f"{fam.name} {_number(value)}")
+    return "\n".join(out) + "\n"
+
+
+class Collector:
+    """A ``prometheus_client`` collector over :class:`Figures`; registered in
+    the scheduler process, it adds our series to Dask's ``/metrics``."""
+
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for fam in self.figures.families():
+            # prometheus_client appends _total to counters itself
+            if fam.kind == "counter":
+                metric: Any = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
+            else:
+                metric = GaugeMetricFamily(fam.name, fam.help, labels=fam.labels)
+            for values, value in fam.samples:
+                metric.add_metric(list(values), value)
+            yield metric
+
+    def describe(self) -> list[Any]:
+        return []  # no fixed set: prometheus_client then never calls collect() at registration

@@ -1,0 +1,1 @@
+"""Tasks: the task types and their pure compute (batching, encoders, precision, heads, options); no Dask, no Redis."""

@@ -1,0 +1,119 @@
+"""Bounds of task options, and of the texts they run on.
+
+Every option value reaches the wire (the job record, the task's arguments,
+a gateway's JSON) and then a model, so each is held to the range the model
+and the engine accept, as a plain Python value: a whole number that does not
+fit a signed 64-bit integer, a NaN or a list of a million stop strings is
+refused here, with the option's name, before any work starts.  The
+model-dependent limits (labels, vocabulary, positions) come from the model's
+``config.json`` (:func:`model_limits`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bitinglip.errors import InputError
+
+#: torch.manual_seed and numpy take at most a signed 64-bit integer
+INT64_MAX = 2**63 - 1
+#: the most labels or vocabulary entries a model may claim (the largest vocabularies hold about 260k)
+MAX_CLASSES = 1_000_000
+#: stop strings per job, and characters per stop string
+MAX_STOPS, MAX_STOP_CHARS = 16, 200
+
+
+def whole(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an ``int`` in ``[low, high]`` (numpy integers too; never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"option {name}={_show(value)}: expected a whole number from {low} to {high}")
+    if not low <= int(value) <= high:
+        raise InputError(f"option {name}={_show(int(value))}: expected a whole number from {low} to {high}")
+    return int(value)
+
+
+def real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    bounds = f"{'above' if low_open else 'from'} {low:g} {'up ' if low_open else ''}to {high:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"option {name}={_show(value)}: expected a number {bounds}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        number = math.inf
+    if not math.isfinite(number) or number < low or number > high or (low_open and number == low):
+        raise InputError(f"option {name}={_show(value)}: expected a finite number {bounds}")
+    return number
+
+
+def choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices`` (compared by type too: 1 is not True)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise InputError(f"option {name}={_show(value)}: expected one of "
+                         f"{', '.join('null' if c is None else str(c) for c in choices)}")
+    return value
+
+
+def strings(name: str, value: Any, most: int, chars: int) -> tuple[str, ...]:
+    """A string or a list of up to ``most`` non-empty strings of at most ``chars`` characters."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or len(items) > most or not all(
+            isinstance(s, str) and 0 < len(s) <= chars and surrogate_at(s) is None for s in items):
+        raise InputError(f"option {name} must be a string or a list of at most {most} non-empty "
+                         f"strings of at most {chars} characters; got {_show(value)}")
+    return tuple(items)
+
+
+def surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate (e.g. from JSON's "\\ud800"), if it
+    does: such a text cannot be encoded as UTF-8, so no tokenizer or Parquet
+    file takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _show(value: Any) -> str:
+    try:
+        return f"{value!r:.60}"
+    except ValueError:  # an int of over 4300 digits has no str
+        return f"<a {type(value).__name__} too long to show>"
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model's ``config.json`` says about the options it can take (None: not said)."""
+
+    labels: int | None = None
+    vocabulary: int | None = None
+    positions: int | None = None
+
+
+def model_limits(model_dir: str | None) -> ModelLimits:
+    """The limits in ``model_dir/config.json``; none when the file is not here
+    (a model only the workers can see keeps the fixed bounds)."""
+    if model_dir is None:
+        return ModelLimits()
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ModelLimits()
+    if not isinstance(config, Mapping):
+        return ModelLimits()
+    id2label = config.get("id2label")
+    labels = len(id2label) if isinstance(id2label, Mapping) and id2label else _count(config.get("num_labels"))
+    positions = [_count(config.get(k)) for k in ("max_position_embeddings", "n_positions")]
+    known = [p for p in positions if p is not None]
+    return ModelLimits(labels, _count(config.get("vocab_size")), min(known) if known else None)
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 10**9 else None

@@ -1,0 +1,308 @@
+"""The worker plugin that loads models and keeps them resident.
+
+``ModelPlugin`` is cheap to pickle (it stores only names, numbers and the
+settings); torch is imported and models are loaded in ``setup`` and on first
+use, on the worker.  Tasks reach models through :func:`get_model_plugin`,
+never through model objects in the task graph.
+
+Before the first load of a registered version the plugin checks its files
+against the sha256 manifest (again whenever a file's size or mtime
+changes) and refuses pickle-based weights.  Loaded models stay resident
+until the byte budget needs room; the least recently used one that no
+running task holds is evicted.  Loads, verifications and evictions go to
+the access log.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+
+from bitinglip.errors import BitingLipError, IntegrityError, ModelLoadError, PluginMissingError
+from bitinglip.platform.models.access_log import AccessLog
+from bitinglip.platform.models.integrity import FileVerifier, model_files, refuse_pickle
+from bitinglip.platform.models.names import ModelRef, resolve_model
+from bitinglip.platform.models.registry import Manifest, pin, read_manifest, unpin
+from bitinglip.platform.models.residency import Entry, Residency
+from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
+from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
+from bitinglip.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+PLUGIN_NAME = "bitinglip-models"
+#: worker task states in which a task's thread may still use its model
+RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+_USE = object()  # holder marker for ModelPlugin.use()
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads models on a worker, keeps them, frees them on teardown.
+
+    ``preload`` lists ``(task, model)`` pairs loaded in ``setup``;
+    ``torch_threads`` is the intra-op thread count per task (None: the
+    worker's cores divided by its task threads); ``gpu_memory_fraction`` caps
+    the share of its GPU that this worker's process may allocate.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, preload: Sequence[tuple[str, str]] = (), torch_threads: int | None = None,
+                 gpu_memory_fraction: float = 0.9, settings: Settings | None = None) -> None:
+        if torch_threads is not None and torch_threads < 1:
+            raise ValueError("torch_threads must be at least 1")
+        if not 0 < gpu_memory_fraction <= 1:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        self.preload = [(str(t), str(m)) for t, m in preload]
+        self.torch_threads = torch_threads
+        self.gpu_memory_fraction = gpu_memory_fraction
+        self._settings = settings  # None: the worker reads its own environment
+        self.device = "cpu"
+        self.worker_address: str | None = None
+        self._lock = threading.Lock()  # one load at a time
+        self.residency = Residency(settings.cpu_model_budget_bytes if settings else 0,
+                                   on_hold=self._pin, on_free=self._unpin)
+        self.verifier = FileVerifier()
+        self.load_seconds: dict[str, float] = {}
+        self.load_counts: Counter[str] = Counter()
+        self._access: AccessLog | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"preload": self.preload, "torch_threads": self.torch_threads,
+                "gpu_memory_fraction": self.gpu_memory_fraction, "settings": self._settings}
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings or get_settings()
+
+    @property
+    def access(self) -> AccessLog:
+        if self._access is None:
+            self._access = AccessLog(self.settings)
+        return self._access
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per load in every worker's log is noise
+
+        torch.set_num_threads(self.torch_threads or _torch_threads(int(worker.state.nthreads)))
+        wants_gpu = worker.state.total_resources.get("GPU", 0) > 0
+        if wants_gpu and torch.cuda.is_available():
+            self.device = "cuda:0"  # the nanny pinned CUDA_VISIBLE_DEVICES to one device
+            torch.cuda.set_per_process_memory_fraction(self.gpu_memory_fraction, 0)
+            total = torch.cuda.get_device_properties(0).total_memory
+            self.residency.budget_bytes = int(total * self.gpu_memory_fraction * GPU_MODEL_SHARE)
+        else:
+            self.residency.budget_bytes = self.settings.cpu_model_budget_bytes or _cpu_budget(worker)
+        self.worker_address = worker.address
+        for task, model in self.preload:
+            self.get(get_task(task), model, get_task(task).check_options({}))
+
+    def get(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Loaded:
+        """The loaded model for ``task`` and ``model``, loading it on first use.
+
+        Inside a Dask task the model is held (never evicted, never removable)
+        until that task stops executing."""
+        return self._acquire(task, model, options, _current_task()).loaded
+
+    @contextmanager
+    def use(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Iterator[Loaded]:
+        """Like :meth:`get`, holding the model for the ``with`` block."""
+        entry = self._acquire(task, model, options, _USE)
+        try:
+            yield entry.loaded
+        finally:
+            self.residency.release(key=entry.key)
+
+    def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
+        # runs on the worker's event loop for every task: keep it cheap
+        if start in RUNNING_STATES and finish not in RUNNING_STATES and self.residency.holds_task(key):
+            self.residency.release(task_key=key)
+
+    def _acquire(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Any) -> Entry:
+        ref = resolve_model(model, self.settings)
+        manifest = read_manifest(ref.path) if ref.version else None
+        opts = dict(options)
+        if manifest is not None and opts.get("dtype") == task.defaults.get("dtype"):
+            opts["dtype"] = manifest.dtype  # the job did not choose: the registered dtype applies
+        key = (task.name, ref.path, tuple((k, opts.get(k)) for k in task.load_options))
+        with self._lock:
+            entry = self.residency.get(key)
+            if entry is None:
+                entry = self._load(task, model, ref, manifest, opts, key)
+            if holder is not None:
+                self.residency.hold(key, None if holder is _USE else holder)
+        return entry
+
+    def _load(self, task: TaskType, model: str, ref: ModelRef, manifest: Manifest | None,
+              opts: dict[str, Any], key: Hashable) -> Entry:
+        refuse_pickle(model_files(ref.path), self.settings.allow_pickle, f"model {model!r} at {ref.path}")
+        if manifest is not None:
+            try:
+                hashed = self.verifier.ensure(ref.path, manifest.files)
+            except IntegrityError as exc:
+                self._log("verify", ref, manifest, ok=False, error=str(exc))
+                raise
+            if hashed:
+                self._log("verify", ref, manifest, ok=True, files_hashed=len(hashed))
+        if not self.residency.budget_bytes:
+            self.residency.budget_bytes = _cpu_budget(None)
+        weights = sum(os.path.getsize(Path(ref.path) / rel) for rel in model_files(ref.path)
+                      if rel.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        dtype = str(opts.get("dtype") or "float32")
+        self._evict(self.residency.victims(estimate_bytes(weights, _stored_dtype(ref.path), dtype)))
+        import torch
+
+        cuda = self.device.startswith("cuda") and torch.cuda.is_available()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        started = time.perf_counter()
+        try:
+            loaded = task.load(ref.path, self.device, opts)
+            if dtype == "int8":
+                loaded.model = quantize_int8(loaded.model, self.device)
+                # a fast path built in load (Embed's packed encoder) holds the float32 layers
+                loaded.info.pop("packed", None)
+        except BitingLipError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"loading model {model!r} for task {task.name!r} failed: {exc}") from exc
+        seconds = time.perf_counter() - started
+        nbytes = torch.cuda.memory_allocated() - before if cuda else model_bytes(loaded.model)
+        if manifest is not None:
+            if manifest.max_length:
+                loaded.max_length = min(loaded.max_length, manifest.max_length)
+            if manifest.pooling and "pooling" in loaded.info:
+                loaded.info["pooling"] = manifest.pooling
+        entry = Entry(key, loaded, int(nbytes), model, task.name, dtype, ref.path, ref.version,
+                      manifest.sha256 if manifest else None)
+        self.residency.add(entry)
+        self._evict(self.residency.victims(0, keep=key))
+        self.load_seconds[model] = seconds
+        self.load_counts[model] += 1
+        log.info("loaded %s for %s (%s) in %.2fs on %s: %.1f MB", model, task.name, dtype, seconds, self.device,
+                 nbytes / 1e6)
+        if self.residency.total_bytes > self.residency.budget_bytes:
+            log.warning("resident models take %d bytes, over the budget of %d: the others are in use",
+                        self.residency.total_bytes, self.residency.budget_bytes)
+        self._log("load", ref, manifest, task=task.name, dtype=dtype, seconds=round(seconds, 3), bytes=int(nbytes),
+                  device=self.device)
+        return entry
+
+    def _evict(self, victims: Sequence[Entry]) -> None:
+        evicted = [e for e in victims if self.residency.pop(e.key) is not None]
+        for entry in evicted:
+            log.info("evicting %s (%s, %.1f MB) to make room", entry.model, entry.task, entry.nbytes / 1e6)
+            self.access.append("evict", _base(entry.model), entry.version, entry.sha256, actor="bitinglip-worker",
+                               worker=self.worker_address, task=entry.task, dtype=entry.dtype, bytes=entry.nbytes)
+            entry.loaded = None
+        if evicted:
+            gc.collect()
+            import torch
+
+            if self.device.startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _pin(self, entry: Entry) -> None:
+        if entry.version is not None:
+            entry.pin_fd = pin(entry.path)
+
+    def _unpin(self, entry: Entry) -> None:
+        if entry.pin_fd is not None:
+            fd, entry.pin_fd = entry.pin_fd, None
+            unpin(fd)
+
+    def _log(self, event: str, ref: ModelRef, manifest: Manifest | None, **detail: Any) -> None:
+        self.access.append(event, _base(ref.name), ref.version, manifest.sha256 if manifest else None,
+                           actor="bitinglip-worker", worker=self.worker_address, **detail)
+
+    def resident(self) -> list[str]:
+        return [f"{e.task}:{e.model}" for e in self.residency.entries()]
+
+    def resident_info(self) -> list[dict[str, Any]]:
+        """What is loaded here, least recently used first (for placement and admins)."""
+        return [{"task": e.task, "model": e.model, "dtype": e.dtype, "version": e.version, "path": e.path,
+                 "bytes": e.nbytes, "held": e.held} for e in self.residency.entries()]
+
+    def teardown(self, worker: Any) -> None:
+        for entry in self.residency.clear():
+            self._unpin(entry)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+
+
+def _torch_threads(nthreads: int) -> int:
+    """Intra-op threads per task: OMP_NUM_THREADS when the launcher set it
+    (dask's nanny sets 1 unless told otherwise), else the cores shared out
+    among the worker's task threads."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(1, nthreads))
+
+
+def _cpu_budget(worker: Any) -> int:
+    """Half the worker's memory limit (or of the machine's memory)."""
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    if not limit:
+        import psutil
+
+        limit = psutil.virtual_memory().total
+    return int(limit) // 2
+
+
+def _stored_dtype(path: str) -> str | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("torch_dtype") or config.get("dtype")
+    return value if isinstance(value, str) else None
+
+
+def _base(model: str) -> str:
+    return model.partition("@")[0]
+
+
+def _current_task() -> Hashable | None:
+    """The key of the Dask task running in this thread, if any."""
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None
+    return worker.active_threads.get(threading.get_ident())
+
+
+def get_model_plugin() -> ModelPlugin:
+    """The model plugin of the worker running this task, or a clear error."""
+    try:
+        worker = get_worker()
+    except ValueError as exc:
+        raise PluginMissingError("get_model_plugin() must be called inside a task on a Dask worker") from exc
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None:
+        raise PluginMissingError(
+            f"worker {worker.address} has no {PLUGIN_NAME!r} plugin; connect with bitinglip.connect() "
+            "or register bitinglip.worker_plugins.ModelPlugin() on the cluster")
+    return plugin  # type: ignore[return-value]
