@@ -1,5 +1,6 @@
 # make demo: set up and embed a 20,000-sentence sample corpus on a local cluster
-# make test: set up (Python packages and a Redis server) and run the tests
+# make test: set up (Python packages and a Redis server), lint, and run the tests
+# make lint: ruff and the import contracts of pyproject.toml (lint-imports)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU torch by default; a GPU machine uses EXTRAS=gateway,dev,gpu after installing its CUDA torch
@@ -8,7 +9,7 @@ ROWS ?= 20000
 # a new folder each run: an output folder holds one job's results, and a second demo is another job
 DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-fast bench services
+.PHONY: setup demo lint test test-fast bench services
 
 setup: $(VENV)/.installed
 
@@ -24,11 +25,16 @@ services:
 demo: setup
 	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output $(DEMO_OUTPUT)
 
+# the venv's own tools; lint-imports reads the contracts from pyproject.toml
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
 # the venv's bin on PATH, as for a user who activated it: tests run its commands
-test: setup services
+test: setup services lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q tests/unit
 
 bench: setup

@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     from bitinglip.platform.models.registry_cli import register as register_models
     register_models(sub)
     from bitinglip.platform.cluster.stack import register as register_stack
-    register_stack(sub)
+    register_stack(sub, load_mint=_gateway_mint)
     return parser
+
+
+def _gateway_mint() -> Callable[..., str]:
+    """The gateway's token minter, for ``bitinglip up``: the platform does not import the gateway,
+    and the gateway extra may be absent (then this raises ModuleNotFoundError, which ``main`` explains)."""
+    from bitinglip.gateway.auth import mint
+
+    return mint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

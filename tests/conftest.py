@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import free_port, start_redis  # noqa: E402
-from tiny_models import make_tiny_classifier, make_tiny_encoder, make_tiny_gpt2  # noqa: E402
+from helpers import free_port, start_redis
+from tiny_models import make_tiny_classifier, make_tiny_encoder, make_tiny_gpt2
 
 
 @pytest.fixture(scope="session")

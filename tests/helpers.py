@@ -53,13 +53,14 @@ def start_dask_processes(log_dir: Path, tag: str, workers: list[str] | None = No
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     scheduler = [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                  "--dashboard-address", ":0"]
-    procs = [subprocess.Popen(scheduler, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=open(log_dir / f"scheduler-{tag}.log", "w"))]
+    # the child keeps its own copy of the log's descriptor: ours closes once it has started
+    with open(log_dir / f"scheduler-{tag}.log", "w") as log:
+        procs = [subprocess.Popen(scheduler, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log)]
     time.sleep(1)
     worker = ([str(bindir / "dask"), "worker", address, "--nworkers", str(nworkers), "--nthreads", "1"]
               if workers is None else [address if w == "ADDRESS" else w for w in workers])
-    procs.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=open(log_dir / f"workers-{tag}.log", "w")))
+    with open(log_dir / f"workers-{tag}.log", "w") as log:
+        procs.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log))
     return address, procs
 
 

@@ -16,7 +16,7 @@ from helpers import free_port
 
 def bitinglip(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bitinglip", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def test_run_embeds_a_sample_corpus_to_parquet(tmp_path: Path) -> None:

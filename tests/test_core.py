@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -261,7 +262,7 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
 class Shout(TaskType):
     name = "shout"
     columns = ("text",)
-    defaults = {"suffix": "!"}
+    defaults: ClassVar[dict[str, Any]] = {"suffix": "!"}
     load_options = ()
 
     def load(self, path: str, device: str, options: dict) -> Loaded:  # type: ignore[override]

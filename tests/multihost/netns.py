@@ -38,15 +38,15 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "building network namespaces needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)"
     probe = f"blprobe{os.getpid()}"
-    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return f"`ip netns add` fails here: {done.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
 def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
@@ -149,5 +149,5 @@ class Network:
         for host in reversed(list(self.hosts.values())):
             host.stop()
         for host in self.hosts.values():
-            subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
+            subprocess.run(["ip", "netns", "del", host.ns], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.switch], capture_output=True, check=False)

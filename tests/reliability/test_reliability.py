@@ -3,6 +3,7 @@ rows in, rows out, rows in error, duplicates, lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
@@ -140,7 +141,7 @@ class Picky(TaskType):
     name = "picky"
     columns = ("n",)
     load_options = ()
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def load(self, path: str, device: str, options: Any) -> Loaded:
         return Loaded(model=None)
@@ -172,7 +173,7 @@ class Flaky(TaskType):
     name = "flaky"
     columns = ("ok",)
     load_options = ()
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def load(self, path: str, device: str, options: Any) -> Loaded:
         return Loaded(model=None)
@@ -201,7 +202,7 @@ class Slow(TaskType):
     name = "slow"
     columns = ("ok",)
     load_options = ()
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def load(self, path: str, device: str, options: Any) -> Loaded:
         return Loaded(model=None)
@@ -262,10 +263,8 @@ def test_scheduler_killed_then_resumed_on_a_new_cluster(tmp_path: Path) -> None:
     finally:
         kill_processes(procs)  # scheduler and workers die at once, mid-job
     committed = len(list(out_dir.glob("part-*.parquet")))
-    try:
+    with contextlib.suppress(Exception):  # its scheduler is gone
         platform.client.close(timeout=5)
-    except Exception:  # noqa: BLE001 - its scheduler is gone
-        pass
     address, procs = start_dask_processes(tmp_path, "b")
     try:
         with bitinglip.connect(address, timeout=60) as fresh:

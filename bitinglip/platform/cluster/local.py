@@ -80,7 +80,7 @@ def local_cluster(settings: Settings, n_workers: int | None = None, gpus: int | 
 
 
 def _local_cluster(settings: Settings, n_workers: int | None, gpus: int | None, dashboard_address: str | None,
-                   LocalCluster: Any, Nanny: Any, **kwargs: Any) -> Any:  # noqa: N803 - the classes
+                   LocalCluster: Any, Nanny: Any, **kwargs: Any) -> Any:  # capitalised: the classes
     gpus = gpu_count() if gpus is None else gpus
     dashboard = settings.dashboard_address if dashboard_address is None else dashboard_address
     if gpus:

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from bitinglip.platform.cluster.tls import add_tls_arguments
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 180.0
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "bitinglip" / "stack"
+# the gateway's token minter: mint(settings, sub, scopes, ttl_s=...) -> a signed token
+Mint = Callable[..., str]
 
 
 @dataclass
@@ -130,11 +133,13 @@ def _plan_workers(max_workers: int | None) -> tuple[list[str], int, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bitinglip.gateway.auth import mint
     from bitinglip.logs import dask_env
     from bitinglip.settings import get_settings
 
     settings = get_settings()
+    # the gateway's token minter, given by the CLI (the platform does not import the gateway); loaded
+    # before anything starts, so a missing gateway extra stops `up` at once
+    mint = args.load_mint()
     run_dir = Path(args.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = Stack.load(run_dir)
@@ -298,8 +303,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``up``, ``down`` and ``scheduler`` to the ``bitinglip`` parser."""
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], load_mint: Callable[[], Mint]) -> None:
+    """Add ``up``, ``down`` and ``scheduler`` to the ``bitinglip`` parser.
+
+    ``load_mint()`` returns the gateway's ``mint(settings, sub, scopes, ttl_s=...)``: ``up`` prints a
+    development token for the gateway it starts."""
     up = sub.add_parser("up", help="start redis, a scheduler, workers and the gateway here; Ctrl-C stops them")
     up.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="state and logs (default: %(default)s)")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
@@ -312,7 +320,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--log-format", choices=("text", "json"), default="text",
                     help="json: one JSON object per log line in RUN_DIR/*.log (default: %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once it is up; `bitinglip down` stops it")
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=cmd_up, load_mint=load_mint)
 
     down = sub.add_parser("down", help="stop the stack that `bitinglip up` started")
     down.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="the --run-dir `up` was given (default: %(default)s)")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,7 +23,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Event
 
@@ -48,6 +49,9 @@ from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
 from bitinglip.platform.tasks.options import surrogate_at
 from bitinglip.settings import Settings, get_settings
 from bitinglip.worker_plugins.model_plugin import ModelPlugin
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: seconds a remote worker has to say where a model is
 MODEL_LOOKUP_S = 10.0
@@ -309,15 +313,13 @@ class Platform:
                            options=record.get("options") or {}, **{**recorded, **kwargs})
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing anyway
             self.client.unsubscribe_topic(PROGRESS_TOPIC)
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
-    def __enter__(self) -> Platform:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

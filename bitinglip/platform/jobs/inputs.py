@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class Partitions:
     def rows(self) -> list[int]:
         """Rows in each part (parts are contiguous runs of the input)."""
         offsets = [offset for _, offset in self.parts] + [self.total]
-        return [b - a for a, b in zip(offsets, offsets[1:])]
+        return [b - a for a, b in pairwise(offsets)]
 
 
 def partition_rows(total: int, workers: int, configured: int = 0, minimum: int = MIN_PARTITION_ROWS) -> int:

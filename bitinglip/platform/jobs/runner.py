@@ -167,7 +167,7 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
                 raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
         except (JobCancelledError, JobTimeoutError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure is either split, isolated or reported
+        except Exception as exc:  # every failure is either split, isolated or reported
             if fail_fast and not _is_out_of_memory(exc):
                 raise
             if len(rows) > 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a paragraph reads better than 400 quoted words
     "the of and to in a is that for it as was with be by on not he i this are or his from at which but "
     "have an they you were her she there been one all we their has would when if so no will what can "
     "more out up other into about time them could some these then two first any like only may its new "

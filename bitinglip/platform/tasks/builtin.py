@@ -22,6 +22,7 @@ small: no model in ``__init__``, heavy work in ``load``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,7 @@ class Embed(TaskType):
     name = "embed"
     columns = ("embedding",)
     load_options = ("dtype", "matmul_precision")
-    defaults = {"dtype": "float32", "normalize": None, "pooling": None, "matmul_precision": "auto"}
+    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "normalize": None, "pooling": None, "matmul_precision": "auto"}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -248,7 +249,7 @@ class Classify(TaskType):
 
     name = "classify"
     columns = ("label", "score")
-    defaults = {"dtype": "float32", "top_k": 1}
+    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "top_k": 1}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -302,8 +303,9 @@ class Generate(TaskType):
     columns = ("text",)
     #: a prompt costs a forward pass per new token: 64 prompts still reach every worker
     min_partition_rows = 16
-    defaults = {"dtype": "float32", "max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0,
-                "top_k": 0, "repetition_penalty": 1.0, "stop": (), "seed": None}
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "dtype": "float32", "max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0,
+        "top_k": 0, "repetition_penalty": 1.0, "stop": (), "seed": None}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -404,7 +406,7 @@ def check_task_type(task: Any) -> TaskType:
 def texts_or_error(values: Sequence[Any], ids: Sequence[Any]) -> list[str]:
     """The rows as strings, or an :class:`InputError` naming the first bad row."""
     for value, row_id in zip(values, ids):
-        if value is None or (isinstance(value, float) and value != value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             raise InputError(f"row id={row_id!r}: the text is missing (null)")
         if not isinstance(value, str):
             raise InputError(f"row id={row_id!r}: expected text (str), got {type(value).__name__} {value!r:.60}")

@@ -26,6 +26,7 @@ anything else keeps the ordinary forward pass.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -207,7 +208,7 @@ class PackedEncoder:
         # with no padding, no mask and no scatter to a padded grid
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [rows]])
         offsets = np.concatenate([[0], ends])
-        runs = [(int(offsets[a]), int(offsets[b]), int(b - a), int(lengths[a])) for a, b in zip(cuts, cuts[1:])]
+        runs = [(int(offsets[a]), int(offsets[b]), int(b - a), int(lengths[a])) for a, b in pairwise(cuts)]
 
         heads, head_dim = self.heads, self.head_dim
         hidden = heads * head_dim
