@@ -10,7 +10,8 @@
 """
 
 from bitinglip.errors import BitingLipError
-from bitinglip.platform.jobs.client import Platform, connect
+from bitinglip.platform.connect import connect
+from bitinglip.platform.jobs.client import Platform
 from bitinglip.platform.jobs.job import Job, Progress
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
 from bitinglip.settings import Settings, get_settings

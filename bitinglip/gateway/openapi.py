@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bitinglip import __version__
+from bitinglip.platform.jobs.vocabulary import STATES, JobState
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -150,13 +151,13 @@ def document() -> dict[str, Any]:
                                                            "source": {"type": "string"}}},
                 "ResultPage": {"type": "object", "properties": {
                     "job_id": {"type": "string"},
-                    "state": {"type": "string", "enum": ["succeeded", "cancelled"]},
+                    "state": {"type": "string", "enum": [JobState.SUCCEEDED.value, JobState.CANCELLED.value]},
                     "partial": {"type": "boolean"}, "rows": {"type": "array", "items": {"type": "object"}},
                     "offset": {"type": "integer"}, "limit": {"type": "integer"}, "total": {"type": "integer"},
                     "next_offset": {"type": ["integer", "null"]}}},
                 "Job": {"type": "object", "properties": {
                     "id": {"type": "string"},
-                    "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "state": {"type": "string", "enum": list(STATES)},
                     "task": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]},
                     "priority": {"type": ["integer", "null"]}, "rows_done": {"type": "integer"},
                     "rows_total": {"type": ["integer", "null"]}, "rows_per_s": {"type": "number"},

@@ -27,9 +27,9 @@ from typing import Any
 
 import anyio
 
-from bitinglip.platform.jobs.job import JobState
-from bitinglip.platform.jobs.jobstore import MOVED, TERMINAL, JobStore
+from bitinglip.platform.jobs.jobstore import MOVED, JobStore
 from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, read_json
+from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, job_keys
 
 log = logging.getLogger("bitinglip.gateway")
 
@@ -92,8 +92,6 @@ async def rebuild(store: JobStore, results_dir: Path) -> int:
 
 def _scheduler_knows(platform: Any, job_ids: list[str]) -> list[bool]:
     """Whether the scheduler holds a task of each job (its first partition or manifest)."""
-    from bitinglip.platform.ops.status_plugin import job_keys
-
     wanted = [job_keys(job_id, 1) for job_id in job_ids]
     return list(platform.client.run_on_scheduler(
         lambda wanted, dask_scheduler: [any(k in dask_scheduler.tasks for k in ks) for ks in wanted], wanted))

@@ -13,16 +13,15 @@ change.  The scheduler plugin registers this plugin on every worker.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from distributed import WorkerPlugin
 
+from bitinglip.platform.jobs.vocabulary import SUMMARY_TOPIC, parse_task_key
+
 log = logging.getLogger(__name__)
-SUMMARY_TOPIC = "bitinglip-summary"
 WORKER_TOPIC = "bitinglip-worker"
 PLUGIN_NAME = "bitinglip-reporter"
-PART_KEY = re.compile(r"^bitinglip-(?P<job>[0-9A-Za-z_.-]+)-(?P<part>\d+)$")
 FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
 
 
@@ -60,8 +59,8 @@ class ReporterPlugin(WorkerPlugin):
         started = finish == "executing"
         if not (started or (start == "executing" and finish == "memory")) or not isinstance(key, str):
             return
-        match = PART_KEY.match(key)
-        if match is None or self.worker is None:
+        parsed = parse_task_key(key)
+        if parsed is None or not isinstance(parsed[1], int) or self.worker is None:
             return
         try:
             if started:

@@ -24,12 +24,36 @@ from bitinglip.gateway.clientip import client_address
 from bitinglip.gateway.ratelimit import RateLimiter
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
+from bitinglip.platform.jobs.vocabulary import STATES, TERMINAL, TRANSITIONS
 from bitinglip.settings import Rate, Settings
 
 
 async def _store(redis_url: str, ttl: int = 3600) -> tuple[Any, JobStore]:
     r = aioredis.from_url(redis_url, decode_responses=True)
     return r, JobStore(r, ttl)
+
+
+def test_job_store_scripts_move_exactly_as_transitions_allow(redis_url: str) -> None:
+    """The Lua scripts and the vocabulary's table agree on every pair of states."""
+    async def body() -> None:
+        r, store = await _store(redis_url)
+        for cur in STATES:
+            for new in STATES:
+                job, now = uuid.uuid4().hex, time.time()
+                assert await store.restore({"id": job, "state": cur, "owner": "parity", "created_at": now,
+                                            "started_at": now, "finished_at": now})
+                outcome = await store.transition(job, new)
+                if new == cur:
+                    assert outcome == (REFUSED if cur in TERMINAL else UPDATED), (cur, new, outcome)
+                else:
+                    assert outcome == (MOVED if new in TRANSITIONS[cur] else REFUSED), (cur, new, outcome)
+                got = await store.get(job)
+                assert got is not None and got["state"] == (new if outcome == MOVED else cur)
+                expires = await r.ttl(f"bitinglip:v1:job:{job}") > 0
+                assert expires == (got["state"] in TERMINAL), (cur, new)
+        await r.aclose()
+
+    anyio.run(body)
 
 
 def test_job_transitions(redis_url: str) -> None:

@@ -61,9 +61,9 @@ def test_a_cancelled_job_shows_the_rows_done_rest_shows(redis_url: str) -> None:
     from distributed import Scheduler
 
     from bitinglip.platform.jobs.jobstore import JobStore, flat
-    from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, task_key
+    from bitinglip.platform.jobs.vocabulary import ANNOTATION, PROGRESS_TOPIC, task_key
     from bitinglip.platform.ops.ops_plugin import OpsPlugin
-    from bitinglip.platform.ops.status_plugin import ANNOTATION, RedisStatusPlugin
+    from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
 
     job = "c" * 32  # a REST job id, as the gateway makes them
 

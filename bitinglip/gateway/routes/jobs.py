@@ -15,7 +15,6 @@ import asyncio
 import json
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,13 @@ from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.routes.models import resolve
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.job import JobState
-from bitinglip.platform.jobs.jobstore import MISSING, MOVED, TERMINAL
-from bitinglip.platform.ops.status_plugin import ANNOTATION
+from bitinglip.platform.jobs.jobstore import MISSING, MOVED
+from bitinglip.platform.jobs.vocabulary import ANNOTATION, JOB_ID, TERMINAL, JobState, new_job_id, rate_and_eta
 from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
 from bitinglip.settings import Settings
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_PRIORITY = 5
 EVENTS_POLL_S = 0.5
 EVENTS_HEARTBEAT_S = 15.0
@@ -120,12 +117,8 @@ def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
     if job["state"] == JobState.SUCCEEDED.value and total is not None:
         done = total  # parts resumed from committed output send no progress events
     started, finished = job.get("started_at"), job.get("finished_at")
-    rate = 0.0
-    if started and done:
-        rate = done / max(1e-6, (finished or time.time()) - started)
     state = job["state"]
-    eta = 0.0 if state == JobState.SUCCEEDED.value else (
-        (total - done) / rate if state == JobState.RUNNING.value and rate > 0 and total else None)
+    rate, eta = rate_and_eta(done, total, started, finished or time.time(), state)
     out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
            "priority": job.get("priority"), "rows_done": done, "rows_total": total,
            "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
@@ -138,7 +131,7 @@ def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
 
 async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, Any]:
     """The caller's job; someone else's is as absent as a missing one."""
-    job = await gw.store.get(job_id) if JOB_ID.match(job_id) else None
+    job = await gw.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None or job.get("owner") != principal.sub:
         raise NotFoundError(f"no job {job_id!r}")
     return job
@@ -175,7 +168,7 @@ async def submit_job(request: Request) -> Response:
     principal = await gw.authorize(request, "jobs:write", WRITE)
     sub = parse_submission(await read_json(request), gw.settings, request.headers.get("idempotency-key"))
     model = await resolve(gw, sub["model"])
-    job_id = uuid.uuid4().hex
+    job_id = new_job_id()
     output = str(gw.settings.results_dir / job_id)
     fields = {"task": sub["task"], "model": sub["model"], "priority": sub["priority"], "output": output,
               "options": sub["options"],

@@ -23,8 +23,8 @@ from bitinglip.errors import ConflictError, NotFoundError, UnavailableError
 from bitinglip.gateway.body import query_int
 from bitinglip.gateway.routes.jobs import own_job
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.job import JobState
 from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, committed_parts, committed_summary, read_json
+from bitinglip.platform.jobs.vocabulary import JobState
 
 MAX_PAGE = 1000
 PARTIAL_HEADER = "X-BitingLip-Partial"

@@ -21,9 +21,9 @@ from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS
 from bitinglip.gateway.routes.jobs import hand_over, own_job, refusal, view
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.job import JobState
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED
 from bitinglip.platform.jobs.outputs import read_json
+from bitinglip.platform.jobs.vocabulary import JobState, job_keys
 
 #: the states a job may be resumed from: it ended without all of its rows
 RESUMABLE = (JobState.CANCELLED.value, JobState.FAILED.value)
@@ -35,8 +35,6 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
     """Whether no worker and not the scheduler still holds a task of the
     job's earlier run: a cancelled partition stops only at its next
     micro-batch, and a new task under its key must not meet it."""
-    from bitinglip.platform.ops.status_plugin import job_keys
-
     keys = set(job_keys(job_id, parts))
 
     def held(dask_worker: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The Python entry point: ``bitinglip.connect()`` and the Platform it gives.
+"""The Platform that ``bitinglip.connect()`` gives (:mod:`bitinglip.platform.connect`).
 
 ::
 
@@ -17,19 +17,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
-import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed import Event
 
 from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
-from bitinglip.platform.cluster.bootstrap import check_main_guard
-from bitinglip.platform.cluster.local import check_reachable, local_cluster, worker_resources
+from bitinglip.platform.cluster.local import worker_resources
 from bitinglip.platform.jobs.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs.job import Job
 from bitinglip.platform.jobs.outputs import (
@@ -42,13 +39,21 @@ from bitinglip.platform.jobs.outputs import (
     write_manifest,
 )
 from bitinglip.platform.jobs.placement import prefer, warm_workers
-from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, JobSpec, cancel_event_name, run_partition, task_key
+from bitinglip.platform.jobs.runner import JobSpec, run_partition
+from bitinglip.platform.jobs.vocabulary import (
+    JOB_ID,
+    MANIFEST_PART,
+    PROGRESS_TOPIC,
+    cancel_event_name,
+    job_keys,
+    new_job_id,
+    task_key,
+)
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
 from bitinglip.platform.tasks.options import surrogate_at
 from bitinglip.settings import Settings, get_settings
-from bitinglip.worker_plugins.model_plugin import ModelPlugin
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -133,7 +138,7 @@ class Platform:
         resources = {"GPU": 1} if use_gpu else None
         model, model_dir, model_version = self._locate_model(model, use_gpu)
         merged = task_type.check_model_options(merged, model_dir)
-        job_id = job_id or uuid.uuid4().hex
+        job_id = job_id or new_job_id()
         resubmit[1]["job_id"] = job_id
         rows_wanted = partition_rows or self.settings.partition_rows
         record = None
@@ -168,7 +173,7 @@ class Platform:
         final = None
         if out_dir is not None and record is not None:
             final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
-                                       key=task_key(job_id, "manifest"))
+                                       key=task_key(job_id, MANIFEST_PART))
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
@@ -280,7 +285,6 @@ class Platform:
         from distributed import Future
 
         from bitinglip.platform.jobs.outputs import write_partial_manifest
-        from bitinglip.platform.ops.status_plugin import job_keys
 
         Event(cancel_event_name(job_id), client=self.client).set()
         # force: fire_and_forget made the scheduler itself want these keys
@@ -331,8 +335,6 @@ class Platform:
 
 #: the submit parameters that a job's record keeps and a resume reuses
 RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root")
-
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 #: bounds of submit's own arguments: each reaches the wire, so each is finite and plain
@@ -391,49 +393,6 @@ def _resolve_on_worker(model: str, dask_worker: Any = None) -> tuple[bool, str]:
         return True, resolve_model(model, plugin.settings if plugin is not None else get_settings()).path
     except UnknownModelError as exc:
         return False, str(exc)
-
-
-def connect(address: str | None = None, *, settings: Settings | None = None, n_workers: int | None = None,
-            preload: Iterable[tuple[str, str]] = (), dashboard_address: str | None = None,
-            **client_kwargs: Any) -> Platform:
-    """Connect to a Dask scheduler at ``address``, or start an embedded local
-    cluster when there is none. ``preload`` lists ``(task, model)`` pairs that
-    every worker loads at start."""
-    from distributed import Client
-
-    settings = settings or get_settings()
-    cluster = None
-    if address is None:
-        check_main_guard()  # before any process starts: one line instead of a child's tracebacks
-        cluster = local_cluster(settings, n_workers=n_workers, dashboard_address=dashboard_address)
-        client = Client(cluster, **client_kwargs)
-    else:
-        from bitinglip.platform.cluster.tls import check_address, security
-
-        check_address(settings, address)
-        # a name that does not resolve fails in seconds, not after Dask's 30 s of retries; a scheduler
-        # that is still starting (a closed port) gets those retries
-        check_reachable(address, connect=False)
-        if settings.tls:
-            client_kwargs.setdefault("security", security(settings))
-        try:
-            client = Client(address, **client_kwargs)
-        except OSError as exc:  # Dask's "Timed out trying to connect"
-            raise UnavailableError(f"cannot reach the scheduler at {address}: {exc}") from exc
-    try:
-        # an embedded cluster shares these settings; remote workers read their own environment
-        client.register_plugin(ModelPlugin(list(preload), gpu_memory_fraction=settings.gpu_memory_fraction,
-                                           settings=settings if cluster is not None else None))
-        if cluster is not None:  # the Jobs page on the dashboard this cluster prints, as `bitinglip scheduler` has
-            from bitinglip.platform.ops.ops_plugin import OpsPlugin
-
-            client.register_plugin(OpsPlugin())
-    except Exception:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-        raise
-    return Platform(client, cluster, settings)
 
 
 def _held_for_good(keys: list[Any], dask_scheduler: Any) -> bool:

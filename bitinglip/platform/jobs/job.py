@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from enum import Enum
 from typing import Any
 
 import pandas as pd
@@ -25,15 +24,8 @@ from bitinglip.errors import (
     RowCountError,
 )
 from bitinglip.platform.jobs.outputs import count_mismatch, write_partial_manifest
-from bitinglip.platform.jobs.runner import JobSpec, cancel_event_name
-
-
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+from bitinglip.platform.jobs.runner import JobSpec
+from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, cancel_event_name, rate_and_eta
 
 
 @dataclass(frozen=True)
@@ -113,14 +105,12 @@ class Job:
         done = self.rows_done()
         start = self._first_progress or self.submitted_at
         end = self._finished_at if self._finished_at and state != JobState.RUNNING.value else time.time()
-        elapsed = max(1e-9, end - start)
-        rate = done / elapsed if done else 0.0
-        eta = (self.total - done) / rate if rate > 0 and state in ("queued", "running") else (
-            0.0 if state == JobState.SUCCEEDED.value else None)
+        rate, eta = rate_and_eta(done, self.total, start, end, state,
+                                 eta_while=(JobState.QUEUED.value, JobState.RUNNING.value))
         return Progress(done, self.total, rate, eta, state)
 
     def done(self) -> bool:
-        return self.status() in (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+        return self.status() in TERMINAL
 
     def progress(self, wait: bool = True, interval: float = 0.25) -> Progress:
         """With ``wait`` (the default), show a progress bar until the job

@@ -23,36 +23,32 @@ from collections.abc import Mapping
 from typing import Any
 
 from bitinglip import redis_keys as keys
-from bitinglip.platform.jobs.job import JobState
-
-TERMINAL = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
-STATES = tuple(s.value for s in JobState)
-
-#: allowed moves; a finished job never changes again, except through
-#: :meth:`JobStore.reopen` (a resume, asked for explicitly)
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    JobState.QUEUED.value: (JobState.RUNNING.value, *TERMINAL),
-    JobState.RUNNING.value: TERMINAL,
-    JobState.SUCCEEDED.value: (),
-    JobState.FAILED.value: (),
-    JobState.CANCELLED.value: (),
-}
+from bitinglip.platform.jobs.vocabulary import STATES, TERMINAL, TRANSITIONS, JobState
 
 #: outcomes of :meth:`JobStore.transition`
 MISSING, REFUSED, UPDATED, MOVED = "missing", "refused", "updated", "moved"
 
-# KEYS: job hash, then the five state indexes in STATES order.
+
+def _lua(script: str) -> str:
+    """A script with the vocabulary's state lists filled in: ``{STATES}`` (a Lua
+    array in STATES order), ``{TERMINAL}`` (a set: ``terminal[s]``), ``{QUEUED}``."""
+    return (script.replace("{STATES}", "{" + ", ".join(f"'{s}'" for s in STATES) + "}")
+            .replace("{TERMINAL}", "{" + ", ".join(f"['{s}'] = true" for s in TERMINAL) + "}")
+            .replace("{QUEUED}", JobState.QUEUED.value))
+
+
+# KEYS: job hash, then the state indexes in STATES order.
 # ARGV: job id, new state ('' to only update fields), allowed previous states
 # (comma-separated), now, ttl seconds, then field/value pairs.
-_TRANSITION = """
+_TRANSITION = _lua("""
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 'missing' end
 local new = ARGV[2]
-local states = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+local states = {STATES}
+local terminal = {TERMINAL}
 local function index(s) for i, v in ipairs(states) do if v == s then return KEYS[i + 1] end end end
-local terminal = (cur == 'succeeded' or cur == 'failed' or cur == 'cancelled')
 if new == '' or new == cur then
-  if terminal then return 'refused' end
+  if terminal[cur] then return 'refused' end
   if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
   return 'updated'
 end
@@ -61,12 +57,12 @@ redis.call('HSET', KEYS[1], 'state', new)
 if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 redis.call('ZREM', index(cur), ARGV[1])
 redis.call('ZADD', index(new), ARGV[4], ARGV[1])
-if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
+if terminal[new] then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('ZREMRANGEBYSCORE', index(new), '-inf', tonumber(ARGV[4]) - tonumber(ARGV[5]))
 end
 return 'moved'
-"""
+""")
 
 # KEYS: job hash, owner index, all-jobs index, queued index, idempotency key ('' slot if none)
 # ARGV: job id, now, idempotency ttl, field/value pairs
@@ -84,13 +80,13 @@ if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
 return ARGV[1]
 """
 
-# KEYS: job hash, owner index, all-jobs index, the five state indexes in STATES order,
+# KEYS: job hash, owner index, all-jobs index, the state indexes in STATES order,
 # idempotency key ('' slot if none)
 # ARGV: job id, state, created_at, score in the state index, ttl (0: none), idempotency ttl,
 # then field/value pairs
-_RESTORE = """
+_RESTORE = _lua("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local states = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+local states = {STATES}
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -99,24 +95,25 @@ for i, s in ipairs(states) do
   else redis.call('ZREM', KEYS[i + 3], ARGV[1]) end
 end
 if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
-if KEYS[9] ~= '' then redis.call('SET', KEYS[9], ARGV[1], 'NX', 'EX', ARGV[6]) end
+local idem = KEYS[#states + 4]
+if idem ~= '' then redis.call('SET', idem, ARGV[1], 'NX', 'EX', ARGV[6]) end
 return 1
-"""
+""")
 
-# KEYS: job hash, then the five state indexes in STATES order.
+# KEYS: job hash, then the state indexes in STATES order.
 # ARGV: job id, now, states it may be reopened from (comma-separated).
-_REOPEN = """
+_REOPEN = _lua("""
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 'missing' end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then return cur end
-local states = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+local states = {STATES}
 for i, s in ipairs(states) do if s == cur then redis.call('ZREM', KEYS[i + 1], ARGV[1]) end end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[2], 'resumed_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', '{QUEUED}', 'updated_at', ARGV[2], 'resumed_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'finished_at', 'error')
 redis.call('PERSIST', KEYS[1])
 return 'moved'
-"""
+""")
 
 _INT_FIELDS = ("rows_total", "rows_done", "parts", "priority")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "resumed_at")

@@ -21,10 +21,10 @@ import pandas as pd
 
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
+from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, cancel_event_name
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, texts_or_error
 
-PROGRESS_TOPIC = "bitinglip-progress"
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 1.0
 
@@ -48,16 +48,6 @@ class JobSpec:
     deadline: float | None = None
     #: fault injection for tests, e.g. {"oom_above_tokens": 2000}
     faults: Mapping[str, Any] = field(default_factory=dict)
-
-
-def task_key(job_id: str, part: int | str) -> str:
-    """The Dask key of a job's partition ``part`` (or of its ``"manifest"``
-    task): the one place the format lives; the status plugin parses it."""
-    return f"bitinglip-{job_id}-{part}"
-
-
-def cancel_event_name(job_id: str) -> str:
-    return f"bitinglip-cancel-{job_id}"
 
 
 class _Reporter:

@@ -21,19 +21,17 @@ cluster::
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from bitinglip.platform.jobs.runner import PROGRESS_TOPIC
+from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, parse_task_key
 from bitinglip.platform.ops.opsmetrics import Collector, Figures, render
 from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
 from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
-from bitinglip.worker_plugins.reporter import SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
+from bitinglip.worker_plugins.reporter import WORKER_TOPIC, ReporterPlugin
 
 log = logging.getLogger("bitinglip.ops")
-KEY = re.compile(r"^bitinglip-(?P<job>[0-9A-Za-z_.-]+)-(?P<part>\d+|manifest)$")
 PLUGIN_NAME = "bitinglip-ops"
 
 
@@ -85,14 +83,13 @@ class OpsPlugin(SchedulerPlugin):
 
     # --- hooks: cheap, on the scheduler's event loop
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(key, str) or not key.startswith("bitinglip-"):
-            return
-        match = KEY.match(key)
-        if match is not None:
-            before = self.figures.jobs.get(match["job"])
+        parsed = parse_task_key(key)
+        if parsed is not None:
+            job, part = parsed
+            before = self.figures.jobs.get(job)
             state = before.state if before else None
-            self.figures.on_key(match["job"], match["part"], finish)
-            after = self.figures.jobs.get(match["job"])
+            self.figures.on_key(job, part, finish)
+            after = self.figures.jobs.get(job)
             if after is not None and after.state != state:
                 log.info("job %s", after.state, extra={"job_id": after.job, "event": f"job.{after.state}",
                                                         "task": after.task, "model": after.model})

@@ -17,9 +17,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitinglip.platform.jobs.vocabulary import MANIFEST_PART, TERMINAL, JobState, rate_and_eta
+
 #: finished jobs kept (and exported with a ``job`` label); older ones are dropped to bound label cardinality
 FINISHED_KEPT = 200
-TERMINAL = ("succeeded", "failed", "cancelled")
 SUM_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits")
 
 
@@ -28,7 +29,7 @@ class JobFigures:
     job: str
     task: str = "unknown"
     model: str = "unknown"
-    state: str = "queued"
+    state: str = JobState.QUEUED.value
     parts: set[int] = field(default_factory=set)
     parts_done: set[int] = field(default_factory=set)
     has_manifest: bool = False
@@ -63,28 +64,21 @@ class JobFigures:
         """Mean rows per micro-batch."""
         return (self.sums["rows"] + self.sums["errors"]) / self.sums["batches"] if self.sums["batches"] else 0.0
 
-    def rate(self, now: float | None = None) -> float:
-        if not self.started_at or not self.rows_done:
-            return 0.0
+    def rate_and_eta(self, now: float | None = None) -> tuple[float, float | None]:
         end = self.finished_at or now or time.time()
-        return self.rows_done / max(1e-6, end - self.started_at)
+        return rate_and_eta(self.rows_done, self.rows_total, self.started_at, end, self.state)
 
-    def eta(self, now: float | None = None) -> float | None:
-        if self.state == "succeeded":
-            return 0.0
-        rate, total = self.rate(now), self.rows_total
-        if self.state != "running" or not rate or total is None:
-            return None
-        return max(0.0, (total - self.rows_done) / rate)
+    def rate(self, now: float | None = None) -> float:
+        return self.rate_and_eta(now)[0]
 
     def view(self) -> dict[str, Any]:
-        now = time.time()
         total = self.rows_total
+        rate, eta = self.rate_and_eta(time.time())
         return {"job": self.job, "task": self.task, "model": self.model, "state": self.state,
                 "partitions": len(self.parts), "partitions_done": len(self.parts_done),
                 "rows_done": self.rows_done, "rows_total": total,
                 "progress": round(self.rows_done / total, 4) if total else 0.0,
-                "rows_per_s": round(self.rate(now), 2), "eta_s": _round(self.eta(now)),
+                "rows_per_s": round(rate, 2), "eta_s": _round(eta),
                 "rows": int(self.sums["rows"]), "rows_in_error": int(self.sums["errors"]),
                 "tokens": int(self.sums["tokens"]), "batches": int(self.sums["batches"]),
                 "oom_splits": int(self.sums["oom_splits"]), "padding_ratio": round(self.padding_ratio, 4),
@@ -124,28 +118,28 @@ class Figures:
         return figures
 
     # --- what the scheduler plugin feeds in
-    def on_key(self, job_id: str, part: str, finish: str) -> None:
-        """A task of a job changed state on the scheduler."""
+    def on_key(self, job_id: str, part: int | str, finish: str) -> None:
+        """A task of a job changed state on the scheduler (``part``: a partition's index, or ``"manifest"``)."""
         figures = self.job(job_id)
-        if part == "manifest":
+        if part == MANIFEST_PART:
             figures.has_manifest = True
         else:
             figures.parts.add(int(part))
         if figures.state in TERMINAL:
             return
         now = time.time()
-        if finish == "processing" and figures.state == "queued":
-            figures.state, figures.started_at = "running", figures.started_at or now
-        elif finish == "memory" and part != "manifest":
+        if finish == "processing" and figures.state == JobState.QUEUED.value:
+            figures.state, figures.started_at = JobState.RUNNING.value, figures.started_at or now
+        elif finish == "memory" and part != MANIFEST_PART:
             figures.parts_done.add(int(part))
             figures.done[int(part)] = figures.totals.get(int(part), figures.done.get(int(part), 0))
         if finish == "erred":
-            self._finish(figures, "failed")
-        elif finish == "forgotten" and not (part == "manifest" or int(part) in figures.parts_done):
-            self._finish(figures, "cancelled")
-        elif finish == "memory" and (part == "manifest" or (
+            self._finish(figures, JobState.FAILED.value)
+        elif finish == "forgotten" and not (part == MANIFEST_PART or int(part) in figures.parts_done):
+            self._finish(figures, JobState.CANCELLED.value)
+        elif finish == "memory" and (part == MANIFEST_PART or (
                 not figures.has_manifest and figures.parts and figures.parts_done == figures.parts)):
-            self._finish(figures, "succeeded")
+            self._finish(figures, JobState.SUCCEEDED.value)
 
     def on_progress(self, msg: dict[str, Any]) -> None:
         figures = self.job(str(msg["job"]))
@@ -154,8 +148,8 @@ class Figures:
         figures.done[part] = max(figures.done.get(part, 0), int(msg.get("done", 0)))
         figures.totals[part] = int(msg.get("total", 0))
         figures.last_progress_at = time.time()
-        if figures.state == "queued":
-            figures.state, figures.started_at = "running", figures.started_at or figures.last_progress_at
+        if figures.state == JobState.QUEUED.value:
+            figures.state, figures.started_at = JobState.RUNNING.value, figures.started_at or figures.last_progress_at
 
     def on_summary(self, msg: dict[str, Any]) -> None:
         """A partition started (``phase`` "start": the job's task and model)
@@ -193,14 +187,14 @@ class Figures:
         def per_job(name: str, kind: str, help: str, value: Any) -> Family:
             return Family(name, kind, help, labels, [((f.job, f.task, f.model), float(value(f))) for f in jobs])
 
-        active = {s: sum(1 for f in jobs if f.state == s) for s in ("queued", "running")}
+        active = {s: sum(1 for f in jobs if f.state == s) for s in (JobState.QUEUED.value, JobState.RUNNING.value)}
         out = [
             Family("bitinglip_jobs_active", "gauge", "Jobs on the cluster that have not ended, by state.",
                    ("state",), [((s,), n) for s, n in active.items()]),
             Family("bitinglip_jobs_finished_total", "counter", "Jobs that ended since the scheduler started, by state.",
                    ("state",), [((s,), n) for s, n in self.finished.items()]),
             per_job("bitinglip_job_running", "gauge", "1 while the job runs, else 0.",
-                    lambda f: f.state == "running"),
+                    lambda f: f.state == JobState.RUNNING.value),
             per_job("bitinglip_job_rows_done", "gauge", "Rows done so far (progress events).", lambda f: f.rows_done),
             per_job("bitinglip_job_rows_expected", "gauge", "Rows of the job (an estimate until every partition "
                     "has started).", lambda f: f.rows_total or 0),

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,22 +33,19 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from bitinglip.platform.jobs.job import JobState
-from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, TERMINAL, JobStore, flat
-from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, task_key
+from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, JobStore, flat
+from bitinglip.platform.jobs.vocabulary import (
+    ANNOTATION,
+    MANIFEST_PART,
+    PROGRESS_TOPIC,
+    TERMINAL,
+    JobState,
+    parse_task_key,
+)
 
 log = logging.getLogger(__name__)
-KEY = re.compile(r"^bitinglip-(?P<job>[0-9a-f]{32})-(?P<part>\d+|manifest)$")
-#: the task annotation carrying a REST job's ``{"id": ...}``; the rest of its record comes from Redis
-ANNOTATION = "bitinglip_job"
 #: finished jobs whose records are kept to rebuild Redis
 FINISHED_MAX = 10_000
-
-
-def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
-    """The Dask keys of a job's tasks."""
-    out = [task_key(job_id, i) for i in range(parts)]
-    return out + [task_key(job_id, "manifest")] if manifest else out
 
 
 @dataclass
@@ -122,29 +118,30 @@ class RedisStatusPlugin(SchedulerPlugin):
     def update_graph(self, scheduler: Any, *, annotations: dict[str, dict[Any, Any]] | None = None,
                      **kwargs: Any) -> None:
         for key, record in ((annotations or {}).get(ANNOTATION) or {}).items():
-            match = KEY.match(key) if isinstance(key, str) else None
-            if match is None or not isinstance(record, dict):
+            parsed = parse_task_key(key)
+            if parsed is None or not isinstance(record, dict):
                 continue
-            if match["job"] in self._finished:
+            job = parsed[0]
+            if job in self._finished:
                 if not record.get("resumed_at"):
                     continue
-                del self._finished[match["job"]]  # a resumed job (POST .../resume): follow it again
-            track = self._jobs.get(match["job"])
+                del self._finished[job]  # a resumed job (POST .../resume): follow it again
+            track = self._jobs.get(job)
             if track is None:
-                track = self._jobs[match["job"]] = _Track(record=flat(record))
-                self._dirty.add(match["job"])
+                track = self._jobs[job] = _Track(record=flat(record))
+                self._dirty.add(job)
             track.keys.add(key)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        match = KEY.match(key) if isinstance(key, str) else None
-        track = self._jobs.get(match["job"]) if match is not None else None
-        if match is None or track is None or track.state in TERMINAL:
+        parsed = parse_task_key(key)
+        track = self._jobs.get(parsed[0]) if parsed is not None else None
+        if parsed is None or track is None or track.state in TERMINAL:
             return
-        part = match["part"]
+        job, part = parsed
         if finish == "processing" and track.state == JobState.QUEUED.value:
             track.state = JobState.RUNNING.value
             track.started_at = track.started_at or time.time()
-        elif finish == "memory" and part == "manifest":
+        elif finish == "memory" and part == MANIFEST_PART:
             track.state = JobState.SUCCEEDED.value
         elif finish == "memory":
             index = int(part)
@@ -153,7 +150,7 @@ class RedisStatusPlugin(SchedulerPlugin):
             track.state = JobState.FAILED.value
             track.error = self._error_text(key)
         # any other move (released, forgotten: a cancel) only asks for a look at the record
-        self._dirty.add(match["job"])
+        self._dirty.add(job)
 
     def _error_text(self, key: str) -> str:
         ts = self._scheduler.tasks.get(key) if self._scheduler is not None else None
