@@ -145,9 +145,13 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
 
     write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
     write_rest_record(output, record)
-    # only the id: the scheduler serialises annotations with msgpack, and a
-    # caller's value it cannot encode (an int of 2**64) would drop every worker
-    with dask.annotate(priority=sub["priority"], **{ANNOTATION: {"id": job_id}}):
+    # only the id (and, for a resume, the gateway's own clock): the scheduler serialises
+    # annotations with msgpack, and a caller's value it cannot encode (an int of 2**64)
+    # would drop every worker
+    marker: dict[str, Any] = {"id": job_id}
+    if record.get("resumed_at"):
+        marker["resumed_at"] = float(record["resumed_at"])  # the status plugin follows the job again
+    with dask.annotate(priority=sub["priority"], **{ANNOTATION: marker}):
         job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id,
                               input_root=platform.settings.input_dir)

@@ -52,7 +52,7 @@ def _committed(output: str) -> dict[str, Any]:
     record = read_json(os.path.join(output, RECORD))
     if record is None:
         return {"partitions": []}  # cancelled before any partition was planned
-    summaries = (committed_summary(output, i) for i in sorted(committed_parts(output, int(record["partitions"]))))
+    summaries = (committed_summary(output, i, record["job_id"]) for i in sorted(committed_parts(output, int(record["partitions"]))))
     return {"partitions": [s for s in summaries if s is not None]}
 
 
