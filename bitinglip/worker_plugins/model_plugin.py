@@ -114,12 +114,14 @@ class ModelPlugin(WorkerPlugin):
         for task, model in self.preload:
             self.get(get_task(task), model, get_task(task).check_options({}))
 
-    def get(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Loaded:
+    def get(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Hashable | None = None) -> Loaded:
         """The loaded model for ``task`` and ``model``, loading it on first use.
 
-        Inside a Dask task the model is held (never evicted, never removable)
-        until that task stops executing."""
-        return self._acquire(task, model, options, _current_task()).loaded
+        ``holder`` is the key of the Dask task calling: the model is then held
+        (never evicted, never removable) until that task stops executing.  The
+        caller names itself because a worker has no public way to tell which
+        task runs in a thread."""
+        return self._acquire(task, model, options, holder).loaded
 
     @contextmanager
     def use(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Iterator[Loaded]:
@@ -283,15 +285,6 @@ def _stored_dtype(path: str) -> str | None:
 
 def _base(model: str) -> str:
     return model.partition("@")[0]
-
-
-def _current_task() -> Hashable | None:
-    """The key of the Dask task running in this thread, if any."""
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None
-    return worker.active_threads.get(threading.get_ident())
 
 
 def get_model_plugin() -> ModelPlugin:

@@ -43,19 +43,20 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     task = get_task(task_name)
     merged = task.check_options(options)
     texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
-    loaded = get_model_plugin().get(task, model, merged)
-    ids, truncated = task.tokenize(loaded, texts, merged)
-    empty = [i for i, row in enumerate(ids) if not row]
-    if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
-        raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
-    outputs: list[dict[str, Any]] = [{}] * len(texts)
-    costs = [task.batch_cost(len(row), merged) for row in ids]
-    for rows in plan_batches(costs, default_budget(loaded.device)):
-        results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), merged)
-        if len(results) != len(rows):
-            raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
-        for i, result in zip(rows, results):
-            outputs[i] = result
+    # held for this call only: a worker cannot tell which task runs in a thread
+    with get_model_plugin().use(task, model, merged) as loaded:
+        ids, truncated = task.tokenize(loaded, texts, merged)
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
+            raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
+        outputs: list[dict[str, Any]] = [{}] * len(texts)
+        costs = [task.batch_cost(len(row), merged) for row in ids]
+        for rows in plan_batches(costs, default_budget(loaded.device)):
+            results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), merged)
+            if len(results) != len(rows):
+                raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+            for i, result in zip(rows, results):
+                outputs[i] = result
     return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
 
 

@@ -313,7 +313,7 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     while texts:
         try:
             reporter.update(0)
-            loaded = get_model_plugin().get(spec.task, spec.model, spec.options)
+            loaded = get_model_plugin().get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             budget = spec.token_budget or default_budget(loaded.device)
             outputs, truncated, failed, stats = predict_rows(
                 spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
