@@ -4,7 +4,8 @@
 worker plugin, tokenizes, cuts micro-batches by token budget, predicts,
 restores input order, and returns a DataFrame (or writes it to Parquet
 atomically and returns a summary).  Progress goes to the scheduler as Dask
-events on one topic; a cancelled job is noticed between micro-batches.
+events on one topic, and each partition's start and summary on another; a
+cancelled job is noticed between micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from bitinglip.platform.tasks.batching import default_budget, padding_ratio, pla
 from bitinglip.platform.tasks.builtin import Batch, TaskType, texts_or_error
 
 PROGRESS_TOPIC = "bitinglip-progress"
+#: a partition's start (the job's task and model) and its summary when done
+SUMMARY_TOPIC = "bitinglip-summary"
+#: the summary's figures that go to the scheduler (the frames stay on the worker)
+SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 1.0
 
@@ -279,11 +284,32 @@ def _worker_address() -> str | None:
 
 
 def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
-    """Run one partition on this worker and return its summary (see :func:`_run_partition`)."""
+    """Run one partition on this worker and return its summary (see :func:`_run_partition`).
+
+    The scheduler hears of the partition on :data:`SUMMARY_TOPIC` when it
+    starts and when it is done; the partition tells it itself, since a
+    worker plugin could only find the job in the task's private run spec."""
+    worker = _current_worker()
+    _announce(worker, spec, {"phase": "start"})
     try:
-        return _run_partition(data, spec, index, offset)
+        summary = _run_partition(data, spec, index, offset)
     finally:
         trim_heap()
+    _announce(worker, spec, summary_event(summary))
+    return summary
+
+
+def summary_event(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a partition's summary that goes to the scheduler."""
+    event: dict[str, Any] = {"part": int(summary.get("part", 0)), "phase": "done",
+                             "skipped": bool(summary.get("skipped", False))}
+    event.update({name: float(summary[name]) for name in SUMMARY_FIELDS if summary.get(name) is not None})
+    return event
+
+
+def _announce(worker: Any, spec: JobSpec, event: dict[str, Any]) -> None:
+    if worker is not None:
+        worker.log_event(SUMMARY_TOPIC, {"job": spec.job_id, "task": spec.task.name, "model": spec.model, **event})
 
 
 def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:

@@ -26,11 +26,11 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from bitinglip.platform.jobs.runner import PROGRESS_TOPIC
+from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, SUMMARY_TOPIC
 from bitinglip.platform.ops.opsmetrics import Collector, Figures, render
 from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
 from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
-from bitinglip.worker_plugins.reporter import SUMMARY_TOPIC, WORKER_TOPIC, ReporterPlugin
+from bitinglip.worker_plugins.reporter import WORKER_TOPIC, ReporterPlugin
 
 log = logging.getLogger("bitinglip.ops")
 KEY = re.compile(r"^bitinglip-(?P<job>[0-9A-Za-z_.-]+)-(?P<part>\d+|manifest)$")

@@ -1,0 +1,82 @@
+"""The partition runner without a cluster: a fake worker records the events a
+partition sends, a fake model plugin hands out a model-free task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from bitinglip.platform.jobs import runner
+from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, run_partition
+from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
+from bitinglip.worker_plugins import model_plugin
+
+
+class Length(TaskType):
+    """One output per text: its length.  A text containing "bad" fails its
+    batch; one token per character, so costs are predictable."""
+
+    name = "length"
+    columns = ("length",)
+
+    def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
+        return Loaded(model=None)
+
+    def tokenize(self, loaded: Loaded, texts: list[str], options: Mapping[str, Any]
+                 ) -> tuple[list[list[int]], list[bool]]:
+        return [[1] * len(t) for t in texts], [False] * len(texts)
+
+    def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        if any("bad" in t for t in batch.texts):
+            raise ValueError("bad text")
+        return [{"length": len(t)} for t in batch.texts]
+
+
+class FakeWorker:
+    address = "tcp://fake:1"
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def log_event(self, topic: str, msg: dict[str, Any]) -> None:
+        self.events.append((topic, msg))
+
+
+class FakePlugin:
+    def __init__(self) -> None:
+        self.holders: list[Any] = []
+
+    def get(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Any = None) -> Loaded:
+        self.holders.append(holder)
+        return task.load(model, "cpu", options)
+
+
+@pytest.fixture
+def worker(monkeypatch: pytest.MonkeyPatch) -> FakeWorker:
+    fake = FakeWorker()
+    monkeypatch.setattr(runner, "_current_worker", lambda: fake)
+    monkeypatch.setattr(runner, "_worker_address", lambda: fake.address)
+    return fake
+
+
+@pytest.fixture
+def plugin(monkeypatch: pytest.MonkeyPatch) -> FakePlugin:
+    fake = FakePlugin()
+    monkeypatch.setattr(model_plugin, "get_model_plugin", lambda: fake)
+    return fake
+
+
+def test_a_partition_reports_its_start_and_summary_itself(worker: FakeWorker, plugin: FakePlugin) -> None:
+    spec = JobSpec("job-1", Length(), "m")
+    summary = run_partition(["a", "bb", "bad"], spec, 3, 0)
+    assert summary["rows"] == 2 and summary["errors"] == 1
+    assert plugin.holders == ["bitinglip-job-1-3"]  # the model is held for this very task
+    sent = [msg for topic, msg in worker.events if topic == SUMMARY_TOPIC]
+    assert sent[0] == {"job": "job-1", "task": "length", "model": "m", "phase": "start"}
+    done = sent[1]
+    assert {k: done[k] for k in ("job", "task", "model", "phase", "part", "skipped", "rows", "errors")} == {
+        "job": "job-1", "task": "length", "model": "m", "phase": "done", "part": 3, "skipped": False,
+        "rows": 2.0, "errors": 1.0}
+    assert "frame" not in done and len(sent) == 2
