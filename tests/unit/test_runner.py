@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bitinglip.errors import InputError
 from bitinglip.platform.jobs import runner
 from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, run_partition
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
@@ -80,3 +81,30 @@ def test_a_partition_reports_its_start_and_summary_itself(worker: FakeWorker, pl
         "job": "job-1", "task": "length", "model": "m", "phase": "done", "part": 3, "skipped": False,
         "rows": 2.0, "errors": 1.0}
     assert "frame" not in done and len(sent) == 2
+
+
+def _predict(texts: list[str], budget: int = 1000, **kw: Any) -> tuple[Any, ...]:
+    task = Length()
+    return runner.predict_rows(task, task.load("", "cpu", {}), texts, {}, budget, **kw)
+
+
+def test_a_bad_row_fails_alone_and_empty_rows_are_named() -> None:
+    outputs, truncated, failed, stats = _predict(["aa", "bad", "", "ccc"])
+    assert outputs == [{"length": 2}, None, None, {"length": 3}] and truncated == [False] * 4
+    assert failed == {1: "ValueError: bad text", 2: "the text has no tokens for this model"}
+    assert stats["batches"] == 1 and stats["tokens"] == 8 and stats["oom_splits"] == 0
+    with pytest.raises(ValueError, match="bad text"):
+        _predict(["aa", "bad"], fail_fast=True)
+    with pytest.raises(InputError, match="row 1 of the partition has no tokens"):
+        _predict(["aa", ""], fail_fast=True)
+
+
+def test_out_of_memory_halves_the_batch_and_the_budget_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "_REDUCED_BUDGETS", {})
+    texts = ["abcd"] * 8  # one batch of 32 tokens under a budget of 1000
+    outputs, _, failed, stats = _predict(texts, model_key="length:m:cpu", faults={"oom_above_tokens": 10})
+    assert outputs == [{"length": 4}] * 8 and not failed
+    assert stats["oom_splits"] == 3  # 32 -> 16 + 16 -> each 16 -> 8 + 8
+    assert runner._REDUCED_BUDGETS == {"length:m:cpu": 8}
+    _, _, _, again = _predict(texts, model_key="length:m:cpu", faults={"oom_above_tokens": 10})
+    assert again["oom_splits"] == 0 and again["batches"] == 4  # planned at the remembered budget

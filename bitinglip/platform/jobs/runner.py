@@ -146,59 +146,79 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
     ids, truncated = task.tokenize(loaded, texts, options)
     costs = [task.batch_cost(len(row), options) for row in ids]
     batches = plan_batches(costs, budget)
-    planned = len(batches)
+    failed = _tokenless(ids, fail_fast)
+    queue = deque(r for r in ([i for i in b if i not in failed] for b in batches) if r)
     outputs: list[dict[str, Any] | None] = [None] * len(texts)
-    failed: dict[int, str] = {}
     oom_limit = int((faults or {}).get("oom_above_tokens", 0))
-    queue = deque(batches)
     heap = _HeapGuard()
-    done = oom_splits = 0
-    empty = [i for i, row in enumerate(ids) if not row]
-    if empty:  # nothing to run a model on (a tokenizer without special tokens, an empty text)
-        if fail_fast:
-            raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
-        failed.update({i: "the text has no tokens for this model" for i in empty})
-        skip = set(empty)
-        queue = deque([r for r in ([i for i in b if i not in skip] for b in batches) if r])
-        done = len(empty)
+    done, oom_splits = len(failed), 0
     while queue:
         rows = queue.popleft()
         size = len(rows) * max(costs[i] for i in rows)
         try:
             if oom_limit and size > oom_limit:
                 raise MemoryError(f"injected out-of-memory: {size} tokens > {oom_limit}")
-            results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
-            if len(results) != len(rows):
-                raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+            results = _predict_batch(task, loaded, texts, ids, rows, options)
         except (JobCancelledError, JobTimeoutError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure is either split, isolated or reported
-            if fail_fast and not _is_out_of_memory(exc):
+        except Exception as exc:  # every failure is either split, isolated or reported
+            if fail_fast and not (len(rows) > 1 and _is_out_of_memory(exc)):
                 raise
-            if len(rows) > 1:
+            retry = _retry_plan(exc, rows)
+            if retry is None:
+                failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+                results = []
+            else:
                 if _is_out_of_memory(exc):
-                    _free_device_memory()
                     oom_splits += 1
-                    if model_key:
-                        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
-                    half = len(rows) // 2
-                    queue.extendleft([rows[half:], rows[:half]])
-                else:
-                    queue.extendleft([[i] for i in reversed(rows)])
+                    _remember_budget(model_key, budget, size)
+                queue.extendleft(reversed(retry))
                 continue
-            if fail_fast:
-                raise
-            failed[rows[0]] = f"{type(exc).__name__}: {exc}"
-            results = []
         for i, result in zip(rows, results):
             outputs[i] = result
         done += len(rows)
         heap.check()
         if reporter is not None:
             reporter.update(done)
-    stats = {"batches": planned, "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
+    stats = {"batches": len(batches), "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
              "padding_ratio": padding_ratio(costs, batches)}
     return outputs, truncated, failed, stats
+
+
+def _predict_batch(task: TaskType, loaded: Any, texts: list[str], ids: list[list[int]], rows: list[int],
+                   options: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The task's outputs for ``rows`` (positions in ``texts``), one per row."""
+    results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
+    if len(results) != len(rows):
+        raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+    return results
+
+
+def _tokenless(ids: list[list[int]], fail_fast: bool) -> dict[int, str]:
+    """Rows with nothing to run a model on (a tokenizer without special
+    tokens, an empty text), each with its reason."""
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty and fail_fast:
+        raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
+    return dict.fromkeys(empty, "the text has no tokens for this model")
+
+
+def _retry_plan(exc: Exception, rows: list[int]) -> list[list[int]] | None:
+    """The batches to try instead of ``rows`` after ``exc``, in order; None
+    when ``rows`` is one row that failed for good.  Out of memory: two
+    halves.  Otherwise each row alone, so that only the bad ones fail."""
+    if len(rows) > 1 and _is_out_of_memory(exc):
+        _free_device_memory()
+        half = len(rows) // 2
+        return [rows[:half], rows[half:]]
+    if len(rows) > 1:
+        return [[i] for i in rows]
+    return None
+
+
+def _remember_budget(model_key: str, budget: int, size: int) -> None:
+    if model_key:
+        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
 
 
 def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
