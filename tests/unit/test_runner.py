@@ -3,14 +3,16 @@ partition sends, a fake model plugin hands out a model-free task."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from bitinglip.errors import InputError
 from bitinglip.platform.jobs import runner
-from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, run_partition
+from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, predict_texts, run_partition
+from bitinglip.platform.tasks import builtin
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
 from bitinglip.worker_plugins import model_plugin
 
@@ -48,10 +50,19 @@ class FakeWorker:
 class FakePlugin:
     def __init__(self) -> None:
         self.holders: list[Any] = []
+        self.in_use = 0
 
     def get(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Any = None) -> Loaded:
         self.holders.append(holder)
         return task.load(model, "cpu", options)
+
+    @contextmanager
+    def use(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Iterator[Loaded]:
+        self.in_use += 1
+        try:
+            yield task.load(model, "cpu", options)
+        finally:
+            self.in_use -= 1
 
 
 @pytest.fixture
@@ -108,3 +119,15 @@ def test_out_of_memory_halves_the_batch_and_the_budget_is_remembered(monkeypatch
     assert runner._REDUCED_BUDGETS == {"length:m:cpu": 8}
     _, _, _, again = _predict(texts, model_key="length:m:cpu", faults={"oom_above_tokens": 10})
     assert again["oom_splits"] == 0 and again["batches"] == 4  # planned at the remembered budget
+
+
+def test_predict_texts_holds_the_model_for_the_call_and_fails_on_the_first_bad_text(
+        plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(builtin.BUILTIN_TASKS, "length", Length())
+    assert predict_texts("length", "m", {}, ["a", "bcd"]) == [{"length": 1, "truncated": False},
+                                                              {"length": 3, "truncated": False}]
+    assert plugin.in_use == 0 and plugin.holders == []  # used, then let go; never held for a task key
+    with pytest.raises(InputError, match=r"inputs\[1\] has no tokens for model 'm'"):
+        predict_texts("length", "m", {}, ["a", ""])
+    with pytest.raises(ValueError, match="bad text"):
+        predict_texts("length", "m", {}, ["a", "bad"])

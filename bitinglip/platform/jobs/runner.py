@@ -23,7 +23,7 @@ import pandas as pd
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
-from bitinglip.platform.tasks.builtin import Batch, TaskType, texts_or_error
+from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
 
 PROGRESS_TOPIC = "bitinglip-progress"
 #: a partition's start (the job's task and model) and its summary when done
@@ -192,6 +192,39 @@ def _predict_batch(task: TaskType, loaded: Any, texts: list[str], ids: list[list
     if len(results) != len(rows):
         raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
     return results
+
+
+def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """Runs on a worker for the gateway's ``/v1/infer``: one output dict per
+    text, in order, JSON-ready.  The first bad text fails the call (the
+    gateway checked them all before; a batch that fails anyway is rerun
+    request by request)."""
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
+    # held for this call only: a worker cannot tell which task runs in a thread
+    with get_model_plugin().use(task, model, merged) as loaded:
+        ids, truncated = task.tokenize(loaded, texts, merged)
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
+            raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
+        outputs: list[dict[str, Any]] = [{}] * len(texts)
+        costs = [task.batch_cost(len(row), merged) for row in ids]
+        for rows in plan_batches(costs, default_budget(loaded.device)):
+            for i, result in zip(rows, _predict_batch(task, loaded, texts, ids, rows, merged)):
+                outputs[i] = result
+    return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can take it (arrays and tensors become lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _tokenless(ids: list[list[int]], fail_fast: bool) -> dict[int, str]:
