@@ -119,12 +119,10 @@ def test_generate_bounds_come_from_vocabulary_and_positions(tmp_path: Path) -> N
     ("timeout", math.nan), ("timeout", math.inf), ("timeout", -math.inf), ("timeout", 0), ("timeout", 10**12),
     ("partition_rows", 2**64), ("token_budget", 2**70), ("retries", 2**64), ("retries", -1),
     ("text_column", ""), ("text_column", "a\udc80"), ("text_column", 5), ("gpu", "yes"), ("fail_fast", 1),
-    ("faults", "oom"),
 ])
 def test_client_arguments_are_bounded(name: str, value: Any) -> None:
     arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
-                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False,
-                                 "faults": None}
+                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
     _check_arguments(**arguments)
     with pytest.raises(InputError, match=name):
         _check_arguments(**{**arguments, name: value})

@@ -3,6 +3,7 @@ partition sends, a fake model plugin hands out a model-free task."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -11,9 +12,11 @@ import pytest
 
 from bitinglip.errors import InputError
 from bitinglip.platform.jobs import runner
+from bitinglip.platform.jobs.client import Platform, _faults
 from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, predict_texts, run_partition
 from bitinglip.platform.tasks import builtin
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
+from bitinglip.settings import Settings
 from bitinglip.worker_plugins import model_plugin
 
 
@@ -131,3 +134,11 @@ def test_predict_texts_holds_the_model_for_the_call_and_fails_on_the_first_bad_t
         predict_texts("length", "m", {}, ["a", ""])
     with pytest.raises(ValueError, match="bad text"):
         predict_texts("length", "m", {}, ["a", "bad"])
+
+
+def test_faults_come_from_test_settings_not_from_submit() -> None:
+    assert "faults" not in inspect.signature(Platform.submit).parameters
+    assert _faults(Settings()) == {}
+    assert _faults(Settings().with_(fault_oom_above_tokens=1200)) == {"oom_above_tokens": 1200}
+    # not a deployment knob: the environment cannot switch it on
+    assert Settings.from_env({"BITINGLIP_FAULT_OOM_ABOVE_TOKENS": "5"}).fault_oom_above_tokens == 0

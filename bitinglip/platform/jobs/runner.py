@@ -51,7 +51,8 @@ class JobSpec:
     retries: int = 0
     #: wall-clock time (epoch seconds) after which the job stops
     deadline: float | None = None
-    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}
+    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}, from
+    #: ``Settings.fault_oom_above_tokens`` (not an argument of ``submit``)
     faults: Mapping[str, Any] = field(default_factory=dict)
 
 
