@@ -38,6 +38,7 @@ from bitinglip.platform.models.residency import Entry, Residency
 from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
 from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
 from bitinglip.settings import Settings, get_settings
+from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 log = logging.getLogger(__name__)
 PLUGIN_NAME = "bitinglip-models"
@@ -77,6 +78,8 @@ class ModelPlugin(WorkerPlugin):
         self.load_seconds: dict[str, float] = {}
         self.load_counts: Counter[str] = Counter()
         self._access: AccessLog | None = None
+        #: what running out of memory taught this worker (not pickled: each worker learns its own)
+        self.budgets = ReducedBudgets()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"preload": self.preload, "torch_threads": self.torch_threads,

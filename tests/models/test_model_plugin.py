@@ -4,6 +4,7 @@ LRU eviction by measured bytes, holds, and int8 quantization drift."""
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -167,3 +168,10 @@ def test_plugin_pickles_small(settings: Settings) -> None:
     clone = pickle.loads(pickle.dumps(plugin))
     assert clone.settings == settings and clone.preload == [("embed", "x")]
     assert len(pickle.dumps(plugin)) < 4000
+
+
+def test_each_worker_learns_its_own_budgets() -> None:
+    plugin = ModelPlugin()
+    plugin.budgets.reduce("embed:m:cpu", 4096, 1000)
+    copy = pickle.loads(pickle.dumps(plugin))  # what another worker gets
+    assert copy.budgets.as_dict() == {} and plugin.budgets.as_dict() == {"embed:m:cpu": 500}

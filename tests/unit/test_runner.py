@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +19,7 @@ from bitinglip.platform.tasks import builtin
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
 from bitinglip.settings import Settings
 from bitinglip.worker_plugins import model_plugin
+from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 
 class Length(TaskType):
@@ -54,6 +56,7 @@ class FakePlugin:
     def __init__(self) -> None:
         self.holders: list[Any] = []
         self.in_use = 0
+        self.budgets = ReducedBudgets()
 
     def get(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Any = None) -> Loaded:
         self.holders.append(holder)
@@ -113,15 +116,35 @@ def test_a_bad_row_fails_alone_and_empty_rows_are_named() -> None:
         _predict(["aa", ""], fail_fast=True)
 
 
-def test_out_of_memory_halves_the_batch_and_the_budget_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "_REDUCED_BUDGETS", {})
+def test_out_of_memory_halves_the_batch_and_the_budget_is_remembered() -> None:
+    budgets = ReducedBudgets()
     texts = ["abcd"] * 8  # one batch of 32 tokens under a budget of 1000
-    outputs, _, failed, stats = _predict(texts, model_key="length:m:cpu", faults={"oom_above_tokens": 10})
+    faults = {"oom_above_tokens": 10}
+    outputs, _, failed, stats = _predict(texts, model_key="length:m:cpu", faults=faults, budgets=budgets)
     assert outputs == [{"length": 4}] * 8 and not failed
     assert stats["oom_splits"] == 3  # 32 -> 16 + 16 -> each 16 -> 8 + 8
-    assert runner._REDUCED_BUDGETS == {"length:m:cpu": 8}
-    _, _, _, again = _predict(texts, model_key="length:m:cpu", faults={"oom_above_tokens": 10})
+    assert budgets.as_dict() == {"length:m:cpu": 8}
+    _, _, _, again = _predict(texts, model_key="length:m:cpu", faults=faults, budgets=budgets)
     assert again["oom_splits"] == 0 and again["batches"] == 4  # planned at the remembered budget
+    _, _, _, elsewhere = _predict(texts, model_key="length:m:cpu", faults=faults, budgets=ReducedBudgets())
+    assert elsewhere["oom_splits"] == 3  # another worker has learned nothing yet
+
+
+def test_a_partition_uses_its_workers_budgets(worker: FakeWorker, plugin: FakePlugin) -> None:
+    spec = JobSpec("job-2", Length(), "m", token_budget=1000, faults={"oom_above_tokens": 10})
+    assert run_partition(["abcd"] * 8, spec, 0, 0)["oom_splits"] == 3
+    assert plugin.budgets.as_dict() == {"length:m:cpu": 8}
+    assert run_partition(["abcd"] * 8, spec, 1, 8)["oom_splits"] == 0
+
+
+def test_reduced_budgets_only_go_down_and_stay_consistent_across_threads() -> None:
+    budgets = ReducedBudgets()
+    assert budgets.cap("k", 500) == 500
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda size: budgets.reduce("k", 1000, size), range(2, 2000)))
+    assert budgets.as_dict() == {"k": 1} and budgets.cap("k", 500) == 1
+    budgets.reduce("k", 1000, 5000)  # a larger failure never raises the budget again
+    assert budgets.cap("k", 500) == 1
 
 
 def test_predict_texts_holds_the_model_for_the_call_and_fails_on_the_first_bad_text(

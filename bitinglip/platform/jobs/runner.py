@@ -24,6 +24,7 @@ from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, Mod
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
+from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 PROGRESS_TOPIC = "bitinglip-progress"
 #: a partition's start (the job's task and model) and its summary when done
@@ -112,11 +113,6 @@ def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
     return list(range(offset, offset + len(values))), values
 
 
-#: the token budget each model got down to after out-of-memory splits; a
-#: worker process remembers it for the rest of its life
-_REDUCED_BUDGETS: dict[str, int] = {}
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
@@ -133,17 +129,19 @@ def _free_device_memory() -> None:
 
 def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping[str, Any], budget: int,
                  reporter: _Reporter | None = None, fail_fast: bool = False, model_key: str = "",
-                 faults: Mapping[str, Any] | None = None,
+                 faults: Mapping[str, Any] | None = None, budgets: ReducedBudgets | None = None,
                  ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
     """Outputs for ``texts`` in their order, truncation flags, the rows that
     failed (index -> reason) and stats.
 
     A batch that runs out of memory is split in half and retried, and the
-    smaller budget is remembered for the model; a batch that fails otherwise
+    smaller budget is remembered for ``model_key`` in ``budgets`` (the
+    worker's, from its model plugin); a batch that fails otherwise
     is retried row by row so that only the bad rows fail (unless
     ``fail_fast``).
     """
-    budget = min(budget, _REDUCED_BUDGETS.get(model_key, budget))
+    if budgets is not None and model_key:
+        budget = budgets.cap(model_key, budget)
     ids, truncated = task.tokenize(loaded, texts, options)
     costs = [task.batch_cost(len(row), options) for row in ids]
     batches = plan_batches(costs, budget)
@@ -172,7 +170,8 @@ def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping
             else:
                 if _is_out_of_memory(exc):
                     oom_splits += 1
-                    _remember_budget(model_key, budget, size)
+                    if budgets is not None and model_key:
+                        budgets.reduce(model_key, budget, size)
                 queue.extendleft(reversed(retry))
                 continue
         for i, result in zip(rows, results):
@@ -248,11 +247,6 @@ def _retry_plan(exc: Exception, rows: list[int]) -> list[list[int]] | None:
     if len(rows) > 1:
         return [[i] for i in rows]
     return None
-
-
-def _remember_budget(model_key: str, budget: int, size: int) -> None:
-    if model_key:
-        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
 
 
 def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
@@ -393,11 +387,12 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     while texts:
         try:
             reporter.update(0)
-            loaded = get_model_plugin().get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
+            plugin = get_model_plugin()
+            loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             budget = spec.token_budget or default_budget(loaded.device)
             outputs, truncated, failed, stats = predict_rows(
                 spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
-                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults)
+                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults, plugin.budgets)
             break
         except (JobCancelledError, JobTimeoutError, InputError, ModelError):  # retrying cannot change these
             raise
