@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitinglip.atomic import write_json_atomically
 from bitinglip.errors import ConfigError, StackError
 from bitinglip.platform.cluster.processes import GRACE_S, alive, members, ours, pid_alive, stop_groups
 from bitinglip.platform.cluster.tls import add_tls_arguments
@@ -48,10 +49,7 @@ class Stack:
     token: str = ""
 
     def save(self) -> None:
-        path = Path(self.run_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        write_json_atomically(Path(self.run_dir) / STATE_FILE, asdict(self), indent=1)
 
     @classmethod
     def load(cls, run_dir: Path) -> Stack | None:
