@@ -46,6 +46,7 @@ from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
 from bitinglip.platform.tasks.options import surrogate_at
+from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 from bitinglip.worker_plugins.model_plugin import ModelPlugin
 
@@ -225,12 +226,7 @@ class Platform:
 
     def _until_scheduler(self, check: Any, keys: list[Any], timeout: float, step: float) -> bool:
         """Poll ``check(keys)`` on the scheduler until it holds; False at the deadline."""
-        deadline = time.monotonic() + timeout
-        while not self.client.run_on_scheduler(check, keys):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(step)
-        return True
+        return poll(lambda: self.client.run_on_scheduler(check, keys), timeout=timeout, interval=step)
 
     def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
         """Forget an earlier run's futures, and wait until the scheduler has,
