@@ -68,3 +68,18 @@ def test_partition_rows_for_cheap_and_costly_rows() -> None:
     assert partition_rows(10**7, 2) == MAX_PARTITION_ROWS
     assert partition_rows(64, 2, minimum=Generate.min_partition_rows or 0) == 16
     assert partition_rows(64, 2, configured=7, minimum=16) == 7  # the user's choice wins
+
+
+def test_dtypes_and_poolings_are_one_list_for_tasks_registry_and_cli() -> None:
+    from bitinglip.platform.models import registry, registry_cli
+    from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
+
+    assert registry.DTYPES is registry_cli.DTYPES is DTYPES
+    assert registry.POOLINGS is registry_cli.POOLINGS is POOLINGS
+    embed = get_task("embed")
+    for pooling in (None, *POOLINGS):
+        assert embed.check_options({"pooling": pooling})["pooling"] == pooling
+    for dtype in DTYPES:
+        assert embed.check_options({"dtype": dtype})["dtype"] == dtype
+    with pytest.raises(InputError, match="pooling"):
+        embed.check_options({"pooling": "sum"})

@@ -42,12 +42,11 @@ from bitinglip.platform.models.access_log import AccessLog, default_actor
 from bitinglip.platform.models.integrity import MANIFEST_FILE
 from bitinglip.platform.models.sources import fetch
 from bitinglip.platform.tasks import heads
+from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
 from bitinglip.settings import Settings, get_settings
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
-DTYPES = ("float32", "float16", "bfloat16", "int8")
-POOLINGS = ("mean", "cls", "max", "lasttoken")
 MANIFEST_FORMAT = 1
 
 

@@ -45,6 +45,8 @@ from bitinglip.platform.tasks.precision import MATMUL_CHOICES, matmul_precision
 
 #: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
 DTYPES = ("float32", "float16", "bfloat16", "int8")
+#: how Embed pools token states into one vector (None, as an option: the model's own config)
+POOLINGS = ("mean", "cls", "max", "lasttoken")
 
 
 @dataclass
@@ -182,7 +184,7 @@ class Embed(TaskType):
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        choice("pooling", merged["pooling"], (None, "mean", "cls", "max", "lasttoken"))
+        choice("pooling", merged["pooling"], (None, *POOLINGS))
         choice("normalize", merged["normalize"], (None, True, False))
         choice("matmul_precision", merged["matmul_precision"], MATMUL_CHOICES)
         return merged
