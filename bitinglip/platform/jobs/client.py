@@ -45,7 +45,7 @@ from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, JobSpec, cancel_event
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
-from bitinglip.platform.tasks.options import surrogate_at
+from bitinglip.platform.tasks.options import is_whole, surrogate_at
 from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 from bitinglip.worker_plugins.model_plugin import ModelPlugin
@@ -337,10 +337,10 @@ MAX_TIMEOUT_S = 365 * 24 * 3600.0
 def _check_arguments(**values: Any) -> None:
     for name, high in (("partition_rows", MAX_PARTITION_ROWS), ("token_budget", MAX_TOKEN_BUDGET)):
         v = values[name]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high):
+        if v is not None and not is_whole(v, 1, high):
             raise InputError(f"{name}={v!r:.60}: expected a whole number from 1 to {high}")
     r = values["retries"]
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_RETRIES:
+    if not is_whole(r, 0, MAX_RETRIES):
         raise InputError(f"retries={r!r:.60}: expected a whole number from 0 to {MAX_RETRIES}")
     t = values["timeout"]
     # NaN compares false with everything and inf never comes: neither would ever stop the job
