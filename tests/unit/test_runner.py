@@ -165,3 +165,18 @@ def test_faults_come_from_test_settings_not_from_submit() -> None:
     assert _faults(Settings().with_(fault_oom_above_tokens=1200)) == {"oom_above_tokens": 1200}
     # not a deployment knob: the environment cannot switch it on
     assert Settings.from_env({"BITINGLIP_FAULT_OOM_ABOVE_TOKENS": "5"}).fault_oom_above_tokens == 0
+
+
+def test_the_missing_text_column_has_one_message_everywhere(worker: FakeWorker, plugin: FakePlugin) -> None:
+    import pandas as pd
+
+    from bitinglip.platform.jobs.inputs import require_column
+
+    words = r"the input has no column 'text' \(columns: id, body\); name the text column with text_column="
+    with pytest.raises(InputError, match=words):
+        require_column(["id", "body"], "text")
+    with pytest.raises(InputError, match=words):  # the same on the worker
+        run_partition(pd.DataFrame({"id": [1], "body": ["x"]}), JobSpec("j", Length(), "m"), 0, 0)
+    with pytest.raises(InputError, match=r"^--input 'a.csv' has no column 'text' \(columns: body\); .* --text-column$"):
+        require_column(["body"], "text", "--input 'a.csv'", "--text-column")
+    require_column(pd.Index(["text"]), "text")

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
+from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
@@ -104,9 +105,7 @@ def _current_worker() -> Any:
 
 def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
     if isinstance(data, pd.DataFrame):
-        if spec.text_column not in data.columns:
-            raise InputError(f"the input has no column {spec.text_column!r} (columns: "
-                             f"{', '.join(map(str, data.columns))}); name the text column with text_column=")
+        require_column(data.columns, spec.text_column)
         ids = data["id"].tolist() if "id" in data.columns else list(range(offset, offset + len(data)))
         return ids, data[spec.text_column].tolist()
     values = list(data)
