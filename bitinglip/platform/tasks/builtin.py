@@ -22,6 +22,7 @@ small: no model in ``__init__``, heavy work in ``load``.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,11 @@ class Batch:
         return torch.from_numpy(input_ids).to(device), mask.to(device)
 
 
-class TaskType:
-    """Base class of task types. Subclasses set ``name`` and ``columns``."""
+class TaskType(ABC):
+    """Base class of task types. Subclasses set ``name`` and ``columns`` and
+    implement :meth:`load` and :meth:`predict`; one without them cannot be
+    instantiated, so the mistake shows where the task is registered, not in
+    the middle of a job on a worker."""
 
     name: ClassVar[str] = ""
     columns: ClassVar[tuple[str, ...]] = ()
@@ -115,8 +119,9 @@ class TaskType:
         those :meth:`check_options` returned."""
         return dict(options)
 
+    @abstractmethod
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
-        raise NotImplementedError
+        """Load the model at ``path`` onto ``device`` (once per worker and load options)."""
 
     def tokenize(self, loaded: Loaded, texts: list[str], options: Mapping[str, Any]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text, cut to the model's maximum, and which were cut.
@@ -140,8 +145,9 @@ class TaskType:
         """Tokens a row of this length costs in a micro-batch."""
         return length
 
+    @abstractmethod
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """One output dict per row of ``batch``, in its order."""
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
