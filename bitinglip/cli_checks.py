@@ -71,9 +71,10 @@ def input_columns(path: Path) -> list[str]:
 
 def check_text_column(path: Path, text_column: str) -> None:
     columns = input_columns(path)
-    if columns and text_column not in columns:
-        raise InputError(f"--input {str(path)!r} has no column {text_column!r} (columns: {', '.join(columns)}); "
-                         "name the text column with --text-column")
+    if columns:
+        from bitinglip.platform.jobs.inputs import require_column  # pandas: only when a path is checked
+
+        require_column(columns, text_column, f"--input {str(path)!r}", "--text-column")
 
 
 def check_model_here(model: str, settings: Any) -> None:

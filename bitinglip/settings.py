@@ -210,6 +210,10 @@ class Settings:
     #: how long /v1/infer waits to gather concurrent requests into one batch
     infer_batch_ms: float = 5.0
 
+    # --- tests only, never read from the environment (set with ``with_``)
+    #: a micro-batch above this many tokens raises MemoryError on the worker; 0: off
+    fault_oom_above_tokens: int = 0
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env

@@ -18,7 +18,6 @@ cluster (:func:`sweep_abandoned`): nothing else would ever move them out of
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import anyio
 
+from bitinglip.atomic import write_json_atomically
 from bitinglip.platform.jobs.jobstore import MOVED, JobStore
 from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, read_json
 from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, job_keys
@@ -49,10 +49,7 @@ ABANDONED_ERROR = ("the gateway that accepted this job stopped before the cluste
 
 def write_rest_record(output: str, record: dict[str, Any], name: str = REST_RECORD) -> None:
     os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, name)
-    with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
-        json.dump(record, fh)
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    write_json_atomically(os.path.join(output, name), record)
 
 
 def finished_records(results_dir: Path, ttl_s: int, now: float) -> list[dict[str, Any]]:

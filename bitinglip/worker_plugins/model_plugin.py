@@ -38,6 +38,7 @@ from bitinglip.platform.models.residency import Entry, Residency
 from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
 from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
 from bitinglip.settings import Settings, get_settings
+from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 log = logging.getLogger(__name__)
 PLUGIN_NAME = "bitinglip-models"
@@ -77,6 +78,8 @@ class ModelPlugin(WorkerPlugin):
         self.load_seconds: dict[str, float] = {}
         self.load_counts: Counter[str] = Counter()
         self._access: AccessLog | None = None
+        #: what running out of memory taught this worker (not pickled: each worker learns its own)
+        self.budgets = ReducedBudgets()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"preload": self.preload, "torch_threads": self.torch_threads,
@@ -114,12 +117,14 @@ class ModelPlugin(WorkerPlugin):
         for task, model in self.preload:
             self.get(get_task(task), model, get_task(task).check_options({}))
 
-    def get(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Loaded:
+    def get(self, task: TaskType, model: str, options: Mapping[str, Any], holder: Hashable | None = None) -> Loaded:
         """The loaded model for ``task`` and ``model``, loading it on first use.
 
-        Inside a Dask task the model is held (never evicted, never removable)
-        until that task stops executing."""
-        return self._acquire(task, model, options, _current_task()).loaded
+        ``holder`` is the key of the Dask task calling: the model is then held
+        (never evicted, never removable) until that task stops executing.  The
+        caller names itself because a worker has no public way to tell which
+        task runs in a thread."""
+        return self._acquire(task, model, options, holder).loaded
 
     @contextmanager
     def use(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Iterator[Loaded]:
@@ -283,15 +288,6 @@ def _stored_dtype(path: str) -> str | None:
 
 def _base(model: str) -> str:
     return model.partition("@")[0]
-
-
-def _current_task() -> Hashable | None:
-    """The key of the Dask task running in this thread, if any."""
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None
-    return worker.active_threads.get(threading.get_ident())
 
 
 def get_model_plugin() -> ModelPlugin:

@@ -1,13 +1,11 @@
-"""A worker plugin that tells the scheduler what each partition did and
-which models the worker holds.
+"""A worker plugin that tells the scheduler which models the worker holds.
 
-When a partition task (``bitinglip-{job}-{i}``) finishes, its summary (rows,
-errors, tokens, batches, padding ratio, OOM splits, seconds) is read from the
-worker's memory and sent as a Dask event on :data:`SUMMARY_TOPIC` with the
-job's task and model; the models resident (with their measured bytes and load
-times, from :class:`~bitinglip.worker_plugins.model_plugin.ModelPlugin`) and the GPU
-memory in use go on :data:`WORKER_TOPIC` every ``interval_s`` when they
-change.  The scheduler plugin registers this plugin on every worker.
+The models resident (with their measured bytes and load times, from
+:class:`~bitinglip.worker_plugins.model_plugin.ModelPlugin`) and the GPU memory
+in use go on :data:`WORKER_TOPIC` every ``interval_s`` when they change, and
+after each partition task.  (Partitions send their own summaries: see
+``bitinglip.platform.jobs.vocabulary.SUMMARY_TOPIC``.)  The scheduler plugin
+registers this plugin on every worker.
 """
 
 from __future__ import annotations
@@ -17,12 +15,9 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-from bitinglip.platform.jobs.vocabulary import SUMMARY_TOPIC, parse_task_key
-
 log = logging.getLogger(__name__)
 WORKER_TOPIC = "bitinglip-worker"
 PLUGIN_NAME = "bitinglip-reporter"
-FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
 
 
 class ReporterPlugin(WorkerPlugin):
@@ -55,41 +50,14 @@ class ReporterPlugin(WorkerPlugin):
             self._callback.stop()
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        # runs on the worker's event loop for every task: return early for other keys
-        started = finish == "executing"
-        if not (started or (start == "executing" and finish == "memory")) or not isinstance(key, str):
-            return
-        parsed = parse_task_key(key)
-        if parsed is None or not isinstance(parsed[1], int) or self.worker is None:
-            return
-        try:
-            if started:
-                self._report_start(key)
-            else:
-                self._report_part(key)
-        except Exception:
-            log.debug("no report for %s", key, exc_info=True)
-
-    def _report_start(self, key: str) -> None:
-        """The job's task and model, as soon as one of its partitions runs."""
-        spec = _job_spec(getattr(self.worker.state.tasks.get(key), "run_spec", None))
-        if spec is not None:
-            self.worker.log_event(SUMMARY_TOPIC, {"job": spec.job_id, "task": spec.task.name, "model": spec.model,
-                                                  "phase": "start"})
-
-    def _report_part(self, key: str) -> None:
-        summary = self.worker.data.get(key) if key in self.worker.data else None
-        if not isinstance(summary, dict) or "rows" not in summary:
-            return
-        ts = self.worker.state.tasks.get(key)
-        spec = _job_spec(getattr(ts, "run_spec", None))
-        if spec is None:
-            return
-        msg = {"job": spec.job_id, "part": int(summary.get("part", 0)), "task": spec.task.name,
-               "model": spec.model, "phase": "done", "skipped": bool(summary.get("skipped", False))}
-        msg.update({name: float(summary[name]) for name in FIELDS if summary.get(name) is not None})
-        self.worker.log_event(SUMMARY_TOPIC, msg)
-        self.report_worker()  # a first load happened inside this partition
+        # a partition that just ran may have loaded a model: report now rather
+        # than at the next tick.  Runs on the event loop for every task: keep it cheap
+        if start == "executing" and isinstance(key, str) and key.startswith("bitinglip-") \
+                and self.worker is not None:
+            try:
+                self.report_worker()
+            except Exception:
+                log.debug("no worker report after %s", key, exc_info=True)
 
     def report_worker(self) -> None:
         report = self._worker_report()
@@ -115,12 +83,3 @@ class ReporterPlugin(WorkerPlugin):
                                  "total": int(torch.cuda.get_device_properties(0).total_memory)}
         return report
 
-
-def _job_spec(run_spec: Any) -> Any:
-    """The :class:`~bitinglip.platform.jobs.runner.JobSpec` among a partition task's arguments."""
-    from bitinglip.platform.jobs.runner import JobSpec
-
-    for arg in getattr(run_spec, "args", ()) or ():
-        if isinstance(arg, JobSpec):
-            return arg
-    return None

@@ -4,6 +4,7 @@ LRU eviction by measured bytes, holds, and int8 quantization drift."""
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -96,6 +97,21 @@ def test_lru_eviction_by_measured_bytes_never_evicts_a_held_model(registry: Regi
     assert evicts.count("clf") >= 2 and evicts.count("enc") >= 1
 
 
+def test_a_named_holder_keeps_its_model_until_its_task_stops(registry: Registry, settings: Settings,
+                                                             tiny_encoder: Path, tiny_classifier: Path) -> None:
+    registry.add("enc", str(tiny_encoder), task="embed")
+    registry.add("clf", str(tiny_classifier), task="classify")
+    plugin = ModelPlugin(settings=settings.with_(cpu_model_budget_bytes=1))
+    plugin.residency.budget_bytes = 1  # room for nothing: only holds keep a model
+    plugin.get(EMBED, "enc", _embed_opts(), holder="bitinglip-job-0")
+    plugin.get(CLASSIFY, "clf", CLASSIFY.check_options({}))  # no holder: nothing is held for it
+    assert {e["model"]: e["held"] for e in plugin.resident_info()} == {"enc": True, "clf": False}
+    plugin.transition("bitinglip-job-0", "executing", "memory")
+    assert not plugin.residency.holds_task("bitinglip-job-0")
+    plugin.get(CLASSIFY, "clf", CLASSIFY.check_options({"dtype": "bfloat16"}))  # a load makes room again
+    assert "embed:enc" not in plugin.resident()
+
+
 def test_int8_drift_size_and_load_time_of_minilm(registry: Registry, settings: Settings, tiny_encoder: Path) -> None:
     """all-MiniLM-L6-v2 in float32 and int8: load time (with the sha256 check
     of its 91.6 MB), resident bytes, and how far int8 embeddings drift from
@@ -152,3 +168,10 @@ def test_plugin_pickles_small(settings: Settings) -> None:
     clone = pickle.loads(pickle.dumps(plugin))
     assert clone.settings == settings and clone.preload == [("embed", "x")]
     assert len(pickle.dumps(plugin)) < 4000
+
+
+def test_each_worker_learns_its_own_budgets() -> None:
+    plugin = ModelPlugin()
+    plugin.budgets.reduce("embed:m:cpu", 4096, 1000)
+    copy = pickle.loads(pickle.dumps(plugin))  # what another worker gets
+    assert copy.budgets.as_dict() == {} and plugin.budgets.as_dict() == {"embed:m:cpu": 500}

@@ -118,15 +118,17 @@ def test_resubmitting_with_the_same_key_and_output_does_not_redo_work(own_platfo
         own_platform.submit("embed", model=MINILM, inputs=texts[:10], output=tmp_path / "o", job_id="nightly-1")
 
 
-def test_out_of_memory_splits_the_batch_and_remembers(own_platform: bitinglip.Platform) -> None:
+def test_out_of_memory_splits_the_batch_and_remembers(own_platform: bitinglip.Platform,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     texts = sample_corpus(800, seed=25)
     # float32 products: split batches have other shapes, and bfloat16 kernels (AMX) round by shape
     f32 = {"matmul_precision": "highest"}
     want = own_platform.submit("embed", model=MINILM, inputs=texts, **f32).result()
-    job = own_platform.submit("embed", model=MINILM, inputs=texts, faults={"oom_above_tokens": 1200}, **f32)
+    monkeypatch.setattr(own_platform, "settings", own_platform.settings.with_(fault_oom_above_tokens=1200))
+    job = own_platform.submit("embed", model=MINILM, inputs=texts, **f32)
     got = job.result()
     splits = sum(s["oom_splits"] for s in job.summaries())
-    again = own_platform.submit("embed", model=MINILM, inputs=texts, faults={"oom_above_tokens": 1200}, **f32)
+    again = own_platform.submit("embed", model=MINILM, inputs=texts, **f32)
     again.result()
     splits_again = sum(s["oom_splits"] for s in again.summaries())
     fig = figure("oom", len(texts), got, job.errors(), oom_splits=splits, oom_splits_next_job=splits_again)

@@ -119,12 +119,10 @@ def test_generate_bounds_come_from_vocabulary_and_positions(tmp_path: Path) -> N
     ("timeout", math.nan), ("timeout", math.inf), ("timeout", -math.inf), ("timeout", 0), ("timeout", 10**12),
     ("partition_rows", 2**64), ("token_budget", 2**70), ("retries", 2**64), ("retries", -1),
     ("text_column", ""), ("text_column", "a\udc80"), ("text_column", 5), ("gpu", "yes"), ("fail_fast", 1),
-    ("faults", "oom"),
 ])
 def test_client_arguments_are_bounded(name: str, value: Any) -> None:
     arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
-                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False,
-                                 "faults": None}
+                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
     _check_arguments(**arguments)
     with pytest.raises(InputError, match=name):
         _check_arguments(**{**arguments, name: value})
@@ -134,3 +132,18 @@ def test_lone_surrogate_row_is_named() -> None:
     assert texts_or_error(["a", "\U0001f600 fine"], [0, 1]) == ["a", "\U0001f600 fine"]
     with pytest.raises(InputError, match=r"row id='b': the text is not valid Unicode .* at character 4"):
         texts_or_error(["ok", "bad \ud800 x"], ["a", "b"])
+
+
+def test_one_rule_for_a_whole_number_and_every_caller_keeps_its_words() -> None:
+    import numpy as np
+
+    from bitinglip.platform.tasks.options import is_whole
+
+    assert is_whole(3) and is_whole(np.int64(3), 1, 3) and is_whole(-5) and is_whole(10**30, 1)
+    assert not any(is_whole(v) for v in (True, False, 3.0, "3", None, np.float64(3)))
+    assert not is_whole(0, 1) and not is_whole(11, 1, 10)
+    for name, value in (("retries", True), ("partition_rows", True), ("token_budget", False)):
+        arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
+                                     "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
+        with pytest.raises(InputError, match=rf"^{name}={value!r}: expected a whole number"):
+            _check_arguments(**{**arguments, name: value})

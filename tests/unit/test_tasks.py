@@ -1,7 +1,18 @@
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
 from bitinglip.errors import InputError, UnknownTaskError
-from bitinglip.platform.tasks.builtin import Generate, Loaded, TaskType, check_task_type, get_task, texts_or_error
+from bitinglip.platform.tasks.builtin import (
+    Batch,
+    Generate,
+    Loaded,
+    TaskType,
+    check_task_type,
+    get_task,
+    texts_or_error,
+)
 
 
 def test_builtin_tasks() -> None:
@@ -36,14 +47,24 @@ def test_non_string_row_is_named() -> None:
         texts_or_error(["a", "b", 7], [0, 1, 2])
 
 
+class _Stub(TaskType):
+    """A task type with the two methods every task type must have."""
+
+    def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
+        return Loaded(model=None)
+
+    def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return [{} for _ in batch.texts]
+
+
 def test_user_task_type_checks() -> None:
-    class NoColumns(TaskType):
+    class NoColumns(_Stub):
         name = "x"
 
     with pytest.raises(InputError):
         check_task_type(NoColumns())
 
-    class ClashesWithId(TaskType):
+    class ClashesWithId(_Stub):
         name = "y"
         columns = ("id",)
 
@@ -52,7 +73,7 @@ def test_user_task_type_checks() -> None:
 
 
 def test_default_tokenize_without_tokenizer_uses_text_length() -> None:
-    class Plain(TaskType):
+    class Plain(_Stub):
         name = "plain"
         columns = ("n",)
 
@@ -68,3 +89,41 @@ def test_partition_rows_for_cheap_and_costly_rows() -> None:
     assert partition_rows(10**7, 2) == MAX_PARTITION_ROWS
     assert partition_rows(64, 2, minimum=Generate.min_partition_rows or 0) == 16
     assert partition_rows(64, 2, configured=7, minimum=16) == 7  # the user's choice wins
+
+
+def test_dtypes_and_poolings_are_one_list_for_tasks_registry_and_cli() -> None:
+    from bitinglip.platform.models import registry, registry_cli
+    from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
+
+    assert registry.DTYPES is registry_cli.DTYPES is DTYPES
+    assert registry.POOLINGS is registry_cli.POOLINGS is POOLINGS
+    embed = get_task("embed")
+    for pooling in (None, *POOLINGS):
+        assert embed.check_options({"pooling": pooling})["pooling"] == pooling
+    for dtype in DTYPES:
+        assert embed.check_options({"dtype": dtype})["dtype"] == dtype
+    with pytest.raises(InputError, match="pooling"):
+        embed.check_options({"pooling": "sum"})
+
+
+def test_a_task_type_without_predict_fails_where_it_is_registered() -> None:
+    from bitinglip.platform.jobs.client import Platform
+
+    class NoPredict(TaskType):
+        name = "nopredict"
+        columns = ("x",)
+
+        def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
+            return Loaded(model=None)
+
+    platform = Platform.__new__(Platform)  # register_task needs no cluster
+    platform.tasks = {}
+    with pytest.raises(TypeError, match="predict"):
+        platform.register_task(NoPredict())  # type: ignore[abstract]
+    assert platform.tasks == {}
+    assert platform.register_task(_StubNamed()).name == "stub"
+
+
+class _StubNamed(_Stub):
+    name = "stub"
+    columns = ("x",)

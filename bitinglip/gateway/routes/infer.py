@@ -26,45 +26,13 @@ from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.routes.jobs import check_task, check_texts
 from bitinglip.gateway.routes.models import resolve
 from bitinglip.gateway.state import Gateway
+from bitinglip.platform.jobs.runner import predict_texts
 from bitinglip.platform.models.names import resolve_model
 from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
 
 #: Dask priority of infer batches; bulk jobs use 1 to 10
 INFER_PRIORITY = 100
 INFER_TIMEOUT_S = 120.0
-
-
-def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
-    """Runs on a worker: one output dict per text, in order, JSON-ready."""
-    from bitinglip.platform.tasks.batching import default_budget, plan_batches
-    from bitinglip.platform.tasks.builtin import Batch, get_task, texts_or_error
-    from bitinglip.worker_plugins.model_plugin import get_model_plugin
-
-    task = get_task(task_name)
-    merged = task.check_options(options)
-    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
-    loaded = get_model_plugin().get(task, model, merged)
-    ids, truncated = task.tokenize(loaded, texts, merged)
-    empty = [i for i, row in enumerate(ids) if not row]
-    if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
-        raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
-    outputs: list[dict[str, Any]] = [{}] * len(texts)
-    costs = [task.batch_cost(len(row), merged) for row in ids]
-    for rows in plan_batches(costs, default_budget(loaded.device)):
-        results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), merged)
-        if len(results) != len(rows):
-            raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
-        for i, result in zip(rows, results):
-            outputs[i] = result
-    return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass

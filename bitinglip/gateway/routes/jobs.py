@@ -41,6 +41,7 @@ from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED
 from bitinglip.platform.jobs.vocabulary import ANNOTATION, JOB_ID, TERMINAL, JobState, new_job_id, rate_and_eta
 from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
+from bitinglip.platform.tasks.options import is_whole
 from bitinglip.settings import Settings
 
 FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
@@ -99,7 +100,7 @@ def parse_submission(body: dict[str, Any], settings: Settings, header_key: str |
     inputs: Any = (check_texts(body["inputs"], settings.max_job_rows, settings.max_text_chars, "inputs")
                    if has_inputs else _input_path(body["input_uri"], settings))
     priority = body.get("priority", DEFAULT_PRIORITY)
-    if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= 10:
+    if not is_whole(priority, 1, 10):
         raise InputError("priority must be a whole number from 1 to 10")
     key = body.get("idempotency_key", header_key)
     if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):

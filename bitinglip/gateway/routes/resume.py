@@ -24,6 +24,7 @@ from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED
 from bitinglip.platform.jobs.outputs import read_json
 from bitinglip.platform.jobs.vocabulary import JobState, job_keys
+from bitinglip.polling import poll
 
 #: the states a job may be resumed from: it ended without all of its rows
 RESUMABLE = (JobState.CANCELLED.value, JobState.FAILED.value)
@@ -43,12 +44,8 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
     def known(dask_scheduler: Any) -> bool:
         return any(key in dask_scheduler.tasks for key in keys)
 
-    deadline = time.monotonic() + SETTLE_S
-    while platform.client.run_on_scheduler(known) or any(platform.client.run(held).values()):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return poll(lambda: not (platform.client.run_on_scheduler(known) or any(platform.client.run(held).values())),
+                timeout=SETTLE_S, interval=0.1)
 
 
 async def resume_job(request: Request) -> Response:

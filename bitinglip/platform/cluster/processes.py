@@ -14,6 +14,8 @@ import subprocess
 import time
 from typing import Any
 
+from bitinglip.polling import poll
+
 #: seconds each service gets to stop on SIGTERM before SIGKILL
 GRACE_S = 10.0
 
@@ -39,21 +41,24 @@ def stop_groups(groups: dict[str, int], procs: dict[str, subprocess.Popen[bytes]
                 grace_s: float = GRACE_S) -> None:
     """Stop services in the reverse order of their start, each with its whole group."""
     for name, pgid in reversed(list(groups.items())):
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if procs and name in procs:
-                procs[name].poll()  # reap the leader, or its zombie keeps the group alive
-            if not alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            _signal_group(pgid, signal.SIGKILL)
-            if procs and name in procs:
-                procs[name].wait(5)
-            deadline = time.monotonic() + 5  # SIGKILL is not instant: return once the group is gone
-            while alive(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        _stop_group(pgid, procs.get(name) if procs else None, grace_s)
+
+
+def _stop_group(pgid: int, leader: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM, and SIGKILL for a group still there after ``grace_s``."""
+    _signal_group(pgid, signal.SIGTERM)
+
+    def gone() -> bool:
+        if leader is not None:
+            leader.poll()  # reap the leader, or its zombie keeps the group alive
+        return not alive(pgid)
+
+    if not poll(gone, timeout=grace_s, interval=0.1):
+        _signal_group(pgid, signal.SIGKILL)
+        if leader is not None:
+            leader.wait(5)
+        # SIGKILL is not instant: return once the group is gone
+        poll(lambda: not alive(pgid), timeout=5, interval=0.05)
 
 
 def members(pgid: int) -> list[int]:

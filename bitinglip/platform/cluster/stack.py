@@ -30,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitinglip.atomic import write_json_atomically
 from bitinglip.errors import ConfigError, StackError
 from bitinglip.platform.cluster.processes import GRACE_S, alive, members, ours, pid_alive, stop_groups
 from bitinglip.platform.cluster.tls import add_tls_arguments
+from bitinglip.polling import poll
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 180.0
@@ -51,10 +53,7 @@ class Stack:
     token: str = ""
 
     def save(self) -> None:
-        path = Path(self.run_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        write_json_atomically(Path(self.run_dir) / STATE_FILE, asdict(self), indent=1)
 
     @classmethod
     def load(cls, run_dir: Path) -> Stack | None:
@@ -79,16 +78,17 @@ def port_free(host: str, port: int) -> bool:
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], name: str, log: Path,
                timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise StackError(f"{name} exited with {proc.returncode}; see {log}:\n{_tail(log)}")
         try:
             socket.create_connection((host, port), timeout=0.5).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.2)
-    raise StackError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
+            return False
+
+    if not poll(listening, timeout=timeout, interval=0.2):
+        raise StackError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
 
 
 def _tail(path: Path, n: int = 2000) -> str:
@@ -102,9 +102,10 @@ def _wait_healthy(url: str, procs: dict[str, subprocess.Popen[bytes]], run_dir: 
                   timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
     import httpx
 
-    deadline = time.monotonic() + timeout
     last: Any = None
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
+        nonlocal last
         for name, proc in procs.items():
             if proc.poll() is not None:
                 log = run_dir / f"{name}.log"
@@ -112,12 +113,13 @@ def _wait_healthy(url: str, procs: dict[str, subprocess.Popen[bytes]], run_dir: 
         try:
             r = httpx.get(f"{url}/health", timeout=10)
             last = r.json()
-            if r.status_code == 200 and last["components"]["cluster"]["workers"] >= workers:
-                return last  # type: ignore[no-any-return]
+            return r.status_code == 200 and last["components"]["cluster"]["workers"] >= workers
         except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise StackError(f"the stack was not healthy within {timeout:.0f}s; last /health: {last}")
+            return False
+
+    if not poll(healthy, timeout=timeout, interval=0.5):
+        raise StackError(f"the stack was not healthy within {timeout:.0f}s; last /health: {last}")
+    return last  # type: ignore[no-any-return]
 
 
 def _plan_workers(max_workers: int | None) -> tuple[list[str], int, str]:
@@ -262,9 +264,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     if stack.up_pid and ours(stack.up_pid):
         os.kill(stack.up_pid, signal.SIGTERM)  # `up` stops its services and exits
-        deadline = time.monotonic() + GRACE_S * (len(stack.groups) + 1)
-        while time.monotonic() < deadline and pid_alive(stack.up_pid):
-            time.sleep(0.1)
+        poll(lambda: not pid_alive(stack.up_pid), timeout=GRACE_S * (len(stack.groups) + 1), interval=0.1)
     # a detached stack, or leftovers of an `up` that was killed; a stale state file must not make us
     # signal a group whose id the system has given to someone else since
     stop_groups({n: g for n, g in stack.groups.items() if alive(g) and any(ours(p) for p in members(g))})

@@ -52,7 +52,8 @@ from bitinglip.platform.jobs.vocabulary import (
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
-from bitinglip.platform.tasks.options import surrogate_at
+from bitinglip.platform.tasks.options import is_whole, surrogate_at
+from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class Platform:
                text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
                fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
-               faults: Mapping[str, Any] | None = None, input_root: str | os.PathLike[str] | None = None,
+               input_root: str | os.PathLike[str] | None = None,
                **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
@@ -125,15 +126,14 @@ class Platform:
         """
         resubmit = ((task, model, inputs), dict(
             output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
-            token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout, faults=faults,
+            token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout,
             input_root=input_root, **task_options))
         task_type = get_task(task, self.tasks)
         if options is not None and not isinstance(options, Mapping):
             raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
-                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
-                         faults=faults)
+                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
         model, model_dir, model_version = self._locate_model(model, use_gpu)
@@ -151,7 +151,7 @@ class Platform:
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
                               min_rows=task_type.min_partition_rows, root=input_root)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
-                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, dict(faults or {}))
+                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, _faults(self.settings))
         done: set[int] = set()
         if out_dir is not None:
             # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
@@ -235,12 +235,7 @@ class Platform:
 
     def _until_scheduler(self, check: Any, keys: list[Any], timeout: float, step: float) -> bool:
         """Poll ``check(keys)`` on the scheduler until it holds; False at the deadline."""
-        deadline = time.monotonic() + timeout
-        while not self.client.run_on_scheduler(check, keys):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(step)
-        return True
+        return poll(lambda: self.client.run_on_scheduler(check, keys), timeout=timeout, interval=step)
 
     def _release(self, futures: list[Any], timeout: float = 10.0) -> None:
         """Forget an earlier run's futures, and wait until the scheduler has,
@@ -346,10 +341,10 @@ MAX_TIMEOUT_S = 365 * 24 * 3600.0
 def _check_arguments(**values: Any) -> None:
     for name, high in (("partition_rows", MAX_PARTITION_ROWS), ("token_budget", MAX_TOKEN_BUDGET)):
         v = values[name]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high):
+        if v is not None and not is_whole(v, 1, high):
             raise InputError(f"{name}={v!r:.60}: expected a whole number from 1 to {high}")
     r = values["retries"]
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_RETRIES:
+    if not is_whole(r, 0, MAX_RETRIES):
         raise InputError(f"retries={r!r:.60}: expected a whole number from 0 to {MAX_RETRIES}")
     t = values["timeout"]
     # NaN compares false with everything and inf never comes: neither would ever stop the job
@@ -366,8 +361,12 @@ def _check_arguments(**values: Any) -> None:
     for name in ("gpu", "fail_fast"):
         if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
             raise InputError(f"{name}={values[name]!r:.60}: expected True or False")
-    if values["faults"] is not None and not isinstance(values["faults"], Mapping):
-        raise InputError(f"faults={values['faults']!r:.60}: expected a mapping")
+
+
+def _faults(settings: Settings) -> dict[str, Any]:
+    """Faults the runner injects: set by tests through the settings, never by a caller of submit."""
+    limit = settings.fault_oom_above_tokens
+    return {"oom_above_tokens": limit} if limit else {}
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -61,10 +61,18 @@ def _slices(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(total, start + size)) for start in range(0, total, size)]
 
 
+def require_column(columns: Iterable[Any], name: str, source: str = "the input",
+                   option: str = "text_column=") -> None:
+    """Refuse an input without the text column ``name``, listing the columns
+    it has and how to name another (``option``: the CLI says ``--text-column``)."""
+    columns = list(columns)
+    if name not in columns:
+        raise InputError(f"{source} has no column {name!r} (columns: {', '.join(map(str, columns))}); "
+                         f"name the text column with {option}")
+
+
 def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bool) -> Partitions:
-    if text_column not in frame.columns:
-        raise InputError(f"the input has no column {text_column!r} (columns: "
-                         f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
+    require_column(frame.columns, text_column)
     frame = frame.reset_index(drop=True)
     if "id" in frame.columns:
         if frame["id"].isna().any():
@@ -158,9 +166,7 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
                min_rows: int) -> Partitions:
     from dask import delayed
 
-    if text_column not in frame.columns:
-        raise InputError(f"the input has no column {text_column!r} (columns: "
-                         f"{', '.join(map(str, frame.columns))}); name the text column with text_column=")
+    require_column(frame.columns, text_column)
     keep = [c for c in ("id", text_column) if c in frame.columns]
     pieces = frame[keep].to_delayed()
     # count the very pieces that will be sliced: Dask may fuse

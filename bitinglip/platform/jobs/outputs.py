@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bitinglip.atomic import TEMP_MARK, temp_path, write_atomically, write_json_atomically
 from bitinglip.errors import OutputConflictError, OutputWriteError, RowCountError
 
 RECORD = "_job.json"
@@ -35,14 +35,6 @@ ERRORS_DIR = "_errors"
 
 #: the key, in a result file's Parquet metadata, naming the job that wrote it
 JOB_ID_KEY = b"bitinglip.job_id"
-
-
-def temp_path(path: str) -> str:
-    """Where ``path`` is written before its atomic rename: a hidden name,
-    so a reader of the folder never takes a half-written file for a result,
-    and one of its own per writer (process and thread)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 @contextmanager
@@ -68,10 +60,8 @@ def _dump_json(path: str, data: dict[str, Any]) -> None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = temp_path(path)
-    with _writing(path, tmp):
-        _dump_json(tmp, data)
-        os.replace(tmp, path)
+    with _writing(path):
+        write_json_atomically(path, data, indent=1, default=str)
 
 
 def write_parquet(frame: Any, path: str, job_id: str) -> None:
@@ -84,10 +74,8 @@ def write_parquet(frame: Any, path: str, job_id: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), JOB_ID_KEY: job_id.encode()})
-    tmp = temp_path(path)
-    with _writing(path, tmp):
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+    with _writing(path):
+        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -212,7 +200,7 @@ def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: di
     if error is not None:
         manifest["error"] = error
     _write_json(os.path.join(out_dir, MANIFEST), manifest)
-    for leftover in Path(out_dir).rglob("*.tmp-*"):  # from attempts that died mid-write
+    for leftover in Path(out_dir).rglob(f"*{TEMP_MARK}*"):  # from attempts that died mid-write
         leftover.unlink(missing_ok=True)
     if mismatch is not None:
         raise RowCountError(f"job {record.get('job_id')}: {mismatch}")

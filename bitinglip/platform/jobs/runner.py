@@ -4,7 +4,8 @@
 worker plugin, tokenizes, cuts micro-batches by token budget, predicts,
 restores input order, and returns a DataFrame (or writes it to Parquet
 atomically and returns a summary).  Progress goes to the scheduler as Dask
-events on one topic; a cancelled job is noticed between micro-batches.
+events on one topic, and each partition's start and summary on another; a
+cancelled job is noticed between micro-batches.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
+from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
-from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, cancel_event_name
+from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
-from bitinglip.platform.tasks.builtin import Batch, TaskType, texts_or_error
+from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
+from bitinglip.worker_plugins.budgets import ReducedBudgets
 
+#: a partition's start (the job's task and model) and its summary when done go out on vocabulary.SUMMARY_TOPIC;
+#: these are the summary's figures that go to the scheduler (the frames stay on the worker)
+SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 1.0
 
@@ -46,7 +52,8 @@ class JobSpec:
     retries: int = 0
     #: wall-clock time (epoch seconds) after which the job stops
     deadline: float | None = None
-    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}
+    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}, from
+    #: ``Settings.fault_oom_above_tokens`` (not an argument of ``submit``)
     faults: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -87,18 +94,11 @@ def _current_worker() -> Any:
 
 def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
     if isinstance(data, pd.DataFrame):
-        if spec.text_column not in data.columns:
-            raise InputError(f"the input has no column {spec.text_column!r} (columns: "
-                             f"{', '.join(map(str, data.columns))}); name the text column with text_column=")
+        require_column(data.columns, spec.text_column)
         ids = data["id"].tolist() if "id" in data.columns else list(range(offset, offset + len(data)))
         return ids, data[spec.text_column].tolist()
     values = list(data)
     return list(range(offset, offset + len(values))), values
-
-
-#: the token budget each model got down to after out-of-memory splits; a
-#: worker process remembers it for the rest of its life
-_REDUCED_BUDGETS: dict[str, int] = {}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -117,73 +117,124 @@ def _free_device_memory() -> None:
 
 def predict_rows(task: TaskType, loaded: Any, texts: list[str], options: Mapping[str, Any], budget: int,
                  reporter: _Reporter | None = None, fail_fast: bool = False, model_key: str = "",
-                 faults: Mapping[str, Any] | None = None,
+                 faults: Mapping[str, Any] | None = None, budgets: ReducedBudgets | None = None,
                  ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
     """Outputs for ``texts`` in their order, truncation flags, the rows that
     failed (index -> reason) and stats.
 
     A batch that runs out of memory is split in half and retried, and the
-    smaller budget is remembered for the model; a batch that fails otherwise
+    smaller budget is remembered for ``model_key`` in ``budgets`` (the
+    worker's, from its model plugin); a batch that fails otherwise
     is retried row by row so that only the bad rows fail (unless
     ``fail_fast``).
     """
-    budget = min(budget, _REDUCED_BUDGETS.get(model_key, budget))
+    if budgets is not None and model_key:
+        budget = budgets.cap(model_key, budget)
     ids, truncated = task.tokenize(loaded, texts, options)
     costs = [task.batch_cost(len(row), options) for row in ids]
     batches = plan_batches(costs, budget)
-    planned = len(batches)
+    failed = _tokenless(ids, fail_fast)
+    queue = deque(r for r in ([i for i in b if i not in failed] for b in batches) if r)
     outputs: list[dict[str, Any] | None] = [None] * len(texts)
-    failed: dict[int, str] = {}
     oom_limit = int((faults or {}).get("oom_above_tokens", 0))
-    queue = deque(batches)
     heap = _HeapGuard()
-    done = oom_splits = 0
-    empty = [i for i, row in enumerate(ids) if not row]
-    if empty:  # nothing to run a model on (a tokenizer without special tokens, an empty text)
-        if fail_fast:
-            raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
-        failed.update({i: "the text has no tokens for this model" for i in empty})
-        skip = set(empty)
-        queue = deque([r for r in ([i for i in b if i not in skip] for b in batches) if r])
-        done = len(empty)
+    done, oom_splits = len(failed), 0
     while queue:
         rows = queue.popleft()
         size = len(rows) * max(costs[i] for i in rows)
         try:
             if oom_limit and size > oom_limit:
                 raise MemoryError(f"injected out-of-memory: {size} tokens > {oom_limit}")
-            results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
-            if len(results) != len(rows):
-                raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+            results = _predict_batch(task, loaded, texts, ids, rows, options)
         except (JobCancelledError, JobTimeoutError):
             raise
         except Exception as exc:  # every failure is either split, isolated or reported
-            if fail_fast and not _is_out_of_memory(exc):
+            if fail_fast and not (len(rows) > 1 and _is_out_of_memory(exc)):
                 raise
-            if len(rows) > 1:
+            retry = _retry_plan(exc, rows)
+            if retry is None:
+                failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+                results = []
+            else:
                 if _is_out_of_memory(exc):
-                    _free_device_memory()
                     oom_splits += 1
-                    if model_key:
-                        _REDUCED_BUDGETS[model_key] = max(1, min(_REDUCED_BUDGETS.get(model_key, budget), size // 2))
-                    half = len(rows) // 2
-                    queue.extendleft([rows[half:], rows[:half]])
-                else:
-                    queue.extendleft([[i] for i in reversed(rows)])
+                    if budgets is not None and model_key:
+                        budgets.reduce(model_key, budget, size)
+                queue.extendleft(reversed(retry))
                 continue
-            if fail_fast:
-                raise
-            failed[rows[0]] = f"{type(exc).__name__}: {exc}"
-            results = []
         for i, result in zip(rows, results):
             outputs[i] = result
         done += len(rows)
         heap.check()
         if reporter is not None:
             reporter.update(done)
-    stats = {"batches": planned, "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
+    stats = {"batches": len(batches), "tokens": sum(len(r) for r in ids), "oom_splits": oom_splits,
              "padding_ratio": padding_ratio(costs, batches)}
     return outputs, truncated, failed, stats
+
+
+def _predict_batch(task: TaskType, loaded: Any, texts: list[str], ids: list[list[int]], rows: list[int],
+                   options: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The task's outputs for ``rows`` (positions in ``texts``), one per row."""
+    results = task.predict(loaded, Batch([texts[i] for i in rows], [ids[i] for i in rows]), options)
+    if len(results) != len(rows):
+        raise RuntimeError(f"task {task.name!r} returned {len(results)} outputs for {len(rows)} inputs")
+    return results
+
+
+def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """Runs on a worker for the gateway's ``/v1/infer``: one output dict per
+    text, in order, JSON-ready.  The first bad text fails the call (the
+    gateway checked them all before; a batch that fails anyway is rerun
+    request by request)."""
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
+    # held for this call only: a worker cannot tell which task runs in a thread
+    with get_model_plugin().use(task, model, merged) as loaded:
+        ids, truncated = task.tokenize(loaded, texts, merged)
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
+            raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
+        outputs: list[dict[str, Any]] = [{}] * len(texts)
+        costs = [task.batch_cost(len(row), merged) for row in ids]
+        for rows in plan_batches(costs, default_budget(loaded.device)):
+            for i, result in zip(rows, _predict_batch(task, loaded, texts, ids, rows, merged)):
+                outputs[i] = result
+    return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can take it (arrays and tensors become lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tokenless(ids: list[list[int]], fail_fast: bool) -> dict[int, str]:
+    """Rows with nothing to run a model on (a tokenizer without special
+    tokens, an empty text), each with its reason."""
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty and fail_fast:
+        raise InputError(f"row {empty[0]} of the partition has no tokens for this model")
+    return dict.fromkeys(empty, "the text has no tokens for this model")
+
+
+def _retry_plan(exc: Exception, rows: list[int]) -> list[list[int]] | None:
+    """The batches to try instead of ``rows`` after ``exc``, in order; None
+    when ``rows`` is one row that failed for good.  Out of memory: two
+    halves.  Otherwise each row alone, so that only the bad ones fail."""
+    if len(rows) > 1 and _is_out_of_memory(exc):
+        _free_device_memory()
+        half = len(rows) // 2
+        return [rows[:half], rows[half:]]
+    if len(rows) > 1:
+        return [[i] for i in rows]
+    return None
 
 
 def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
@@ -269,11 +320,32 @@ def _worker_address() -> str | None:
 
 
 def run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
-    """Run one partition on this worker and return its summary (see :func:`_run_partition`)."""
+    """Run one partition on this worker and return its summary (see :func:`_run_partition`).
+
+    The scheduler hears of the partition on :data:`SUMMARY_TOPIC` when it
+    starts and when it is done; the partition tells it itself, since a
+    worker plugin could only find the job in the task's private run spec."""
+    worker = _current_worker()
+    _announce(worker, spec, {"phase": "start"})
     try:
-        return _run_partition(data, spec, index, offset)
+        summary = _run_partition(data, spec, index, offset)
     finally:
         trim_heap()
+    _announce(worker, spec, summary_event(summary))
+    return summary
+
+
+def summary_event(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a partition's summary that goes to the scheduler."""
+    event: dict[str, Any] = {"part": int(summary.get("part", 0)), "phase": "done",
+                             "skipped": bool(summary.get("skipped", False))}
+    event.update({name: float(summary[name]) for name in SUMMARY_FIELDS if summary.get(name) is not None})
+    return event
+
+
+def _announce(worker: Any, spec: JobSpec, event: dict[str, Any]) -> None:
+    if worker is not None:
+        worker.log_event(SUMMARY_TOPIC, {"job": spec.job_id, "task": spec.task.name, "model": spec.model, **event})
 
 
 def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[str, Any]:
@@ -303,11 +375,12 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     while texts:
         try:
             reporter.update(0)
-            loaded = get_model_plugin().get(spec.task, spec.model, spec.options)
+            plugin = get_model_plugin()
+            loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             budget = spec.token_budget or default_budget(loaded.device)
             outputs, truncated, failed, stats = predict_rows(
                 spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
-                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults)
+                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults, plugin.budgets)
             break
         except (JobCancelledError, JobTimeoutError, InputError, ModelError):  # retrying cannot change these
             raise

@@ -10,12 +10,12 @@ newest version) or ``name@version`` under ``MODEL_CACHE_DIR/name/version/``
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from bitinglip.errors import UnknownModelError
 from bitinglip.platform.models.registry import Registry, is_ref
+from bitinglip.platform.models.sources import package_dir
 from bitinglip.settings import Settings, get_settings
 
 #: names that resolve to a model shipped inside a Python package
@@ -35,12 +35,6 @@ class ModelRef:
     version: str | None = None
 
 
-def _packaged_path(module_name: str) -> Path:
-    module = importlib.import_module(module_name)
-    getter = getattr(module, "get_model_path", None)
-    return Path(getter() if getter else module.MODEL_DIR)
-
-
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -58,7 +52,7 @@ def resolve_model(name: str, settings: Settings | None = None) -> ModelRef:
     if name in PACKAGED_MODELS:
         module_name = PACKAGED_MODELS[name]
         try:
-            path = _packaged_path(module_name)
+            path = package_dir(module_name)
         except ImportError:
             tried.append(f"the Python package {module_name!r} (not installed)")
         else:

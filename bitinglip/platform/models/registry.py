@@ -42,12 +42,12 @@ from bitinglip.platform.models.access_log import AccessLog, default_actor
 from bitinglip.platform.models.integrity import MANIFEST_FILE
 from bitinglip.platform.models.sources import fetch
 from bitinglip.platform.tasks import heads
+from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
+from bitinglip.platform.tasks.options import is_whole
 from bitinglip.settings import Settings, get_settings
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
-DTYPES = ("float32", "float16", "bfloat16", "int8")
-POOLINGS = ("mean", "cls", "max", "lasttoken")
 MANIFEST_FORMAT = 1
 
 
@@ -200,8 +200,7 @@ class Registry:
             raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if pooling is not None and pooling not in POOLINGS:
             raise InputError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                       or max_length < 1):
+        if max_length is not None and not is_whole(max_length, 1):
             raise InputError(f"max_length {max_length!r}: expected a whole number of at least 1")
         actor = actor or default_actor()
         fetched = fetch(source, self.settings)

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from bitinglip.platform.models.registry import DTYPES, POOLINGS
+from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
 
 
 def _registry() -> Any:

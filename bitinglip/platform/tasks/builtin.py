@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ from bitinglip.platform.tasks.precision import MATMUL_CHOICES, matmul_precision
 
 #: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
 DTYPES = ("float32", "float16", "bfloat16", "int8")
+#: how Embed pools token states into one vector (None, as an option: the model's own config)
+POOLINGS = ("mean", "cls", "max", "lasttoken")
 
 
 @dataclass
@@ -81,8 +84,11 @@ class Batch:
         return torch.from_numpy(input_ids).to(device), mask.to(device)
 
 
-class TaskType:
-    """Base class of task types. Subclasses set ``name`` and ``columns``."""
+class TaskType(ABC):
+    """Base class of task types. Subclasses set ``name`` and ``columns`` and
+    implement :meth:`load` and :meth:`predict`; one without them cannot be
+    instantiated, so the mistake shows where the task is registered, not in
+    the middle of a job on a worker."""
 
     name: ClassVar[str] = ""
     columns: ClassVar[tuple[str, ...]] = ()
@@ -114,8 +120,9 @@ class TaskType:
         those :meth:`check_options` returned."""
         return dict(options)
 
+    @abstractmethod
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
-        raise NotImplementedError
+        """Load the model at ``path`` onto ``device`` (once per worker and load options)."""
 
     def tokenize(self, loaded: Loaded, texts: list[str], options: Mapping[str, Any]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text, cut to the model's maximum, and which were cut.
@@ -139,8 +146,9 @@ class TaskType:
         """Tokens a row of this length costs in a micro-batch."""
         return length
 
+    @abstractmethod
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """One output dict per row of ``batch``, in its order."""
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -183,7 +191,7 @@ class Embed(TaskType):
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        choice("pooling", merged["pooling"], (None, "mean", "cls", "max", "lasttoken"))
+        choice("pooling", merged["pooling"], (None, *POOLINGS))
         choice("normalize", merged["normalize"], (None, True, False))
         choice("matmul_precision", merged["matmul_precision"], MATMUL_CHOICES)
         return merged

@@ -29,11 +29,21 @@ MAX_CLASSES = 1_000_000
 MAX_STOPS, MAX_STOP_CHARS = 16, 200
 
 
+def is_whole(value: Any, low: int | None = None, high: int | None = None) -> bool:
+    """Whether ``value`` is a whole number in ``[low, high]``: an ``int`` or a
+    numpy integer, never a bool (``True`` is an ``int`` to Python, and JSON's
+    ``true`` must not pass for 1).  The one definition; callers that word
+    their own message test with this."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return (low is None or low <= int(value)) and (high is None or int(value) <= high)
+
+
 def whole(name: str, value: Any, low: int, high: int) -> int:
     """``value`` as an ``int`` in ``[low, high]`` (numpy integers too; never a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_whole(value):
         raise InputError(f"option {name}={_show(value)}: expected a whole number from {low} to {high}")
-    if not low <= int(value) <= high:
+    if not is_whole(value, low, high):
         raise InputError(f"option {name}={_show(int(value))}: expected a whole number from {low} to {high}")
     return int(value)
 
@@ -116,4 +126,4 @@ def model_limits(model_dir: str | None) -> ModelLimits:
 
 
 def _count(value: Any) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 10**9 else None
+    return int(value) if is_whole(value, 1, 10**9) else None
