@@ -38,6 +38,7 @@ from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.routes.models import resolve
+from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.job import JobState
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, TERMINAL
@@ -45,8 +46,7 @@ from bitinglip.platform.ops.status_plugin import ANNOTATION
 from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
 from bitinglip.settings import Settings
 
-FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_PRIORITY = 5
 EVENTS_POLL_S = 0.5
@@ -92,9 +92,7 @@ def _input_path(uri: Any, settings: Settings) -> str:
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, header_key: str | None) -> dict[str, Any]:
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise InputError(f"unknown field {', '.join(unknown)}; fields are {', '.join(sorted(FIELDS))}")
+    JOB_REQUEST.check(body)
     options = check_task(body.get("task"), body.get("options"))
     has_inputs, has_uri = body.get("inputs") is not None, body.get("input_uri") is not None
     if has_inputs == has_uri:
