@@ -34,8 +34,9 @@ lint: setup
 test: setup services lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15
 
+# every unit-level test of every package: nothing that starts a cluster or Redis, nothing slow (markers: tests/conftest.py)
 test-fast: setup lint
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not slow and not cluster and not redis"
 
 bench: setup
 	$(PY) benchmarks/embed_cpu.py --rows $(ROWS)

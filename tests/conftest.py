@@ -17,6 +17,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from helpers import free_port, start_redis
 from tiny_models import make_tiny_classifier, make_tiny_encoder, make_tiny_gpt2
 
+#: fixtures that start a Dask cluster, a gateway server or a stack of processes (here and in the packages'
+#: conftest.py and test files), and the ones that start a Redis server: a test that uses one, directly or
+#: through another fixture, gets the marker, so `make test-fast` leaves it out without a list to keep up.
+#: A test that starts a cluster in its own body carries ``@pytest.mark.cluster`` itself.
+CLUSTER_FIXTURES = frozenset({"platform", "own_platform", "cluster", "gateway", "gw_settings", "stack", "deployment",
+                              "scheduler_and_workers"})
+REDIS_FIXTURES = frozenset({"redis_url", "redis_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if used & REDIS_FIXTURES:
+            item.add_marker(pytest.mark.redis)
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from helpers import free_port
 
 
@@ -19,6 +20,7 @@ def bitinglip(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
                           timeout=timeout, check=False)
 
 
+@pytest.mark.cluster
 def test_run_embeds_a_sample_corpus_to_parquet(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = bitinglip("run", "--task", "embed", "--model", "all-MiniLM-L6-v2", "--input", "sample:300",
@@ -35,6 +37,7 @@ def test_run_embeds_a_sample_corpus_to_parquet(tmp_path: Path) -> None:
     assert df["id"].tolist() == list(range(300)) and len(df["embedding"].iloc[0]) == 384
 
 
+@pytest.mark.cluster
 def test_run_reads_a_jsonl_file_with_options(tmp_path: Path, tiny_classifier: Path) -> None:
     src = tmp_path / "tickets.jsonl"
     pd.DataFrame({"id": ["t1", "t2", "t3"], "body": ["refund please", "great app", "it crashed"]}).to_json(
@@ -146,6 +149,7 @@ def test_a_busy_port_or_a_dead_scheduler_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.cluster
 def test_resume_skips_committed_partitions(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = bitinglip("run", "--task", "embed", "--model", "all-MiniLM-L6-v2", "--input", "sample:200",

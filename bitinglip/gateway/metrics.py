@@ -1,22 +1,25 @@
-"""Prometheus text metrics of one gateway process, without a client library.
+"""Prometheus metrics of one gateway process, written by ``prometheus_client``.
 
 Counters and a latency histogram live in memory; jobs by state are read
-from Redis at scrape time, so they agree across gateway instances.
+from Redis at scrape time, so they agree across gateway instances.  The
+figures are handed to ``prometheus_client`` as metric families by a
+collector in a registry of this gateway's own: two apps in one process
+(tests) keep their series apart, and no ``*_created`` series appear, which
+``prometheus_client``'s own ``Counter`` would add to every counter.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _labels(**labels: str) -> str:
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in labels.items())
-    return "{" + inner + "}"
+#: rate-limit buckets, exported at 0 before the first refusal so an alert's series exists from the start
+RATE_BUCKETS = ("read", "write")
 
 
 class Metrics:
@@ -42,28 +45,42 @@ class Metrics:
         with self._lock:
             self.rate_limited[bucket] += 1
 
-    def render(self, jobs_by_state: Mapping[str, int]) -> str:
-        out = ["# HELP bitinglip_http_requests_total HTTP requests by method, route and status.",
-               "# TYPE bitinglip_http_requests_total counter"]
+    def families(self, jobs_by_state: Mapping[str, int]) -> list[Metric]:
+        """The gateway's series as ``prometheus_client`` metric families."""
+        # prometheus_client appends _total to a counter's name itself
+        requests = CounterMetricFamily("bitinglip_http_requests", "HTTP requests by method, route and status.",
+                                       labels=("method", "route", "status"))
+        latency = HistogramMetricFamily("bitinglip_http_request_duration_seconds", "Request latency by route.",
+                                        labels=("route",))
+        limited = CounterMetricFamily("bitinglip_rate_limit_rejections", "Requests refused with 429, by bucket.",
+                                      labels=("bucket",))
         with self._lock:
-            for (method, route, status), n in sorted(self.requests.items()):
-                out.append(f"bitinglip_http_requests_total{_labels(method=method, route=route, status=status)} {n}")
-            out += ["# HELP bitinglip_http_request_duration_seconds Request latency by route.",
-                    "# TYPE bitinglip_http_request_duration_seconds histogram"]
+            for labels, n in sorted(self.requests.items()):
+                requests.add_metric(labels, n)
             for route in sorted(self.latency_count):
-                for bound, n in zip(BUCKETS, self.latency_buckets[route]):
-                    out.append(f"bitinglip_http_request_duration_seconds_bucket{_labels(route=route, le=str(bound))} {n}")
-                count = self.latency_count[route]
-                out.append(f"bitinglip_http_request_duration_seconds_bucket{_labels(route=route, le='+Inf')} {count}")
-                out.append(f"bitinglip_http_request_duration_seconds_sum{_labels(route=route)} "
-                           f"{self.latency_sum[route]:.6f}")
-                out.append(f"bitinglip_http_request_duration_seconds_count{_labels(route=route)} {count}")
-            out += ["# HELP bitinglip_rate_limit_rejections_total Requests refused with 429, by bucket.",
-                    "# TYPE bitinglip_rate_limit_rejections_total counter"]
-            for bucket in ("read", "write"):
-                out.append(f"bitinglip_rate_limit_rejections_total{_labels(bucket=bucket)} {self.rate_limited[bucket]}")
-        out += ["# HELP bitinglip_jobs Jobs by state (finished ones within the job TTL).",
-                "# TYPE bitinglip_jobs gauge"]
+                bounds = [*(str(b) for b in BUCKETS), "+Inf"]
+                counts = [*self.latency_buckets[route], self.latency_count[route]]
+                latency.add_metric((route,), list(zip(bounds, counts)), self.latency_sum[route])
+            for bucket in RATE_BUCKETS:
+                limited.add_metric((bucket,), self.rate_limited[bucket])
+        jobs = GaugeMetricFamily("bitinglip_jobs", "Jobs by state (finished ones within the job TTL).",
+                                 labels=("state",))
         for state, n in jobs_by_state.items():
-            out.append(f"bitinglip_jobs{_labels(state=state)} {n}")
-        return "\n".join(out) + "\n"
+            jobs.add_metric((state,), n)
+        return [requests, latency, limited, jobs]
+
+    def render(self, jobs_by_state: Mapping[str, int]) -> str:
+        """The Prometheus text format (version 0.0.4)."""
+        registry = CollectorRegistry()
+        registry.register(_Scrape(self.families(jobs_by_state)))  # type: ignore[arg-type]
+        return generate_latest(registry).decode()
+
+
+class _Scrape:
+    """One scrape's families, as the collector ``prometheus_client`` asks for."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

@@ -1,19 +1,23 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``, written out by hand
-so that it says exactly what the routes accept."""
+"""The OpenAPI 3.1 document served at ``/openapi.json``.
+
+Request bodies come from the same :mod:`~bitinglip.gateway.schemas` models
+the routes check bodies with; the paths, parameters and responses are
+written here, and ``tests/gateway/test_openapi_units.py`` holds them to
+the app's route table and to what each handler returns.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from bitinglip import __version__
+from bitinglip.gateway.schemas import BODIES
 from bitinglip.platform.jobs.vocabulary import STATES, JobState
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PAGE = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
          {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
-_TASK = {"type": "string", "enum": ["embed", "classify", "generate"]}
-_TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 _PARTIAL = {"X-BitingLip-Partial": {"description": "true when the job was cancelled: only its committed rows",
                                     "schema": {"type": "string", "enum": ["true", "false"]}}}
 
@@ -107,13 +111,14 @@ def document() -> dict[str, Any]:
             "/v1/infer": {"post": _op("Small synchronous inference, answered inline",
                                       {"200": _json({"type": "object"})}, body=_ref("InferRequest"),
                                       codes=(401, 403, 413, 422, 429, 502, 503))},
+            "/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"})}, codes=(401, 429))},
             "/metrics": {"get": _op("Prometheus metrics",
                                     {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}},
                                     codes=(401, 429))},
             "/admin/models": {
                 "get": _op("Every model, with paths", {"200": _json({"type": "object"})}),
                 "post": _op("Register a model directory under a name",
-                            {"201": _json(_ref("Model"), "registered"), "200": _json(_ref("Model"), "replaced")},
+                            {"201": _json(_ref("Model"), "registered")},
                             body=_ref("ModelRegistration"), codes=(401, 403, 413, 422, 429, 503)),
             },
             "/admin/models/{name}": {"delete": _op(
@@ -133,20 +138,7 @@ def document() -> dict[str, Any]:
                     "type": "object", "required": ["code", "message", "request_id"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                                    "request_id": {"type": "string"}}}}},
-                "JobRequest": {"type": "object", "required": ["task", "model"], "additionalProperties": False,
-                               "properties": {
-                                   "task": _TASK, "model": {"type": "string"}, "inputs": _TEXTS,
-                                   "input_uri": {"type": "string"}, "text_column": {"type": "string"},
-                                   "options": {"type": "object"},
-                                   "priority": {"type": "integer", "minimum": 1, "maximum": 10},
-                                   "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}},
-                "InferRequest": {"type": "object", "required": ["task", "model", "inputs"],
-                                 "additionalProperties": False,
-                                 "properties": {"task": _TASK, "model": {"type": "string"}, "inputs": _TEXTS,
-                                                "options": {"type": "object"}}},
-                "ModelRegistration": {"type": "object", "required": ["name", "path"], "additionalProperties": False,
-                                      "properties": {"name": {"type": "string"}, "path": {"type": "string"},
-                                                     "task": _TASK}},
+                **{body.name: body.schema() for body in BODIES},
                 "Model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "source": {"type": "string"}}},
                 "ResultPage": {"type": "object", "properties": {

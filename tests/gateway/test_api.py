@@ -313,7 +313,7 @@ def test_metrics_and_openapi(gateway: str, models: dict[str, str]) -> None:
     assert_error(httpx.get(f"{gateway}/metrics"), 401)
     text = httpx.get(f"{gateway}/metrics", headers=h).text
     assert 'bitinglip_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
-    assert 'bitinglip_http_request_duration_seconds_bucket{route="/v1/jobs",le="+Inf"}' in text
+    assert 'bitinglip_http_request_duration_seconds_bucket{le="+Inf",route="/v1/jobs"}' in text
     assert 'bitinglip_jobs{state="queued"}' in text
     spec = get_json(f"{gateway}/openapi.json", h)
     assert spec["openapi"].startswith("3.") and "/v1/jobs/{job_id}/events" in spec["paths"]

@@ -117,6 +117,7 @@ def test_remove_refuses_while_a_running_job_uses_the_version(platform: Any, tiny
     release.clear()
 
 
+@pytest.mark.cluster
 def test_budget_for_one_model_evicts_and_reloads(tmp_path: Path, tiny_encoder: Path, tiny_classifier: Path) -> None:
     import bitinglip
     from bitinglip.platform.tasks.builtin import get_task

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from bitinglip.logs import REQUEST_ID, JsonFormatter
-from bitinglip.platform.ops.opsmetrics import FINISHED_KEPT, Collector, Figures, render
+from bitinglip.platform.ops.ops_plugin import OpsPlugin
+from bitinglip.platform.ops.opsmetrics import FINISHED_KEPT, Collector, Figures
 
 JOB = "a" * 32
 
@@ -78,14 +79,17 @@ def test_text_and_collector_agree_and_parse() -> None:
     figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7}],
                                     "load_seconds": {"m": 1.25}, "load_counts": {"m": 1},
                                     "gpu": {"used": 10, "total": 100}})
+    own_page = OpsPlugin()
+    own_page.figures = figures
     ours = {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in parser.text_string_to_metric_families(render(figures.families())) for s in fam.samples}
-    registry = CollectorRegistry()
+            for fam in parser.text_string_to_metric_families(own_page.metrics_text()) for s in fam.samples}
+    registry = CollectorRegistry()  # as on the scheduler's own /metrics, beside Dask's series
     registry.register(Collector(figures))  # type: ignore[arg-type]
     theirs = {(s.name, tuple(sorted(s.labels.items()))): s.value
               for fam in parser.text_string_to_metric_families(generate_latest(registry).decode())
               for s in fam.samples if not s.name.endswith("_created")}
     assert ours == theirs
+    assert {name for name, _ in ours} >= {fam.name for fam in figures.families()}  # every family has a series
     labels = (("job", JOB), ("model", "m"), ("task", "embed"))
     assert ours[("bitinglip_job_rows_total", labels)] == 18
     assert ours[("bitinglip_job_tokens_total", labels)] == 300

@@ -173,8 +173,8 @@ def test_rest_job_finishes_and_metrics_match_it(stack: dict[str, Any]) -> None:
     assert abs(_metric(own, "bitinglip_job_padding_ratio", job_id) - padding) < 1e-6
     resident = [line for line in own.splitlines() if line.startswith("bitinglip_model_resident_bytes{")]
     assert resident and f'model="{MODEL}"' in resident[0] and float(resident[0].rsplit(" ", 1)[1]) > 1e6
-    assert re.search(rf'bitinglip_model_load_seconds{{worker="[^"]+",model="{MODEL}"}} [0-9.e-]+', own)
-    assert re.search(rf'bitinglip_model_rows_total{{task="embed",model="{MODEL}"}} ', own)
+    assert re.search(rf'bitinglip_model_load_seconds{{model="{MODEL}",worker="[^"]+"}} [0-9.e-]+', own)
+    assert re.search(rf'bitinglip_model_rows_total{{model="{MODEL}",task="embed"}} ', own)
 
     # the gateway's own /metrics counts the submission
     gw = httpx.get(f"{stack['urls']['gateway']}/metrics", headers=stack["headers"], timeout=30).text

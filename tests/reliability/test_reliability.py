@@ -253,6 +253,7 @@ def test_a_detached_job_outlives_its_client(own_platform: bitinglip.Platform, tm
         assert len(list(out_dir.glob("part-*.parquet"))) == 6
 
 
+@pytest.mark.cluster
 def test_scheduler_killed_then_resumed_on_a_new_cluster(tmp_path: Path) -> None:
     n = 2000
     src = tmp_path / "in.parquet"

@@ -20,11 +20,12 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError, InputError, JobFailedError, UnavailableError
+from bitinglip.errors import BitingLipError, JobFailedError, UnavailableError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.routes.jobs import check_task, check_texts
 from bitinglip.gateway.routes.models import resolve
+from bitinglip.gateway.schemas import INFER_REQUEST
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.runner import predict_texts
 from bitinglip.platform.models.names import resolve_model
@@ -121,9 +122,7 @@ async def infer(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:write", INFER)
     body = await read_json(request)
-    unknown = sorted(set(body) - {"task", "model", "inputs", "options"})
-    if unknown:
-        raise InputError(f"unknown field {', '.join(unknown)}; fields are inputs, model, options, task")
+    INFER_REQUEST.check(body)
     options = check_task(body.get("task"), body.get("options"))
     texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
     model = await resolve(gw, body.get("model"))

@@ -37,6 +37,7 @@ from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
 from bitinglip.gateway.routes.models import resolve
+from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED
 from bitinglip.platform.jobs.vocabulary import ANNOTATION, JOB_ID, TERMINAL, JobState, new_job_id, rate_and_eta
@@ -44,8 +45,7 @@ from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
 from bitinglip.platform.tasks.options import is_whole
 from bitinglip.settings import Settings
 
-FIELDS = {"task", "model", "inputs", "input_uri", "text_column", "options", "priority", "idempotency_key"}
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 DEFAULT_PRIORITY = 5
 EVENTS_POLL_S = 0.5
 EVENTS_HEARTBEAT_S = 15.0
@@ -90,9 +90,7 @@ def _input_path(uri: Any, settings: Settings) -> str:
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, header_key: str | None) -> dict[str, Any]:
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise InputError(f"unknown field {', '.join(unknown)}; fields are {', '.join(sorted(FIELDS))}")
+    JOB_REQUEST.check(body)
     options = check_task(body.get("task"), body.get("options"))
     has_inputs, has_uri = body.get("inputs") is not None, body.get("input_uri") is not None
     if has_inputs == has_uri:

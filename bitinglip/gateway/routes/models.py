@@ -17,11 +17,10 @@ from starlette.responses import Response
 from bitinglip.errors import InputError, NotFoundError, UnknownModelError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.ratelimit import WRITE
+from bitinglip.gateway.schemas import MODEL_REGISTRATION
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.models.names import PACKAGED_MODELS
 from bitinglip.platform.models.registry import Registry, parse_ref
-
-ADD_FIELDS = {"name", "source", "task", "dtype", "max_length", "pooling"}
 
 
 def _registered(gw: Gateway) -> dict[str, dict[str, Any]]:
@@ -89,12 +88,7 @@ async def admin_register_model(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "admin", WRITE)
     body = await read_json(request)
-    unknown = sorted(set(body) - ADD_FIELDS)
-    if unknown:
-        raise InputError(f"unknown field {', '.join(unknown)}; expected {', '.join(sorted(ADD_FIELDS))}")
-    for name in ("name", "source", "task"):
-        if not isinstance(body.get(name), str) or not body[name]:
-            raise InputError(f"field {name!r} is required (a string)")
+    MODEL_REGISTRATION.check(body)
     kwargs = {k: body[k] for k in ("dtype", "max_length", "pooling") if k in body}
 
     def add() -> dict[str, Any]:

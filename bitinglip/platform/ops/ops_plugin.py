@@ -10,9 +10,9 @@ server:
 - ``/bitinglip/jobs.json``: the same as JSON,
 - ``/bitinglip/metrics``: the per-job and per-model Prometheus series.
 
-With ``prometheus_client`` installed the same series also appear in the
-scheduler's own ``/metrics``.  ``bitinglip scheduler`` loads it; on any other
-cluster::
+The same series also appear in the scheduler's own ``/metrics``: one
+``prometheus_client`` collector writes both pages.  ``bitinglip scheduler``
+loads the plugin; on any other cluster::
 
     from bitinglip.platform.ops.ops_plugin import install
     install(platform.client)
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import prometheus_client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, parse_task_key
@@ -61,23 +62,16 @@ class OpsPlugin(SchedulerPlugin):
 
             app.add_handlers(r".*", handlers(self))
             add_to_navigation(scheduler)
+        collector = Collector(self.figures)
         try:
-            import prometheus_client
-        except ImportError:
-            log.info("prometheus_client is not installed: per-job series only at /bitinglip/metrics")
+            prometheus_client.REGISTRY.register(collector)  # type: ignore[arg-type]
+        except ValueError:  # a second embedded cluster in this process: the registry is per process
+            log.info("another BitingLip scheduler in this process serves the per-job series of /metrics")
         else:
-            collector = Collector(self.figures)
-            try:
-                prometheus_client.REGISTRY.register(collector)  # type: ignore[arg-type]
-            except ValueError:  # a second embedded cluster in this process: the registry is per process
-                log.info("another BitingLip scheduler in this process serves the per-job series of /metrics")
-            else:
-                self._collector = collector
+            self._collector = collector
 
     async def close(self) -> None:
         if self._collector is not None:
-            import prometheus_client
-
             prometheus_client.REGISTRY.unregister(self._collector)  # type: ignore[arg-type]
             self._collector = None
 
@@ -115,7 +109,7 @@ class OpsPlugin(SchedulerPlugin):
 
     # --- views
     def metrics_text(self) -> str:
-        return render(self.figures.families())
+        return render(self.figures)
 
     def snapshot(self) -> dict[str, Any]:
         jobs = [self._as_rest_shows(f.view()) for f in reversed(self.figures.jobs.values())]

@@ -4,9 +4,11 @@
 (:mod:`bitinglip.platform.ops.ops_plugin`) from task transitions and the
 workers' events: progress (``bitinglip-progress``), partition summaries and
 model residency (both sent by :mod:`bitinglip.worker_plugins.reporter`).
-:meth:`Figures.families` turns them into Prometheus metric families, which
-:func:`render` writes as text and :class:`Collector` hands to
-``prometheus_client`` (so the scheduler's own ``/metrics`` carries them).
+:meth:`Figures.families` turns them into Prometheus metric families and
+:class:`Collector` hands those to ``prometheus_client``: registered in the
+scheduler process it adds them to Dask's own ``/metrics``, and :func:`render`
+writes the same collector's series for ``/bitinglip/metrics`` (one writer,
+so the two pages cannot disagree).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bitinglip.platform.jobs.vocabulary import MANIFEST_PART, TERMINAL, JobState, rate_and_eta
 
@@ -248,25 +253,6 @@ class Figures:
         return out
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def render(families: Sequence[Family]) -> str:
-    """The Prometheus text format (version 0.0.4)."""
-    out: list[str] = []
-    for fam in families:
-        out += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
-        for values, value in fam.samples:
-            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(fam.labels, values))
-            out.append(f"{fam.name}{{{labels}}} {_number(value)}" if labels else f"{fam.name} {_number(value)}")
-    return "\n".join(out) + "\n"
-
-
 class Collector:
     """A ``prometheus_client`` collector over :class:`Figures`; registered in
     the scheduler process, it adds our series to Dask's ``/metrics``."""
@@ -275,8 +261,6 @@ class Collector:
         self.figures = figures
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         for fam in self.figures.families():
             # prometheus_client appends _total to counters itself
             if fam.kind == "counter":
@@ -289,3 +273,10 @@ class Collector:
 
     def describe(self) -> list[Any]:
         return []  # no fixed set: prometheus_client then never calls collect() at registration
+
+
+def render(figures: Figures) -> str:
+    """The Prometheus text format (version 0.0.4) of :class:`Collector`'s series alone."""
+    registry = CollectorRegistry()
+    registry.register(Collector(figures))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()

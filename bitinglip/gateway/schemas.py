@@ -1,0 +1,84 @@
+"""The request bodies the gateway takes, declared once.
+
+Each :class:`BodyModel` names a body's fields, their JSON Schema and which
+are required.  The routes check every body against it (:meth:`BodyModel.check`:
+unknown and missing fields) before their own checks of each value, and
+:mod:`bitinglip.gateway.openapi` publishes :meth:`BodyModel.schema`, so the
+document cannot name a field the route refuses, or miss one it takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitinglip.errors import InputError
+from bitinglip.platform.models.registry import DTYPES, POOLINGS
+from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
+
+#: a REST job's idempotency key; the colon is allowed, the key is stored length-prefixed
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+TASK = {"type": "string", "enum": sorted(BUILTIN_TASKS)}
+TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+OPTIONS = {"type": "object", "description": "the task's options, e.g. {\"normalize\": true} for embed"}
+
+
+@dataclass(frozen=True)
+class BodyModel:
+    """One JSON object body: its fields' schemas, the required ones, and how
+    a refusal words the list of fields."""
+
+    name: str
+    fields: Mapping[str, dict[str, Any]]
+    required: tuple[str, ...]
+    #: extra JSON Schema keywords for the whole body (e.g. "exactly one of")
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: "unknown field x; {fields_word} a, b, c"
+    fields_word: str = "fields are"
+    #: message for a required field that is absent or not a non-empty string; None leaves it to the route
+    required_message: str | None = None
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "required": list(self.required), "additionalProperties": False,
+                "properties": dict(self.fields), **self.extra}
+
+    def check(self, body: Mapping[str, Any]) -> None:
+        """Refuse fields the model does not name (and, where the model says
+        so, a required field that is not a non-empty string)."""
+        unknown = sorted(set(body) - set(self.fields))
+        if unknown:
+            raise InputError(f"unknown field {', '.join(unknown)}; {self.fields_word} {', '.join(sorted(self.fields))}")
+        if self.required_message is not None:
+            for name in self.required:
+                if not isinstance(body.get(name), str) or not body[name]:
+                    raise InputError(self.required_message.format(name=name))
+
+
+JOB_REQUEST = BodyModel("JobRequest", {
+    "task": TASK,
+    "model": {"type": "string", "minLength": 1},
+    "inputs": TEXTS,
+    "input_uri": {"type": "string", "minLength": 1, "maxLength": 2000,
+                  "description": "a file:// URI or path inside the gateway's input directory"},
+    "text_column": {"type": "string", "minLength": 1, "maxLength": 200, "default": "text"},
+    "options": OPTIONS,
+    "priority": {"type": "integer", "minimum": 1, "maximum": 10, "default": 5},
+    "idempotency_key": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+}, required=("task", "model"), extra={"oneOf": [{"required": ["inputs"]}, {"required": ["input_uri"]}]})
+
+INFER_REQUEST = BodyModel("InferRequest", {
+    "task": TASK, "model": {"type": "string", "minLength": 1}, "inputs": TEXTS, "options": OPTIONS,
+}, required=("task", "model", "inputs"))
+
+MODEL_REGISTRATION = BodyModel("ModelRegistration", {
+    "name": {"type": "string", "minLength": 1},
+    "source": {"type": "string", "minLength": 1,
+               "description": "a directory the gateway can read, hf://org/name@commit or pkg://distribution"},
+    "task": {"type": "string", "minLength": 1, "description": "a task name such as embed, classify or generate"},
+    "dtype": {"type": "string", "enum": list(DTYPES), "default": "float32"},
+    "max_length": {"type": "integer", "minimum": 1},
+    "pooling": {"type": "string", "enum": list(POOLINGS)},
+}, required=("name", "source", "task"), fields_word="expected", required_message="field {name!r} is required (a string)")
+
+BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION)
