@@ -35,18 +35,12 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
     """Whether no worker and not the scheduler still holds a task of the
     job's earlier run: a cancelled partition stops only at its next
     micro-batch, and a new task under its key must not meet it."""
+    from bitinglip.platform.cluster.dask_internals import cluster_holds_any
     from bitinglip.platform.ops.status_plugin import job_keys
 
-    keys = set(job_keys(job_id, parts))
-
-    def held(dask_worker: Any) -> bool:
-        return any(key in dask_worker.state.tasks for key in keys)
-
-    def known(dask_scheduler: Any) -> bool:
-        return any(key in dask_scheduler.tasks for key in keys)
-
+    keys = job_keys(job_id, parts)
     deadline = time.monotonic() + SETTLE_S
-    while platform.client.run_on_scheduler(known) or any(platform.client.run(held).values()):
+    while cluster_holds_any(platform.client, keys):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

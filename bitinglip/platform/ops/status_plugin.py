@@ -34,6 +34,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from bitinglip.platform.cluster.dask_internals import scheduler_holds_none
 from bitinglip.platform.jobs.job import JobState
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, TERMINAL, JobStore, flat
 from bitinglip.platform.jobs.runner import PROGRESS_TOPIC, task_key
@@ -255,7 +256,7 @@ class RedisStatusPlugin(SchedulerPlugin):
             if track.submitted:
                 self._seen = ""  # Redis lost it: look at the dataset, restore, write again
                 self._dirty.add(job)
-            elif not any(key in self._scheduler.tasks for key in track.keys):
+            elif scheduler_holds_none(track.keys, self._scheduler):
                 self._jobs.pop(job, None)  # its submission failed, and the gateway removed it
             return
         track.record = record
