@@ -53,6 +53,17 @@ def job_keys(job_id: str, parts: int, manifest: bool = True) -> list[str]:
     return out + [task_key(job_id, "manifest")] if manifest else out
 
 
+def _error_text(key: str, details: dict[str, Any]) -> str:
+    """``{failing task}: {its exception}`` from what the scheduler passes
+    plugins on a move to ``erred``: ``cause`` is the task that failed (the
+    first ``erred`` of a job is always that task's own), ``exception_text``
+    its error; a task failed by the scheduler (a worker died too often, or
+    its result was too large) comes without a text."""
+    text = details.get("exception_text") or "a task failed"
+    where = details.get("cause") or key
+    return f"{where}: {text}"[:2000]
+
+
 @dataclass
 class _Track:
     record: dict[str, str]  # the job's hash as last seen: its id, then what Redis returned
@@ -152,18 +163,9 @@ class RedisStatusPlugin(SchedulerPlugin):
             track.done[index] = max(track.done.get(index, 0), track.totals.get(index, 0))
         elif finish == "erred":
             track.state = JobState.FAILED.value
-            track.error = self._error_text(key)
+            track.error = _error_text(key, kwargs)
         # any other move (released, forgotten: a cancel) only asks for a look at the record
         self._dirty.add(match["job"])
-
-    def _error_text(self, key: str) -> str:
-        ts = self._scheduler.tasks.get(key) if self._scheduler is not None else None
-        if ts is None:
-            return "a task failed"
-        blame = ts.exception_blame
-        text = ts.exception_text or (blame.exception_text if blame is not None else "") or "a task failed"
-        where = blame.key if blame is not None else key
-        return f"{where}: {text}"[:2000]
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != PROGRESS_TOPIC or not isinstance(msg, dict):
