@@ -89,9 +89,9 @@ async def rebuild(store: JobStore, results_dir: Path) -> int:
 
 def _scheduler_knows(platform: Any, job_ids: list[str]) -> list[bool]:
     """Whether the scheduler holds a task of each job (its first partition or manifest)."""
-    wanted = [job_keys(job_id, 1) for job_id in job_ids]
-    return list(platform.client.run_on_scheduler(
-        lambda wanted, dask_scheduler: [any(k in dask_scheduler.tasks for k in ks) for ks in wanted], wanted))
+    from bitinglip.platform.cluster.dask_internals import scheduler_holds_each
+
+    return scheduler_holds_each(platform.client, [job_keys(job_id, 1) for job_id in job_ids])
 
 
 async def sweep_abandoned(store: JobStore, platform: Any, now: float | None = None) -> list[str]:

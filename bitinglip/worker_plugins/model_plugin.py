@@ -30,6 +30,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from bitinglip.errors import BitingLipError, IntegrityError, ModelLoadError, PluginMissingError
+from bitinglip.platform.cluster.dask_internals import worker_memory_limit, worker_resources_declared, worker_threads
 from bitinglip.platform.models.access_log import AccessLog
 from bitinglip.platform.models.integrity import FileVerifier, model_files, refuse_pickle
 from bitinglip.platform.models.names import ModelRef, resolve_model
@@ -104,8 +105,8 @@ class ModelPlugin(WorkerPlugin):
 
         hf_logging.disable_progress_bar()  # one bar per load in every worker's log is noise
 
-        torch.set_num_threads(self.torch_threads or _torch_threads(int(worker.state.nthreads)))
-        wants_gpu = worker.state.total_resources.get("GPU", 0) > 0
+        torch.set_num_threads(self.torch_threads or _torch_threads(worker_threads(worker)))
+        wants_gpu = worker_resources_declared(worker).get("GPU", 0) > 0
         if wants_gpu and torch.cuda.is_available():
             self.device = "cuda:0"  # the nanny pinned CUDA_VISIBLE_DEVICES to one device
             torch.cuda.set_per_process_memory_fraction(self.gpu_memory_fraction, 0)
@@ -269,7 +270,7 @@ def _torch_threads(nthreads: int) -> int:
 
 def _cpu_budget(worker: Any) -> int:
     """Half the worker's memory limit (or of the machine's memory)."""
-    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    limit = worker_memory_limit(worker)
     if not limit:
         import psutil
 

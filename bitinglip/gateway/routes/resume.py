@@ -36,16 +36,10 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
     """Whether no worker and not the scheduler still holds a task of the
     job's earlier run: a cancelled partition stops only at its next
     micro-batch, and a new task under its key must not meet it."""
-    keys = set(job_keys(job_id, parts))
+    from bitinglip.platform.cluster.dask_internals import cluster_holds_any
 
-    def held(dask_worker: Any) -> bool:
-        return any(key in dask_worker.state.tasks for key in keys)
-
-    def known(dask_scheduler: Any) -> bool:
-        return any(key in dask_scheduler.tasks for key in keys)
-
-    return poll(lambda: not (platform.client.run_on_scheduler(known) or any(platform.client.run(held).values())),
-                timeout=SETTLE_S, interval=0.1)
+    keys = job_keys(job_id, parts)
+    return poll(lambda: not cluster_holds_any(platform.client, keys), timeout=SETTLE_S, interval=0.1)
 
 
 async def resume_job(request: Request) -> Response:

@@ -10,8 +10,11 @@ embed about 1.6x faster than one process with two torch threads.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
+
+from distributed import LocalCluster
 
 from bitinglip.settings import Settings
 
@@ -73,34 +76,48 @@ def local_cluster(settings: Settings, n_workers: int | None = None, gpus: int | 
                   dashboard_address: str | None = None, **kwargs: Any) -> Any:
     """Start a LocalCluster laid out for this machine's GPUs or cores."""
     import dask
-    from distributed import LocalCluster, Nanny
 
-    with dask.config.set(_pre_spawn_config()):
-        return _local_cluster(settings, n_workers, gpus, dashboard_address, LocalCluster, Nanny, **kwargs)
-
-
-def _local_cluster(settings: Settings, n_workers: int | None, gpus: int | None, dashboard_address: str | None,
-                   LocalCluster: Any, Nanny: Any, **kwargs: Any) -> Any:  # capitalised: the classes
     gpus = gpu_count() if gpus is None else gpus
     dashboard = settings.dashboard_address if dashboard_address is None else dashboard_address
-    if gpus:
-        n = min(n_workers or settings.max_workers or gpus, gpus)
-        cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True,
-                               dashboard_address=dashboard, **kwargs)
-        template = cluster.new_worker_spec()
-        options = next(iter(template.values()))["options"]
+    with dask.config.set(_pre_spawn_config()):
+        if gpus:
+            n = min(n_workers or settings.max_workers or gpus, gpus)
+            return GPULocalCluster(gpus, n, threads=max(1, cpu_count() // n), dashboard_address=dashboard,
+                                   **kwargs)
+        n = n_workers or settings.max_workers or cpu_count()
         threads = max(1, cpu_count() // n)
-        for i in range(n):
-            cluster.worker_spec[f"gpu-{i}"] = {"cls": Nanny, "options": {
-                **options, "resources": {"GPU": 1}, "name": f"gpu-{i}",
-                "env": {**WORKER_ENV, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(threads)}}}
-        cluster.sync(cluster._correct_state)
-        cluster.wait_for_workers(n)
-        return cluster
-    n = n_workers or settings.max_workers or cpu_count()
-    threads = max(1, cpu_count() // n)
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard,
-                        env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}, **kwargs)
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+                            env={**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}, **kwargs)
+
+
+class GPULocalCluster(LocalCluster):
+    """One worker process per GPU: named ``gpu-{i}``, pinned with
+    ``CUDA_VISIBLE_DEVICES=i``, tagged with the resource ``GPU=1``, with
+    ``threads`` torch threads (``OMP_NUM_THREADS``).  The layout lives in
+    :meth:`new_worker_spec`, as in dask-cuda's ``LocalCUDACluster``, so
+    ``scale()`` keeps it: scaling up takes the lowest free GPU, and scaling
+    past the last GPU is a ``ValueError``."""
+
+    def __init__(self, gpus: int, n_workers: int, *, threads: int = 1, **kwargs: Any) -> None:
+        if not 0 <= n_workers <= gpus:
+            raise ValueError(f"{n_workers} workers for {gpus} GPUs: at most one worker per GPU")
+        self.gpus, self.threads = gpus, threads
+        # LocalCluster lays out its first workers without new_worker_spec: start none,
+        # then scale, which asks new_worker_spec for each
+        super().__init__(n_workers=0, threads_per_worker=1, processes=True, **kwargs)
+        self.scale(n_workers)
+        self.wait_for_workers(n_workers)
+
+    def new_worker_spec(self) -> dict[str, dict[str, Any]]:
+        free = [i for i in range(self.gpus) if f"gpu-{i}" not in self.worker_spec]
+        if not free:
+            raise ValueError(f"each of the {self.gpus} GPUs already has a worker")
+        i = free[0]
+        spec = copy.deepcopy(self.new_spec)
+        spec["options"].update({
+            "name": f"gpu-{i}", "resources": {"GPU": 1},
+            "env": {**WORKER_ENV, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(self.threads)}})
+        return {f"gpu-{i}": spec}
 
 
 def check_reachable(address: str, timeout: float = 5.0, connect: bool = True) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Event
 
 from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
+from bitinglip.platform.cluster.dask_internals import held_for_good, scheduler_holds_none
 from bitinglip.platform.cluster.local import worker_resources
 from bitinglip.platform.jobs.inputs import Partitions, to_partitions
 from bitinglip.platform.jobs.job import Job
@@ -230,7 +231,7 @@ class Platform:
 
         futures = job._all_futures()
         fire_and_forget(futures)
-        if not self._until_scheduler(_held_for_good, [f.key for f in futures], timeout, 0.005):
+        if not self._until_scheduler(held_for_good, [f.key for f in futures], timeout, 0.005):
             raise UnavailableError(f"the scheduler did not take job {job.id} within {timeout:.0f} s")
 
     def _until_scheduler(self, check: Any, keys: list[Any], timeout: float, step: float) -> bool:
@@ -241,7 +242,7 @@ class Platform:
         """Forget an earlier run's futures, and wait until the scheduler has,
         so that a rerun under the same keys starts clean."""
         self.client.cancel(futures, force=True)
-        self._until_scheduler(_all_gone, [f.key for f in futures], timeout, 0.05)
+        self._until_scheduler(scheduler_holds_none, [f.key for f in futures], timeout, 0.05)
 
     def _placement(self, gpu: bool | None) -> bool:
         gpu_addrs = self.gpu_workers()
@@ -394,20 +395,3 @@ def _resolve_on_worker(model: str, dask_worker: Any = None) -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _held_for_good(keys: list[Any], dask_scheduler: Any) -> bool:
-    """On the scheduler: every key is known and either wanted by the
-    fire-and-forget client or already finished (its work is done; the
-    scheduler drops that wish once a task ends)."""
-    for key in keys:
-        ts = dask_scheduler.tasks.get(key)
-        if ts is None:
-            return False
-        if ts.state not in ("memory", "erred") and not any(
-                cs.client_key == "fire-and-forget" for cs in ts.who_wants):
-            return False
-    return True
-
-
-def _all_gone(keys: list[Any], dask_scheduler: Any) -> bool:
-    """On the scheduler: none of the keys is known any more."""
-    return not any(key in dask_scheduler.tasks for key in keys)

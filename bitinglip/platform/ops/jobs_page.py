@@ -115,22 +115,16 @@ class Metrics(_Base):
 def add_to_navigation(scheduler: Any) -> None:
     """Link the Jobs page from the top bar of every dashboard page.
 
-    Dask draws that bar from ``template_variables(scheduler)["pages"]`` of
-    ``distributed.dashboard.scheduler``: memoized per scheduler and shared by
-    every page it renders, so an entry added here shows on all of them.
-    That is Dask's private API; tests/ops/test_jobs_page.py fails loudly if
-    an upgrade moves it."""
-    try:
-        from distributed.dashboard.scheduler import template_variables
-    except ImportError:  # no bokeh: no dashboard to link from
-        return
-    pages = template_variables(scheduler)["pages"]
-    if "jobs" not in pages:
-        pages.append("jobs")  # rendered as <a href="jobs">Jobs</a>; /jobs redirects to the page
+    Through Dask's private API (:func:`dask_internals.add_dashboard_page`);
+    tests/unit/test_dask_internals.py and tests/ops/test_jobs_page.py fail
+    loudly if an upgrade moves it."""
+    from bitinglip.platform.cluster.dask_internals import add_dashboard_page
+
+    add_dashboard_page(scheduler, "jobs")  # rendered as <a href="jobs">Jobs</a>; /jobs redirects to the page
 
 
 def handlers(plugin: Any) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
-    """Routes for ``http_application.add_handlers``."""
+    """Routes for :func:`dask_internals.add_http_routes`."""
     return [(r"/jobs", ToJobs),
             (r"/bitinglip/jobs", JobsPage, {"plugin": plugin}),
             (r"/bitinglip/jobs\.json", JobsJSON, {"plugin": plugin}),

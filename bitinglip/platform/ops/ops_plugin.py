@@ -26,6 +26,12 @@ from typing import Any
 import prometheus_client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from bitinglip.platform.cluster.dask_internals import (
+    add_http_routes,
+    register_worker_plugin_from_scheduler,
+    scheduler_plugins,
+    worker_table,
+)
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, parse_task_key
 from bitinglip.platform.ops.opsmetrics import Collector, Figures, render
 from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
@@ -52,15 +58,11 @@ class OpsPlugin(SchedulerPlugin):
         self.__init__()  # type: ignore[misc]
 
     async def start(self, scheduler: Any) -> None:
-        from distributed.protocol.pickle import dumps
+        from bitinglip.platform.ops.jobs_page import add_to_navigation, handlers
 
         self.scheduler = scheduler
-        await scheduler.register_worker_plugin(None, dumps(ReporterPlugin()), name=REPORTER, idempotent=True)
-        app = getattr(scheduler, "http_application", None)
-        if app is not None:
-            from bitinglip.platform.ops.jobs_page import add_to_navigation, handlers
-
-            app.add_handlers(r".*", handlers(self))
+        await register_worker_plugin_from_scheduler(scheduler, ReporterPlugin(), REPORTER)
+        if add_http_routes(scheduler, handlers(self)):
             add_to_navigation(scheduler)
         collector = Collector(self.figures)
         try:
@@ -114,11 +116,9 @@ class OpsPlugin(SchedulerPlugin):
     def snapshot(self) -> dict[str, Any]:
         jobs = [self._as_rest_shows(f.view()) for f in reversed(self.figures.jobs.values())]
         workers = []
-        for address, ws in sorted((self.scheduler.workers if self.scheduler else {}).items()):
-            report = self.figures.workers.get(address, {})
-            workers.append({"address": address, "name": str(ws.name), "resources": dict(ws.resources or {}),
-                            "memory_bytes": int(ws.memory.process), "memory_limit": int(ws.memory_limit or 0),
-                            "models": report.get("models", []), "gpu": report.get("gpu")})
+        for row in (worker_table(self.scheduler) if self.scheduler else []):
+            report = self.figures.workers.get(row["address"], {})
+            workers.append({**row, "models": report.get("models", []), "gpu": report.get("gpu")})
         return {"jobs": jobs, "workers": workers}
 
 
@@ -126,7 +126,7 @@ class OpsPlugin(SchedulerPlugin):
         """Rows done and state as REST shows them, where the Redis status
         plugin runs on this scheduler: one figure for both views (after a
         cancel, partitions report a few rows more that REST never counts)."""
-        for plugin in (self.scheduler.plugins.values() if self.scheduler else ()):
+        for plugin in (scheduler_plugins(self.scheduler) if self.scheduler else ()):
             shown = plugin.shown(view["job"]) if isinstance(plugin, RedisStatusPlugin) else None
             if shown is not None:
                 state, done = shown

@@ -33,6 +33,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from bitinglip.platform.cluster.dask_internals import scheduler_holds_none
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, JobStore, flat
 from bitinglip.platform.jobs.vocabulary import (
     ANNOTATION,
@@ -46,6 +47,17 @@ from bitinglip.platform.jobs.vocabulary import (
 log = logging.getLogger(__name__)
 #: finished jobs whose records are kept to rebuild Redis
 FINISHED_MAX = 10_000
+
+
+def _error_text(key: str, details: dict[str, Any]) -> str:
+    """``{failing task}: {its exception}`` from what the scheduler passes
+    plugins on a move to ``erred``: ``cause`` is the task that failed (the
+    first ``erred`` of a job is always that task's own), ``exception_text``
+    its error; a task failed by the scheduler (a worker died too often, or
+    its result was too large) comes without a text."""
+    text = details.get("exception_text") or "a task failed"
+    where = details.get("cause") or key
+    return f"{where}: {text}"[:2000]
 
 
 @dataclass
@@ -148,18 +160,9 @@ class RedisStatusPlugin(SchedulerPlugin):
             track.done[index] = max(track.done.get(index, 0), track.totals.get(index, 0))
         elif finish == "erred":
             track.state = JobState.FAILED.value
-            track.error = self._error_text(key)
+            track.error = _error_text(key, kwargs)
         # any other move (released, forgotten: a cancel) only asks for a look at the record
         self._dirty.add(job)
-
-    def _error_text(self, key: str) -> str:
-        ts = self._scheduler.tasks.get(key) if self._scheduler is not None else None
-        if ts is None:
-            return "a task failed"
-        blame = ts.exception_blame
-        text = ts.exception_text or (blame.exception_text if blame is not None else "") or "a task failed"
-        where = blame.key if blame is not None else key
-        return f"{where}: {text}"[:2000]
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != PROGRESS_TOPIC or not isinstance(msg, dict):
@@ -252,7 +255,7 @@ class RedisStatusPlugin(SchedulerPlugin):
             if track.submitted:
                 self._seen = ""  # Redis lost it: look at the dataset, restore, write again
                 self._dirty.add(job)
-            elif not any(key in self._scheduler.tasks for key in track.keys):
+            elif scheduler_holds_none(track.keys, self._scheduler):
                 self._jobs.pop(job, None)  # its submission failed, and the gateway removed it
             return
         track.record = record

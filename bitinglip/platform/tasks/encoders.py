@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bitinglip.platform.tasks.precision import MATMUL_PRECISIONS
+from bitinglip.platform.tasks.torch_internals import Linear, onednn_linear
 
 #: with ``matmul="medium"``, rows of at most this many tokens still run in float32
 SHORT_ROW_TOKENS = 8
@@ -46,23 +47,25 @@ class _Linear:
     float32 weights; in bfloat16, oneDNN's linear kernel (the one
     torch.compile's CPU backend calls), or ``F.linear`` where it is missing."""
 
-    def __init__(self, dtype: Any, onednn: bool = False) -> None:
-        self.dtype, self.onednn = dtype, onednn
+    def __init__(self, dtype: Any, onednn: Linear | None = None) -> None:
+        self.dtype, self.op = dtype, onednn
+
+    @property
+    def onednn(self) -> bool:
+        return self.op is not None
 
     def prepare(self, weight: Any, bias: Any) -> tuple[Any, Any]:
         return weight.detach().to(self.dtype).contiguous(), bias.detach().to(self.dtype)
 
     def __call__(self, x: Any, weight: Any, bias: Any) -> Any:
-        import torch
-
-        if self.onednn:
-            return _blocked(torch.ops.mkldnn._linear_pointwise, x.to(self.dtype), weight, bias)
+        if self.op is not None:
+            return _blocked(self.op, x.to(self.dtype), weight, bias)
         import torch.nn.functional as F
 
         return F.linear(x.to(self.dtype), weight, bias)
 
 
-def _blocked(op: Any, x: Any, weight: Any, bias: Any) -> Any:
+def _blocked(op: Linear, x: Any, weight: Any, bias: Any) -> Any:
     """oneDNN's linear on a bounded set of shapes: oneDNN builds and keeps
     kernels per input shape (0.3-0.6 MB each), and packed batches have any
     number of rows up to the token budget, so a worker's memory grew with
@@ -74,7 +77,7 @@ def _blocked(op: Any, x: Any, weight: Any, bias: Any) -> Any:
     def padded(block: Any) -> Any:
         n = block.shape[0]
         pad = -n % ROW_QUANTUM
-        return op(F.pad(block, (0, 0, 0, pad)) if pad else block, weight, bias, "none", [], "")[:n]
+        return op(F.pad(block, (0, 0, 0, pad)) if pad else block, weight, bias)[:n]
 
     if x.shape[0] <= ROW_BLOCK:  # a CPU micro-batch: one block, no copy
         return padded(x)
@@ -99,8 +102,11 @@ def _build_kernels(linear: _Linear, layer: tuple[Any, ...]) -> None:
 def _bf16_linear() -> _Linear:
     import torch
 
+    op = onednn_linear()
+    if op is None:
+        return _Linear(torch.bfloat16)
     try:
-        probe = _Linear(torch.bfloat16, onednn=True)
+        probe = _Linear(torch.bfloat16, onednn=op)
         w, b = probe.prepare(torch.ones(2, 3), torch.zeros(2))
         if torch.equal(probe(torch.ones(1, 3), w, b), torch.full((1, 2), 3.0, dtype=torch.bfloat16)):
             return probe

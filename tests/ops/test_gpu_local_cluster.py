@@ -1,0 +1,51 @@
+"""The embedded cluster's GPU layout, on a CPU machine that pretends to have
+two GPUs: one worker process per GPU, named ``gpu-{i}``, pinned with
+``CUDA_VISIBLE_DEVICES``, tagged ``GPU=1``, and ``scale()`` keeps that
+layout (GPULocalCluster overrides ``new_worker_spec``).  Starts two worker
+processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from bitinglip.platform.cluster.local import PRE_SPAWN_ENV, GPULocalCluster, local_cluster
+from bitinglip.settings import Settings
+
+
+def _layout(client: Any) -> dict[str, tuple[dict[str, float], str, str, str]]:
+    """Per worker name: its resources, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
+    and the glibc setting the nanny sets before the process starts."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    env = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES", ""), os.environ.get("OMP_NUM_THREADS", ""),
+                              os.environ.get("MALLOC_MMAP_THRESHOLD_", "")))
+    return {w["name"]: (dict(w["resources"]), *env[address]) for address, w in info.items()}
+
+
+def test_scale_keeps_the_gpu_layout(tmp_path: Any) -> None:
+    from distributed import Client
+
+    mmap = PRE_SPAWN_ENV["MALLOC_MMAP_THRESHOLD_"]
+    with local_cluster(Settings(model_cache_dir=tmp_path), n_workers=1, gpus=2, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert isinstance(cluster, GPULocalCluster)
+        threads = str(cluster.threads)
+        assert _layout(client) == {"gpu-0": ({"GPU": 1}, "0", threads, mmap)}
+
+        cluster.scale(2)
+        client.wait_for_workers(2)
+        layout = _layout(client)
+        assert layout["gpu-0"] == ({"GPU": 1}, "0", threads, mmap)
+        assert layout["gpu-1"][:3] == ({"GPU": 1}, "1", threads)
+        assert set(layout) == {"gpu-0", "gpu-1"}
+
+        with pytest.raises(ValueError, match="2 GPUs"):
+            cluster.scale(3)
+        assert set(cluster.worker_spec) == {"gpu-0", "gpu-1"}
+
+
+def test_more_workers_than_gpus_is_refused_before_anything_starts() -> None:
+    with pytest.raises(ValueError, match="3 workers for 2 GPUs"):
+        GPULocalCluster(2, 3)

@@ -1,0 +1,137 @@
+"""Each private Dask API BitingLip uses, against the installed distributed:
+an upgrade that moves one fails here, naming it, not in a job.
+
+One in-process cluster (a thread-based worker, so the test reaches the real
+Scheduler and Worker objects) with a dashboard, for the whole module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from bitinglip.platform.cluster import dask_internals as di
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, Any, Any]]:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0",
+                      resources={"GPU": 1}, memory_limit="1GiB") as lc, Client(lc) as client:
+        client.wait_for_workers(1)
+        yield client, lc.scheduler, next(iter(lc.workers.values()))
+
+
+def _until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_task_tables(cluster: tuple[Any, Any, Any]) -> None:
+    client, scheduler, worker = cluster
+    future = client.submit(sum, [1, 2], key="dask-internals-sum")
+    assert future.result() == 3
+    assert di.scheduler_holds_any(["nope", future.key], scheduler)
+    assert not di.scheduler_holds_none([future.key], scheduler)
+    assert di.scheduler_holds_none(["nope"], scheduler)
+    assert di.worker_holds_any([future.key], worker)
+    assert not di.worker_holds_any(["nope"], worker)
+    assert di.scheduler_holds_each(client, [["nope"], ["nope", future.key]]) == [False, True]
+    assert di.cluster_holds_any(client, [future.key])
+    assert not di.cluster_holds_any(client, ["nope"])
+    future.release()
+    _until(lambda: di.scheduler_holds_none([future.key], scheduler))
+
+
+def test_held_for_good_tells_fire_and_forget_from_a_client_wish(cluster: tuple[Any, Any, Any]) -> None:
+    from distributed import Event, fire_and_forget
+
+    client, scheduler, _ = cluster
+    gate = Event("dask-internals-gate", client=client)
+
+    def wait(name: str) -> int:
+        Event(name).wait(30)
+        return 1
+
+    held = client.submit(wait, gate.name, key="dask-internals-held")
+    forgotten = client.submit(wait, gate.name, key="dask-internals-fire")
+    fire_and_forget(forgotten)
+    _until(lambda: di.scheduler_holds_any([held.key], scheduler) and di.scheduler_holds_any([forgotten.key], scheduler))
+    assert client.run_on_scheduler(di.held_for_good, [forgotten.key])
+    assert not client.run_on_scheduler(di.held_for_good, [held.key, forgotten.key])  # only this client wants it
+    assert not client.run_on_scheduler(di.held_for_good, ["nope"])
+    gate.set()
+    assert held.result() == 1
+    assert client.run_on_scheduler(di.held_for_good, [held.key])  # finished: done, whoever wants it
+
+
+def test_worker_layout(cluster: tuple[Any, Any, Any]) -> None:
+    _, _, worker = cluster
+    assert di.worker_threads(worker) == 2
+    assert di.worker_resources_declared(worker) == {"GPU": 1}
+    assert di.worker_memory_limit(worker) == 2**30
+    assert di.worker_memory_limit(object()) is None
+
+
+def test_worker_table(cluster: tuple[Any, Any, Any]) -> None:
+    _, scheduler, worker = cluster
+    (row,) = di.worker_table(scheduler)
+    assert row["address"] == worker.address and row["name"] == str(worker.name)
+    assert row["resources"] == {"GPU": 1} and row["memory_limit"] == 2**30
+    assert isinstance(row["memory_bytes"], int)
+
+
+def test_scheduler_plugins_and_worker_plugins_from_the_scheduler(cluster: tuple[Any, Any, Any]) -> None:
+    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+
+    client, scheduler, worker = cluster
+
+    class Marker(SchedulerPlugin):
+        name = "dask-internals-marker"
+
+    class Noted(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            worker.dask_internals_noted = True
+
+    client.register_plugin(Marker())
+    assert any(isinstance(p, Marker) for p in di.scheduler_plugins(scheduler))
+
+    async def register(dask_scheduler: Any) -> None:
+        await di.register_worker_plugin_from_scheduler(dask_scheduler, Noted(), "dask-internals-noted")
+
+    client.run_on_scheduler(register)
+    _until(lambda: "dask-internals-noted" in worker.plugins)
+    assert worker.dask_internals_noted
+
+
+def test_dashboard_routes_and_navigation(cluster: tuple[Any, Any, Any]) -> None:
+    from tornado.web import RequestHandler
+
+    _, scheduler, _ = cluster
+
+    class Hello(RequestHandler):
+        def get(self) -> None:
+            self.write("hello")
+
+    assert di.add_http_routes(scheduler, [(r"/dask-internals/hello", Hello)])
+    base = f"http://127.0.0.1:{scheduler.http_server.port}"
+    assert httpx.get(f"{base}/dask-internals/hello", timeout=10).text == "hello"
+
+    from distributed.dashboard.scheduler import template_variables
+
+    di.add_dashboard_page(scheduler, "dask-internals-page")
+    di.add_dashboard_page(scheduler, "dask-internals-page")
+    assert template_variables(scheduler)["pages"].count("dask-internals-page") == 1
+
+
+def test_no_dashboard_no_routes() -> None:
+    class Bare:
+        pass
+
+    assert not di.add_http_routes(Bare(), [])
