@@ -11,9 +11,8 @@
 
 from bitinglip.errors import BitingLipError
 from bitinglip.platform.connect import connect
-from bitinglip.platform.jobs.client import Platform
-from bitinglip.platform.jobs.job import Job, Progress
-from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
+from bitinglip.platform.jobs import Job, Platform, Progress
+from bitinglip.platform.tasks import Batch, Loaded, TaskType
 from bitinglip.settings import Settings, get_settings
 
 __version__ = "0.1.0"

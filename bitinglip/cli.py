@@ -41,7 +41,7 @@ def _sample_input(spec: str, output_dir: str) -> str:
     """``sample:N`` writes N rows of the built-in corpus to Parquet."""
     import pandas as pd
 
-    from bitinglip.platform.jobs.sample import sample_corpus
+    from bitinglip.platform.jobs import sample_corpus
 
     try:
         n = int(spec.split(":", 1)[1])
@@ -56,7 +56,7 @@ def _sample_input(spec: str, output_dir: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
     from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
-    from bitinglip.platform.tasks.builtin import get_task
+    from bitinglip.platform.tasks import get_task
     from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
@@ -107,7 +107,7 @@ def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     import bitinglip
-    from bitinglip.platform.jobs.outputs import RECORD, read_json
+    from bitinglip.platform.jobs import RECORD, read_json
 
     record = read_json(os.path.join(os.path.abspath(args.output), RECORD))
     if record is None:  # before starting a cluster
@@ -141,9 +141,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Start Dask workers for BitingLip on this host: one per GPU with
     ``GPU=1``, else CPU workers; ``dask worker`` does the real work, and is
     started again when it exits (it does when it loses the scheduler)."""
-    from bitinglip.platform.cluster.local import cpu_count, gpu_count, worker_process_env
-    from bitinglip.platform.cluster.processes import supervise
-    from bitinglip.platform.cluster.tls import check_address, dask_cli_arguments, settings_with_tls
+    from bitinglip.platform.cluster import (
+        check_address,
+        cpu_count,
+        dask_cli_arguments,
+        gpu_count,
+        settings_with_tls,
+        supervise,
+        worker_process_env,
+    )
     from bitinglip.settings import get_settings
 
     settings = settings_with_tls(get_settings(), args)
@@ -216,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                         help="start dask worker again when it exits, e.g. after losing the scheduler "
                              "(default: on)")
-    from bitinglip.platform.cluster.tls import add_tls_arguments
+    from bitinglip.platform.cluster import add_tls_arguments
 
     add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
@@ -224,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bitinglip.gateway.serve import register as register_gateway
 
     register_gateway(sub)
-    from bitinglip.platform.models.registry_cli import register as register_models
-    register_models(sub)
-    from bitinglip.platform.cluster.stack import register as register_stack
-    register_stack(sub, load_mint=_gateway_mint)
+    from bitinglip.platform.models import register_model_commands
+    register_model_commands(sub)
+    from bitinglip.platform.cluster import register_stack_commands
+    register_stack_commands(sub, load_mint=_gateway_mint)
     return parser
 
 

@@ -72,20 +72,20 @@ def input_columns(path: Path) -> list[str]:
 def check_text_column(path: Path, text_column: str) -> None:
     columns = input_columns(path)
     if columns:
-        from bitinglip.platform.jobs.inputs import require_column  # pandas: only when a path is checked
+        from bitinglip.platform.jobs import require_column  # pandas: only when a path is checked
 
         require_column(columns, text_column, f"--input {str(path)!r}", "--text-column")
 
 
 def check_model_here(model: str, settings: Any) -> None:
     """An embedded cluster's workers see this machine's files: resolve here."""
-    from bitinglip.platform.models.names import resolve_model
+    from bitinglip.platform.models import resolve_model
 
     resolve_model(model, settings)
 
 
 def check_gpu_here() -> None:
-    from bitinglip.platform.cluster.local import gpu_count
+    from bitinglip.platform.cluster import gpu_count
 
     if not gpu_count():
         raise NoGPUWorkersError("--gpu: this machine has no visible GPU (CUDA is not available to torch); "
@@ -95,7 +95,7 @@ def check_gpu_here() -> None:
 def check_scheduler_reachable(address: str) -> None:
     """A dead scheduler is an error of one line, not a `dask worker`
     traceback half a minute later."""
-    from bitinglip.platform.cluster.local import check_reachable
+    from bitinglip.platform.cluster import check_reachable
 
     try:
         check_reachable(address)

@@ -1,4 +1,5 @@
-"""Reading request bodies and query parameters, with errors that say what is wrong."""
+"""Reading request bodies and query parameters, and checking the fields that
+several routes share (texts, task and options), with errors that say what is wrong."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 
 from bitinglip.errors import InputError
+from bitinglip.platform.tasks import BUILTIN_TASKS, texts_or_error
 
 #: the deepest nesting a body may have; real ones go 3 deep ({"options": {"stop": [...]}})
 MAX_DEPTH = 32
@@ -61,3 +63,29 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     if not low <= value <= high:
         raise InputError(f"query parameter {name}={value} must be between {low} and {high}")
     return value
+
+
+def check_texts(texts: Any, limit: int, max_chars: int, what: str) -> list[str]:
+    if not isinstance(texts, list) or not texts:
+        raise InputError(f"{what} must be a non-empty list of strings")
+    if len(texts) > limit:
+        raise InputError(f"{what} has {len(texts)} rows; the limit is {limit}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"{what}[{i}] must be a string, got {type(text).__name__}")
+        if len(text) > max_chars:
+            raise InputError(f"{what}[{i}] has {len(text)} characters; the limit is {max_chars}")
+        texts_or_error([text], [f"{what}[{i}]"])  # e.g. a lone surrogate
+    return texts
+
+
+def check_task(task: Any, options: Any) -> dict[str, Any]:
+    """Validate the task name and its options; only registered names, never code."""
+    if not isinstance(task, str) or task not in BUILTIN_TASKS:
+        raise InputError(f"task must be one of {', '.join(sorted(BUILTIN_TASKS))}")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InputError("options must be a JSON object")
+    BUILTIN_TASKS[task].check_options(options)
+    return options

@@ -12,7 +12,7 @@ from typing import Any
 
 from bitinglip import __version__
 from bitinglip.gateway.schemas import BODIES
-from bitinglip.platform.jobs.vocabulary import STATES, JobState
+from bitinglip.platform.jobs import STATES, JobState
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}

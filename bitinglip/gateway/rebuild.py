@@ -27,9 +27,7 @@ from typing import Any
 import anyio
 
 from bitinglip.atomic import write_json_atomically
-from bitinglip.platform.jobs.jobstore import MOVED, JobStore
-from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, read_json
-from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, job_keys
+from bitinglip.platform.jobs import MANIFEST, MOVED, RECORD, TERMINAL, JobState, JobStore, job_keys, read_json
 
 log = logging.getLogger("bitinglip.gateway")
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.models.registry import DTYPES, POOLINGS
-from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
+from bitinglip.platform.tasks import BUILTIN_TASKS, DTYPES, POOLINGS
 
 #: a REST job's idempotency key; the colon is allowed, the key is stored length-prefixed
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"

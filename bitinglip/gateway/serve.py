@@ -43,7 +43,7 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from bitinglip.errors import ConfigError
-    from bitinglip.platform.cluster.stack import port_free
+    from bitinglip.platform.cluster import port_free
 
     if not port_free(args.host, args.port):  # before anything starts or prints a token
         raise ConfigError(f"--port {args.port}: in use on {args.host}; stop what listens there or choose another "

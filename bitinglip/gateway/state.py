@@ -1,6 +1,6 @@
 """What one gateway process holds: settings, Redis, the cluster connection,
-and the per-request checks every route goes through (token, scope, address,
-rate limit)."""
+the infer batcher, and the per-request checks every route goes through (token,
+scope, address, rate limit; the caller's own job; a model it may name)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
-from bitinglip.errors import ConfigError, RateLimitedError
+from bitinglip.errors import ConfigError, NotFoundError, RateLimitedError, UnknownModelError
 from bitinglip.gateway import rebuild
 from bitinglip.gateway.auth import Principal, TokenVerifier, mint, verifier
+from bitinglip.gateway.batcher import Batcher
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
-from bitinglip.platform.jobs.jobstore import JobStore
+from bitinglip.platform.jobs import JOB_ID, JobStore
+from bitinglip.platform.models import PACKAGED_MODELS, resolve_listed
 from bitinglip.settings import Settings
 
 log = logging.getLogger("bitinglip.gateway")
@@ -56,8 +58,6 @@ class Gateway:
     async def start(self) -> None:
         import redis.asyncio as aioredis
 
-        from bitinglip.gateway.routes.infer import Batcher
-
         # submissions talk to the scheduler and write files: their own threads,
         # so that reads (on anyio's default pool) never wait behind them
         self.submissions = anyio.CapacityLimiter(self.settings.submit_threads)
@@ -79,7 +79,7 @@ class Gateway:
 
     def _connect(self) -> Any:
         import bitinglip
-        from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
+        from bitinglip.platform.ops import RedisStatusPlugin
 
         platform = bitinglip.connect(self.settings.scheduler_address, settings=self.settings)
         assert self.settings.redis_url is not None
@@ -118,3 +118,21 @@ class Gateway:
         """A JSON response carrying the caller's rate-limit headers."""
         return JSONResponse(body, status_code=status,
                             headers={**getattr(conn.state, "ratelimit", {}), **(headers or {})})
+
+    async def own_job(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        """The caller's job; someone else's is as absent as a missing one."""
+        job = await self.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        if job is None or job.get("owner") != principal.sub:
+            raise NotFoundError(f"no job {job_id!r}")
+        return job
+
+    async def listed_model(self, name: Any) -> str:
+        """The model reference to hand the cluster: a packaged or registered
+        model (``name@version`` pins a registry version); unknown names and
+        paths are refused."""
+        if isinstance(name, str) and name in PACKAGED_MODELS:
+            return name  # no registry read, no thread: the common case of /v1/infer
+        try:
+            return await anyio.to_thread.run_sync(resolve_listed, name, self.settings)
+        except UnknownModelError:
+            raise UnknownModelError(f"unknown model {name!r}; GET /v1/models lists the models you can use") from None

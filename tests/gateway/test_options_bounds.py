@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bitinglip.errors import BitingLipError, InputError
-from bitinglip.gateway.routes.infer import Batcher
+from bitinglip.gateway.batcher import Batcher
 from bitinglip.platform.cluster.local import worker_resources
 from bitinglip.platform.tasks.builtin import BUILTIN_TASKS
 

@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse, Response
 
 from bitinglip import __version__
 from bitinglip.gateway.handlers import scrub
-from bitinglip.gateway.routes.models import catalogue
 from bitinglip.gateway.state import Gateway
+from bitinglip.platform.models import catalogue
 
 CHECK_TIMEOUT_S = 5.0
 
@@ -26,7 +26,7 @@ async def _models(gw: Gateway) -> dict[str, Any]:
                              "cache_dir_readable": readable}
     try:
         with anyio.fail_after(CHECK_TIMEOUT_S):
-            entry["registry_size"] = len(await catalogue(gw))
+            entry["registry_size"] = len(await anyio.to_thread.run_sync(catalogue, gw.settings))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         entry.update(status="down", error=scrub(f"registry: {type(exc).__name__}: {exc}"))
     return entry

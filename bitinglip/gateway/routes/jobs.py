@@ -23,58 +23,21 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bitinglip.errors import (
-    BitingLipError,
-    ConflictError,
-    InputError,
-    NotFoundError,
-    OutputWriteError,
-    UnavailableError,
-)
-from bitinglip.gateway.auth import Principal
-from bitinglip.gateway.body import query_int, read_json
-from bitinglip.gateway.handlers import scrub
+from bitinglip.errors import BitingLipError, ConflictError, InputError, NotFoundError
+from bitinglip.gateway.body import check_task, check_texts, query_int, read_json
+from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.job_view import view
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.rebuild import REST_INPUTS, write_rest_record
-from bitinglip.gateway.routes.models import resolve
 from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.jobstore import MISSING, MOVED
-from bitinglip.platform.jobs.vocabulary import ANNOTATION, JOB_ID, TERMINAL, JobState, new_job_id, rate_and_eta
-from bitinglip.platform.tasks.builtin import BUILTIN_TASKS, texts_or_error
-from bitinglip.platform.tasks.options import is_whole
+from bitinglip.platform.jobs import MISSING, MOVED, TERMINAL, JobState, new_job_id
+from bitinglip.platform.tasks import is_whole
 from bitinglip.settings import Settings
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 DEFAULT_PRIORITY = 5
 EVENTS_POLL_S = 0.5
 EVENTS_HEARTBEAT_S = 15.0
-
-
-def check_texts(texts: Any, limit: int, max_chars: int, what: str) -> list[str]:
-    if not isinstance(texts, list) or not texts:
-        raise InputError(f"{what} must be a non-empty list of strings")
-    if len(texts) > limit:
-        raise InputError(f"{what} has {len(texts)} rows; the limit is {limit}")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"{what}[{i}] must be a string, got {type(text).__name__}")
-        if len(text) > max_chars:
-            raise InputError(f"{what}[{i}] has {len(text)} characters; the limit is {max_chars}")
-        texts_or_error([text], [f"{what}[{i}]"])  # e.g. a lone surrogate
-    return texts
-
-
-def check_task(task: Any, options: Any) -> dict[str, Any]:
-    """Validate the task name and its options; only registered names, never code."""
-    if not isinstance(task, str) or task not in BUILTIN_TASKS:
-        raise InputError(f"task must be one of {', '.join(sorted(BUILTIN_TASKS))}")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise InputError("options must be a JSON object")
-    BUILTIN_TASKS[task].check_options(options)
-    return options
 
 
 def _input_path(uri: Any, settings: Settings) -> str:
@@ -110,67 +73,11 @@ def parse_submission(body: dict[str, Any], settings: Settings, header_key: str |
             "priority": priority, "idempotency_key": key, "text_column": text_column}
 
 
-def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
-    """A job's public record, with rate and ETA worked out from Redis's figures."""
-    done, total = job.get("rows_done", 0), job.get("rows_total")
-    if job["state"] == JobState.SUCCEEDED.value and total is not None:
-        done = total  # parts resumed from committed output send no progress events
-    started, finished = job.get("started_at"), job.get("finished_at")
-    state = job["state"]
-    rate, eta = rate_and_eta(done, total, started, finished or time.time(), state)
-    out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
-           "priority": job.get("priority"), "rows_done": done, "rows_total": total,
-           "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
-           "error": job.get("error") and scrub(job["error"]), "created_at": job.get("created_at"), "started_at": started,
-           "finished_at": finished, "idempotency_key": job.get("idempotency_key")}
-    if admin:
-        out["owner"] = job.get("owner")
-    return out
-
-
-async def own_job(gw: Gateway, principal: Principal, job_id: str) -> dict[str, Any]:
-    """The caller's job; someone else's is as absent as a missing one."""
-    job = await gw.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
-    if job is None or job.get("owner") != principal.sub:
-        raise NotFoundError(f"no job {job_id!r}")
-    return job
-
-
-def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
-            record: dict[str, Any]) -> tuple[int, int]:
-    """On a worker thread: hand the job to the cluster and let go of it
-    (also to resume it: same job id, same output, same inputs)."""
-    import dask
-
-    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
-    write_rest_record(output, record)
-    # only the id (and, for a resume, the gateway's own clock): the scheduler serialises
-    # annotations with msgpack, and a caller's value it cannot encode (an int of 2**64)
-    # would drop every worker
-    marker: dict[str, Any] = {"id": job_id}
-    if record.get("resumed_at"):
-        marker["resumed_at"] = float(record["resumed_at"])  # the status plugin follows the job again
-    with dask.annotate(priority=sub["priority"], **{ANNOTATION: marker}):
-        job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
-                              text_column=sub["text_column"], options=sub["options"], job_id=job_id,
-                              input_root=platform.settings.input_dir)
-    platform.detach(job)  # the job survives this process from here on
-    return job.total, len(job.futures)
-
-
-def refusal(exc: BaseException) -> BitingLipError:
-    """What a failed hand-over tells the caller."""
-    if isinstance(exc, OSError):  # the job's record and inputs are written here, on the gateway's own disk
-        return OutputWriteError(f"the gateway cannot write to its results folder ({exc.strerror or exc}); "
-                                "it is full or not writable: nothing was submitted")
-    return UnavailableError(f"the cluster refused the job: {type(exc).__name__}: {exc}")
-
-
 async def submit_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write", WRITE)
     sub = parse_submission(await read_json(request), gw.settings, request.headers.get("idempotency-key"))
-    model = await resolve(gw, sub["model"])
+    model = await gw.listed_model(sub["model"])
     job_id = new_job_id()
     output = str(gw.settings.results_dir / job_id)
     fields = {"task": sub["task"], "model": sub["model"], "priority": sub["priority"], "output": output,
@@ -227,13 +134,13 @@ async def _page(request: Request, gw: Gateway, owner: str | None, admin: bool = 
 async def get_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:read")
-    return gw.json(request, view(await own_job(gw, principal, request.path_params["job_id"])))
+    return gw.json(request, view(await gw.own_job(principal, request.path_params["job_id"])))
 
 
 async def cancel_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write")
-    job = await own_job(gw, principal, request.path_params["job_id"])
+    job = await gw.own_job(principal, request.path_params["job_id"])
     outcome = await gw.store.transition(job["id"], JobState.CANCELLED.value, {"finished_at": time.time()})
     if outcome != MOVED:
         current = await gw.store.get(job["id"])
@@ -247,7 +154,7 @@ async def cancel_job(request: Request) -> Response:
 async def job_events(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:read")
-    job = await own_job(gw, principal, request.path_params["job_id"])
+    job = await gw.own_job(principal, request.path_params["job_id"])
 
     async def stream() -> AsyncIterator[str]:
         last: dict[str, Any] | None = None

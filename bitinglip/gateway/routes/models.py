@@ -14,43 +14,12 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import InputError, NotFoundError, UnknownModelError
+from bitinglip.errors import NotFoundError, UnknownModelError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import MODEL_REGISTRATION
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.models.names import PACKAGED_MODELS
-from bitinglip.platform.models.registry import Registry, parse_ref
-
-
-def _registered(gw: Gateway) -> dict[str, dict[str, Any]]:
-    """The newest version of each registered model, by name."""
-    newest: dict[str, dict[str, Any]] = {}
-    for manifest in Registry(gw.settings).list():  # by name, then version: the last one wins
-        newest[manifest.name] = {**manifest.summary(), "source_kind": "registered"}
-    return newest
-
-
-async def catalogue(gw: Gateway) -> dict[str, dict[str, Any]]:
-    """Every usable model by name; registered names win over packaged ones."""
-    found: dict[str, dict[str, Any]] = {name: {"name": name, "source_kind": "package"} for name in PACKAGED_MODELS}
-    found.update(await anyio.to_thread.run_sync(_registered, gw))
-    return found
-
-
-async def resolve(gw: Gateway, name: Any) -> str:
-    """The model reference to hand the cluster; unknown names are refused.
-    ``name@version`` pins a registry version."""
-    if not isinstance(name, str) or not name:
-        raise InputError("model must be a non-empty string")
-    if name in PACKAGED_MODELS:
-        return name
-    try:
-        parse_ref(name)
-        await anyio.to_thread.run_sync(Registry(gw.settings).locate, name)
-    except (InputError, UnknownModelError):
-        raise UnknownModelError(f"unknown model {name!r}; GET /v1/models lists the models you can use") from None
-    return name
+from bitinglip.platform.models import Registry, catalogue
 
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
@@ -61,14 +30,14 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:read")
-    models = [_public(e) for e in (await catalogue(gw)).values()]
+    models = [_public(e) for e in (await anyio.to_thread.run_sync(catalogue, gw.settings)).values()]
     return gw.json(request, {"models": models, "count": len(models)})
 
 
 async def get_model(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:read")
-    entry = (await catalogue(gw)).get(request.path_params["name"])
+    entry = (await anyio.to_thread.run_sync(catalogue, gw.settings)).get(request.path_params["name"])
     if entry is None:
         raise NotFoundError(f"no model {request.path_params['name']!r}")
     return gw.json(request, _public(entry))

@@ -21,10 +21,8 @@ from starlette.responses import FileResponse, Response
 
 from bitinglip.errors import ConflictError, NotFoundError, UnavailableError
 from bitinglip.gateway.body import query_int
-from bitinglip.gateway.routes.jobs import own_job
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, committed_parts, committed_summary, read_json
-from bitinglip.platform.jobs.vocabulary import JobState
+from bitinglip.platform.jobs import MANIFEST, RECORD, JobState, committed_parts, committed_summary, read_json
 
 MAX_PAGE = 1000
 PARTIAL_HEADER = "X-BitingLip-Partial"
@@ -81,7 +79,7 @@ async def _readable(request: Request) -> tuple[Gateway, dict[str, Any], bool]:
     """The caller's job, once it has results to read; and whether they are partial."""
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:read")
-    job = await own_job(gw, principal, request.path_params["job_id"])
+    job = await gw.own_job(principal, request.path_params["job_id"])
     if job["state"] not in (JobState.SUCCEEDED.value, JobState.CANCELLED.value):
         raise ConflictError(f"job {job['id']} is {job['state']}; results come when it has succeeded "
                             "(or, partial, once it is cancelled)")

@@ -17,13 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bitinglip.errors import BitingLipError, ConflictError, UnavailableError
+from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.job_view import view
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS
-from bitinglip.gateway.routes.jobs import hand_over, own_job, refusal, view
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs.jobstore import MISSING, MOVED
-from bitinglip.platform.jobs.outputs import read_json
-from bitinglip.platform.jobs.vocabulary import JobState, job_keys
+from bitinglip.platform.jobs import MISSING, MOVED, JobState, job_keys, read_json
 from bitinglip.polling import poll
 
 #: the states a job may be resumed from: it ended without all of its rows
@@ -45,7 +44,7 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
 async def resume_job(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write", WRITE)
-    job = await own_job(gw, principal, request.path_params["job_id"])
+    job = await gw.own_job(principal, request.path_params["job_id"])
     if job["state"] not in RESUMABLE:
         raise ConflictError(f"job {job['id']} is {job['state']}; only cancelled or failed jobs can be resumed")
     saved = await anyio.to_thread.run_sync(read_json, os.path.join(job["output"], REST_INPUTS))

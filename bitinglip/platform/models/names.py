@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bitinglip.errors import UnknownModelError
-from bitinglip.platform.models.registry import Registry, is_ref
+from bitinglip.errors import InputError, UnknownModelError
+from bitinglip.platform.models.registry import Registry, is_ref, parse_ref
 from bitinglip.platform.models.sources import package_dir
 from bitinglip.settings import Settings, get_settings
 
@@ -76,3 +77,30 @@ def resolve_model(name: str, settings: Settings | None = None) -> ModelRef:
             return ModelRef(name, str(cached))
         tried.append(f"{str(cached)!r} under MODEL_CACHE_DIR")
     raise UnknownModelError(f"unknown model {name!r}: tried " + "; ".join(tried))
+
+
+def catalogue(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Every model a caller may name without a path, by name: the packaged
+    ones and the newest version of each registered one (a registered name
+    wins over a packaged one).  Reads the registry: blocking."""
+    found: dict[str, dict[str, Any]] = {name: {"name": name, "source_kind": "package"} for name in PACKAGED_MODELS}
+    for manifest in Registry(settings or get_settings()).list():  # by name, then version: the last one wins
+        found[manifest.name] = {**manifest.summary(), "source_kind": "registered"}
+    return found
+
+
+def resolve_listed(name: Any, settings: Settings | None = None) -> str:
+    """``name`` when it is a packaged or registered model (``name@version``
+    pins a registry version), never a path: what a remote caller may name.
+    Raises :class:`InputError` for a non-string and :class:`UnknownModelError`
+    for any other name.  Reads the registry: blocking."""
+    if not isinstance(name, str) or not name:
+        raise InputError("model must be a non-empty string")
+    if name in PACKAGED_MODELS:
+        return name
+    try:
+        parse_ref(name)
+        Registry(settings or get_settings()).locate(name)
+    except (InputError, UnknownModelError):
+        raise UnknownModelError(f"unknown model {name!r}: neither packaged nor registered") from None
+    return name
