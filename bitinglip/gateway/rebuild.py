@@ -87,7 +87,7 @@ async def rebuild(store: JobStore, results_dir: Path) -> int:
 
 def _scheduler_knows(platform: Any, job_ids: list[str]) -> list[bool]:
     """Whether the scheduler holds a task of each job (its first partition or manifest)."""
-    from bitinglip.platform.cluster.dask_internals import scheduler_holds_each
+    from bitinglip.platform.cluster import scheduler_holds_each
 
     return scheduler_holds_each(platform.client, [job_keys(job_id, 1) for job_id in job_ids])
 

@@ -35,7 +35,7 @@ def settled(platform: Any, job_id: str, parts: int) -> bool:
     """Whether no worker and not the scheduler still holds a task of the
     job's earlier run: a cancelled partition stops only at its next
     micro-batch, and a new task under its key must not meet it."""
-    from bitinglip.platform.cluster.dask_internals import cluster_holds_any
+    from bitinglip.platform.cluster import cluster_holds_any
 
     keys = job_keys(job_id, parts)
     return poll(lambda: not cluster_holds_any(platform.client, keys), timeout=SETTLE_S, interval=0.1)

@@ -5,6 +5,7 @@ Modules inside the platform import each other by module path (``bitinglip.platfo
 """
 
 from bitinglip.platform.cluster.bootstrap import check_main_guard
+from bitinglip.platform.cluster.dask_internals import cluster_holds_any, scheduler_holds_each
 from bitinglip.platform.cluster.local import (
     check_reachable,
     cpu_count,
@@ -24,6 +25,6 @@ from bitinglip.platform.cluster.tls import (
     settings_with_tls,
 )
 
-__all__ = ["add_tls_arguments", "check_address", "check_main_guard", "check_reachable", "cpu_count",
-           "dask_cli_arguments", "gpu_count", "local_cluster", "port_free", "register_stack_commands", "security",
+__all__ = ["add_tls_arguments", "check_address", "check_main_guard", "check_reachable", "cluster_holds_any", "cpu_count",
+           "dask_cli_arguments", "gpu_count", "local_cluster", "port_free", "register_stack_commands", "scheduler_holds_each", "security",
            "settings_with_tls", "supervise", "worker_process_env", "worker_resources"]
