@@ -318,8 +318,10 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
     h = auth(user())
     texts = [f"resume row {i} goes on" for i in range(2000)]
     r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+                   # 64 new tokens a row: long enough that a cancel at the first commit lands mid-job even on a
+                   # quiet machine (at 8 the whole job could finish before the cancel)
                    json={"task": "generate", "model": "tiny-gpt2", "inputs": texts,
-                         "options": {"max_new_tokens": 8}})
+                         "options": {"max_new_tokens": 64}})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     url = f"{gateway}/v1/jobs/{job_id}"
