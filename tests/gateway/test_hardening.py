@@ -316,12 +316,13 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
     from bitinglip.gateway.routes.resume import settled
 
     h = auth(user())
-    texts = [f"resume row {i} goes on" for i in range(2000)]
+    # 5,000 rows (the test gateway's limit) of 100 new tokens: 8 partitions of 625, each several seconds, so a
+    # cancel at the first commit lands with partitions still queued even on a quiet machine (2,000 rows of 8
+    # tokens could all commit before it)
+    texts = [f"row {i}" for i in range(5000)]  # short: the test gateway takes bodies of up to 200 kB
     r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
-                   # 64 new tokens a row: long enough that a cancel at the first commit lands mid-job even on a
-                   # quiet machine (at 8 the whole job could finish before the cancel)
                    json={"task": "generate", "model": "tiny-gpt2", "inputs": texts,
-                         "options": {"max_new_tokens": 64}})
+                         "options": {"max_new_tokens": 100}})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     url = f"{gateway}/v1/jobs/{job_id}"
