@@ -288,7 +288,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
                              check=False, capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+        pytest.skip(reason=f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
         yield disk
     finally:

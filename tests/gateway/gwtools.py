@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,18 @@ __all__ = ["free_port"]  # re-exported for the gateway tests
 
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
+
+
+def new_user(prefix: str) -> str:
+    """A token subject of its own, so that a test's jobs and rate limits are its alone."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    """GET ``url``; it must answer 200."""
+    r = httpx.get(url, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
 
 
 def make_token(sub: str, scopes: str = "jobs:read jobs:write", ttl: int = 600, key: str = SECRET,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -15,19 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from gwtools import SECRET, auth, make_token, wait_for
+from gwtools import SECRET, auth, get_json, make_token, new_user, wait_for
 
 TEXTS = [f"row {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(50)]
 
 
 def user() -> str:
-    return f"user-{uuid.uuid4().hex[:8]}"
-
-
-def get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    r = httpx.get(url, headers=headers, timeout=30)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
+    return new_user("user")
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gwtools import SECRET, auth, free_port, wait_for
+from gwtools import SECRET, auth, free_port, get_json, new_user, wait_for
 
 from bitinglip.settings import Settings
 
@@ -29,13 +29,7 @@ TEXTS = [f"row {i}: a sentence to embed {i % 5}" for i in range(40)]
 
 
 def user() -> str:
-    return f"hard-{uuid.uuid4().hex[:8]}"
-
-
-def get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    r = httpx.get(url, headers=headers, timeout=30)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
+    return new_user("hard")
 
 
 # --- 14.5: a pool sized to the gateway's concurrency

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-from gwtools import auth, serve, wait_for
+from gwtools import auth, get_json, serve, wait_for
 
 from bitinglip.settings import Settings
-
-
-def get_json(url: str, headers: dict[str, str]) -> dict[str, object]:
-    r = httpx.get(url, headers=headers, timeout=30)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 def test_a_link_out_of_the_input_dir_is_refused_over_rest(gw_settings: Settings, models: dict[str, str],
