@@ -194,4 +194,4 @@ def _transformers(path: str, device: str, options: Mapping[str, Any], tokenizer:
     # an lm_head tied to the input embeddings is not saved and not reported missing
     refuse_untrained("generate", report["missing_keys"], f"model at {path}")
     model = model.to(device).eval()
-    return HFEngine(model, tokenizer, device), model
+    return HFEngine(model, tokenizer), model
