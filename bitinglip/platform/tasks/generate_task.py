@@ -27,6 +27,7 @@ from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult
 from bitinglip.platform.tasks.generation import (
     SAMPLING_DEFAULTS,
     GenRow,
+    check_param,
     check_row,
     check_sampling,
     fit,
@@ -60,6 +61,7 @@ class Generate(TaskType):
         if isinstance(options, Mapping) and "max_new_tokens" in options:  # the older name of max_tokens
             if "max_tokens" in options:
                 raise InputError("options max_new_tokens and max_tokens are the same option; give one")
+            check_param("max_tokens", options["max_new_tokens"], given="max_new_tokens")  # named as given
             options = {**{k: v for k, v in options.items() if k != "max_new_tokens"},
                        "max_tokens": options["max_new_tokens"]}
         merged = super().check_options(options)

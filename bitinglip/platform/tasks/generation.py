@@ -37,10 +37,11 @@ SAMPLING_DEFAULTS: Mapping[str, Any] = {
 ALIASES = {"max_new_tokens": "max_tokens"}
 
 
-def check_param(name: str, value: Any, where: str = "option") -> Any:
-    """One sampling parameter, bounded (``where`` prefixes the message: "option" or "row 7: params")."""
+def check_param(name: str, value: Any, where: str = "option", given: str | None = None) -> Any:
+    """One sampling parameter, bounded (``where`` prefixes the message: "option" or "row 7: params";
+    ``given``: the name the caller used, an alias of ``name``)."""
     try:
-        return _CHECKS[name](name, value)
+        return _CHECKS[name](given or name, value)
     except InputError as exc:
         text = str(exc)
         raise InputError(text.replace("option ", f"{where} ", 1) if where != "option" else text) from None
@@ -111,7 +112,7 @@ def check_sampling(options: Mapping[str, Any], where: str = "option") -> dict[st
             continue
         if raw != name and name in options:
             raise InputError(f"{where} {raw} and {name} are the same parameter; give one")
-        out[name] = check_param(name, value, where)
+        out[name] = check_param(name, value, where, raw)
     return out
 
 

@@ -70,7 +70,9 @@ class VllmEngine(Engine):
         from vllm import LLM
 
         kwargs: dict[str, Any] = {"model": path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel,
-                                  "max_model_len": max_model_len, "disable_log_stats": False}
+                                  "max_model_len": max_model_len, "disable_log_stats": False,
+                                  # compact JSON: the whitespace a grammar allows would otherwise eat the budget
+                                  "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
         if device.startswith("cuda"):
             kwargs["gpu_memory_utilization"] = gpu_memory_fraction
         else:
