@@ -247,7 +247,7 @@ class ModelPlugin(WorkerPlugin):
     def resident_info(self) -> list[dict[str, Any]]:
         """What is loaded here, least recently used first (for placement and admins)."""
         return [{"task": e.task, "model": e.model, "dtype": e.dtype, "version": e.version, "path": e.path,
-                 "bytes": e.nbytes, "held": e.held} for e in self.residency.entries()]
+                 "bytes": e.nbytes, "held": e.held, **_engine_info(e)} for e in self.residency.entries()]
 
     def teardown(self, worker: Any) -> None:
         for entry in self.residency.clear():
@@ -261,6 +261,14 @@ class ModelPlugin(WorkerPlugin):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+
+def _engine_info(entry: Entry) -> dict[str, Any]:
+    """A generation engine's name and figures (KV cache, requests in flight), for metrics."""
+    engine = entry.loaded.info.get("engine") if entry.loaded is not None else None
+    if engine is None:
+        return {}
+    return {"engine": engine.name, **{k: float(v) for k, v in engine.stats().items()}}
 
 
 def _close(entry: Entry) -> None:

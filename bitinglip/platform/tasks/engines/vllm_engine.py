@@ -131,7 +131,14 @@ class VllmEngine(Engine):
     def stats(self) -> dict[str, float]:
         with self._lock:
             running = len(self._calls)
-        return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes)}
+            usage = 0.0
+            try:  # vLLM's own gauge (its stat loggers are on: disable_log_stats=False)
+                for metric in self._engine.get_metrics() if self._engine is not None else ():
+                    if metric.name == "vllm:kv_cache_usage_perc":
+                        usage = float(getattr(metric, "value", 0.0) or 0.0)
+            except Exception:
+                log.debug("no KV cache figure from vLLM", exc_info=True)
+        return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes), "kv_cache_usage": usage}
 
     def shutdown(self) -> None:
         with self._lock:
