@@ -60,11 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
-    get_task(args.task).check_options(dict(args.option))
+    task = get_task(args.task)
+    task.check_options(dict(args.option))
     if not args.input.startswith("sample:"):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
-        check_text_column(Path(args.input), args.text_column)
+        check_text_column(Path(args.input), args.text_column, task.text_alternatives)
     if args.address is None:  # the embedded cluster's workers run here: so do these checks
         check_model_here(args.model, get_settings())
         if args.gpu:
