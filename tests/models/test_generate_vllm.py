@@ -207,3 +207,34 @@ def test_no_engine_process_outlives_the_worker(llama: Path, tmp_path: Path) -> N
         pids = list(platform.client.run(lambda: __import__("os").getpid()).values())
     _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
     assert alive == []
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_chat_files_with_params_read_back_every_way(gen: Any, llama: Path, tmp_path: Path, fmt: str) -> None:
+    """A file of chats and prompts with per-row params (JSONL objects, Parquet list and struct columns),
+    through the workers' readers, and the output folder read back with pandas, pyarrow and Dask."""
+    import dask.dataframe as dd
+    import pyarrow.dataset as ds
+
+    rows = [{"id": i, "text": None if i % 3 == 0 else f"prompt {i}",
+             "messages": [{"role": "user", "content": f"chat {i}"}] if i % 3 == 0 else None,
+             "params": {"max_tokens": 3 + i % 5, "ignore_eos": True, "seed": i}} for i in range(40)]
+    rows[7]["params"] = {"max_tokens": 0}  # a bad row: out of range
+    path = tmp_path / f"in.{fmt}"
+    frame = pd.DataFrame(rows)
+    if fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    out = tmp_path / "out"
+    job = gen.submit("generate", model=str(llama), inputs=str(path), output=str(out),
+                     options={"engine": "vllm", "max_tokens": 8}, partition_rows=16)
+    job.wait()
+    errors = job.errors()
+    assert errors["id"].tolist() == [7] and "max_tokens" in errors["reason"].iloc[0]
+    for table in (pd.read_parquet(out), ds.dataset(str(out)).to_table().to_pandas(),
+                  dd.read_parquet(str(out)).compute()):
+        table = table.sort_values("id").reset_index(drop=True)
+        assert table["id"].tolist() == [i for i in range(40) if i != 7]
+        want = [3 + i % 5 for i in range(40) if i != 7]
+        assert table["completion_tokens"].tolist() == want
