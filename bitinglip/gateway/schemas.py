@@ -80,4 +80,24 @@ MODEL_REGISTRATION = BodyModel("ModelRegistration", {
     "pooling": {"type": "string", "enum": list(POOLINGS)},
 }, required=("name", "source", "task"), fields_word="expected", required_message="field {name!r} is required (a string)")
 
-BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION)
+#: the endpoints a batch may run (OpenAI's names); the chat and text completions need generation rows (issue 16)
+BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+
+BATCH_REQUEST = BodyModel("BatchRequest", {
+    "input_file_id": {"type": "string", "minLength": 1, "description": "a file uploaded with purpose=batch"},
+    "endpoint": {"type": "string", "enum": list(BATCH_ENDPOINTS)},
+    "completion_window": {"type": "string", "enum": ["24h"]},
+    "metadata": {"type": ["object", "null"], "maxProperties": 16,
+                 "additionalProperties": {"type": "string", "maxLength": 512},
+                 "description": "up to 16 string pairs; idempotency_key makes a resubmission return the same batch"},
+}, required=("input_file_id", "endpoint", "completion_window"))
+
+EMBEDDING_REQUEST = BodyModel("EmbeddingRequest", {
+    "model": {"type": "string", "minLength": 1},
+    "input": {"oneOf": [{"type": "string"}, TEXTS]},
+    "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+    "dimensions": {"type": "integer", "minimum": 1, "description": "keep the first N values, rescaled to length 1"},
+    "user": {"type": "string"},
+}, required=("model", "input"))
+
+BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION, BATCH_REQUEST, EMBEDDING_REQUEST)
