@@ -152,6 +152,10 @@ VALID = {
     ("/v1/infer", "post"): [{"task": "embed", "model": "all-MiniLM-L6-v2", "inputs": ["a"], "options": {}}],
     ("/admin/models", "post"): [{"name": "m", "source": "/models/m", "task": "embed", "dtype": "float16",
                                  "max_length": 128, "pooling": "mean"}],
+    ("/v1/batches", "post"): [{"input_file_id": "file-abc", "endpoint": "/v1/embeddings", "completion_window": "24h",
+                               "metadata": {"idempotency_key": "k1"}}],
+    ("/v1/embeddings", "post"): [{"model": "all-MiniLM-L6-v2", "input": ["a", "b"], "encoding_format": "base64",
+                                  "dimensions": 8, "user": "u"}],
 }
 
 
@@ -216,6 +220,8 @@ def test_jobs_take_exactly_one_of_inputs_and_input_uri(client: tuple[TestClient,
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/jobs", "task", "paint"), ("/v1/jobs", "priority", 11), ("/v1/jobs", "idempotency_key", "a b"),
     ("/v1/jobs", "text_column", ""), ("/v1/jobs", "inputs", []), ("/v1/infer", "task", "paint"),
+    ("/v1/batches", "endpoint", "/v1/images"), ("/v1/batches", "completion_window", "1h"),
+    ("/v1/embeddings", "input", 5), ("/v1/embeddings", "encoding_format", "hex"), ("/v1/embeddings", "dimensions", 0),
     ("/admin/models", "dtype", "float8"), ("/admin/models", "pooling", "sum"), ("/admin/models", "max_length", 0),
 ])
 def test_values_the_document_refuses_the_handler_refuses(client: tuple[TestClient, dict[str, str]], path: str,
