@@ -28,7 +28,8 @@ async def create_file(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write")  # an upload is not a submission: the batch counts once
     file_id = new_file_id()
-    dest = content_path(ensure_folder(gw.settings.results_dir), file_id)
+    ensure_folder(gw.settings.results_dir)
+    dest = content_path(gw.settings.results_dir, file_id)
     try:
         upload = await receive(request.stream(), request.headers.get("content-type", ""), dest,
                                gw.settings.batch_max_bytes, gw.settings.batch_max_lines)
