@@ -16,7 +16,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 from gwtools import auth, make_token, new_user
+
+from bitinglip import redis_keys as keys
 
 openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
 
@@ -136,7 +139,8 @@ def test_errors_come_out_as_the_clients_classes(gateway: str, models: dict[str, 
 # --- batches
 
 
-def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[str, str], platform: Any) -> None:
+def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[str, str], platform: Any,
+                                                    redis_url: str) -> None:
     sub = new_user("oai-batch")
     oai = client(gateway, sub)
     texts = [f"row {i}: the quick brown fox {i % 7}" for i in range(30)]
@@ -177,6 +181,11 @@ def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[s
     assert refused["body"]["error"]["param"] == "input"
     assert batch.id in [b.id for b in oai.batches.list()]
     assert done.output_file_id in [f.id for f in oai.files.list(purpose="batch_output")]
+    # Redis loses the batch's and the output file's records: both are read back from beside their bytes
+    lost = redis.Redis.from_url(redis_url)
+    lost.delete(keys.openai_batch(batch.id.removeprefix("batch_")), keys.openai_file(done.output_file_id))
+    assert oai.batches.retrieve(batch.id).output_file_id == done.output_file_id
+    assert len(jsonl(oai, done.output_file_id)) == 33
     # another subject sees none of it
     other = client(gateway, new_user("oai-other"))
     for call in (lambda: other.batches.retrieve(batch.id), lambda: other.files.retrieve(uploaded.id),
