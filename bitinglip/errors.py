@@ -193,3 +193,17 @@ class RequestTimeoutError(BitingLipError):
     """The client took too long to send its request."""
 
     code = "request_timeout"
+
+
+class UnsupportedOptionError(InputError):
+    """The engine that runs the model cannot honour an option as asked (structured
+    output on the transformers engine, a penalty it does not implement): the row
+    is refused rather than generated without it."""
+
+    code = "unsupported_option"
+
+
+class EngineError(BitingLipError):
+    """A generation engine failed a request, or was shut down while the request ran."""
+
+    code = "engine_failed"

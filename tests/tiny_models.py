@@ -73,3 +73,36 @@ def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
                         bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
     GPT2LMHeadModel(config).eval().save_pretrained(path)
     return path
+
+
+#: renders a chat as the tiny Llama's prompt; the assistant turn is left open for generation
+TINY_LLAMA_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (head size 64, which vLLM's CPU attention accepts; it
+    refuses 16) with a byte-level BPE tokenizer of about 512 tokens trained
+    here, and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_corpus(2000, seed=13), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="</s>", model_max_length=512)
+    fast.chat_template = TINY_LLAMA_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    return path

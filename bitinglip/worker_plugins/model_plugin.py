@@ -189,7 +189,11 @@ class ModelPlugin(WorkerPlugin):
         except Exception as exc:
             raise ModelLoadError(f"loading model {model!r} for task {task.name!r} failed: {exc}") from exc
         seconds = time.perf_counter() - started
-        nbytes = torch.cuda.memory_allocated() - before if cuda else model_bytes(loaded.model)
+        engine = loaded.info.get("engine")
+        if engine is not None:  # weights and KV cache, which the engine allocated its own way
+            nbytes = engine.nbytes()
+        else:
+            nbytes = torch.cuda.memory_allocated() - before if cuda else model_bytes(loaded.model)
         if manifest is not None:
             if manifest.max_length:
                 loaded.max_length = min(loaded.max_length, manifest.max_length)
@@ -216,7 +220,7 @@ class ModelPlugin(WorkerPlugin):
             log.info("evicting %s (%s, %.1f MB) to make room", entry.model, entry.task, entry.nbytes / 1e6)
             self.access.append("evict", _base(entry.model), entry.version, entry.sha256, actor="bitinglip-worker",
                                worker=self.worker_address, task=entry.task, dtype=entry.dtype, bytes=entry.nbytes)
-            entry.loaded = None
+            _close(entry)
         if evicted:
             gc.collect()
             import torch
@@ -247,6 +251,7 @@ class ModelPlugin(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         for entry in self.residency.clear():
+            _close(entry)
             self._unpin(entry)
         gc.collect()
         try:
@@ -256,6 +261,16 @@ class ModelPlugin(WorkerPlugin):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+
+def _close(entry: Entry) -> None:
+    """Free what ``entry`` holds beyond its weights (a generation engine), then drop it."""
+    loaded, entry.loaded = entry.loaded, None
+    if loaded is not None:
+        try:
+            loaded.close()
+        except Exception:
+            log.exception("closing %s (%s) failed", entry.model, entry.task)
 
 
 def _torch_threads(nthreads: int) -> int:
