@@ -105,6 +105,16 @@ def document() -> dict[str, Any]:
                 "OpenAI's embeddings (float or base64, dimensions), batched with concurrent requests",
                 {"200": _json({"type": "object"})}, body=_ref("EmbeddingRequest"),
                 codes=(400, 401, 403, 413, 429, 502, 503))},
+            "/v1/chat/completions": {"post": _op(
+                "OpenAI's chat completion (stream: true sends chat.completion.chunk events, then [DONE])",
+                {"200": {"description": "a chat.completion, or its chunks as server-sent events",
+                         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}},
+                body=_ref("ChatCompletionRequest"), codes=(400, 401, 403, 413, 429, 502, 503))},
+            "/v1/completions": {"post": _op(
+                "OpenAI's text completion (stream: true sends text_completion events, then [DONE])",
+                {"200": {"description": "a text_completion, or its chunks as server-sent events",
+                         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}},
+                body=_ref("CompletionRequest"), codes=(400, 401, 403, 413, 429, 502, 503))},
             "/v1/models/{name}": {"get": _op(
                 "One model", {"200": _json(_ref("Model"))}, codes=(401, 403, 404, 429),
                 params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])},

@@ -267,3 +267,45 @@ def test_an_upload_over_the_line_limit_is_refused(gateway: str, gw_settings: Any
             upload(oai, [line("big", {"model": MODEL, "input": "x" * 20_000})])
         assert caught.value.status_code == 413
         assert upload(oai, [line(f"x{i}", {"model": MODEL, "input": "x"}) for i in range(3)]).bytes > 0
+
+
+# --- chat and text completions (the generate task's engine, issue 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
+    """A random-weight Llama with a chat template, registered for generate."""
+    from tiny_models import make_tiny_llama
+
+    path = make_tiny_llama(models_dir / "tiny-llama-openai")
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=120,
+                   json={"name": "tiny-llama", "source": str(path), "task": "generate"})
+    assert r.status_code in (200, 201), r.text
+    return "tiny-llama"
+
+
+def test_chat_and_text_completions_with_and_without_stream(gateway: str, tiny_llama: str) -> None:
+    oai = client(gateway, new_user("oai-chat"))
+    messages = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "hello there"}]
+    chat = oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=6, temperature=0, seed=3)
+    choice = chat.choices[0]
+    assert chat.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert 0 < chat.usage.completion_tokens <= 6 and chat.usage.prompt_tokens > 0
+    streamed = list(oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=6, temperature=0,
+                                                seed=3, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == choice.message.content  # greedy: the same answer, streamed
+    assert streamed[-1].usage.total_tokens == chat.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == choice.finish_reason
+    two = oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=4, n=2, temperature=1.0, seed=5)
+    assert [c.index for c in two.choices] == [0, 1]
+    text_completion = oai.completions.create(model=tiny_llama, prompt="once upon a time", max_tokens=5,
+                                             temperature=0)
+    assert text_completion.object == "text_completion" and 0 < text_completion.usage.completion_tokens <= 5
+    chunks = list(oai.completions.create(model=tiny_llama, prompt="once upon a time", max_tokens=5, temperature=0,
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text_completion.choices[0].text
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=tiny_llama, messages=messages, temperature=-1)
+    assert "temperature" in caught.value.message

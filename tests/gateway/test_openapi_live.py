@@ -54,6 +54,9 @@ def _openai_routes(w: Walker, h: dict[str, str]) -> None:
                   path=f"/v1/batches/{batch['id']}/cancel").status_code in (200, 409)  # 409: it had ended
     w.call("POST", "/v1/embeddings", h, json={"model": "tiny-encoder", "input": ["a"], "encoding_format": "float"})
     w.call("DELETE", "/v1/files/{file_id}", h, path=f"/v1/files/{file['id']}")
+    # refused before any generation (tests/gateway/test_openai.py runs them whole): a documented 400 each
+    assert w.call("POST", "/v1/chat/completions", h, json={"model": "tiny-gpt2", "messages": []}).status_code == 400
+    assert w.call("POST", "/v1/completions", h, json={"model": "tiny-gpt2", "prompt": ["a", "b"]}).status_code == 400
 
 
 def test_every_documented_operation_answers_as_documented(gateway: str, admin: dict[str, str],

@@ -10,6 +10,7 @@ names the field, as OpenAI's errors do.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 import time
@@ -161,6 +162,9 @@ def generation_row(endpoint: str, body: Mapping[str, Any], row_id: Any, max_char
         row["messages"] = _messages(body.get("messages"))
         size = sum(len(m["content"]) for m in row["messages"])
     else:
+        for name, default in (("echo", False), ("suffix", None), ("best_of", 1)):  # taken only at their defaults
+            if body.get(name, default) not in (default, None):
+                raise refuse(f"{name}={body[name]!r:.40} is not served; leave it out", name)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -172,6 +176,29 @@ def generation_row(endpoint: str, body: Mapping[str, Any], row_id: Any, max_char
                      "messages" if chat else "prompt")
     row["params"] = sampling_params(body, chat)
     return row
+
+
+def output_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The job options a row's ``params`` need: ``n`` above 1 and
+    ``logprobs`` shape the job's output columns (a list of texts, a logprobs
+    column), so a row may ask for them only where its job does."""
+    options: dict[str, Any] = {}
+    if isinstance(params.get("n"), int) and params["n"] > 1:
+        options["n"] = params["n"]
+    if params.get("logprobs") is not None:
+        options["logprobs"] = params["logprobs"]
+    return options
+
+
+def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``stream``, and whether the stream ends with a usage chunk (``stream_options.include_usage``)."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise refuse("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
+        raise refuse("stream_options takes include_usage only", "stream_options")
+    return stream, bool(options.get("include_usage")) and stream
 
 
 # --- generate outputs -> OpenAI bodies
@@ -195,6 +222,8 @@ def chat_body(model: str, output: Mapping[str, Any], created: int | None = None)
     texts = _listed(output.get("text"), 1)
     reasons = _listed(output.get("finish_reason"), len(texts))
     logprobs = output.get("logprobs")
+    if isinstance(logprobs, str):  # the generate task keeps them as JSON text (one Parquet type per column)
+        logprobs = json.loads(logprobs)
     choices = [{"index": i, "message": {"role": "assistant", "content": text},
                 "finish_reason": reasons[i] if i < len(reasons) else "stop",
                 "logprobs": None if logprobs is None else {"content": _listed(logprobs, len(texts))[i]}}
