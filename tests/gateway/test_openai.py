@@ -309,3 +309,35 @@ def test_chat_and_text_completions_with_and_without_stream(gateway: str, tiny_ll
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=tiny_llama, messages=messages, temperature=-1)
     assert "temperature" in caught.value.message
+
+
+def test_a_chat_batch_matches_the_python_client(gateway: str, tiny_llama: str, platform: Any) -> None:
+    oai = client(gateway, new_user("oai-chat-batch"))
+    chats = [[{"role": "user", "content": f"question number {i}"}] for i in range(6)]
+    bodies = [{"model": tiny_llama, "messages": chat, "max_tokens": 3 + i, "temperature": 0} for i, chat in enumerate(chats)]
+    bodies[2]["stop"] = "zz"
+    bodies[3] = {**bodies[3], "n": 2, "temperature": 0.8, "seed": 11}
+    lines = [line(f"chat-{i}", body, url="/v1/chat/completions") for i, body in enumerate(bodies)]
+    lines.append(line("too-hot", {"model": tiny_llama, "messages": chats[0], "temperature": -1},
+                      url="/v1/chat/completions"))
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    done = finished(oai, batch.id)
+    assert done.status == "completed", done
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    assert set(out) == {f"chat-{i}" for i in range(6)} and set(err) == {"too-hot"}
+    assert "temperature" in err["too-hot"]["response"]["body"]["error"]["message"]
+    frame = pd.DataFrame({"id": [f"chat-{i}" for i in range(6)], "messages": chats,
+                          "params": [{"n": 1, **{k: v for k, v in b.items() if k not in ("model", "messages")}}
+                                     for b in bodies]})
+    frame.loc[2, "params"]["stop"] = ["zz"]
+    want = platform.submit("generate", model=tiny_llama, inputs=frame, options={"n": 2}).result().set_index("id")
+    for i in range(6):
+        body = out[f"chat-{i}"]["response"]["body"]
+        choices = 2 if i == 3 else 1  # usage counts the tokens of every choice, as OpenAI's does
+        assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= (3 + i) * choices
+        texts = [c["message"]["content"] for c in body["choices"]]
+        if i == 3:
+            assert len(texts) == 2
+        else:  # greedy: the very text the Python client generates for the row
+            assert texts == list(want.loc[f"chat-{i}", "text"]), i

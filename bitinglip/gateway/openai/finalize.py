@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from bitinglip.atomic import write_atomically
 from bitinglip.gateway.openai.batchfile import LINES, REJECTED, read_jsonl
-from bitinglip.gateway.openai.shapes import embedding_body
+from bitinglip.gateway.openai.shapes import chat_body, completion_body, embedding_body
 from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, read_json
 
 
@@ -30,9 +30,10 @@ class Outcome:
     failed: int
 
 
-def _rows(out_dir: str, job_id: str) -> tuple[Iterator[tuple[str, list[float]]], dict[str, str]]:
-    """The job's committed output rows ``(id, embedding)`` in order, and the
-    reasons of its rows in error by id."""
+def _rows(out_dir: str, job_id: str, embed: bool) -> tuple[Iterator[tuple[str, Any]], dict[str, str]]:
+    """The job's committed output rows in order, ``(id, embedding)`` of an
+    embed job, ``(id, row)`` of a generate job; and the reasons of its rows
+    in error by id."""
     import pyarrow.parquet as pq
 
     record = read_json(os.path.join(out_dir, RECORD)) or {}
@@ -44,13 +45,15 @@ def _rows(out_dir: str, job_id: str) -> tuple[Iterator[tuple[str, list[float]]],
             table = pq.read_table(os.path.join(out_dir, s["errors_file"]), columns=["id", "reason"])
             reasons.update(zip(table.column("id").to_pylist(), table.column("reason").to_pylist()))
 
-    def rows() -> Iterator[tuple[str, list[float]]]:
+    def rows() -> Iterator[tuple[str, Any]]:
         for s in summaries:
             if s is None:
                 continue
-            for batch in pq.ParquetFile(os.path.join(out_dir, s["file"])).iter_batches(
-                    batch_size=2048, columns=["id", "embedding"]):
-                yield from zip(batch.column("id").to_pylist(), batch.column("embedding").to_pylist())
+            for batch in pq.ParquetFile(os.path.join(out_dir, s["file"])).iter_batches(batch_size=2048):
+                if embed:
+                    yield from zip(batch.column("id").to_pylist(), batch.column("embedding").to_pylist())
+                else:
+                    yield from ((row["id"], row) for row in batch.to_pylist())
 
     return rows(), reasons
 
@@ -66,19 +69,29 @@ def _failure(status: int, code: str, message: str, param: str | None = None) -> 
                                "param": param, "code": code}}}
 
 
-def write_files(out_dir: str, job_id: str, model: str, output_path: str, error_path: str,
+def _body(endpoint: str, model: str, line: dict[str, Any], got: list[Any]) -> dict[str, Any]:
+    """The OpenAI response body of one line from its rows' outputs."""
+    if endpoint == "/v1/embeddings":
+        return embedding_body(model, got, line["fmt"], line["dims"], None)
+    row = dict(got[0])
+    if not line.get("logprobs"):  # the job computed them for another line; this one did not ask
+        row.pop("logprobs", None)
+    return (chat_body if endpoint == "/v1/chat/completions" else completion_body)(model, row)
+
+
+def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_path: str, error_path: str,
                 not_run: tuple[str, str]) -> Outcome:
     """Write the output and error files of the batch run as job ``job_id``
     in ``out_dir``; ``not_run`` is the ``(code, message)`` of lines whose
     rows never ran (a cancelled or failed job)."""
     rejected = read_jsonl(os.path.join(out_dir, REJECTED))
-    rows, reasons = _rows(out_dir, job_id)
-    pending: list[tuple[str, list[float]]] = []
+    rows, reasons = _rows(out_dir, job_id, endpoint == "/v1/embeddings")
+    pending: list[tuple[str, Any]] = []
     counts = {"completed": 0, "failed": 0}
 
-    def take(custom_id: str, count: int) -> list[list[float]]:
+    def take(custom_id: str, count: int) -> list[Any]:
         """The next rows while they are this line's (the output holds a line's rows together, in order)."""
-        got: list[list[float]] = []
+        got: list[Any] = []
         while len(got) < count:
             if not pending:
                 nxt = next(rows, None)
@@ -95,9 +108,9 @@ def write_files(out_dir: str, job_id: str, model: str, output_path: str, error_p
         for line in read_jsonl(os.path.join(out_dir, LINES)):
             while queue and queue[0]["line"] < line["line"]:
                 _reject(err, queue.pop(0))
-            vectors = take(line["custom_id"], int(line["count"]))
-            if len(vectors) == int(line["count"]):
-                body = embedding_body(model, vectors, line["fmt"], line["dims"], None)
+            got = take(line["custom_id"], int(line["count"]))
+            if len(got) == int(line["count"]):
+                body = _body(endpoint, model, line, got)
                 out.write(_line(line["custom_id"], {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}",
                                                     "body": body}, None))
                 counts["completed"] += 1

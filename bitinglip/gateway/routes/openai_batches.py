@@ -25,18 +25,16 @@ from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.handover import hand_over, refusal
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, due, final_status, new_record, view
-from bitinglip.gateway.openai.batchfile import INPUT, Checked, check_embeddings
+from bitinglip.gateway.openai.batchfile import INPUT, Checked, check_embeddings, check_generation, generation_frame
 from bitinglip.gateway.openai.files import FileStore, content_path, ensure_folder, size_and_lines_record
 from bitinglip.gateway.openai.finalize import write_files
-from bitinglip.gateway.openai.shapes import refuse
+from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MISSING, MOVED, JobState, new_job_id
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
-#: the batch endpoints this gateway runs today; chat and text completions wait for generation rows (issue 16)
-SERVED = ("/v1/embeddings",)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
 
 
@@ -78,12 +76,9 @@ async def create_batch(request: Request) -> Response:
     if source.get("purpose") != "batch":
         raise refuse(f"file {body['input_file_id']} has purpose {source.get('purpose')}; a batch reads purpose=batch",
                      "input_file_id")
-    if body["endpoint"] not in SERVED:
-        raise refuse(f"{body['endpoint']} batches need generation rows (messages, per-row sampling options), which "
-                     "this gateway's generate task does not take yet; /v1/embeddings batches run", "endpoint")
     job_id, now = new_job_id(), time.time()
     output = str(gw.settings.results_dir / job_id)
-    fields = {"task": "embed", "priority": 5, "output": output, "options": {}}
+    fields = {"task": ENDPOINTS[body["endpoint"]], "priority": 5, "output": output, "options": {}}
     got, created = await gw.store.create(job_id, principal.sub, fields, key and _IDEM_SPACE + key, now=now)
     if not created:  # the same key again: the first batch, whatever became of it
         record = await batches.get(principal.sub, PREFIX + got)
@@ -102,10 +97,11 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     batches, _ = _stores(gw)
     path = content_path(gw.settings.results_dir, body["input_file_id"])
 
+    checker = check_embeddings if body["endpoint"] == "/v1/embeddings" else check_generation
+
     def check() -> Checked:
         with open(path, "rb") as src:
-            return check_embeddings(src, output, body["endpoint"], gw.settings.batch_max_lines,
-                                    gw.settings.max_text_chars)
+            return checker(src, output, body["endpoint"], gw.settings.batch_max_lines, gw.settings.max_text_chars)
 
     checked = await anyio.to_thread.run_sync(check, limiter=gw.submissions)
     model = None
@@ -129,9 +125,11 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
         await gw.store.transition(job_id, JobState.SUCCEEDED.value, {"finished_at": time.time(), "model": checked.model,
                                                                      "rows_total": 0, "parts": 0})
         return record
-    sub = {"task": "embed", "priority": 5, "options": {}, "inputs": os.path.join(output, INPUT),
+    sub = {"task": fields["task"], "priority": 5, "options": checked.options, "inputs": os.path.join(output, INPUT),
            "text_column": "text", "input_root": output}
-    rest = {**fields, "model": checked.model, "id": job_id, "owner": owner, "state": JobState.QUEUED.value,
+    if fields["task"] == "generate":
+        sub["frame"] = await anyio.to_thread.run_sync(generation_frame, sub["inputs"], limiter=gw.submissions)
+    rest = {**fields, "options": checked.options, "model": checked.model, "id": job_id, "owner": owner, "state": JobState.QUEUED.value,
             "created_at": now, "updated_at": now, "idempotency_key": key and _IDEM_SPACE + key}
     try:
         total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, rest,
@@ -140,7 +138,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
         if isinstance(exc, BitingLipError | asyncio.CancelledError):
             raise
         raise refusal(exc) from exc
-    figures = {"rows_total": total, "parts": parts, "model": checked.model}
+    figures = {"rows_total": total, "parts": parts, "model": checked.model, "options": checked.options}
     if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
         await gw.store.restore({**rest, **figures})
     return record
@@ -162,7 +160,8 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
         else:
             not_run = ("batch_failed", f"the batch's job failed before this request ran: {scrub(job.get('error') or '')}")
         outcome = await anyio.to_thread.run_sync(write_files, str(gw.settings.results_dir / job_id), job_id,
-                                                 record.get("model") or "", str(out_path), str(err_path), not_run)
+                                                 record["endpoint"], record.get("model") or "", str(out_path),
+                                                 str(err_path), not_run)
         for file_id, path, name in ((out_id, out_path, "output"), (err_id, err_path, "errors")):
             await files.add(await anyio.to_thread.run_sync(size_and_lines_record, file_id, record["owner"], str(path),
                                                            f"batch_{job_id}_{name}.jsonl"))
