@@ -213,6 +213,16 @@ def test_a_file_that_cannot_run_fails_the_batch_naming_its_lines(gateway: str, m
     assert oai.batches.retrieve(batch.id).status == "failed"
 
 
+def test_a_batch_whose_every_line_is_refused_completes_with_only_errors(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-all-bad"))
+    lines = [line(f"bad{i}", {"model": MODEL, "input": i}) for i in range(3)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    assert batch.status == "completed" and batch.request_counts.failed == 3  # nothing to run: ended at once
+    assert sorted(by_custom_id(jsonl(oai, batch.error_file_id))) == ["bad0", "bad1", "bad2"]
+    assert jsonl(oai, batch.output_file_id) == []
+
+
 def test_cancel_keeps_what_finished_and_every_line_once(gateway: str, models: dict[str, str]) -> None:
     oai = client(gateway, new_user("oai-cancel"))
     n = 6000

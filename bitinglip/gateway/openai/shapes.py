@@ -119,7 +119,7 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         raise refuse(f"messages must be a non-empty list of at most {MAX_MESSAGES} messages", "messages")
     out = []
     for i, message in enumerate(raw):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise refuse(f"messages[{i}] must be an object with a role ({', '.join(sorted(ROLES))})", "messages")
         content = message.get("content")
         if isinstance(content, list):  # text parts only: [{"type": "text", "text": ...}]

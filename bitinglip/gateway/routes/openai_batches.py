@@ -124,7 +124,8 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     if checked.rows == 0:  # every line refused for its body: nothing to run, the error file says why
         await gw.store.transition(job_id, JobState.SUCCEEDED.value, {"finished_at": time.time(), "model": checked.model,
                                                                      "rows_total": 0, "parts": 0})
-        return record
+        # written now: with no job folder to rebuild its record from, a later read could not tell it ended
+        return await finalize(gw, record, {"id": job_id, "state": JobState.SUCCEEDED.value})
     sub = {"task": fields["task"], "priority": 5, "options": checked.options, "inputs": os.path.join(output, INPUT),
            "text_column": "text", "input_root": output}
     if fields["task"] == "generate":
