@@ -52,6 +52,7 @@ def test_a_completion_body_becomes_a_row_with_text() -> None:
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": {}, "content": "x"}]}, "messages"),  # unhashable
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "colour": 1}, "colour"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
     ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
