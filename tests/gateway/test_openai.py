@@ -264,12 +264,21 @@ def test_ten_thousand_lines_with_one_percent_bad(gateway: str, models: dict[str,
     assert all(r["response"]["status_code"] == 400 for r in err.values())
 
 
-def test_an_upload_over_the_line_limit_is_refused(gateway: str, gw_settings: Any, models: dict[str, str]) -> None:
+def test_upload_limits_and_another_gateway_finishes_a_batch(gateway: str, gw_settings: Any,
+                                                            models: dict[str, str]) -> None:
     from gwtools import serve
 
+    sub = new_user("oai-limits")
+    first = client(gateway, sub)
+    lines = [line(f"x{i}", {"model": MODEL, "input": f"text {i}"}) for i in range(40)]
+    batch = first.batches.create(input_file_id=upload(first, lines).id, endpoint="/v1/embeddings",
+                                 completion_window="24h")
     small = gw_settings.with_(batch_max_lines=3, batch_max_bytes=10_000)
     with serve(small) as url:
-        oai = client(url, new_user("oai-limits"))
+        oai = client(url, sub)
+        # a batch lives in Redis and the results folder: any gateway follows it to its end and writes its files
+        done = finished(oai, batch.id)
+        assert done.status == "completed" and len(jsonl(oai, done.output_file_id)) == 40
         with pytest.raises(openai.APIStatusError) as caught:
             upload(oai, [line(f"x{i}", {"model": MODEL, "input": "x"}) for i in range(4)])
         assert caught.value.status_code == 413 and "BITINGLIP_BATCH_MAX_LINES" in caught.value.message
