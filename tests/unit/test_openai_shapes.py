@@ -97,6 +97,7 @@ def test_base64_is_little_endian_float32_and_dimensions_renormalise() -> None:
         shape_vector(vector, "float", 4)
     body = embedding_body("m", [vector], "float", None, 7)
     assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and body["data"][0]["index"] == 0
+    assert embedding_body("m", [vector], "float", None, None)["usage"] is None  # unknown, not zero
 
 
 def test_the_documented_embeddings_body_is_the_one_checked() -> None:

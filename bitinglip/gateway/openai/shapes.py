@@ -107,9 +107,9 @@ def embedding_body(model: str, vectors: Sequence[Sequence[float]], fmt: str, dim
                    prompt_tokens: int | None) -> dict[str, Any]:
     data = [{"object": "embedding", "index": i, "embedding": shape_vector(v, fmt, dims)}
             for i, v in enumerate(vectors)]
-    tokens = int(prompt_tokens or 0)
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    # None where the tokens are not known (a batch's embed job counts them per partition, not per row)
+    usage = None if prompt_tokens is None else {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
 
 
 # --- chat and text completions: body -> a row of the generation row contract
