@@ -51,3 +51,28 @@ def dataset() -> str:
     """A random stamp set once per Redis dataset; when it is gone or changed,
     Redis lost its data and the job records are rebuilt."""
     return f"{PREFIX}dataset"
+
+
+def openai_file(file_id: str) -> str:
+    """The hash of one file of the OpenAI-compatible Files API (owner, name, bytes, purpose, ...)."""
+    return f"{PREFIX}oai:file:{file_id}"
+
+
+def openai_files(owner: str) -> str:
+    """Sorted set of one token subject's files, scored by creation time."""
+    return f"{PREFIX}oai:files:{owner}"
+
+
+def openai_batch(job_id: str) -> str:
+    """The hash of one OpenAI batch (its endpoint, input file, outcome); the batch is job ``job_id``."""
+    return f"{PREFIX}oai:batch:{job_id}"
+
+
+def openai_batches(owner: str) -> str:
+    """Sorted set of one token subject's batches (their job ids), scored by creation time."""
+    return f"{PREFIX}oai:batches:{owner}"
+
+
+def openai_finalizing(job_id: str) -> str:
+    """Held (with an expiry) by the one gateway writing a batch's output and error files."""
+    return f"{PREFIX}oai:finalizing:{job_id}"

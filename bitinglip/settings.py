@@ -213,6 +213,9 @@ class Settings:
     input_dir: Path | None = None
     #: how long /v1/infer waits to gather concurrent requests into one batch
     infer_batch_ms: float = 5.0
+    #: the OpenAI-compatible Files and Batches: the largest batch file, in bytes and in lines (OpenAI's own limits)
+    batch_max_bytes: int = 200_000_000
+    batch_max_lines: int = 50_000
 
     # --- tests only, never read from the environment (set with ``with_``)
     #: a micro-batch above this many tokens raises MemoryError on the worker; 0: off
@@ -290,6 +293,10 @@ class Settings:
                             "a directory path"),
             infer_batch_ms=_read(env, "BITINGLIP_INFER_BATCH_MS", default.infer_batch_ms, float,
                                  "a number of milliseconds"),
+            batch_max_bytes=_read(env, "BITINGLIP_BATCH_MAX_BYTES", default.batch_max_bytes, _positive,
+                                  "a whole number of bytes"),
+            batch_max_lines=_read(env, "BITINGLIP_BATCH_MAX_LINES", default.batch_max_lines, _positive,
+                                  "a whole number of lines"),
             tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),
             tls_cert=_read(env, "BITINGLIP_TLS_CERT", None, _pem_file, "a PEM file"),
             tls_key=_read(env, "BITINGLIP_TLS_KEY", None, _pem_file, "a PEM file"),

@@ -21,7 +21,17 @@ from starlette.routing import Route
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
 from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext
 from bitinglip.gateway.openapi import document
-from bitinglip.gateway.routes import health, infer, jobs, models, results, resume
+from bitinglip.gateway.routes import (
+    health,
+    infer,
+    jobs,
+    models,
+    openai_batches,
+    openai_files,
+    openai_online,
+    results,
+    resume,
+)
 from bitinglip.gateway.state import Gateway
 from bitinglip.settings import Settings, get_settings
 
@@ -58,11 +68,27 @@ ROUTES = [
     Route("/v1/jobs/{job_id}/results/files/{name}", results.result_file),
     Route("/v1/jobs/{job_id}/events", jobs.job_events),
     Route("/v1/infer", infer.infer, methods=["POST"]),
+    Route("/v1/files", openai_files.create_file, methods=["POST"]),
+    Route("/v1/files", openai_files.list_files, methods=["GET"]),
+    Route("/v1/files/{file_id}", openai_files.get_file, methods=["GET"]),
+    Route("/v1/files/{file_id}", openai_files.delete_file, methods=["DELETE"]),
+    Route("/v1/files/{file_id}/content", openai_files.file_content, methods=["GET"]),
+    Route("/v1/batches", openai_batches.create_batch, methods=["POST"]),
+    Route("/v1/batches", openai_batches.list_batches, methods=["GET"]),
+    Route("/v1/batches/{batch_id}", openai_batches.get_batch, methods=["GET"]),
+    Route("/v1/batches/{batch_id}/cancel", openai_batches.cancel_batch, methods=["POST"]),
+    Route("/v1/embeddings", openai_online.embeddings, methods=["POST"]),
+    Route("/v1/chat/completions", openai_online.chat_completions, methods=["POST"]),
+    Route("/v1/completions", openai_online.completions, methods=["POST"]),
     Route("/admin/models", models.admin_list_models, methods=["GET"]),
     Route("/admin/models", models.admin_register_model, methods=["POST"]),
     Route("/admin/models/{name:path}", models.admin_remove_model, methods=["DELETE"]),
     Route("/admin/jobs", jobs.admin_list_jobs),
 ]
+
+
+#: bytes an upload's multipart framing (boundaries, part headers, the purpose field) may add to its file
+MULTIPART_SLACK = 64 * 1024
 
 
 def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette:
@@ -80,7 +106,9 @@ def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RequestContext, metrics=gateway.metrics),
-                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes),
+                    # a batch file may be far larger than a JSON body; its upload checks the file's own size
+                    Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes,
+                               overrides={"/v1/files": gateway.settings.batch_max_bytes + MULTIPART_SLACK}),
                     Middleware(BodyTimeout, timeout_s=gateway.settings.body_timeout_s)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +40,15 @@ class Batcher:
         self.client = client
         self.wait_s = wait_s
         self.max_rows = max_rows
-        self._open: dict[tuple[str, str, str], _Batch] = {}
+        self._open: dict[tuple[str, str, str, Callable[..., Any]], _Batch] = {}
 
-    async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str]
-                    ) -> tuple[list[dict[str, Any]], int]:
-        """Outputs for ``texts`` and how many requests shared their batch."""
-        key = (task, model, json.dumps(options, sort_keys=True))
+    async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str],
+                    fn: Callable[..., Any] = predict_texts) -> tuple[list[dict[str, Any]], int]:
+        """Outputs for ``texts`` and how many requests shared their batch.
+        ``fn`` is what runs on a worker (:func:`predict_texts`, or another
+        function with its arguments, e.g. one that also counts tokens);
+        only requests for the same ``fn`` share a batch."""
+        key = (task, model, json.dumps(options, sort_keys=True), fn)
         batch = self._open.get(key)
         if batch is None or len(batch.texts) + len(texts) > self.max_rows:
             batch = _Batch()
@@ -62,25 +65,27 @@ class Batcher:
             if batch.requests == 1 or isinstance(exc, UnavailableError):
                 raise
             # the failure may be another request's: run this one alone
-            return await self._alone(task, model, json.loads(key[2]), texts), 1
+            return await self._alone(task, model, json.loads(key[2]), texts, fn), 1
         return outputs[start:start + len(texts)], batch.requests
 
-    async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str],
+                     fn: Callable[..., Any]) -> list[dict[str, Any]]:
         batch = _Batch(texts=list(texts), requests=1, fired=True)
-        await self._run(batch, task, model, options)
+        await self._run(batch, task, model, options, fn)
         return await batch.result
 
-    def _fire(self, key: tuple[str, str, str], batch: _Batch) -> None:
+    def _fire(self, key: tuple[str, str, str, Callable[..., Any]], batch: _Batch) -> None:
         if batch.fired:
             return
         batch.fired = True
         if self._open.get(key) is batch:
             del self._open[key]
-        task, model, options = key
-        asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options)))
+        task, model, options, fn = key
+        asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options), fn))
 
-    async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any]) -> None:
-        future = self.client.submit(predict_texts, task, model, options, batch.texts, pure=False,
+    async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any],
+                   fn: Callable[..., Any]) -> None:
+        future = self.client.submit(fn, task, model, options, batch.texts, pure=False,
                                     priority=INFER_PRIORITY)
         try:
             with anyio.fail_after(INFER_TIMEOUT_S):

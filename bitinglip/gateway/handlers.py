@@ -1,6 +1,10 @@
 """Errors to HTTP responses: the one table, and the error body.
 
-Every error body is ``{"error": {"code", "message", "request_id"}}``.
+Every error body is ``{"error": {"message", "type", "param", "code", "request_id"}}``: OpenAI's
+error shape (its client picks the exception class from the status and reads
+``message``, ``type``, ``param`` and ``code``) with BitingLip's request id.  On
+the OpenAI-compatible routes a refused value is 400, as OpenAI answers it
+(``openai.BadRequestError``); BitingLip's own routes keep 422.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
               415: "unsupported_media_type", 422: "invalid_input", 429: "rate_limited", 500: "internal",
               503: "unavailable", 507: "insufficient_storage"}
 
+#: OpenAI's error ``type`` per status; anything else the caller sent wrong is an invalid request
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               409: "conflict_error", 429: "rate_limit_error"}
+#: the OpenAI-compatible routes (their prefixes), where 422 reads 400 as OpenAI's clients expect
+OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+
 #: statuses of requests refused for what the caller sent: they give back their rate-limit slot
 INVALID = frozenset({400, 413, 415, 422})
 
@@ -67,11 +77,19 @@ def request_id(scope: Scope) -> str:
     return str(state["request_id"])
 
 
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return ERROR_TYPES.get(status, "invalid_request_error")
+
+
 def error_response(scope: Scope, status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
     rid = request_id(scope)
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status,
-                        headers={**(headers or {}), "X-Request-ID": rid})
+    if status == 422 and str(scope.get("path", "")).startswith(OPENAI_PATHS):
+        status = 400
+    body = {"message": message, "type": error_type(status), "param": param, "code": code, "request_id": rid}
+    return JSONResponse({"error": body}, status_code=status, headers={**(headers or {}), "X-Request-ID": rid})
 
 
 def status_of(exc: errors.BitingLipError) -> int:
@@ -105,7 +123,8 @@ async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("request %s failed: %s", request_id(request.scope), exc)  # the full text stays here
         message = scrub(message)
     await refund(request, status)
-    return error_response(request.scope, status, exc.code, message, getattr(exc, "headers", None))
+    return error_response(request.scope, status, exc.code, message, getattr(exc, "headers", None),
+                          getattr(exc, "param", None))
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -15,12 +15,16 @@ from bitinglip.platform.jobs import ANNOTATION
 
 
 def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, output: str,
-            record: dict[str, Any]) -> tuple[int, int]:
+              record: dict[str, Any]) -> tuple[int, int]:
     """On a worker thread: hand the job to the cluster and let go of it
-    (also to resume it: same job id, same output, same inputs)."""
+    (also to resume it: same job id, same output, same inputs).  An input
+    path must lie in ``sub["input_root"]`` when given (an OpenAI batch's
+    input lies beside its output), else in ``BITINGLIP_INPUT_DIR``."""
     import dask
 
-    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"]}, REST_INPUTS)
+    root = sub.get("input_root") or platform.settings.input_dir
+    write_rest_record(output, {"inputs": sub["inputs"], "text_column": sub["text_column"],
+                               "input_root": sub.get("input_root")}, REST_INPUTS)
     write_rest_record(output, record)
     # only the id (and, for a resume, the gateway's own clock): the scheduler serialises
     # annotations with msgpack, and a caller's value it cannot encode (an int of 2**64)
@@ -29,9 +33,9 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
     if record.get("resumed_at"):
         marker["resumed_at"] = float(record["resumed_at"])  # the status plugin follows the job again
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: marker}):
-        job = platform.submit(sub["task"], model=model, inputs=sub["inputs"], output=output,
+        job = platform.submit(sub["task"], model=model, inputs=sub.get("frame", sub["inputs"]), output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id,
-                              input_root=platform.settings.input_dir)
+                              input_root=root)
     platform.detach(job)  # the job survives this process from here on
     return job.total, len(job.futures)
 

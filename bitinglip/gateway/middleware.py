@@ -57,20 +57,23 @@ class RequestContext:
 
 
 class BodyLimit:
-    """413 for a body over ``max_bytes``: at once from ``Content-Length``,
-    or while reading a body sent without one."""
+    """413 for a body over ``max_bytes`` (or over ``overrides[path]`` for
+    a path named there): at once from ``Content-Length``, or while reading a
+    body sent without one."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.overrides = dict(overrides or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.overrides.get(scope.get("path", ""), self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            message = f"request body over {self.max_bytes} bytes" if length.isdigit() else "bad Content-Length"
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            message = f"request body over {limit} bytes" if length.isdigit() else "bad Content-Length"
             response = error_response(scope, 413 if length.isdigit() else 400,
                                       "payload_too_large" if length.isdigit() else "bad_request", message)
             await response(scope, receive, send)
@@ -82,8 +85,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLargeError(f"request body over {self.max_bytes} bytes")
+                if seen > limit:
+                    raise PayloadTooLargeError(f"request body over {limit} bytes")
             return message
 
         await self.app(scope, counted, send)

@@ -18,6 +18,10 @@ _ERR = {"$ref": "#/components/responses/Error"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PAGE = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
          {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+_FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_CURSOR = [{"name": "after", "in": "query", "schema": {"type": "string"}},
+           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}]
 _PARTIAL = {"X-BitingLip-Partial": {"description": "true when the job was cancelled: only its committed rows",
                                     "schema": {"type": "string", "enum": ["true", "false"]}}}
 
@@ -66,7 +70,51 @@ def document() -> dict[str, Any]:
             "/health/ready": {"get": _op("Readiness (Redis and the cluster)",
                                          {"200": _json(health), "503": _json(health, "not ready")},
                                          public=True, codes=())},
-            "/v1/models": {"get": _op("Models you can name", {"200": _json({"type": "object"})})},
+            "/v1/models": {"get": _op(
+                "Models you can name: OpenAI's list shape, or BitingLip's own listing with format=bitinglip",
+                {"200": _json({"type": "object"})}, codes=(401, 403, 422, 429),
+                params=[{"name": "format", "in": "query", "schema": {"type": "string",
+                                                                     "enum": ["openai", "bitinglip"]}}])},
+            "/v1/files": {
+                "post": _op("Upload a batch file (multipart/form-data: file, purpose=batch); it streams to the "
+                            "results directory", {"200": _json(_ref("File"))}, codes=(400, 401, 403, 413, 429)),
+                "get": _op("Your files (OpenAI's list shape)", {"200": _json({"type": "object"})},
+                           params=_CURSOR, codes=(400, 401, 403, 429)),
+            },
+            "/v1/files/{file_id}": {
+                "get": _op("One file", {"200": _json(_ref("File"))}, params=[_FILE_ID], codes=(401, 403, 404, 429)),
+                "delete": _op("Delete a file", {"200": _json({"type": "object"})}, params=[_FILE_ID],
+                              codes=(401, 403, 404, 429)),
+            },
+            "/v1/files/{file_id}/content": {"get": _op(
+                "A file's bytes (JSONL)", {"200": {"description": "JSONL", "content": {"application/jsonl": {}}}},
+                params=[_FILE_ID], codes=(401, 403, 404, 429))},
+            "/v1/batches": {
+                "post": _op("Run a batch file as a job (OpenAI's Batch object)", {"200": _json(_ref("Batch"))},
+                            body=_ref("BatchRequest"), codes=(400, 401, 403, 404, 413, 429, 503)),
+                "get": _op("Your batches, newest first", {"200": _json({"type": "object"})},
+                           params=_CURSOR, codes=(400, 401, 403, 429)),
+            },
+            "/v1/batches/{batch_id}": {"get": _op(
+                "A batch's status and counts (its output and error files once it has ended)",
+                {"200": _json(_ref("Batch"))}, params=[_BATCH_ID], codes=(401, 403, 404, 429))},
+            "/v1/batches/{batch_id}/cancel": {"post": _op(
+                "Cancel a batch; what finished stays in its output file", {"200": _json(_ref("Batch"))},
+                params=[_BATCH_ID], codes=(401, 403, 404, 409, 429))},
+            "/v1/embeddings": {"post": _op(
+                "OpenAI's embeddings (float or base64, dimensions), batched with concurrent requests",
+                {"200": _json({"type": "object"})}, body=_ref("EmbeddingRequest"),
+                codes=(400, 401, 403, 413, 429, 502, 503))},
+            "/v1/chat/completions": {"post": _op(
+                "OpenAI's chat completion (stream: true sends chat.completion.chunk events, then [DONE])",
+                {"200": {"description": "a chat.completion, or its chunks as server-sent events",
+                         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}},
+                body=_ref("ChatCompletionRequest"), codes=(400, 401, 403, 413, 429, 502, 503))},
+            "/v1/completions": {"post": _op(
+                "OpenAI's text completion (stream: true sends text_completion events, then [DONE])",
+                {"200": {"description": "a text_completion, or its chunks as server-sent events",
+                         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}},
+                body=_ref("CompletionRequest"), codes=(400, 401, 403, 413, 429, 502, 503))},
             "/v1/models/{name}": {"get": _op(
                 "One model", {"200": _json(_ref("Model"))}, codes=(401, 403, 404, 429),
                 params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])},
@@ -135,9 +183,21 @@ def document() -> dict[str, Any]:
             "responses": {"Error": _json(_ref("Error"), "an error")},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["code", "message", "request_id"],
+                    "type": "object", "required": ["message", "type", "param", "code", "request_id"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                   "type": {"type": "string"}, "param": {"type": ["string", "null"]},
                                    "request_id": {"type": "string"}}}}},
+                "File": {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+                         "properties": {"id": {"type": "string"}, "object": {"const": "file"},
+                                        "bytes": {"type": "integer"}, "created_at": {"type": "integer"},
+                                        "filename": {"type": "string"}, "purpose": {"type": "string"}}},
+                "Batch": {"type": "object", "required": ["id", "object", "endpoint", "status", "request_counts"],
+                          "properties": {"id": {"type": "string"}, "object": {"const": "batch"},
+                                         "endpoint": {"type": "string"},
+                                         "status": {"type": "string", "enum": [
+                                             "validating", "in_progress", "finalizing", "completed", "failed",
+                                             "cancelling", "cancelled", "expired"]},
+                                         "request_counts": {"type": "object"}}},
                 **{body.name: body.schema() for body in BODIES},
                 "Model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "source": {"type": "string"}}},

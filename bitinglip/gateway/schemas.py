@@ -80,4 +80,54 @@ MODEL_REGISTRATION = BodyModel("ModelRegistration", {
     "pooling": {"type": "string", "enum": list(POOLINGS)},
 }, required=("name", "source", "task"), fields_word="expected", required_message="field {name!r} is required (a string)")
 
-BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION)
+#: the endpoints a batch may run (OpenAI's names); the chat and text completions need generation rows (issue 16)
+BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+
+BATCH_REQUEST = BodyModel("BatchRequest", {
+    "input_file_id": {"type": "string", "minLength": 1, "description": "a file uploaded with purpose=batch"},
+    "endpoint": {"type": "string", "enum": list(BATCH_ENDPOINTS)},
+    "completion_window": {"type": "string", "enum": ["24h"]},
+    "metadata": {"type": ["object", "null"], "maxProperties": 16,
+                 "additionalProperties": {"type": "string", "maxLength": 512},
+                 "description": "up to 16 string pairs; idempotency_key makes a resubmission return the same batch"},
+}, required=("input_file_id", "endpoint", "completion_window"))
+
+EMBEDDING_REQUEST = BodyModel("EmbeddingRequest", {
+    "model": {"type": "string", "minLength": 1},
+    "input": {"oneOf": [{"type": "string"}, TEXTS]},
+    "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+    "dimensions": {"type": "integer", "minimum": 1, "description": "keep the first N values, rescaled to length 1"},
+    "user": {"type": "string"},
+}, required=("model", "input"))
+
+#: OpenAI's sampling fields, as a chat or text completion takes them (bounds: the generate task's)
+_SAMPLING = {
+    "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "seed": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "minimum": 1},
+    "response_format": {"type": "object"}, "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                       "additionalProperties": False},
+    "user": {"type": "string"}, "model": {"type": "string", "minLength": 1},
+}
+CHAT_REQUEST = BodyModel("ChatCompletionRequest", {
+    **_SAMPLING,
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"]}},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+}, required=("model", "messages"))
+COMPLETION_REQUEST = BodyModel("CompletionRequest", {
+    **_SAMPLING,
+    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                               "maxItems": 1}]},
+    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+    "echo": {"const": False}, "suffix": {"type": "null"}, "best_of": {"const": 1},
+}, required=("model", "prompt"))
+
+BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION, BATCH_REQUEST, EMBEDDING_REQUEST, CHAT_REQUEST,
+          COMPLETION_REQUEST)

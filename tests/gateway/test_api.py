@@ -26,7 +26,7 @@ def user() -> str:
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     assert r.status_code == status, r.text
     body = r.json()["error"]
-    assert set(body) == {"code", "message", "request_id"}
+    assert set(body) == {"code", "message", "type", "param", "request_id"}  # OpenAI's shape, with the request id
     assert body["request_id"] == r.headers["x-request-id"]
     if code:
         assert body["code"] == code
@@ -271,7 +271,8 @@ def test_another_users_job_is_not_found(gateway: str, models: dict[str, str]) ->
 
 def test_models(gateway: str, models: dict[str, str], admin: dict[str, str]) -> None:
     h = auth(user())
-    names = {m["name"]: m for m in get_json(f"{gateway}/v1/models", h)["models"]}
+    names = {m["name"]: m for m in get_json(f"{gateway}/v1/models?format=bitinglip", h)["models"]}
+    assert {m["id"] for m in get_json(f"{gateway}/v1/models", h)["data"]} >= set(names)  # OpenAI's list shape
     assert names["all-MiniLM-L6-v2"]["source"] == "package"
     assert names["tiny-encoder"]["source"] == "registered" and "path" not in names["tiny-encoder"]
     assert names["tiny-encoder"]["version"] == "1" and len(names["tiny-encoder"]["sha256"]) == 64

@@ -4,6 +4,7 @@ a JSON body matches the documented schema."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -38,6 +39,26 @@ class Walker:
         return r
 
 
+def _openai_routes(w: Walker, h: dict[str, str]) -> None:
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "tiny-encoder", "input": "a"}}
+    file = w.call("POST", "/v1/files", h, files={"file": ("b.jsonl", json.dumps(line).encode())},
+                  data={"purpose": "batch"}).json()
+    w.call("GET", "/v1/files", h)
+    w.call("GET", "/v1/files/{file_id}", h, path=f"/v1/files/{file['id']}")
+    w.call("GET", "/v1/files/{file_id}/content", h, path=f"/v1/files/{file['id']}/content")
+    batch = w.call("POST", "/v1/batches", h, json={"input_file_id": file["id"], "endpoint": "/v1/embeddings",
+                                                   "completion_window": "24h"}).json()
+    w.call("GET", "/v1/batches", h)
+    w.call("GET", "/v1/batches/{batch_id}", h, path=f"/v1/batches/{batch['id']}")
+    assert w.call("POST", "/v1/batches/{batch_id}/cancel", h,
+                  path=f"/v1/batches/{batch['id']}/cancel").status_code in (200, 409)  # 409: it had ended
+    w.call("POST", "/v1/embeddings", h, json={"model": "tiny-encoder", "input": ["a"], "encoding_format": "float"})
+    w.call("DELETE", "/v1/files/{file_id}", h, path=f"/v1/files/{file['id']}")
+    # refused before any generation (tests/gateway/test_openai.py runs them whole): a documented 400 each
+    assert w.call("POST", "/v1/chat/completions", h, json={"model": "tiny-gpt2", "messages": []}).status_code == 400
+    assert w.call("POST", "/v1/completions", h, json={"model": "tiny-gpt2", "prompt": ["a", "b"]}).status_code == 400
+
+
 def test_every_documented_operation_answers_as_documented(gateway: str, admin: dict[str, str],
                                                           models: dict[str, str]) -> None:
     h = auth("openapi-walker")
@@ -59,6 +80,7 @@ def test_every_documented_operation_answers_as_documented(gateway: str, admin: d
     assert w.call("DELETE", "/v1/jobs/{job_id}", h, path=at).status_code == 409  # it has ended
     assert w.call("POST", "/v1/jobs/{job_id}/resume", h, path=f"{at}/resume").status_code == 409  # it succeeded
     w.call("POST", "/v1/infer", h, json={"task": "embed", "model": "tiny-encoder", "inputs": ["a"]})
+    _openai_routes(w, h)
     w.call("GET", "/metrics", h)
     w.call("GET", "/admin/models", admin)
     added = w.call("POST", "/admin/models", admin, json={"name": "openapi-walk", "source": models["tiny-encoder"],

@@ -152,6 +152,22 @@ VALID = {
     ("/v1/infer", "post"): [{"task": "embed", "model": "all-MiniLM-L6-v2", "inputs": ["a"], "options": {}}],
     ("/admin/models", "post"): [{"name": "m", "source": "/models/m", "task": "embed", "dtype": "float16",
                                  "max_length": 128, "pooling": "mean"}],
+    ("/v1/batches", "post"): [{"input_file_id": "file-abc", "endpoint": "/v1/embeddings", "completion_window": "24h",
+                               "metadata": {"idempotency_key": "k1"}}],
+    ("/v1/embeddings", "post"): [{"model": "all-MiniLM-L6-v2", "input": ["a", "b"], "encoding_format": "base64",
+                                  "dimensions": 8, "user": "u"}],
+    ("/v1/chat/completions", "post"): [{
+        "model": "all-MiniLM-L6-v2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "max_completion_tokens": 4, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+        "repetition_penalty": 1.1, "presence_penalty": 0.1, "frequency_penalty": 0.1, "stop": ["x"], "seed": 1,
+        "n": 2, "response_format": {"type": "json_object"}, "stream": True, "stream_options": {"include_usage": True},
+        "user": "u", "logprobs": True, "top_logprobs": 2}],
+    ("/v1/completions", "post"): [{
+        "model": "all-MiniLM-L6-v2", "prompt": "once", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9,
+        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": 0.1, "frequency_penalty": 0.1,
+        "stop": "x", "seed": 1, "n": 2, "response_format": {"type": "json_object"}, "stream": False,
+        "stream_options": {"include_usage": False}, "user": "u", "logprobs": 2, "echo": False, "suffix": None,
+        "best_of": 1}],
 }
 
 
@@ -216,6 +232,9 @@ def test_jobs_take_exactly_one_of_inputs_and_input_uri(client: tuple[TestClient,
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/jobs", "task", "paint"), ("/v1/jobs", "priority", 11), ("/v1/jobs", "idempotency_key", "a b"),
     ("/v1/jobs", "text_column", ""), ("/v1/jobs", "inputs", []), ("/v1/infer", "task", "paint"),
+    ("/v1/batches", "endpoint", "/v1/images"), ("/v1/batches", "completion_window", "1h"),
+    ("/v1/embeddings", "input", 5), ("/v1/chat/completions", "messages", []), ("/v1/completions", "best_of", 2),
+    ("/v1/chat/completions", "stream", "yes"), ("/v1/completions", "echo", True), ("/v1/embeddings", "encoding_format", "hex"), ("/v1/embeddings", "dimensions", 0),
     ("/admin/models", "dtype", "float8"), ("/admin/models", "pooling", "sum"), ("/admin/models", "max_length", 0),
 ])
 def test_values_the_document_refuses_the_handler_refuses(client: tuple[TestClient, dict[str, str]], path: str,

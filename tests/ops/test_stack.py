@@ -243,7 +243,8 @@ def test_jobs_page_shows_a_running_job_in_chromium(stack: dict[str, Any]) -> Non
     _wait(agrees, 30, f"the Jobs page did not show the cancelled job's {rest['rows_done']} rows done as REST does")
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_rest_gateway.ipynb", "03_custom_task.ipynb"])
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_rest_gateway.ipynb", "03_custom_task.ipynb",
+                                  "04_openai_batch.ipynb"])
 def test_notebook_runs_clean(stack: dict[str, Any], name: str, tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (the dev extra has it)")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (the dev extra has it)")

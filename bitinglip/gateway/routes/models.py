@@ -1,5 +1,9 @@
 """Models over REST: the names a caller may use, and their registration.
 
+``GET /v1/models`` answers in OpenAI's list shape (``client.models.list()``);
+``GET /v1/models?format=bitinglip`` keeps BitingLip's own listing (source,
+version, task, sha256, ...).  ``GET /v1/models/{name}`` carries both.
+
 A REST caller names models only from the model registry (issue 3's
 ``MODEL_CACHE_DIR/name/version`` with sha256 manifests) or the models that
 ship in Python packages, never by path.  Admins add and remove registry
@@ -8,13 +12,14 @@ versions here; the registry is a directory that gateways and workers share.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import NotFoundError, UnknownModelError
+from bitinglip.errors import InputError, NotFoundError, UnknownModelError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import MODEL_REGISTRATION
@@ -27,11 +32,25 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
     return {"source": entry.get("source_kind"), **{k: entry[k] for k in keep if k in entry and k != "source_kind"}}
 
 
+def _openai(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model as OpenAI's ``Model`` object."""
+    added = entry.get("added_at")  # an ISO time for registered models; packaged ones have none
+    created = int(datetime.fromisoformat(added).timestamp()) if isinstance(added, str) and added else 0
+    return {"id": entry["name"], "object": "model", "created": created,
+            "owned_by": "bitinglip" if entry.get("source_kind") == "registered" else str(entry.get("source_kind"))}
+
+
 async def list_models(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:read")
-    models = [_public(e) for e in (await anyio.to_thread.run_sync(catalogue, gw.settings)).values()]
-    return gw.json(request, {"models": models, "count": len(models)})
+    shape = request.query_params.get("format", "openai")
+    if shape not in ("openai", "bitinglip"):
+        raise InputError("format must be openai (the default) or bitinglip")
+    entries = list((await anyio.to_thread.run_sync(catalogue, gw.settings)).values())
+    if shape == "bitinglip":
+        models = [_public(e) for e in entries]
+        return gw.json(request, {"models": models, "count": len(models)})
+    return gw.json(request, {"object": "list", "data": [_openai(e) for e in entries]})
 
 
 async def get_model(request: Request) -> Response:
@@ -40,7 +59,7 @@ async def get_model(request: Request) -> Response:
     entry = (await anyio.to_thread.run_sync(catalogue, gw.settings)).get(request.path_params["name"])
     if entry is None:
         raise NotFoundError(f"no model {request.path_params['name']!r}")
-    return gw.json(request, _public(entry))
+    return gw.json(request, {**_openai(entry), **_public(entry)})
 
 
 async def admin_list_models(request: Request) -> Response:

@@ -60,7 +60,7 @@ async def resume_job(request: Request) -> Response:
         raise ConflictError(f"job {job['id']} is {'gone' if outcome == MISSING else outcome}; "
                             "only cancelled or failed jobs can be resumed")
     sub = {"task": job["task"], "priority": int(job.get("priority") or 5), "options": job.get("options") or {},
-           "inputs": saved["inputs"], "text_column": saved["text_column"]}
+           "inputs": saved["inputs"], "text_column": saved["text_column"], "input_root": saved.get("input_root")}
     record = {key: job.get(key) for key in ("task", "model", "priority", "output", "options", "rows_total", "id",
                                             "owner", "created_at", "idempotency_key")}
     record.update(state=JobState.QUEUED.value, updated_at=now, resumed_at=now)

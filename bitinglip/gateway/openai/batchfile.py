@@ -1,0 +1,240 @@
+"""A batch file, checked line by line and turned into a job's input.
+
+Each line is ``{"custom_id", "method": "POST", "url", "body"}``.  What makes
+the file as a whole unusable fails the batch, naming its line (as OpenAI
+does): not JSON, a missing or repeated ``custom_id``, another url than the
+batch's endpoint, a second model.  A line whose body is wrong (an ``input``
+that is not text, an unknown field) is the line's own error: it goes to the
+batch's error file and the rest runs.  Read and written streaming, so a file
+of 200 MB never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from bitinglip.errors import InputError
+from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
+from bitinglip.platform.tasks import BUILTIN_TASKS
+
+#: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
+INPUT = "_openai_input.parquet"
+#: one JSON object per line that runs: custom_id, line number, embeddings expected, format, dimensions
+LINES = "_openai_lines.jsonl"
+#: one JSON object per line refused for its body: custom_id, line number, message, param
+REJECTED = "_openai_rejected.jsonl"
+#: the most bytes one line may take (the body of one request)
+MAX_LINE_BYTES = 8 << 20
+#: the most file-level errors a failed batch lists (OpenAI lists a few, not thousands)
+MAX_ERRORS = 100
+_ROWS_PER_WRITE = 4096
+#: a generation row's params in the job's Parquet input: one type per field (Parquet keeps one per column)
+_PARAM_TYPES: dict[str, Any] = {
+    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "stop": list, "seed": int,
+    "n": int, "logprobs": int, "response_format": dict}
+#: the generate task's bounds on n and logprobs (its generation module's MAX_N, MAX_LOGPROBS)
+MAX_N, MAX_LOGPROBS = 16, 20
+_CUSTOM_ID_CHARS = 512
+
+
+@dataclass
+class Checked:
+    """What a batch file turned into."""
+
+    model: str | None = None
+    #: the line that first named the model
+    model_line: int | None = None
+    lines: int = 0
+    rows: int = 0
+    rejected: int = 0
+    #: file-level errors ({code, message, line, param}); any of them fails the batch
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: the job options the rows need (generation: the most ``n`` and ``logprobs`` any row asks for)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append({"code": code, "message": message, "line": line, "param": param})
+
+
+def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked: Checked) -> dict[str, Any] | None:
+    """The line's request, or None after recording why the file fails there."""
+    try:
+        line = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        checked.fail("invalid_json_line", f"line {number} is not valid JSON: {exc}", number)
+        return None
+    if not isinstance(line, dict):
+        checked.fail("invalid_request", f"line {number} must be a JSON object", number)
+        return None
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > _CUSTOM_ID_CHARS:
+        checked.fail("missing_custom_id", f"line {number} needs a custom_id (a string of 1 to "
+                     f"{_CUSTOM_ID_CHARS} characters)", number, "custom_id")
+        return None
+    if custom_id in seen:
+        checked.fail("duplicate_custom_id", f"line {number} repeats custom_id {custom_id!r}", number, "custom_id")
+        return None
+    seen.add(custom_id)
+    if line.get("url") != endpoint:
+        checked.fail("invalid_url", f"line {number} has url {line.get('url')!r}; this batch's endpoint is "
+                     f"{endpoint}", number, "url")
+        return None
+    if line.get("method", "POST") != "POST":
+        checked.fail("invalid_method", f"line {number}: method must be POST", number, "method")
+        return None
+    if not isinstance(line.get("body"), dict):
+        checked.fail("invalid_request", f"line {number} needs a body (a JSON object)", number, "body")
+        return None
+    return line
+
+
+def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
+    """Check an embeddings batch file from ``src`` and write the job's input
+    (:data:`INPUT`), the lines that run (:data:`LINES`) and the refused ones
+    (:data:`REJECTED`) into ``out_dir``."""
+    import pyarrow as pa
+
+    def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        found = embedding_texts(body, max_chars)
+        fmt, dims = embedding_format(body)
+        # the rows of a list input share the line's id, in order
+        return [{"id": custom_id, "text": t} for t in found], {"count": len(found), "fmt": fmt, "dims": dims}
+
+    return _check(src, out_dir, endpoint, max_lines, pa.schema([("id", pa.string()), ("text", pa.string())]),
+                  accept, Checked())
+
+
+def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
+    """Check a chat or text completions batch file: each line one row of the
+    generation row contract (``messages`` or ``text``, and ``params``)."""
+    task = BUILTIN_TASKS["generate"]
+    # every row is checked as a job that allows n and logprobs would take it; the job then asks for the most any row asks
+    loose = task.check_options({"n": MAX_N, "logprobs": MAX_LOGPROBS})
+    checked = Checked(options={})
+
+    def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        row = generation_row(endpoint, body, custom_id, max_chars)
+        fmt = row["params"].get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            raise refuse("a json_schema response_format is served online (/v1/chat/completions), not in batch "
+                         "files: a batch's rows share one Parquet type per column", "response_format")
+        good = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]},
+                              custom_id, loose)
+        params = {k: _PARAM_TYPES[k](v) for k, v in good.params.items() if k in _PARAM_TYPES and v is not None}
+        # said even when it is 1: a row without it would take the job's n, the most of any row's (and vLLM
+        # refuses n > 1 for a greedy row)
+        params.setdefault("n", 1)
+        for name in ("n", "logprobs"):
+            if name in params and params[name] > int(checked.options.get(name) or (1 if name == "n" else -1)):
+                checked.options[name] = params[name]
+        messages = [{"role": r, "content": c} for r, c in good.messages] if good.messages is not None else None
+        return ([{"id": custom_id, "text": good.text, "messages": messages, "params": params}],
+                {"count": 1, "logprobs": "logprobs" in params})
+
+    return _check(src, out_dir, endpoint, max_lines, _generation_schema(), accept, checked)
+
+
+def generation_frame(path: str) -> Any:
+    """The generation rows of :data:`INPUT` as a pandas frame of plain Python
+    values (dicts, lists, ints).  Read through Dask, a Parquet struct column
+    comes back with its null-bearing int fields as floats (``seed`` 11.0) and
+    its lists as numpy arrays, which the generate task's row check refuses;
+    so a generation batch runs on this frame (a resume reads the file)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    for row in rows:
+        row["params"] = {k: v for k, v in (row["params"] or {}).items() if v is not None}
+    return pd.DataFrame(rows, columns=["id", "text", "messages", "params"])
+
+
+def _generation_schema() -> Any:
+    import pyarrow as pa
+
+    kinds = {int: pa.int64(), float: pa.float64()}
+    params = [(k, kinds[t] if t in kinds else pa.list_(pa.string()) if k == "stop" else
+               pa.struct([("type", pa.string())])) for k, t in _PARAM_TYPES.items()]
+    return pa.schema([("id", pa.string()), ("text", pa.string()),
+                      ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                      ("params", pa.struct(params))])
+
+
+def _check(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, schema: Any, accept: Any,
+           checked: Checked) -> Checked:
+    import pyarrow.parquet as pq
+
+    os.makedirs(out_dir, exist_ok=True)
+    seen = set[str]()
+    rows: list[dict[str, Any]] = []
+    with pq.ParquetWriter(os.path.join(out_dir, INPUT), schema) as writer, \
+            open(os.path.join(out_dir, LINES), "w") as lines, open(os.path.join(out_dir, REJECTED), "w") as rejected:
+        while True:
+            raw = src.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            checked.lines += 1
+            number = checked.lines
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                checked.fail("line_too_long", f"line {number} is over {MAX_LINE_BYTES} bytes", number)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of it
+                    raw = src.readline(MAX_LINE_BYTES)
+                continue
+            if not raw.strip():
+                checked.fail("empty_line", f"line {number} is empty", number)
+                continue
+            if checked.lines > max_lines:
+                checked.fail("too_many_lines", f"the file has more than {max_lines} lines "
+                             "(BITINGLIP_BATCH_MAX_LINES)", number)
+                break
+            line = _line_error(raw, number, endpoint, seen, checked)
+            if line is None:
+                continue
+            body = line["body"]
+            model = body.get("model")
+            if isinstance(model, str) and model:
+                if checked.model is None:
+                    checked.model, checked.model_line = model, number
+                elif model != checked.model:  # one job per batch: one model
+                    checked.fail("mixed_models", f"line {number} names model {model!r}, line {checked.model_line} "
+                                 f"names {checked.model!r}; a batch runs one model", number, "body.model")
+                    continue
+            try:
+                found, meta = accept(line["custom_id"], body)
+            except InputError as exc:
+                checked.rejected += 1
+                rejected.write(json.dumps({"custom_id": line["custom_id"], "line": number, "message": str(exc),
+                                           "param": getattr(exc, "param", None)}) + "\n")
+                continue
+            lines.write(json.dumps({"custom_id": line["custom_id"], "line": number, **meta}) + "\n")
+            rows += found
+            if len(rows) >= _ROWS_PER_WRITE:
+                checked.rows += _flush(writer, schema, rows)
+        checked.rows += _flush(writer, schema, rows)
+    if checked.lines == 0:
+        checked.fail("empty_file", "the batch file has no lines", None)
+    return checked
+
+
+def _flush(writer: Any, schema: Any, rows: list[dict[str, Any]]) -> int:
+    import pyarrow as pa
+
+    n = len(rows)
+    if n:
+        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        rows.clear()
+    return n
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The objects of a JSONL file this module wrote (an absent file: none)."""
+    try:
+        with open(path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,98 @@
+"""OpenAI's online routes, ``POST /v1/embeddings``, ``/v1/chat/completions``
+and ``/v1/completions``, on the same batching path as ``/v1/infer``
+(:mod:`bitinglip.gateway.batcher`): requests for one model that arrive
+together run as one task, above every bulk job's priority (generation rows
+then share the worker's engine with whatever else it runs).  A streamed
+completion is sent as chunks once it is whole: the engine hands back
+finished rows, not tokens.
+
+``encoding_format`` float or base64 (little-endian float32, what OpenAI's
+client decodes; the client asks for base64 unless told otherwise), and
+``dimensions``: the first N values, rescaled to length 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from bitinglip.gateway.body import read_json
+from bitinglip.gateway.openai.shapes import (
+    chat_body,
+    chat_chunks,
+    completion_body,
+    completion_chunks,
+    embedding_body,
+    embedding_format,
+    embedding_texts,
+    generation_row,
+    output_options,
+    refuse,
+    stream_flags,
+)
+from bitinglip.gateway.ratelimit import INFER
+from bitinglip.gateway.state import Gateway
+from bitinglip.platform.jobs import predict_counted, predict_generation
+from bitinglip.platform.tasks import BUILTIN_TASKS
+
+
+async def embeddings(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:write", INFER)
+    body = await read_json(request)
+    texts = embedding_texts(body, gw.settings.max_text_chars)
+    fmt, dims = embedding_format(body)
+    if len(texts) > gw.settings.max_infer_rows:  # a larger set is a batch's work
+        raise refuse(f"input has {len(texts)} items; this gateway takes {gw.settings.max_infer_rows} per request "
+                     "(BITINGLIP_MAX_INFER_ROWS); send more as a batch (POST /v1/files, /v1/batches)", "input")
+    model = await gw.listed_model(body["model"])
+    outputs, _ = await gw.batcher.infer("embed", model, {}, texts, predict_counted)
+    answer = embedding_body(body["model"], [o["embedding"] for o in outputs], fmt, dims,
+                            sum(int(o["tokens"]) for o in outputs))
+    return gw.json(request, answer)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "/v1/chat/completions")
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "/v1/completions")
+
+
+async def _generate(request: Request, endpoint: str) -> Response:
+    """One chat or text completion through the infer batcher; with
+    ``stream: true`` the answer goes out as OpenAI's chunks, ending with
+    ``data: [DONE]``."""
+    gw: Gateway = request.app.state.gateway
+    await gw.authorize(request, "jobs:write", INFER)
+    body = await read_json(request)
+    row = generation_row(endpoint, body, "request", gw.settings.max_text_chars)
+    stream, include_usage = stream_flags(body)
+    options = output_options(row["params"])
+    task = BUILTIN_TASKS["generate"]
+    # checked here as the worker will check it, so a bad value is this request's 400, before it joins a batch
+    task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
+                   task.check_options(options))
+    model = await gw.listed_model(body["model"])
+    outputs, _ = await gw.batcher.infer("generate", model, options, [{k: v for k, v in row.items() if k != "id"}],
+                                        predict_generation)
+    chat = endpoint == "/v1/chat/completions"
+    answer = (chat_body if chat else completion_body)(body["model"], outputs[0])
+    if not stream:
+        return gw.json(request, answer)
+    chunks = chat_chunks(answer) if chat else completion_chunks(answer)
+    if include_usage:
+        chunks.append({**{k: answer[k] for k in ("id", "created", "model")}, "object": chunks[0]["object"],
+                       "choices": [], "usage": answer["usage"]})
+
+    async def events() -> AsyncIterator[str]:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})

@@ -1,0 +1,51 @@
+"""What runs on a worker for the gateway's OpenAI-compatible online routes.
+
+Kept beside :func:`~bitinglip.platform.jobs.runner.predict_texts` rather
+than inside it: the OpenAI bodies need figures ``/v1/infer`` does not (the
+tokens each input took, for ``usage``), and the generation row contract
+(messages, per-row sampling options) grows here without touching the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bitinglip.platform.jobs.runner import predict_texts
+from bitinglip.platform.tasks.builtin import get_task
+
+
+def predict_counted(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+    """:func:`predict_texts`'s outputs, each with ``tokens``: how many tokens
+    its text took for this model (OpenAI's ``usage.prompt_tokens``)."""
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    outputs = predict_texts(task_name, model, options, texts)
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    # tokenizing again costs little beside the model, and keeps predict_texts as /v1/infer knows it
+    with get_model_plugin().use(task, model, merged) as loaded:
+        ids, _ = task.tokenize(loaded, texts, merged)
+    return [{**out, "tokens": len(row)} for out, row in zip(outputs, ids)]
+
+
+def predict_generation(task_name: str, model: str, options: Mapping[str, Any], rows: list[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """Outputs for generation rows (``{"text"}`` or ``{"messages"}``, each
+    with its own ``params``: the generation row contract), in order; the
+    engine batches them with whatever else runs on this worker.  The first
+    bad row fails the call (the gateway checked them; the batcher reruns a
+    failed merged batch request by request)."""
+    from bitinglip.errors import InputError
+    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+
+    task = get_task(task_name)
+    merged = task.check_options(options)
+    checked = [task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row.get("params")},
+                              f"request {i}", merged) for i, row in enumerate(rows)]
+    with get_model_plugin().use(task, model, merged) as loaded:
+        outputs, truncated, failed, _ = task.run_rows(loaded, checked, merged, lambda done: None)
+    if failed:
+        first = min(failed)
+        raise InputError(f"request {first}: {failed[first]}")
+    return [{**(out or {}), "truncated": cut} for out, cut in zip(outputs, truncated)]

@@ -1,0 +1,362 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client against
+the live gateway (real Redis, real Dask cluster): Files, Batches, embeddings,
+models.list and the error classes.  Batch outputs are compared line by line
+(by custom_id) with the Python client's results for the same rows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+from gwtools import auth, make_token, new_user
+
+from bitinglip import redis_keys as keys
+
+openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
+
+MODEL = "tiny-encoder"
+#: how long a batch may take here (2 shared cores); a deadline, not a measurement
+BATCH_DEADLINE_S = 300
+
+
+def client(gateway: str, sub: str) -> Any:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=make_token(sub), max_retries=0, timeout=120)
+
+
+def line(custom_id: str, body: dict[str, Any], url: str = "/v1/embeddings") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def upload(oai: Any, lines: list[str], name: str = "batch.jsonl") -> Any:
+    return oai.files.create(file=(name, ("\n".join(lines) + "\n").encode()), purpose="batch")
+
+
+def finished(oai: Any, batch_id: str) -> Any:
+    deadline = time.time() + BATCH_DEADLINE_S
+    while True:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        if time.time() > deadline:
+            pytest.fail(f"batch still {batch.status} after {BATCH_DEADLINE_S}s: {batch}")
+        time.sleep(0.3)
+
+
+def jsonl(oai: Any, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in oai.files.content(file_id).text.splitlines() if x.strip()]
+
+
+def by_custom_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    ids = [r["custom_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a custom_id appears more than once"
+    return {r["custom_id"]: r for r in rows}
+
+
+def expected(platform: Any, texts: list[str]) -> np.ndarray:
+    frame = platform.submit("embed", model=MODEL, inputs=pd.DataFrame({"id": range(len(texts)), "text": texts}))
+    result = frame.result().sort_values("id")
+    return np.stack(result["embedding"].to_numpy())
+
+
+def decode64(value: str) -> np.ndarray:
+    raw = base64.b64decode(value)
+    return np.array(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+# --- models, online embeddings, errors
+
+
+def test_models_list_is_openais_and_bitinglips_listing_stays(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-models"))
+    listed = {m.id: m for m in oai.models.list()}
+    assert MODEL in listed and "all-MiniLM-L6-v2" in listed
+    assert listed[MODEL].object == "model" and listed[MODEL].created > 0 and listed[MODEL].owned_by == "bitinglip"
+    assert oai.models.retrieve(MODEL).id == MODEL
+    own = httpx.get(f"{gateway}/v1/models?format=bitinglip", headers=auth(new_user("oai-models")), timeout=30).json()
+    assert {m["name"]: m for m in own["models"]}[MODEL]["source"] == "registered"
+
+
+def test_embeddings_float_base64_and_dimensions(gateway: str, models: dict[str, str], platform: Any) -> None:
+    oai = client(gateway, new_user("oai-embed"))
+    texts = ["the cat sat", "on the mat", "a third text"]
+    want = expected(platform, texts)
+    floats = oai.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in floats.data])
+    assert [d.index for d in floats.data] == [0, 1, 2]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens > len(texts)
+    raw = httpx.post(f"{gateway}/v1/embeddings", headers=auth(new_user("oai-embed")), timeout=60,
+                     json={"model": MODEL, "input": texts[0], "encoding_format": "base64"}).json()
+    np.testing.assert_allclose(decode64(raw["data"][0]["embedding"]), want[0], atol=1e-5)
+    default = oai.embeddings.create(model=MODEL, input=texts[0])  # the client asks for base64 and decodes it
+    np.testing.assert_allclose(default.data[0].embedding, want[0], atol=1e-5)
+    cut = oai.embeddings.create(model=MODEL, input=texts, dimensions=8, encoding_format="float")
+    short = np.array([d.embedding for d in cut.data])
+    prefix = want[:, :8] / np.linalg.norm(want[:, :8], axis=1, keepdims=True)
+    assert short.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(short, prefix, atol=1e-5)
+
+
+def test_errors_come_out_as_the_clients_classes(gateway: str, models: dict[str, str]) -> None:
+    bad_key = openai.OpenAI(base_url=f"{gateway}/v1", api_key="not-a-jwt", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad_key.models.list()
+    assert caught.value.body["type"] == "authentication_error" and caught.value.request_id
+    oai = client(gateway, new_user("oai-errors"))
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.embeddings.create(model=MODEL, input=[], encoding_format="float")
+    assert caught.value.param == "input" and caught.value.code == "invalid_input"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.embeddings.create(model=MODEL, input="x", dimensions=10_000, encoding_format="float")
+    assert caught.value.param == "dimensions"
+    with pytest.raises(openai.BadRequestError):
+        oai.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve("file-" + "0" * 32)
+    with pytest.raises(openai.NotFoundError):
+        oai.batches.retrieve("batch_" + "0" * 32)
+    # a batch is a submission: the 11th in a minute is refused (10/minute), 404s count as 400s do not
+    with pytest.raises(openai.RateLimitError) as caught:
+        for _ in range(11):
+            with pytest.raises(openai.NotFoundError):
+                oai.batches.create(input_file_id="file-" + "1" * 32, endpoint="/v1/embeddings",
+                                   completion_window="24h")
+    assert caught.value.body["type"] == "rate_limit_error"
+
+
+# --- batches
+
+
+def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[str, str], platform: Any,
+                                                    redis_url: str) -> None:
+    sub = new_user("oai-batch")
+    oai = client(gateway, sub)
+    texts = [f"row {i}: the quick brown fox {i % 7}" for i in range(30)]
+    lines = [line(f"req-{i}", {"model": MODEL, "input": t, "encoding_format": "float"}) for i, t in enumerate(texts)]
+    lines.append(line("several", {"model": MODEL, "input": texts[:3], "encoding_format": "float"}))
+    lines.append(line("cut", {"model": MODEL, "input": texts[4], "dimensions": 8, "encoding_format": "float"}))
+    lines.append(line("packed", {"model": MODEL, "input": texts[5], "encoding_format": "base64"}))
+    lines.append(line("bad-body", {"model": MODEL, "input": 42}))
+    uploaded = upload(oai, lines)
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(("\n".join(lines) + "\n").encode())
+    assert oai.files.retrieve(uploaded.id).filename == "batch.jsonl"
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                               metadata={"idempotency_key": f"e2e-{sub}", "team": "a"})
+    assert batch.status in ("in_progress", "finalizing", "completed") and batch.request_counts.total == len(lines)
+    again = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                               metadata={"idempotency_key": f"e2e-{sub}", "team": "a"})
+    assert again.id == batch.id  # the same key does not run the file twice
+    done = finished(oai, batch.id)
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (34, 33, 1)
+    assert done.completed_at and done.metadata == {"idempotency_key": f"e2e-{sub}", "team": "a"}
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    assert set(out) | set(err) == {json.loads(x)["custom_id"] for x in lines} and not set(out) & set(err)
+    want = expected(platform, texts)
+    for i in range(30):
+        response = out[f"req-{i}"]["response"]
+        assert response["status_code"] == 200 and response["body"]["model"] == MODEL
+        np.testing.assert_allclose(response["body"]["data"][0]["embedding"], want[i], atol=1e-5)
+    several = out["several"]["response"]["body"]["data"]
+    assert [d["index"] for d in several] == [0, 1, 2]
+    np.testing.assert_allclose([d["embedding"] for d in several], want[:3], atol=1e-5)
+    cut = np.array(out["cut"]["response"]["body"]["data"][0]["embedding"])
+    np.testing.assert_allclose(cut, want[4, :8] / np.linalg.norm(want[4, :8]), atol=1e-5)
+    np.testing.assert_allclose(decode64(out["packed"]["response"]["body"]["data"][0]["embedding"]), want[5],
+                               atol=1e-5)
+    refused = err["bad-body"]["response"]
+    assert refused["status_code"] == 400 and "line 34" in refused["body"]["error"]["message"]
+    assert refused["body"]["error"]["param"] == "input"
+    assert batch.id in [b.id for b in oai.batches.list()]
+    assert done.output_file_id in [f.id for f in oai.files.list(purpose="batch_output")]
+    # Redis loses the batch's and the output file's records: both are read back from beside their bytes
+    lost = redis.Redis.from_url(redis_url)
+    lost.delete(keys.openai_batch(batch.id.removeprefix("batch_")), keys.openai_file(done.output_file_id))
+    assert oai.batches.retrieve(batch.id).output_file_id == done.output_file_id
+    assert len(jsonl(oai, done.output_file_id)) == 33
+    # another subject sees none of it
+    other = client(gateway, new_user("oai-other"))
+    for call in (lambda: other.batches.retrieve(batch.id), lambda: other.files.retrieve(uploaded.id),
+                 lambda: other.files.content(done.output_file_id), lambda: other.batches.cancel(batch.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert batch.id not in [b.id for b in other.batches.list()]
+    assert uploaded.id not in [f.id for f in other.files.list()]
+    assert oai.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve(uploaded.id)
+
+
+def test_a_file_that_cannot_run_fails_the_batch_naming_its_lines(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-invalid"))
+    lines = [line("a", {"model": MODEL, "input": "x"}), "{not json", line("b", {"model": MODEL, "input": "y"}),
+             line("a", {"model": MODEL, "input": "z"}), line("c", {"model": MODEL, "input": "w"}, url="/v1/moderations"),
+             line("d", {"model": "all-MiniLM-L6-v2", "input": "v"})]
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at
+    found = {e.line: e.code for e in batch.errors.data}
+    assert found == {2: "invalid_json_line", 4: "duplicate_custom_id", 5: "invalid_url", 6: "mixed_models"}
+    assert all(f"line {e.line}" in e.message for e in batch.errors.data)
+    assert oai.batches.retrieve(batch.id).status == "failed"
+
+
+def test_a_batch_whose_every_line_is_refused_completes_with_only_errors(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-all-bad"))
+    lines = [line(f"bad{i}", {"model": MODEL, "input": i}) for i in range(3)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    assert batch.status == "completed" and batch.request_counts.failed == 3  # nothing to run: ended at once
+    assert sorted(by_custom_id(jsonl(oai, batch.error_file_id))) == ["bad0", "bad1", "bad2"]
+    assert jsonl(oai, batch.output_file_id) == []
+
+
+def test_cancel_keeps_what_finished_and_every_line_once(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-cancel"))
+    n = 6000
+    lines = [line(f"c{i}", {"model": MODEL, "input": f"cancel me {i} " + "word " * 40}) for i in range(n)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    cancelling = oai.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling"
+    done = finished(oai, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    assert not set(out) & set(err) and len(out) + len(err) == n
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(out), len(err))
+    assert all(e["error"]["code"] == "batch_cancelled" for e in err.values())
+    assert err, "the cancel landed after every line had run"
+    with pytest.raises(openai.ConflictError):
+        oai.batches.cancel(batch.id)
+
+
+def test_ten_thousand_lines_with_one_percent_bad(gateway: str, models: dict[str, str], tmp_path: Path) -> None:
+    oai = client(gateway, new_user("oai-10k"))
+    bad_bodies = [{"model": MODEL, "input": 7}, {"model": MODEL, "input": []}, {"model": MODEL, "input": "a\ud800b"},
+                  {"model": MODEL, "input": "x", "colour": "red"}, {"model": MODEL, "input": "x", "dimensions": 0}]
+    lines, bad = [], set()
+    for i in range(10_000):
+        if i % 100 == 37:
+            bad.add(f"r{i}")
+            lines.append(line(f"r{i}", bad_bodies[(i // 100) % len(bad_bodies)]))
+        else:
+            lines.append(line(f"r{i}", {"model": MODEL, "input": f"line {i} of ten thousand"}))
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    done = finished(oai, batch.id)
+    assert done.status == "completed", done
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    assert set(err) == bad and len(bad) == 100
+    assert set(out) == {f"r{i}" for i in range(10_000)} - bad
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (10_000, 9900, 100)
+    assert all(r["response"]["status_code"] == 400 for r in err.values())
+
+
+def test_upload_limits_and_another_gateway_finishes_a_batch(gateway: str, gw_settings: Any,
+                                                            models: dict[str, str]) -> None:
+    from gwtools import serve
+
+    sub = new_user("oai-limits")
+    first = client(gateway, sub)
+    lines = [line(f"x{i}", {"model": MODEL, "input": f"text {i}"}) for i in range(40)]
+    batch = first.batches.create(input_file_id=upload(first, lines).id, endpoint="/v1/embeddings",
+                                 completion_window="24h")
+    small = gw_settings.with_(batch_max_lines=3, batch_max_bytes=10_000)
+    with serve(small) as url:
+        oai = client(url, sub)
+        # a batch lives in Redis and the results folder: any gateway follows it to its end and writes its files
+        done = finished(oai, batch.id)
+        assert done.status == "completed" and len(jsonl(oai, done.output_file_id)) == 40
+        with pytest.raises(openai.APIStatusError) as caught:
+            upload(oai, [line(f"x{i}", {"model": MODEL, "input": "x"}) for i in range(4)])
+        assert caught.value.status_code == 413 and "BITINGLIP_BATCH_MAX_LINES" in caught.value.message
+        with pytest.raises(openai.APIStatusError) as caught:
+            upload(oai, [line("big", {"model": MODEL, "input": "x" * 20_000})])
+        assert caught.value.status_code == 413
+        assert upload(oai, [line(f"x{i}", {"model": MODEL, "input": "x"}) for i in range(3)]).bytes > 0
+
+
+# --- chat and text completions (the generate task's engine, issue 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
+    """A random-weight Llama with a chat template, registered for generate."""
+    from tiny_models import make_tiny_llama
+
+    path = make_tiny_llama(models_dir / "tiny-llama-openai")
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=120,
+                   json={"name": "tiny-llama", "source": str(path), "task": "generate"})
+    assert r.status_code in (200, 201), r.text
+    return "tiny-llama"
+
+
+def test_chat_and_text_completions_with_and_without_stream(gateway: str, tiny_llama: str) -> None:
+    oai = client(gateway, new_user("oai-chat"))
+    messages = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "hello there"}]
+    chat = oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=6, temperature=0, seed=3)
+    choice = chat.choices[0]
+    assert chat.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert 0 < chat.usage.completion_tokens <= 6 and chat.usage.prompt_tokens > 0
+    streamed = list(oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=6, temperature=0,
+                                                seed=3, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == choice.message.content  # greedy: the same answer, streamed
+    assert streamed[-1].usage.total_tokens == chat.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == choice.finish_reason
+    two = oai.chat.completions.create(model=tiny_llama, messages=messages, max_tokens=4, n=2, temperature=1.0, seed=5)
+    assert [c.index for c in two.choices] == [0, 1]
+    text_completion = oai.completions.create(model=tiny_llama, prompt="once upon a time", max_tokens=5,
+                                             temperature=0)
+    assert text_completion.object == "text_completion" and 0 < text_completion.usage.completion_tokens <= 5
+    chunks = list(oai.completions.create(model=tiny_llama, prompt="once upon a time", max_tokens=5, temperature=0,
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text_completion.choices[0].text
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=tiny_llama, messages=messages, temperature=-1)
+    assert "temperature" in caught.value.message
+
+
+def test_a_chat_batch_matches_the_python_client(gateway: str, tiny_llama: str, platform: Any) -> None:
+    oai = client(gateway, new_user("oai-chat-batch"))
+    chats = [[{"role": "user", "content": f"question number {i}"}] for i in range(6)]
+    bodies = [{"model": tiny_llama, "messages": chat, "max_tokens": 3 + i, "temperature": 0} for i, chat in enumerate(chats)]
+    bodies[2]["stop"] = "zz"
+    bodies[3] = {**bodies[3], "n": 2, "temperature": 0.8, "seed": 11}
+    lines = [line(f"chat-{i}", body, url="/v1/chat/completions") for i, body in enumerate(bodies)]
+    lines.append(line("too-hot", {"model": tiny_llama, "messages": chats[0], "temperature": -1},
+                      url="/v1/chat/completions"))
+    batch = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    done = finished(oai, batch.id)
+    assert done.status == "completed", done
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    assert set(out) == {f"chat-{i}" for i in range(6)} and set(err) == {"too-hot"}
+    assert "temperature" in err["too-hot"]["response"]["body"]["error"]["message"]
+    frame = pd.DataFrame({"id": [f"chat-{i}" for i in range(6)], "messages": chats,
+                          "params": [{"n": 1, **{k: v for k, v in b.items() if k not in ("model", "messages")}}
+                                     for b in bodies]})
+    frame.loc[2, "params"]["stop"] = ["zz"]
+    want = platform.submit("generate", model=tiny_llama, inputs=frame, options={"n": 2}).result().set_index("id")
+    for i in range(6):
+        body = out[f"chat-{i}"]["response"]["body"]
+        choices = 2 if i == 3 else 1  # usage counts the tokens of every choice, as OpenAI's does
+        assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= (3 + i) * choices
+        texts = [c["message"]["content"] for c in body["choices"]]
+        if i == 3:
+            assert len(texts) == 2
+        else:  # greedy: the very text the Python client generates for the row
+            assert texts == list(want.loc[f"chat-{i}", "text"]), i

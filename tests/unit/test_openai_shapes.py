@@ -1,0 +1,126 @@
+"""The OpenAI conversions without a gateway: bodies to rows of the generation
+row contract, output rows to chat.completion / text_completion bodies and
+stream chunks, embeddings' base64 and dimensions, and a batch file's check."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bitinglip.errors import InputError
+from bitinglip.gateway.openai.batchfile import INPUT, LINES, REJECTED, check_embeddings, read_jsonl
+from bitinglip.gateway.openai.shapes import (
+    EMBEDDING_FIELDS,
+    chat_body,
+    chat_chunks,
+    completion_body,
+    completion_chunks,
+    embedding_body,
+    generation_row,
+    shape_vector,
+)
+from bitinglip.gateway.schemas import EMBEDDING_REQUEST
+
+
+def test_a_chat_body_becomes_a_row_with_messages_and_params() -> None:
+    body = {"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": [{"type": "text", "text": "hi "},
+                                                                    {"type": "text", "text": "there"}]}],
+            "max_completion_tokens": 12, "temperature": 0.5, "stop": "END", "logprobs": True, "top_logprobs": 3,
+            "seed": 7, "n": 2, "response_format": {"type": "json_object"}}
+    row = generation_row("/v1/chat/completions", body, "req-1", 1000)
+    assert row == {"id": "req-1", "messages": [{"role": "system", "content": "be brief"},
+                                               {"role": "user", "content": "hi there"}],
+                   "params": {"max_tokens": 12, "temperature": 0.5, "stop": ["END"], "logprobs": 3, "seed": 7,
+                              "n": 2, "response_format": {"type": "json_object"}}}
+
+
+def test_a_completion_body_becomes_a_row_with_text() -> None:
+    row = generation_row("/v1/completions", {"model": "m", "prompt": ["once upon"], "max_tokens": 5, "top_k": 4,
+                                             "logprobs": 2}, 9, 1000)
+    assert row == {"id": 9, "text": "once upon", "params": {"max_tokens": 5, "top_k": 4, "logprobs": 2}}
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), [
+    ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": {}, "content": "x"}]}, "messages"),  # unhashable
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "colour": 1}, "colour"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": "m", "prompt": "x" * 11}, "prompt"),
+])
+def test_bad_generation_bodies_name_their_field(endpoint: str, body: dict, param: str) -> None:
+    with pytest.raises(InputError) as caught:
+        generation_row(endpoint, body, "r", 10)
+    assert caught.value.param == param  # type: ignore[attr-defined]
+
+
+def test_an_output_row_becomes_a_chat_completion_and_its_chunks() -> None:
+    out = {"id": "r", "text": ["yes", "no"], "finish_reason": ["stop", "length"], "prompt_tokens": 9,
+           "completion_tokens": 4}
+    body = chat_body("m", out, created=100)
+    assert body["object"] == "chat.completion" and body["created"] == 100 and body["id"].startswith("chatcmpl-")
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "yes", "stop"), (1, "no", "length")]
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    chunks = chat_chunks(body)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    first = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == 0]
+    assert "".join(c["delta"].get("content", "") for c in first) == "yes" and first[-1]["finish_reason"] == "stop"
+
+
+def test_a_single_output_row_becomes_a_text_completion() -> None:
+    body = completion_body("m", {"text": "the end", "finish_reason": "length", "prompt_tokens": 3,
+                                 "completion_tokens": 2}, created=5)
+    assert body["object"] == "text_completion" and body["choices"] == [
+        {"index": 0, "text": "the end", "finish_reason": "length", "logprobs": None}]
+    assert body["usage"]["total_tokens"] == 5
+    assert completion_chunks(body)[0]["choices"][0]["text"] == "the end"
+
+
+def test_base64_is_little_endian_float32_and_dimensions_renormalise() -> None:
+    vector = [3.0, 4.0, 12.0]
+    packed = shape_vector(vector, "base64", None)
+    assert struct.unpack("<3f", base64.b64decode(packed)) == (3.0, 4.0, 12.0)
+    cut = shape_vector(vector, "float", 2)
+    assert cut == [0.6, 0.8] and math.isclose(math.hypot(*cut), 1.0)
+    with pytest.raises(InputError):
+        shape_vector(vector, "float", 4)
+    body = embedding_body("m", [vector], "float", None, 7)
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and body["data"][0]["index"] == 0
+    assert embedding_body("m", [vector], "float", None, None)["usage"] is None  # unknown, not zero
+
+
+def test_the_documented_embeddings_body_is_the_one_checked() -> None:
+    assert set(EMBEDDING_REQUEST.fields) == EMBEDDING_FIELDS
+
+
+def test_a_batch_file_check_keeps_every_line_once(tmp_path: Path) -> None:
+    def line(cid: str, body: object) -> str:
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": body})
+
+    text = "\n".join([line("a", {"model": "m", "input": "x"}), line("b", {"model": "m", "input": ["p", "q"]}),
+                      line("c", {"model": "m", "input": 3}), line("d", {"model": "m", "input": "y", "dimensions": 4})])
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 100, 1000)
+    assert (checked.errors, checked.model, checked.lines, checked.rows, checked.rejected) == ([], "m", 4, 4, 1)
+    table = pq.read_table(tmp_path / INPUT).to_pydict()
+    assert table == {"id": ["a", "b", "b", "d"], "text": ["x", "p", "q", "y"]}
+    assert [(x["custom_id"], x["count"], x["dims"]) for x in read_jsonl(str(tmp_path / LINES))] == [
+        ("a", 1, None), ("b", 2, None), ("d", 1, 4)]
+    assert [(x["custom_id"], x["line"], x["param"]) for x in read_jsonl(str(tmp_path / REJECTED))] == [("c", 3, "input")]
+
+
+def test_a_file_over_the_line_limit_fails_at_the_first_line_past_it(tmp_path: Path) -> None:
+    text = "\n".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
+                     for i in range(5))
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 3, 1000)
+    assert [(e["code"], e["line"]) for e in checked.errors] == [("too_many_lines", 4)]
