@@ -138,6 +138,24 @@ def _as_list(value: Any) -> list[Any] | None:
     return None
 
 
+#: parameters that are whole numbers
+WHOLE = ("max_tokens", "max_new_tokens", "top_k", "seed", "n", "logprobs")
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A value read from a file as the row meant it: Parquet gives a struct
+    field of whole numbers with nulls in other rows as floats (11.0), and
+    lists as numpy arrays; numpy scalars become Python numbers."""
+    items = _as_list(value)
+    if items is not None:
+        return [_plain(name, v) for v in items]
+    if hasattr(value, "item") and type(value).__module__ == "numpy":
+        value = value.item()
+    if name in WHOLE and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def check_messages(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     items = _as_list(value)
     if items is None or not items or len(items) > MAX_MESSAGES:
@@ -171,7 +189,7 @@ def check_row(text: Any, messages: Any, params: Any, row_id: Any, job: Mapping[s
         if not isinstance(params, Mapping):
             raise InputError(f"{where}: params must be an object of sampling parameters, got {params!r:.60}")
         # Parquet's struct columns give every row every field, None where a row has none
-        given = {k: v for k, v in params.items() if v is not None}
+        given = {k: _plain(k, v) for k, v in params.items() if not _missing(v)}
         unknown = sorted(set(given) - set(_CHECKS) - set(ALIASES))
         if unknown:
             raise InputError(f"{where}: params has no parameter {', '.join(map(repr, unknown))[:200]}; "
