@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -296,7 +297,12 @@ def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     with open(log, "w") as fh, PeakRSS(None) as peak:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         peak.pid = proc.pid
-        rc = wait_child(proc, peak)
+        try:
+            rc = wait_child(proc, peak)
+        finally:  # stopped (Ctrl-C, SIGTERM): the variant does not run on alone
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     with open(log) as fh:
         text = fh.read()
     result = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None)
@@ -332,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
 
+    # SIGTERM unwinds like Ctrl-C, so the running variant is stopped and the model folder removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shape = SHAPES[args.model_shape]
     tmp = tempfile.mkdtemp(prefix="bitinglip-bench-gen-")
     try:
