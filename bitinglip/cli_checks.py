@@ -69,9 +69,10 @@ def input_columns(path: Path) -> list[str]:
     raise InputError(f"--input {str(path)!r}: unknown file type; use .parquet, .jsonl or .csv")
 
 
-def check_text_column(path: Path, text_column: str) -> None:
+def check_text_column(path: Path, text_column: str, alternatives: tuple[str, ...] = ()) -> None:
+    """``alternatives``: columns that may stand in for the text (``messages`` for generate)."""
     columns = input_columns(path)
-    if columns:
+    if columns and not any(c in columns for c in alternatives):
         from bitinglip.platform.jobs import require_column  # pandas: only when a path is checked
 
         require_column(columns, text_column, f"--input {str(path)!r}", "--text-column")

@@ -158,6 +158,10 @@ class Settings:
     hf_cache_dir: Path | None = None
     #: resolve hub models from the local cache only (HF_HUB_OFFLINE)
     hf_offline: bool = False
+    #: bytes of KV cache a generation engine (vLLM) takes; 0: 1 GiB on a CPU worker, vLLM's own share of a GPU
+    kv_cache_bytes: int = 0
+    #: GPUs each generation worker holds (resource GPU=N): vLLM splits a model over them (tensor parallelism)
+    gpus_per_worker: int = 1
 
     # --- Dask's TLS between scheduler, workers and clients (all three or none)
     #: CA certificate, and this host's certificate and key (PEM files): with them
@@ -236,6 +240,9 @@ class Settings:
             allow_pickle=_read(env, "BITINGLIP_ALLOW_PICKLE", False, _flag, "true or false"),
             cpu_model_budget_bytes=_read(env, "BITINGLIP_CPU_MODEL_BUDGET_BYTES", 0, _non_negative,
                                          "a whole number of bytes, 0 for automatic"),
+            kv_cache_bytes=_read(env, "BITINGLIP_KV_CACHE_BYTES", 0, _non_negative,
+                                 "a whole number of bytes, 0 for automatic"),
+            gpus_per_worker=_read(env, "BITINGLIP_GPUS_PER_WORKER", 1, _positive, "a whole number of GPUs"),
             model_max_bytes=_read(env, "BITINGLIP_MODEL_MAX_BYTES", default.model_max_bytes, _positive,
                                   "a whole number of bytes"),
             hf_cache_dir=_read(env, "HF_HUB_CACHE", None, lambda s: Path(s).expanduser(), "a directory path"),

@@ -189,7 +189,11 @@ class ModelPlugin(WorkerPlugin):
         except Exception as exc:
             raise ModelLoadError(f"loading model {model!r} for task {task.name!r} failed: {exc}") from exc
         seconds = time.perf_counter() - started
-        nbytes = torch.cuda.memory_allocated() - before if cuda else model_bytes(loaded.model)
+        engine = loaded.info.get("engine")
+        if engine is not None:  # weights and KV cache, which the engine allocated its own way
+            nbytes = engine.nbytes()
+        else:
+            nbytes = torch.cuda.memory_allocated() - before if cuda else model_bytes(loaded.model)
         if manifest is not None:
             if manifest.max_length:
                 loaded.max_length = min(loaded.max_length, manifest.max_length)
@@ -216,7 +220,7 @@ class ModelPlugin(WorkerPlugin):
             log.info("evicting %s (%s, %.1f MB) to make room", entry.model, entry.task, entry.nbytes / 1e6)
             self.access.append("evict", _base(entry.model), entry.version, entry.sha256, actor="bitinglip-worker",
                                worker=self.worker_address, task=entry.task, dtype=entry.dtype, bytes=entry.nbytes)
-            entry.loaded = None
+            _close(entry)
         if evicted:
             gc.collect()
             import torch
@@ -243,10 +247,11 @@ class ModelPlugin(WorkerPlugin):
     def resident_info(self) -> list[dict[str, Any]]:
         """What is loaded here, least recently used first (for placement and admins)."""
         return [{"task": e.task, "model": e.model, "dtype": e.dtype, "version": e.version, "path": e.path,
-                 "bytes": e.nbytes, "held": e.held} for e in self.residency.entries()]
+                 "bytes": e.nbytes, "held": e.held, **_engine_info(e)} for e in self.residency.entries()]
 
     def teardown(self, worker: Any) -> None:
         for entry in self.residency.clear():
+            _close(entry)
             self._unpin(entry)
         gc.collect()
         try:
@@ -256,6 +261,24 @@ class ModelPlugin(WorkerPlugin):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+
+def _engine_info(entry: Entry) -> dict[str, Any]:
+    """A generation engine's name and figures (KV cache, requests in flight), for metrics."""
+    engine = entry.loaded.info.get("engine") if entry.loaded is not None else None
+    if engine is None:
+        return {}
+    return {"engine": engine.name, **{k: float(v) for k, v in engine.stats().items()}}
+
+
+def _close(entry: Entry) -> None:
+    """Free what ``entry`` holds beyond its weights (a generation engine), then drop it."""
+    loaded, entry.loaded = entry.loaded, None
+    if loaded is not None:
+        try:
+            loaded.close()
+        except Exception:
+            log.exception("closing %s (%s) failed", entry.model, entry.task)
 
 
 def _torch_threads(nthreads: int) -> int:

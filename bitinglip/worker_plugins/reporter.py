@@ -18,6 +18,8 @@ from distributed import WorkerPlugin
 log = logging.getLogger(__name__)
 WORKER_TOPIC = "bitinglip-worker"
 PLUGIN_NAME = "bitinglip-reporter"
+#: what a generation engine reports beside its model (see ModelPlugin.resident_info)
+ENGINE_FIGURES = ("engine", "kv_cache_bytes", "kv_cache_usage", "running")
 
 
 class ReporterPlugin(WorkerPlugin):
@@ -72,7 +74,7 @@ class ReporterPlugin(WorkerPlugin):
                                   "gpu": None}
         models = self.worker.plugins.get(MODELS)
         if models is not None:
-            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes")}
+            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", *ENGINE_FIGURES) if k in e}
                                 for e in models.resident_info()]
             report["load_seconds"] = {m: round(s, 4) for m, s in models.load_seconds.items()}
             report["load_counts"] = dict(models.load_counts)

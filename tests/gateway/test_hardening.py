@@ -310,13 +310,13 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
     from bitinglip.gateway.routes.resume import settled
 
     h = auth(user())
-    # 5,000 rows (the test gateway's limit) of 100 new tokens: 8 partitions of 625, each several seconds, so a
-    # cancel at the first commit lands with partitions still queued even on a quiet machine (2,000 rows of 8
-    # tokens could all commit before it)
-    texts = [f"row {i}" for i in range(5000)]  # short: the test gateway takes bodies of up to 200 kB
+    # 1,000 rows of 40 new tokens: 8 partitions of 125. A worker's engine runs its partitions together
+    # (continuous batching), so the first commit comes as the running ones end, with the other half of the
+    # partitions still queued: the cancel at that commit lands mid-job on a quiet machine too
+    texts = [f"row {i}" for i in range(1000)]
     r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
                    json={"task": "generate", "model": "tiny-gpt2", "inputs": texts,
-                         "options": {"max_new_tokens": 100}})
+                         "options": {"max_new_tokens": 40}})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     url = f"{gateway}/v1/jobs/{job_id}"

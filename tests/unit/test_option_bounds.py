@@ -49,8 +49,11 @@ def _refused(task: str, name: str, value: Any) -> bool:
 @given(value=HOSTILE)
 def test_hostile_option_values_are_refused_with_their_name(option: tuple[str, str], value: Any) -> None:
     task, name = option
-    # a short non-empty text is a stop string; nothing else here is any option's value
-    fits = option == ("generate", "stop") and isinstance(value, str) and value != ""
+    # a short non-empty text is a stop string; a number from -2 to 2 is a presence or frequency
+    # penalty (OpenAI's range); nothing else here is any option's value
+    fits = (option == ("generate", "stop") and isinstance(value, str) and value != "") or (
+        name in ("presence_penalty", "frequency_penalty") and isinstance(value, (int, float))
+        and not isinstance(value, bool) and -2 <= value <= 2)
     assert _refused(task, name, value) is not fits
 
 
@@ -107,7 +110,7 @@ def test_generate_bounds_come_from_vocabulary_and_positions(tmp_path: Path) -> N
     model = _config(tmp_path, vocab_size=500, n_positions=128)
     gen = Generate()
     assert gen.check_model_options(gen.check_options({"max_new_tokens": 127, "top_k": 500}), model)
-    with pytest.raises(InputError, match="max_new_tokens=128"):
+    with pytest.raises(InputError, match="max_tokens=128"):
         gen.check_model_options(gen.check_options({"max_new_tokens": 128}), model)
     with pytest.raises(InputError, match="top_k=501"):
         gen.check_model_options(gen.check_options({"top_k": 501}), model)

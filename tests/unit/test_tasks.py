@@ -39,7 +39,7 @@ def test_bad_options_are_refused_with_their_name(task: str, options: dict, word:
 
 def test_generate_option_defaults_and_stop_string() -> None:
     merged = Generate().check_options({"stop": "\n", "seed": 3})
-    assert merged["stop"] == ("\n",) and merged["seed"] == 3 and merged["max_new_tokens"] == 32
+    assert merged["stop"] == ("\n",) and merged["seed"] == 3 and merged["max_tokens"] == 32
 
 
 def test_non_string_row_is_named() -> None:

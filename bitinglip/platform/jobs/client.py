@@ -28,7 +28,7 @@ from distributed import Event
 from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
 from bitinglip.platform.cluster.dask_internals import held_for_good, scheduler_holds_none
 from bitinglip.platform.cluster.local import worker_resources
-from bitinglip.platform.jobs.inputs import Partitions, to_partitions
+from bitinglip.platform.jobs.inputs import Partitions, RowShape, to_partitions
 from bitinglip.platform.jobs.job import Job
 from bitinglip.platform.jobs.outputs import (
     RECORD,
@@ -149,8 +149,10 @@ class Platform:
             if previous is not None and previous.get("job_id") == job_id:
                 rows_wanted = int(previous["partition_rows"])  # same boundaries as before
         workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
+        shape = RowShape(task_type.input_columns, task_type.text_alternatives,
+                         lambda text, extra, row_id: task_type.check_row(text, extra, row_id, merged))
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
-                              min_rows=task_type.min_partition_rows, root=input_root)
+                              min_rows=task_type.min_partition_rows, root=input_root, shape=shape)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
                        out_dir, fail_fast, retries, time.time() + timeout if timeout else None, _faults(self.settings))
         done: set[int] = set()

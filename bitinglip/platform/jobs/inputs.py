@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -71,8 +71,35 @@ def require_column(columns: Iterable[Any], name: str, source: str = "the input",
                          f"name the text column with {option}")
 
 
-def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bool) -> Partitions:
-    require_column(frame.columns, text_column)
+@dataclass(frozen=True)
+class RowShape:
+    """What a task reads of a row: the input columns beside the text, those
+    that may stand in for the text (``messages`` for ``generate``), and the
+    check of one row (``check(text, extra, row_id)``, raising InputError)."""
+
+    extra: tuple[str, ...] = ()
+    alternatives: tuple[str, ...] = ()
+    check: Callable[[Any, dict[str, Any], Any], Any] | None = None
+
+    def columns(self, columns: Iterable[Any], text_column: str) -> list[str]:
+        """The columns to keep of an input with ``columns`` (refusing one without any text)."""
+        columns = list(columns)
+        if not any(c in columns for c in self.alternatives):
+            require_column(columns, text_column)
+        return [c for c in ("id", text_column, *self.extra) if c in columns]
+
+    def check_frame(self, frame: pd.DataFrame, text_column: str, ids: list[Any]) -> None:
+        if self.check is None:
+            texts_or_error(frame[text_column].tolist(), ids)
+            return
+        texts = frame[text_column].tolist() if text_column in frame.columns else [None] * len(frame)
+        extra = {c: frame[c].tolist() for c in self.extra if c in frame.columns}
+        for pos, row_id in enumerate(ids):
+            self.check(texts[pos], {c: v[pos] for c, v in extra.items()}, row_id)
+
+
+def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bool, shape: RowShape) -> Partitions:
+    keep = shape.columns(frame.columns, text_column)
     frame = frame.reset_index(drop=True)
     if "id" in frame.columns:
         if frame["id"].isna().any():
@@ -84,8 +111,7 @@ def _from_frame(frame: pd.DataFrame, text_column: str, size: int, check_rows: bo
     else:
         ids = list(range(len(frame)))
     if check_rows:
-        texts_or_error(frame[text_column].tolist(), ids)
-    keep = [c for c in ("id", text_column) if c in frame.columns]
+        shape.check_frame(frame, text_column, ids)
     return Partitions([(frame.iloc[a:b][keep], a) for a, b in _slices(len(frame), size)], len(frame), size=size)
 
 
@@ -163,11 +189,10 @@ def _rows_of(frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
 
 
 def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configured_rows: int,
-               min_rows: int) -> Partitions:
+               min_rows: int, shape: RowShape) -> Partitions:
     from dask import delayed
 
-    require_column(frame.columns, text_column)
-    keep = [c for c in ("id", text_column) if c in frame.columns]
+    keep = shape.columns(frame.columns, text_column)
     pieces = frame[keep].to_delayed()
     # count the very pieces that will be sliced: Dask may fuse
     # ``map_partitions(len)`` into fewer partitions than ``to_delayed()``
@@ -188,27 +213,33 @@ def _from_dask(frame: Any, text_column: str, client: Any, workers: int, configur
 
 def to_partitions(inputs: Any, text_column: str, workers: int, client: Any, configured_rows: int = 0,
                   check_rows: bool = True, min_rows: int | None = None,
-                  root: str | os.PathLike[str] | None = None) -> Partitions:
+                  root: str | os.PathLike[str] | None = None, shape: RowShape | None = None) -> Partitions:
     """Partitions for any accepted input; raises :class:`InputError` saying
     what is wrong. With ``check_rows`` a bad row in a list or pandas input is
     refused here, before any work starts; without, the workers report it.
     ``min_rows``: the task's smallest automatic partition (default
     :data:`MIN_PARTITION_ROWS`).  ``root``: a path input, and every file of
-    a directory input once its links are resolved, must lie inside it."""
+    a directory input once its links are resolved, must lie inside it.
+    ``shape``: the task's columns and row check (default: a text per row)."""
     min_rows = min_rows or MIN_PARTITION_ROWS
+    shape = shape or RowShape()
     if isinstance(inputs, (str, os.PathLike)):
         real_root = Path(root).expanduser().resolve() if root is not None else None
         return _from_dask(_read_path(Path(inputs).expanduser(), text_column, real_root), text_column, client,
-                          workers, configured_rows, min_rows)
+                          workers, configured_rows, min_rows, shape)
     if type(inputs).__module__.startswith("dask") and hasattr(inputs, "to_delayed"):
-        return _from_dask(inputs, text_column, client, workers, configured_rows, min_rows)
+        return _from_dask(inputs, text_column, client, workers, configured_rows, min_rows, shape)
     if isinstance(inputs, pd.Series):
         inputs = inputs.tolist()
     if isinstance(inputs, pd.DataFrame):
-        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows, min_rows), check_rows)
+        return _from_frame(inputs, text_column, partition_rows(len(inputs), workers, configured_rows, min_rows),
+                           check_rows, shape)
     if isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
         rows = list(inputs)
-        if check_rows:
+        if check_rows and shape.check is not None:
+            for i, row in enumerate(rows):
+                shape.check(row, {}, i)
+        elif check_rows:
             texts_or_error(rows, range(len(rows)))
         size = partition_rows(len(rows), workers, configured_rows, min_rows)
         return Partitions([(rows[a:b], a) for a, b in _slices(len(rows), size)], len(rows), size=size)

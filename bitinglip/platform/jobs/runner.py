@@ -32,7 +32,8 @@ from bitinglip.worker_plugins.budgets import ReducedBudgets
 #: these are the summary's figures that go to the scheduler (the frames stay on the worker)
 SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
 PROGRESS_INTERVAL_S = 0.5
-CANCEL_CHECK_INTERVAL_S = 1.0
+#: a cancel reaches a generation engine within about this long (plus the engine's tick)
+CANCEL_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,21 @@ def _current_worker() -> Any:
         return None
 
 
-def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any]]:
+def _tick(reporter: _Reporter, before: int, done: int) -> None:
+    reporter.update(before + done)
+
+
+def _rows(data: Any, spec: JobSpec, offset: int) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+    """Ids, texts, and the task's other input columns (``TaskType.input_columns``) that the data has."""
     if isinstance(data, pd.DataFrame):
-        require_column(data.columns, spec.text_column)
+        task = spec.task
+        if not any(c in data.columns for c in task.text_alternatives):
+            require_column(data.columns, spec.text_column)
         ids = data["id"].tolist() if "id" in data.columns else list(range(offset, offset + len(data)))
-        return ids, data[spec.text_column].tolist()
+        texts = data[spec.text_column].tolist() if spec.text_column in data.columns else [None] * len(data)
+        return ids, texts, {c: data[c].tolist() for c in task.input_columns if c in data.columns}
     values = list(data)
-    return list(range(offset, offset + len(values))), values
+    return list(range(offset, offset + len(values))), values, {}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -194,6 +203,13 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     texts_or_error(texts, [f"inputs[{i}]" for i in range(len(texts))])
     # held for this call only: a worker cannot tell which task runs in a thread
     with get_model_plugin().use(task, model, merged) as loaded:
+        if task.engine_driven:  # its engine batches these with whatever else runs on this worker
+            rows = [task.check_row(t, {}, f"inputs[{i}]", merged) for i, t in enumerate(texts)]
+            results, cut, failed, _ = task.run_rows(loaded, rows, merged, lambda done: None)
+            if failed:
+                first = min(failed)
+                raise InputError(f"inputs[{first}]: {failed[first]}")
+            return [{**{k: _plain(v) for k, v in (out or {}).items()}, "truncated": c} for out, c in zip(results, cut)]
         ids, truncated = task.tokenize(loaded, texts, merged)
         empty = [i for i, row in enumerate(ids) if not row]
         if empty:  # e.g. "" for a tokenizer that adds no special tokens: nothing to run the model on
@@ -237,18 +253,19 @@ def _retry_plan(exc: Exception, rows: list[int]) -> list[list[int]] | None:
     return None
 
 
-def _check_rows(ids: list[Any], values: list[Any], fail_fast: bool) -> tuple[list[int], dict[int, str]]:
-    """Positions of good rows and the bad ones with their reasons."""
-    good, bad = [], {}
+def _check_rows(spec: JobSpec, ids: list[Any], values: list[Any], extra: Mapping[str, list[Any]]
+                ) -> tuple[list[int], list[Any], dict[int, str]]:
+    """Positions of good rows, those rows as the task takes them, and the bad ones with their reasons."""
+    good, rows, bad = [], [], {}
     for pos, (row_id, value) in enumerate(zip(ids, values)):
         try:
-            texts_or_error([value], [row_id])
+            rows.append(spec.task.check_row(value, {c: v[pos] for c, v in extra.items()}, row_id, spec.options))
             good.append(pos)
         except InputError as exc:
-            if fail_fast:
+            if spec.fail_fast:
                 raise
             bad[pos] = str(exc)
-    return good, bad
+    return good, rows, bad
 
 
 def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncated: list[bool]) -> pd.DataFrame:
@@ -363,10 +380,9 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
         if committed is not None:  # a rerun after a worker died past its commit
             return committed
     started = time.perf_counter()
-    ids, values = _rows(data, spec, offset)
+    ids, values, extra = _rows(data, spec, offset)
     reporter = _Reporter(spec, index, len(values))
-    good, bad = _check_rows(ids, values, spec.fail_fast)
-    texts = [values[p] for p in good]
+    good, texts, bad = _check_rows(spec, ids, values, extra)
     attempts: list[str] = []
     stats: dict[str, float] = {"batches": 0, "tokens": 0, "oom_splits": 0, "padding_ratio": 1.0}
     outputs: list[dict[str, Any] | None] = []
@@ -377,6 +393,13 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
             reporter.update(0)
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
+            if spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
+                outputs, truncated, failed, stats = spec.task.run_rows(
+                    loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
+                if failed and spec.fail_fast:
+                    first = min(failed)
+                    raise InputError(f"row id={ids[good[first]]!r}: {failed[first]}")
+                break
             budget = spec.token_budget or default_budget(loaded.device)
             outputs, truncated, failed, stats = predict_rows(
                 spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,

@@ -227,10 +227,16 @@ class Figures:
             out.append(Family(metric, "counter", f"{help}, by task and model.", ("task", "model"),
                               [((t, m), v[name]) for (t, m), v in models]))
         resident, loads, load_s, gpu_used, gpu_total = [], [], [], [], []
+        kv_bytes, kv_usage, running = [], [], []
         for address, report in sorted(self.workers.items()):
             for entry in report.get("models", []):
                 resident.append(((address, entry["task"], entry["model"], str(entry.get("dtype"))),
                                  float(entry["bytes"])))
+                if "engine" in entry:  # a generation engine: its KV cache and the requests it runs
+                    labels = (address, entry["model"], str(entry["engine"]))
+                    kv_bytes.append((labels, float(entry.get("kv_cache_bytes", 0.0))))
+                    kv_usage.append((labels, float(entry.get("kv_cache_usage", 0.0))))
+                    running.append((labels, float(entry.get("running", 0.0))))
             for model, seconds in report.get("load_seconds", {}).items():
                 load_s.append(((address, model), float(seconds)))
             for model, count in report.get("load_counts", {}).items():
@@ -245,6 +251,12 @@ class Figures:
             Family("bitinglip_model_load_seconds", "gauge", "Seconds the last load of a model took on a worker.",
                    ("worker", "model"), load_s),
             Family("bitinglip_model_loads_total", "counter", "Model loads on a worker.", ("worker", "model"), loads),
+            Family("bitinglip_model_kv_cache_bytes", "gauge", "Bytes of KV cache a generation engine holds.",
+                   ("worker", "model", "engine"), kv_bytes),
+            Family("bitinglip_model_kv_cache_usage", "gauge", "Share of a generation engine's KV cache in use (0-1).",
+                   ("worker", "model", "engine"), kv_usage),
+            Family("bitinglip_model_requests_running", "gauge", "Requests a generation engine holds (running or "
+                   "waiting).", ("worker", "model", "engine"), running),
             Family("bitinglip_worker_gpu_memory_used_bytes", "gauge", "GPU memory torch holds on a worker.",
                    ("worker",), gpu_used),
             Family("bitinglip_worker_gpu_memory_total_bytes", "gauge", "GPU memory of a worker's device.",

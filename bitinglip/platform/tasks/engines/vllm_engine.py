@@ -1,0 +1,296 @@
+"""vLLM in the worker's own process: continuous batching, paged KV cache,
+prefix caching, guided decoding.
+
+A Dask worker is a daemonic process, and vLLM's default engine core is a
+child process ("daemonic processes are not allowed to have children"), so
+the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no
+process outlives the worker, whatever ends it.  One thread steps the engine;
+partitions add requests and wait for theirs (:class:`Engine`).  The engine
+object itself is not thread-safe: every call into it holds ``_lock``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TickFn
+
+log = logging.getLogger(__name__)
+#: how often a waiting partition calls tick (cancel checks, progress) when none of its requests finished
+TICK_S = 0.2
+#: the environment vLLM must see before it is imported (see the module's docstring)
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            # Dask workers share the machine's cores: no pinning of OpenMP threads to cores
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            # inductor's pool of compile workers would be child processes of the worker
+            "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+_ids = itertools.count()
+
+
+def vllm_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class _Call:
+    """One run(): its requests' ids and what came back so far."""
+
+    ids: list[str]
+    results: dict[str, GenResult | Exception] = field(default_factory=dict)
+    done: threading.Condition = field(default_factory=threading.Condition)
+
+
+class VllmEngine(Engine):
+    """``vllm.LLM`` for ``path``, stepped by one thread of this process.
+
+    ``kv_cache_bytes`` sizes the KV cache (0: vLLM's own choice, a share of
+    the GPU, or of the machine's memory on a CPU); ``gpu_memory_fraction``
+    is vLLM's ``gpu_memory_utilization``; ``tensor_parallel`` splits the
+    model over that many GPUs of the worker.
+    """
+
+    name = "vllm"
+
+    def __init__(self, path: str, dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None,
+                 kv_cache_bytes: int = 0, gpu_memory_fraction: float = 0.9, tensor_parallel: int = 1,
+                 seed: int = 0, weights_bytes: int = 0) -> None:
+        for key, value in VLLM_ENV.items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {"model": path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel,
+                                  "max_model_len": max_model_len, "disable_log_stats": False,
+                                  # compact JSON: the whitespace a grammar allows would otherwise eat the budget
+                                  "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+        if device.startswith("cuda"):
+            kwargs["gpu_memory_utilization"] = gpu_memory_fraction
+        else:
+            # eager on the CPU: no graph compilation (15 s to a first result instead of 60 to 90)
+            kwargs["enforce_eager"] = True
+        if kv_cache_bytes:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        self._llm = LLM(**kwargs)
+        self._engine = self._llm.llm_engine
+        self._tokenizer = self._llm.get_tokenizer()
+        self._kv_bytes = int(kv_cache_bytes) or _kv_cache_bytes(self._engine)
+        self._weights_bytes = weights_bytes
+        self._lock = threading.Lock()  # every call into the engine
+        self._wake = threading.Condition(self._lock)  # requests arrived, or shutdown
+        self._calls: dict[str, _Call] = {}  # request id -> its call
+        self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="bitinglip-vllm-engine", daemon=True)
+        self._thread.start()
+
+    # --- what partitions call
+    def run(self, requests: list[GenRequest], tick: TickFn) -> list[GenResult | Exception]:
+        call = _Call([f"bl-{next(_ids)}" for _ in requests])
+        with self._lock:
+            self._check_open()
+            for rid, request in zip(call.ids, requests):
+                try:
+                    self._engine.add_request(rid, {"prompt_token_ids": list(request.prompt_ids)},
+                                             self._sampling(request.params))
+                    self._calls[rid] = call
+                    if request.params.get("logprobs") is not None:
+                        self._top_logprobs[rid] = int(request.params["logprobs"])
+                except Exception as exc:  # noqa: BLE001 - too long, a bad schema: this row fails, the others go on
+                    call.results[rid] = exc
+            self._wake.notify_all()
+        try:
+            while True:
+                with call.done:
+                    finished = len(call.results)
+                    if finished == len(call.ids):
+                        break
+                    call.done.wait(TICK_S)
+                    finished = len(call.results)
+                if self._failure is not None:
+                    raise RuntimeError(f"the vLLM engine stopped: {self._failure}") from self._failure
+                tick(finished)
+        except BaseException:
+            self._abort(call)
+            raise
+        return [call.results[rid] for rid in call.ids]
+
+    def nbytes(self) -> int:
+        return self._weights_bytes + self._kv_bytes
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            running = len(self._calls)
+            usage = 0.0
+            try:  # vLLM's own gauge (its stat loggers are on: disable_log_stats=False)
+                for metric in self._engine.get_metrics() if self._engine is not None else ():
+                    if metric.name == "vllm:kv_cache_usage_perc":
+                        usage = float(getattr(metric, "value", 0.0) or 0.0)
+            except Exception:
+                log.debug("no KV cache figure from vLLM", exc_info=True)
+        return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes), "kv_cache_usage": usage}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._calls)
+            if pending:
+                self._engine.abort_request(pending)
+            self._fail_pending(RuntimeError("the engine was shut down (model evicted or worker closing)"))
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+        try:
+            self._engine.engine_core.shutdown()
+        except Exception:  # already gone with its process; nothing else holds resources
+            log.debug("vLLM engine core shutdown raised", exc_info=True)
+        self._engine = self._llm = None  # type: ignore[assignment]
+
+    # --- the stepping thread
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._closed and not self._engine.has_unfinished_requests():
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    outputs = self._engine.step()
+                for output in outputs:
+                    if output.finished:
+                        self._deliver(output.request_id, self._result(output))
+        except BaseException as exc:  # the engine broke: every waiting partition hears of it
+            log.exception("the vLLM engine loop failed")
+            self._failure = exc
+            with self._lock:
+                self._fail_pending(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+
+    def _deliver(self, rid: str, result: GenResult | Exception) -> None:
+        with self._lock:
+            call = self._calls.pop(rid, None)
+        if call is not None:
+            with call.done:
+                call.results[rid] = result
+                call.done.notify_all()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        """With ``_lock`` held: every request still out gets ``exc``."""
+        calls, self._calls = self._calls, {}
+        for rid, call in calls.items():
+            with call.done:
+                call.results.setdefault(rid, exc)
+                call.done.notify_all()
+
+    def _abort(self, call: _Call) -> None:
+        with self._lock:
+            mine = [rid for rid in call.ids if self._calls.get(rid) is call]
+            for rid in mine:
+                del self._calls[rid]
+            if mine and not self._closed:
+                self._engine.abort_request(mine)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine was shut down (model evicted or worker closing)")
+        if self._failure is not None:
+            raise RuntimeError(f"the vLLM engine stopped: {self._failure}") from self._failure
+
+    # --- conversions
+    def _sampling(self, params: Mapping[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        fmt = params.get("response_format")
+        if fmt:
+            if fmt["type"] == "json_object":
+                structured = StructuredOutputsParams(json_object=True)
+            else:
+                structured = StructuredOutputsParams(json=fmt["json_schema"]["schema"])
+        return SamplingParams(
+            n=int(params.get("n", 1)), max_tokens=int(params["max_tokens"]),
+            temperature=float(params.get("temperature", 0.0)), top_p=float(params.get("top_p", 1.0)),
+            top_k=int(params.get("top_k", 0)) or -1, min_p=float(params.get("min_p", 0.0)),
+            repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+            presence_penalty=float(params.get("presence_penalty", 0.0)),
+            frequency_penalty=float(params.get("frequency_penalty", 0.0)),
+            stop=list(params.get("stop") or ()) or None, seed=params.get("seed"),
+            logprobs=params.get("logprobs"), ignore_eos=bool(params.get("ignore_eos", False)),
+            structured_outputs=structured, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _result(self, output: Any) -> GenResult:
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        logprobs = None
+        if any(c.logprobs for c in completions):
+            top_k = int(self._top_logprobs.pop(output.request_id, 0))
+            logprobs = [_logprobs(self._tokenizer, c, top_k) for c in completions]
+        return GenResult(texts=[c.text for c in completions],
+                         finish_reasons=[_finish(c.finish_reason) for c in completions],
+                         prompt_tokens=len(output.prompt_token_ids or ()),
+                         completion_tokens=sum(len(c.token_ids) for c in completions), logprobs=logprobs)
+
+
+#: head sizes vLLM's CPU attention takes (vllm.v1.attention.backends.cpu_attn)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_refuses(config: Any, device: str) -> str | None:
+    """Why vLLM would not run a model of ``config`` on ``device`` (None: it would)."""
+    for key, value in VLLM_ENV.items():
+        os.environ.setdefault(key, value)
+    from vllm import ModelRegistry
+
+    archs = list(getattr(config, "architectures", None) or ())
+    supported = set(ModelRegistry.get_supported_archs())
+    if not archs or not any(a in supported for a in archs):
+        return f"vLLM has no implementation of {', '.join(archs) or 'this architecture'}"
+    if not device.startswith("cuda"):
+        heads = getattr(config, "num_attention_heads", None) or 0
+        head = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
+        if head and head not in CPU_HEAD_SIZES:
+            return (f"vLLM's CPU attention takes head sizes {', '.join(map(str, CPU_HEAD_SIZES))}; "
+                    f"this model's is {head}")
+    return None
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _logprobs(tokenizer: Any, completion: Any, top_k: int) -> list[dict[str, Any]]:
+    """OpenAI's per-token shape from vLLM's {token id: Logprob} per position."""
+    rows = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or ()):
+        chosen = position.get(token_id)
+        # the top ``logprobs`` by rank, plus the chosen token where it ranks lower: keep the top ones
+        top = sorted(position.items(), key=lambda kv: kv[1].rank or 0)[:top_k]
+        rows.append({
+            "token": _token(tokenizer, token_id, chosen),
+            "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
+            "top_logprobs": [{"token": _token(tokenizer, tid, lp), "logprob": float(lp.logprob)} for tid, lp in top]})
+    return rows
+
+
+def _token(tokenizer: Any, token_id: int, logprob: Any) -> str:
+    text = getattr(logprob, "decoded_token", None)
+    return text if text is not None else tokenizer.decode([token_id])
+
+
+def _kv_cache_bytes(engine: Any) -> int:
+    """The KV cache vLLM sized itself (0 when it does not say)."""
+    try:
+        config = engine.vllm_config.cache_config
+        return int(getattr(config, "kv_cache_memory_bytes", 0) or 0)
+    except AttributeError:
+        return 0
