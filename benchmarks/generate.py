@@ -352,12 +352,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
         runs: dict[str, dict[str, Any]] = {}
         for variant in variants:
+            load_before = os.getloadavg()[0]
             runs[variant] = result = run_child(variant, args, tmp)
+            # other processes on the machine skew a variant: its 1-minute load average says how much
+            result["load"] = (round(load_before, 1), round(os.getloadavg()[0], 1))
             if "error" in result:
                 print(f"  {variant}: {result['error']}", flush=True)
             else:
                 print(f"  {variant}: {result['new_tokens'] / result['seconds']:.1f} new tokens/s "
-                      f"({result['new_tokens']} in {result['seconds']:.1f} s), peak {gib(result['peak_rss'])}",
+                      f"({result['new_tokens']} in {result['seconds']:.1f} s), peak {gib(result['peak_rss'])}, "
+                      f"load average {result['load'][0]} -> {result['load'][1]}",
                       flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -401,6 +405,7 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], work: int,
                "kv_cache_bytes": {v: r["kv_cache_bytes"] for v, r in ok.items() if "kv_cache_bytes" in r},
                "kv_cache_peak_usage": {v: r["kv_cache_peak_usage"] for v, r in ok.items()
                                        if "kv_cache_peak_usage" in r},
+               "load_average": {v: r["load"] for v, r in runs.items()},
                "failed": {v: r["error"] for v, r in runs.items() if "error" in r}}
     print(json.dumps(summary), flush=True)
     return summary
