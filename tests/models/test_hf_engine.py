@@ -36,7 +36,7 @@ def no_tick(done: int) -> None:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")
