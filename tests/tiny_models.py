@@ -80,7 +80,7 @@ TINY_LLAMA_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['co
                             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+def make_tiny_llama(path: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A 2-layer Llama (head size 64, which vLLM's CPU attention accepts; it
     refuses 16) with a byte-level BPE tokenizer of about 512 tokens trained
     here, and a chat template."""
@@ -100,9 +100,11 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     fast.chat_template = TINY_LLAMA_CHAT_TEMPLATE
     fast.save_pretrained(path)
     torch.manual_seed(seed)
+    # initializer_range: Llama's 0.02 gives nearly flat logits (greedy text repeats one token); 0.1 gives varied
+    # greedy text, for tests of stop strings and of argmax parity between engines
     config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
+                         pad_token_id=fast.pad_token_id, initializer_range=initializer_range)
     LlamaForCausalLM(config).eval().save_pretrained(path)
     return path

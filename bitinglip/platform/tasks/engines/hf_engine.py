@@ -57,7 +57,8 @@ DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 
 def refusal(params: Mapping[str, Any]) -> str | None:
     """Why this engine cannot honour ``params`` as asked, or None."""
-    if params.get("response_format") is not None:
+    fmt = params.get("response_format")
+    if fmt is not None and fmt.get("type") != "text":  # "text" constrains nothing
         return ("structured output (response_format) needs the vLLM engine; the transformers engine "
                 "would produce text that nothing checks against the schema")
     for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):

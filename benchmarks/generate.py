@@ -1,0 +1,431 @@
+"""Generation benchmark: the platform's engines beside static batching and plain vLLM.
+
+Every variant generates for the same prompts (sentences of the seeded sample
+corpus) the same number of new tokens per row, a spread from 8 to 256 (seeded),
+greedy and ignoring EOS, so each does the same work; new tokens/s is that
+work over the seconds it took.  The model has random weights of a named shape
+(random weights generate at the speed of real ones) and a byte-level BPE
+tokenizer trained here, padded with filler tokens to the shape's vocabulary:
+nothing comes from a hub.  Each variant runs in its own subprocess (its peak
+memory is its own); model load, engine start and one small warm-up pass are
+outside the clock.
+
+- ``generate``:      ``model.generate`` at batch 64, rows sorted by new tokens
+  (then prompt length) so a batch waits as little as it can for its longest
+  row: the strongest static loop a user can write, left padding.
+- ``vllm``:          plain ``vllm.LLM.generate`` over all rows in one process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``enforce_eager``, explicit
+  ``kv_cache_memory_bytes``), one ``SamplingParams`` per row.
+- ``hf_engine``:     ``HFEngine.run`` over all rows in one process: the
+  transformers engine without Dask (the gap to ``platform_hf`` is Dask's).
+- ``platform_hf``:   a platform ``generate`` job, ``engine="transformers"``.
+- ``platform_vllm``: a platform ``generate`` job, ``engine="vllm"``.
+
+The platform jobs go through ``bitinglip.connect()`` and ``Platform.submit``
+with a DataFrame of ``id``, ``text`` and per-row ``params``
+(``{"max_tokens": k, "ignore_eos": True}``).  The last line is one JSON object:
+``new_tokens_per_s`` per variant, ``platform_vs_generate`` and
+``platform_vs_vllm`` (platform = ``platform_vllm``), texts equal to
+``generate``'s per variant, and the engines' KV cache (bytes, and the peak
+share in use where the engine reports it).
+
+    python benchmarks/generate.py --rows 64 --model-shape tiny          # a quick run
+    python benchmarks/generate.py --rows 256 --model-shape small        # ~100M parameters, head size 64
+    python benchmarks/generate.py --device cuda --model-shape 0.5b      # a GPU: Qwen2-0.5B's shape
+    python benchmarks/generate.py --device cuda --model-shape 7b --rows 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import PeakRSS, cores, gib, wait_child
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-architecture model shape; ``kv_cache_gib`` is what each engine gets for its cache."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    positions: int
+    head_dim: int = 64
+    kv_cache_gib: float = 1.0
+
+
+SHAPES = {
+    # a smoke-test model: 2 layers, seconds per variant
+    "tiny": Shape(hidden=128, layers=2, heads=2, kv_heads=2, intermediate=256, vocab=512, positions=512,
+                  kv_cache_gib=0.0625),
+    # about 100M parameters, GPT-2-small-like; head size 64 because vLLM's CPU attention refuses 16
+    "small": Shape(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=16384, positions=1024,
+                   kv_cache_gib=1.0),
+    # Qwen2-0.5B's and Qwen2-7B's shapes (their vocabulary, 151,936, would be mostly filler tokens here: 32,000)
+    "0.5b": Shape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=32000, positions=4096,
+                  kv_cache_gib=16.0),
+    "7b": Shape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=32000, positions=4096,
+                head_dim=128, kv_cache_gib=32.0),
+}
+VARIANTS = ("generate", "vllm", "hf_engine", "platform_hf", "platform_vllm")
+BATCH = 64
+MIN_NEW, MAX_NEW = 8, 256
+WARM_ROWS = 4
+
+
+# --- the workload ---------------------------------------------------------------------------------------------
+
+def make_model(folder: str, shape: Shape, dtype: str) -> str:
+    """A random-weight Llama of ``shape`` with a BPE tokenizer trained on the sample corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from bitinglip.platform.jobs.sample import sample_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(shape.vocab, 4096), special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_corpus(5000, seed=1), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="</s>", model_max_length=shape.positions)
+    # filler tokens up to the shape's vocabulary, so the LM head and the sampling cost what they would
+    fast.add_tokens([f"<f{i}>" for i in range(shape.vocab - len(fast))])
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         max_position_embeddings=shape.positions, tie_word_embeddings=True,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id, initializer_range=0.1)
+    with torch.device("cuda" if dtype != "float32" and torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return folder
+
+
+def workload(rows: int, seed: int) -> tuple[list[str], list[int]]:
+    """The prompts and each row's number of new tokens."""
+    import random
+
+    from bitinglip.platform.jobs.sample import sample_corpus
+
+    rng = random.Random(seed)
+    return sample_corpus(rows, seed), [rng.randint(MIN_NEW, MAX_NEW) for _ in range(rows)]
+
+
+# --- the variants, each run in its own subprocess --------------------------------------------------------------
+
+def run_generate(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (new[i], lengths[i]))
+    batches = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
+
+    def one(batch: list[int]) -> list[list[int]]:
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+        most = max(new[i] for i in batch)
+        # eos_token_id=None: every row runs to the batch's longest, as with ignore_eos
+        config = GenerationConfig(max_new_tokens=most, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = model.generate(**enc, generation_config=config)
+        return [out[k, enc["input_ids"].shape[1]:][:new[i]].tolist() for k, i in enumerate(batch)]
+
+    one(order[:WARM_ROWS])
+    sync(device)
+    started = time.perf_counter()
+    produced: dict[int, list[int]] = {}
+    for batch in batches:
+        produced.update(zip(batch, one(batch)))
+    sync(device)
+    seconds = time.perf_counter() - started
+    texts = [tokenizer.decode(produced[i], skip_special_tokens=True) for i in range(len(prompts))]
+    return {"seconds": seconds, "new_tokens": sum(len(t) for t in produced.values()), "texts": texts,
+            "batch": BATCH, "batches": len(batches)}
+
+
+def run_vllm(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    llm = LLM(model=path, enforce_eager=True, dtype=dtype, kv_cache_memory_bytes=kv, seed=0,
+              disable_log_stats=False, max_model_len=max_len(path))
+    requests = [TokensPrompt(prompt_token_ids=ids) for ids in tokenizer(prompts)["input_ids"]]
+    params = [SamplingParams(max_tokens=k, ignore_eos=True, temperature=0.0) for k in new]
+    llm.generate(requests[:WARM_ROWS], params[:WARM_ROWS], use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"seconds": seconds, "new_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "texts": [o.outputs[0].text for o in outputs], "kv_cache_bytes": kv,
+            "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size}
+
+
+def run_hf_engine(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from bitinglip.platform.tasks.engines.base import GenRequest, GenResult
+    from bitinglip.platform.tasks.engines.hf_engine import HFEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = HFEngine.load(path, device=device, dtype=getattr(torch, dtype), kv_cache_bytes=kv)
+    requests = [GenRequest(ids, {"max_tokens": k, "ignore_eos": True, "temperature": 0.0})
+                for ids, k in zip(tokenizer(prompts)["input_ids"], new)]
+    peak = {"usage": 0.0}
+
+    def tick(done: int) -> None:
+        peak["usage"] = max(peak["usage"], engine.stats().get("kv_cache_usage", 0.0))
+
+    try:
+        engine.run(requests[:WARM_ROWS], tick)
+        sync(device)
+        started = time.perf_counter()
+        results = engine.run(requests, tick)
+        sync(device)
+        seconds = time.perf_counter() - started
+        cache_bytes = engine.nbytes() - sum(p.numel() * p.element_size() for p in engine._model.parameters())
+    finally:
+        engine.shutdown()
+    failed = [r for r in results if not isinstance(r, GenResult)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} rows failed, first: {failed[0]!r}")
+    return {"seconds": seconds, "new_tokens": sum(r.completion_tokens for r in results),  # type: ignore[union-attr]
+            "texts": [r.texts[0] for r in results], "kv_cache_bytes": cache_bytes,  # type: ignore[union-attr]
+            "kv_cache_peak_usage": round(peak["usage"], 3)}
+
+
+def run_platform(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int,
+                 engine: str) -> dict[str, Any]:
+    import pandas as pd
+
+    import bitinglip
+
+    frame = pd.DataFrame({"id": range(len(prompts)), "text": prompts,
+                          "params": [{"max_tokens": k, "ignore_eos": True} for k in new]})
+    options = {"engine": engine, "temperature": 0}
+    with bitinglip.connect(dashboard_address=":0") as platform:
+        workers = len(platform.client.scheduler_info()["workers"])
+        platform.submit("generate", model=path, inputs=frame.head(WARM_ROWS), options=options).result()
+        started = time.perf_counter()
+        out = platform.submit("generate", model=path, inputs=frame, options=options).result()
+        seconds = time.perf_counter() - started
+    out = out.sort_values("id")
+    return {"seconds": seconds, "new_tokens": int(out["completion_tokens"].sum()), "texts": list(out["text"]),
+            "workers": workers}
+
+
+def run_platform_hf(*args: Any) -> dict[str, Any]:
+    return run_platform(*args, engine="transformers")
+
+
+def run_platform_vllm(*args: Any) -> dict[str, Any]:
+    return run_platform(*args, engine="vllm")
+
+
+RUNNERS = {"generate": run_generate, "vllm": run_vllm, "hf_engine": run_hf_engine, "platform_hf": run_platform_hf,
+           "platform_vllm": run_platform_vllm}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def max_len(path: str) -> int:
+    with open(os.path.join(path, "config.json")) as fh:
+        return int(json.load(fh)["max_position_embeddings"])
+
+
+def child(variant: str, args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prompts, new = workload(args.rows, args.seed)
+    result = RUNNERS[variant](args.model_dir, prompts, new, args.device, args.dtype, kv_bytes(args))
+    with open(args.out, "w") as fh:
+        json.dump(result.pop("texts"), fh)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- the parent: build the model, run each variant, compare ------------------------------------------------------
+
+def kv_bytes(args: argparse.Namespace) -> int:
+    return int((args.kv_cache_gib or SHAPES[args.model_shape].kv_cache_gib) * 2**30)
+
+
+def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    out = os.path.join(tmp, f"{variant}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--model-dir", args.model_dir,
+           "--rows", str(args.rows), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+           "--model-shape", args.model_shape, "--threads", str(args.threads), "--out", out]
+    if args.kv_cache_gib:
+        cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
+    # vLLM runs its engine core in this process (a Dask worker cannot have children), and on a CPU would keep
+    # one core for serving unless OMP_NUM_THREADS says how many to use
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    log = os.path.join(tmp, f"{variant}.log")
+    with open(log, "w") as fh, PeakRSS(None) as peak:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        peak.pid = proc.pid
+        try:
+            rc = wait_child(proc, peak)
+        finally:  # stopped (Ctrl-C, SIGTERM): the variant does not run on alone
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    with open(log) as fh:
+        text = fh.read()
+    result = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None)
+    if rc != 0 or result is None:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        return {"error": f"exit {rc}: {last[0][:200]}"}
+    with open(out) as fh:
+        result["texts"] = json.load(fh)
+    return {**result, "peak_rss": peak.bytes}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--model-shape", choices=tuple(SHAPES), default="small")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda unless given")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per engine (default: per shape)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per variant (default: the cores); a tiny model runs faster on 1")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    args.threads = args.threads or cores()
+    if args.child:
+        child(args.child, args)
+        return {}
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+
+    # SIGTERM unwinds like Ctrl-C, so the running variant is stopped and the model folder removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    shape = SHAPES[args.model_shape]
+    tmp = tempfile.mkdtemp(prefix="bitinglip-bench-gen-")
+    try:
+        args.model_dir = make_model(os.path.join(tmp, f"llama-{args.model_shape}"), shape, args.dtype)
+        params = params_of(args.model_dir)
+        _, new = workload(args.rows, args.seed)
+        print(f"# {args.rows} rows, {sum(new)} new tokens ({MIN_NEW}-{MAX_NEW} a row), shape {args.model_shape} "
+              f"({params / 1e6:.0f}M parameters, {asdict(shape)}), {args.device} {args.dtype}, {cores()} cores, "
+              f"{args.threads} thread(s) per variant",
+              flush=True)
+        runs: dict[str, dict[str, Any]] = {}
+        for variant in variants:
+            load_before = os.getloadavg()[0]
+            runs[variant] = result = run_child(variant, args, tmp)
+            # other processes on the machine skew a variant: its 1-minute load average says how much
+            result["load"] = (round(load_before, 1), round(os.getloadavg()[0], 1))
+            if "error" in result:
+                print(f"  {variant}: {result['error']}", flush=True)
+            else:
+                print(f"  {variant}: {result['new_tokens'] / result['seconds']:.1f} new tokens/s "
+                      f"({result['new_tokens']} in {result['seconds']:.1f} s), peak {gib(result['peak_rss'])}, "
+                      f"load average {result['load'][0]} -> {result['load'][1]}",
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report(args, runs, sum(new), params)
+
+
+def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], work: int, params: int) -> dict[str, Any]:
+    ok = {v: r for v, r in runs.items() if "error" not in r}
+    rate = {v: r["new_tokens"] / r["seconds"] for v, r in ok.items()}
+    reference = ok.get("generate", {}).get("texts")
+    same = {v: round(statistics.mean(a == b for a, b in zip(r["texts"], reference)), 3)
+            for v, r in ok.items() if reference}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(rate[a] / rate[b], 3) if a in rate and b in rate else None
+
+    print()
+    print(f"| variant ({args.rows} rows, {args.model_shape}, {args.device}) | new tokens/s | ratio to generate "
+          f"| texts equal to generate's | peak RSS | KV cache |")
+    print("|---|---|---|---|---|---|")
+    for v in VARIANTS:
+        if v in ok:
+            r = ok[v]
+            kv = (f"{gib(r['kv_cache_bytes'])}" + (f", peak use {r['kv_cache_peak_usage']:.0%}"
+                                                    if "kv_cache_peak_usage" in r else "")
+                  if "kv_cache_bytes" in r else "")
+            print(f"| {v} | {rate[v]:.1f} | {ratio(v, 'generate') or ''} | {same.get(v, '')} | "
+                  f"{gib(r['peak_rss'])} | {kv} |")
+        elif v in runs:
+            print(f"| {v} | failed: {runs[v]['error']} | | | | |")
+    short = [v for v, r in ok.items() if r["new_tokens"] != work]
+    if short:
+        print(f"\nvariants that did not generate all {work} new tokens: {', '.join(short)}")
+    summary = {"rows": args.rows, "model_shape": args.model_shape, "parameters": params, "device": args.device,
+               "dtype": args.dtype, "cores": cores(), "threads": args.threads, "new_tokens": work,
+               "new_tokens_per_s": {v: round(r, 1) for v, r in rate.items()},
+               "platform_vs_generate": ratio("platform_vllm", "generate"),
+               "platform_vs_vllm": ratio("platform_vllm", "vllm"),
+               "hf_engine_vs_generate": ratio("hf_engine", "generate"),
+               "texts_equal_to_generate": same,
+               "kv_cache_bytes": {v: r["kv_cache_bytes"] for v, r in ok.items() if "kv_cache_bytes" in r},
+               "kv_cache_peak_usage": {v: r["kv_cache_peak_usage"] for v, r in ok.items()
+                                       if "kv_cache_peak_usage" in r},
+               "load_average": {v: r["load"] for v, r in runs.items()},
+               "failed": {v: r["error"] for v, r in runs.items() if "error" in r}}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def params_of(path: str) -> int:
+    """Parameters in the model's safetensors files (tied embeddings once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                    n = 1
+                    for d in fh.get_slice(key).get_shape():
+                        n *= d
+                    total += n
+    return total
+
+
+if __name__ == "__main__":
+    main()
