@@ -50,6 +50,7 @@ STATUS: dict[type[errors.BitingLipError], int] = {
     errors.PartitionFailedError: 502,
     errors.OutputWriteError: 507,
     errors.RequestTimeoutError: 408,
+    errors.EngineError: 502,
 }
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

@@ -196,4 +196,7 @@ def _transformers(path: str, device: str, options: Mapping[str, Any], tokenizer:
     # an lm_head tied to the input embeddings is not saved and not reported missing
     refuse_untrained("generate", report["missing_keys"], f"model at {path}")
     model = model.to(device).eval()
-    return HFEngine(model, tokenizer), model
+    from bitinglip.settings import get_settings
+
+    kv = get_settings().kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
+    return (HFEngine(model, tokenizer, kv_cache_bytes=kv) if kv else HFEngine(model, tokenizer)), model
