@@ -76,7 +76,10 @@ def test_text_and_collector_agree_and_parse() -> None:
     figures = Figures()
     _run_job(figures)
     figures.on_key(JOB, "manifest", "memory")  # finished: no figure depends on the clock any more
-    figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7}],
+    engine = {"task": "generate", "model": "llm", "dtype": "float32", "bytes": 2e9, "engine": "vllm",
+              "kv_cache_bytes": 2.0**30, "kv_cache_usage": 0.25, "running": 3.0}
+    figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7},
+                                               engine],
                                     "load_seconds": {"m": 1.25}, "load_counts": {"m": 1},
                                     "gpu": {"used": 10, "total": 100}})
     own_page = OpsPlugin()
@@ -96,6 +99,10 @@ def test_text_and_collector_agree_and_parse() -> None:
     assert ours[("bitinglip_model_resident_bytes",
                  (("dtype", "float32"), ("model", 'm"q'), ("task", "embed"), ("worker", "tcp://w:1")))] == 5e7
     assert ours[("bitinglip_worker_gpu_memory_used_bytes", (("worker", "tcp://w:1"),))] == 10
+    on_engine = (("engine", "vllm"), ("model", "llm"), ("worker", "tcp://w:1"))
+    assert ours[("bitinglip_model_kv_cache_bytes", on_engine)] == 2.0**30
+    assert ours[("bitinglip_model_kv_cache_usage", on_engine)] == 0.25
+    assert ours[("bitinglip_model_requests_running", on_engine)] == 3
 
 
 def test_json_log_lines() -> None:
