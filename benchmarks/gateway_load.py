@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -76,14 +78,11 @@ async def drive(url: str, method: str, body: Any, headers: dict[str, str], durat
             "p99_ms": round(pct(0.99), 1), "errors": errors}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per route")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--workers", type=int, default=1, help="Dask workers")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2")
-    args = parser.parse_args()
-
+@contextmanager
+def gateway_stack(workers: int, env: dict[str, str] | None = None) -> Iterator[tuple[Any, str, str]]:
+    """A Redis, an embedded cluster of ``workers`` and a gateway process on
+    it (``env``: more of its settings): yields the platform, the gateway's
+    base URL and a token with jobs:read and jobs:write; all gone after."""
     import bitinglip
     from bitinglip.settings import Settings
 
@@ -92,17 +91,36 @@ def main() -> None:
     redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
                              stdout=subprocess.DEVNULL)
-    platform = bitinglip.connect(settings=Settings(), n_workers=args.workers, dashboard_address=":0")
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "BITINGLIP_JWT_SECRET": SECRET,
-           "BITINGLIP_RATE_LIMIT": "1000000/minute", "BITINGLIP_READ_RATE_LIMIT": "1000000/minute",
-           "BITINGLIP_RESULTS_DIR": os.path.join(tmp, "results")}
+    platform = bitinglip.connect(settings=Settings(), n_workers=workers, dashboard_address=":0")
+    gateway_env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "BITINGLIP_JWT_SECRET": SECRET,
+                   "BITINGLIP_RESULTS_DIR": os.path.join(tmp, "results"), **(env or {})}
     gateway = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port), "--scheduler",
                                 platform.client.scheduler.address, "--no-access-log", "--log-level", "warning"],
-                               env=env)
+                               env=gateway_env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health/live", gateway)
         token = jwt.encode({"sub": "bench", "scope": "jobs:read jobs:write", "exp": int(time.time()) + 3600}, SECRET)
+        yield platform, base, token
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+        platform.close()
+        redis.terminate()
+        redis.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per route")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--workers", type=int, default=1, help="Dask workers")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    args = parser.parse_args()
+
+    with gateway_stack(args.workers, {"BITINGLIP_RATE_LIMIT": "1000000/minute",
+                                      "BITINGLIP_READ_RATE_LIMIT": "1000000/minute"}) as (_, base, token):
         headers = {"Authorization": f"Bearer {token}"}
         r = httpx.post(f"{base}/v1/jobs", headers=headers, timeout=120,
                        json={"task": "embed", "model": args.model, "inputs": ["warm up the model"] * 8})
@@ -124,13 +142,6 @@ def main() -> None:
                   f"{res['errors'] or '-'}")
         print(json.dumps({"concurrency": args.concurrency, "duration_s": args.duration, "cpus": os.cpu_count(),
                           "results": results}))
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        platform.close()
-        redis.terminate()
-        redis.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

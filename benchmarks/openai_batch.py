@@ -16,14 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 
-import jwt
-from gateway_load import SECRET, free_port, wait_http
+from gateway_load import gateway_stack
 
 
 def batch_lines(n: int, model: str, bad_every: int) -> tuple[list[str], list[str]]:
@@ -57,24 +52,7 @@ def main() -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     args = parser.parse_args()
 
-    import bitinglip
-    from bitinglip.settings import Settings
-
-    tmp = tempfile.mkdtemp(prefix="bitinglip-bench-")
-    redis_port, port = free_port(), free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
-                              "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-                             stdout=subprocess.DEVNULL)
-    platform = bitinglip.connect(settings=Settings(), n_workers=args.workers, dashboard_address=":0")
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "BITINGLIP_JWT_SECRET": SECRET,
-           "BITINGLIP_RESULTS_DIR": os.path.join(tmp, "results")}
-    gateway = subprocess.Popen([sys.executable, "-m", "bitinglip", "gateway", "--port", str(port), "--scheduler",
-                                platform.client.scheduler.address, "--no-access-log", "--log-level", "warning"],
-                               env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/health/live", gateway)
-        token = jwt.encode({"sub": "bench", "scope": "jobs:read jobs:write", "exp": int(time.time()) + 3600}, SECRET)
+    with gateway_stack(args.workers) as (platform, base, token):
         lines, texts = batch_lines(args.lines, args.model, args.bad_every)
         platform.submit("embed", model=args.model, inputs=texts[:64]).result()  # warm: the model loads once
         started = time.perf_counter()
@@ -87,13 +65,6 @@ def main() -> None:
                           "python_rows_per_s": round(rows / python_s, 1),
                           "ratio": round((args.lines / gateway_s) / (rows / python_s), 3),
                           "gateway_s": round(gateway_s, 2), "python_s": round(python_s, 2)}))
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        platform.close()
-        redis.terminate()
-        redis.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
