@@ -230,7 +230,8 @@ def run_platform(path: str, prompts: list[str], new: list[int], device: str, dty
     frame = pd.DataFrame({"id": range(len(prompts)), "text": prompts,
                           "params": [{"max_tokens": k, "ignore_eos": True} for k in new]})
     options = {"engine": engine, "temperature": 0}
-    with bitinglip.connect(dashboard_address=":0") as platform:
+    # one worker with every core, as plain vLLM's one process: the difference is what Dask costs
+    with bitinglip.connect(n_workers=1, dashboard_address=":0") as platform:
         workers = len(platform.client.scheduler_info()["workers"])
         platform.submit("generate", model=path, inputs=frame.head(WARM_ROWS), options=options).result()
         started = time.perf_counter()
