@@ -93,20 +93,6 @@ def _current_worker() -> Any:
         return None
 
 
-def _leave_the_thread_pool() -> bool:
-    """Let the worker start its next partition while this one waits on the
-    engine (Dask's ``secede``): the engine then batches the rows of every
-    partition on the worker together, however few task threads it has.  The
-    partition's thread goes on outside the pool ("long-running")."""
-    from distributed import secede
-
-    try:
-        secede()
-    except ValueError:  # not in a worker's task (a test calling the runner directly)
-        return False
-    return True
-
-
 def _tick(reporter: _Reporter, before: int, done: int) -> None:
     reporter.update(before + done)
 
@@ -402,14 +388,12 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     outputs: list[dict[str, Any] | None] = []
     truncated: list[bool] = []
     failed: dict[int, str] = {}
-    seceded = False
     while texts:
         try:
             reporter.update(0)
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             if spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
-                seceded = seceded or _leave_the_thread_pool()
                 outputs, truncated, failed, stats = spec.task.run_rows(
                     loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
                 if failed and spec.fail_fast:
