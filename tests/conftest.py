@@ -13,6 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# every generation engine the tests start (workers inherit this) takes a 256 MiB KV cache, not a CPU
+# worker's default 1 GiB: many clusters live at once in the suite, and the machine has 24 GiB
+os.environ.setdefault("BITINGLIP_KV_CACHE_BYTES", str(256 << 20))
 
 from helpers import free_port, start_redis
 from tiny_models import make_tiny_classifier, make_tiny_encoder, make_tiny_gpt2

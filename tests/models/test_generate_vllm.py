@@ -8,6 +8,7 @@ batched together by it.  The model is a tiny random-weight Llama (head size
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
     assert out["text"].tolist() == _plain_vllm(llama, PROMPTS, 16)
     assert set(out["finish_reason"]) <= {"stop", "length"}
     assert (out["completion_tokens"] <= 16).all() and (out["prompt_tokens"] > 0).all()
-    # the engine's KV cache on the scheduler's metrics: 1 GiB, the default of a CPU worker
+    # the engine's KV cache on the scheduler's metrics: what BITINGLIP_KV_CACHE_BYTES says (tests/conftest.py)
     dashboard = gen.dashboard_link.rsplit("/status", 1)[0]
     pattern = re.compile(r'bitinglip_model_kv_cache_bytes\{[^}]*engine="vllm"[^}]*\} ([0-9.e+]+)')
     found = None
@@ -93,7 +94,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
         if found:
             break
         time.sleep(0.2)
-    assert found is not None and float(found.group(1)) == 2**30
+    assert found is not None and float(found.group(1)) == int(os.environ["BITINGLIP_KV_CACHE_BYTES"])
 
 
 def test_chats_params_and_bad_rows_in_one_job(gen: Any, llama: Path, tmp_path: Path) -> None:
