@@ -170,6 +170,14 @@ def pick_engine(wanted: str, config: Any, device: str) -> str:
     return "transformers"
 
 
+def _kv_cache_bytes(device: str) -> int:
+    """The KV cache an engine takes: the settings', else :data:`CPU_KV_CACHE_BYTES` on a CPU and the
+    engine's own choice (0) on a GPU."""
+    from bitinglip.settings import get_settings
+
+    return get_settings().kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
+
+
 def _vllm(path: str, device: str, options: Mapping[str, Any], positions: int) -> Engine:
     from bitinglip.platform.tasks.engines.vllm_engine import VllmEngine
     from bitinglip.settings import get_settings
@@ -179,8 +187,8 @@ def _vllm(path: str, device: str, options: Mapping[str, Any], positions: int) ->
     if missing:  # vLLM would start an engine on random head weights without a word
         refuse_untrained("generate", missing, f"model at {path}")
     settings = get_settings()
-    kv = settings.kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
-    return VllmEngine(path, dtype=options["dtype"], device=device, max_model_len=positions, kv_cache_bytes=kv,
+    return VllmEngine(path, dtype=options["dtype"], device=device, max_model_len=positions,
+                      kv_cache_bytes=_kv_cache_bytes(device),
                       gpu_memory_fraction=settings.gpu_memory_fraction,
                       tensor_parallel=settings.gpus_per_worker if device.startswith("cuda") else 1,
                       weights_bytes=sum(f.stat().st_size for f in weights))
@@ -196,7 +204,5 @@ def _transformers(path: str, device: str, options: Mapping[str, Any], tokenizer:
     # an lm_head tied to the input embeddings is not saved and not reported missing
     refuse_untrained("generate", report["missing_keys"], f"model at {path}")
     model = model.to(device).eval()
-    from bitinglip.settings import get_settings
-
-    kv = get_settings().kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
+    kv = _kv_cache_bytes(device)
     return (HFEngine(model, tokenizer, kv_cache_bytes=kv) if kv else HFEngine(model, tokenizer)), model

@@ -33,6 +33,12 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 _ids = itertools.count()
 
 
+def _set_env() -> None:
+    """:data:`VLLM_ENV`, before vLLM is first imported (a caller's own values win)."""
+    for key, value in VLLM_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def vllm_available() -> bool:
     try:
         import importlib.util
@@ -65,8 +71,7 @@ class VllmEngine(Engine):
     def __init__(self, path: str, dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None,
                  kv_cache_bytes: int = 0, gpu_memory_fraction: float = 0.9, tensor_parallel: int = 1,
                  seed: int = 0, weights_bytes: int = 0) -> None:
-        for key, value in VLLM_ENV.items():
-            os.environ.setdefault(key, value)
+        _set_env()
         from vllm import LLM
 
         kwargs: dict[str, Any] = {"model": path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel,
@@ -247,8 +252,7 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 def vllm_refuses(config: Any, device: str) -> str | None:
     """Why vLLM would not run a model of ``config`` on ``device`` (None: it would)."""
-    for key, value in VLLM_ENV.items():
-        os.environ.setdefault(key, value)
+    _set_env()
     from vllm import ModelRegistry
 
     archs = list(getattr(config, "architectures", None) or ())
