@@ -3,8 +3,12 @@ worker processes, and tiny models saved to disk."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,35 @@ from tiny_models import make_tiny_classifier, make_tiny_encoder, make_tiny_gpt2
 CLUSTER_FIXTURES = frozenset({"platform", "own_platform", "cluster", "gateway", "gw_settings", "stack", "deployment",
                               "scheduler_and_workers"})
 REDIS_FIXTURES = frozenset({"redis_url", "redis_server"})
+
+
+#: how long pytest may take to exit once its session is over before the watchdog dumps every thread's stack and
+#: exits 1: a thread or child left running (a generation engine's loop, say) would otherwise hold CI until its
+#: own deadline, long after the summary line
+EXIT_WATCHDOG_S = 120
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail a run that leaves a non-daemon thread behind (the interpreter would wait for it forever), naming it."""
+    deadline = time.monotonic() + 15
+    while (left := _non_daemon_threads()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        frames = sys._current_frames()
+        sys.stderr.write(f"\nERROR: the tests left {len(left)} non-daemon thread(s) running; their stacks:\n")
+        for thread in left:
+            frame = frames.get(thread.ident or 0)
+            sys.stderr.write(f"--- {thread.name}\n" + ("".join(traceback.format_stack(frame)) if frame else ""))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _non_daemon_threads() -> list[threading.Thread]:
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if not t.daemon and t is not main and t.is_alive()]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

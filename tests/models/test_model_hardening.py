@@ -217,7 +217,8 @@ def _untied_gpt2_without_lm_head(tiny_gpt2: Path, path: Path) -> Path:
 def test_generate_refuses_a_missing_lm_head_but_takes_a_tied_one(tmp_path: Path, tiny_gpt2: Path) -> None:
     generate = get_task("generate")
     options = generate.check_options({})
-    assert generate.load(str(tiny_gpt2), "cpu", options).model.config.tie_word_embeddings  # tied: not saved, fine
+    with generate.load(str(tiny_gpt2), "cpu", options) as loaded:  # closed: its engine's thread would outlive pytest
+        assert loaded.model.config.tie_word_embeddings  # tied: not saved, fine
     headless = _untied_gpt2_without_lm_head(tiny_gpt2, tmp_path / "gpt2-headless")
     with pytest.raises(UntrainedHeadError, match="no trained language-model head.*lm_head.weight"):
         generate.load(str(headless), "cpu", options)

@@ -9,7 +9,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from bitinglip.errors import InputError
 from bitinglip.platform.tasks.options import choice, surrogate_at
@@ -35,6 +35,12 @@ class Loaded:
         engine = self.info.pop("engine", None)
         if engine is not None:
             engine.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
