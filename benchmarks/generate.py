@@ -230,14 +230,14 @@ def run_platform(path: str, prompts: list[str], new: list[int], device: str, dty
     frame = pd.DataFrame({"id": range(len(prompts)), "text": prompts,
                           "params": [{"max_tokens": k, "ignore_eos": True} for k in new]})
     options = {"engine": engine, "temperature": 0}
-    # one worker with every core, as plain vLLM's one process: the difference is what Dask costs
-    with bitinglip.connect(n_workers=1, dashboard_address=":0") as platform:
+    # by default one worker with every core, as plain vLLM's one process: the difference is what Dask costs
+    with bitinglip.connect(n_workers=int(os.environ.get("BENCH_WORKERS", "1")), dashboard_address=":0") as platform:
         workers = len(platform.client.scheduler_info()["workers"])
         platform.submit("generate", model=path, inputs=frame.head(WARM_ROWS), options=options).result()
         started = time.perf_counter()
-        # one partition: the engine gets every row at once, as plain vLLM does (a worker runs one task at a time)
-        out = platform.submit("generate", model=path, inputs=frame, options=options,
-                              partition_rows=len(frame)).result()
+        # the default partitioning: each partition leaves the worker's thread pool while the engine works, so every
+        # partition feeds the same continuous batch (runner._on_engine)
+        out = platform.submit("generate", model=path, inputs=frame, options=options).result()
         seconds = time.perf_counter() - started
     out = out.sort_values("id")
     return {"seconds": seconds, "new_tokens": int(out["completion_tokens"].sum()), "texts": list(out["text"]),
@@ -295,7 +295,13 @@ def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     # vLLM runs its engine core in this process (a Dask worker cannot have children), and on a CPU would keep
     # one core for serving unless OMP_NUM_THREADS says how many to use
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           # the platform's engines take the KV cache plain vLLM's takes (its workers inherit this environment)
+           "BITINGLIP_KV_CACHE_BYTES": str(kv_bytes(args))}
+    if args.workers:
+        env["BENCH_WORKERS"] = str(args.workers)
+    if args.partition_rows:
+        env["BITINGLIP_PARTITION_ROWS"] = str(args.partition_rows)
     log = os.path.join(tmp, f"{variant}.log")
     with open(log, "w") as fh, PeakRSS(None) as peak:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -328,6 +334,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per variant (default: the cores); a tiny model runs faster on 1")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of the platform's cluster, the cores split among them (default 1: all cores)")
+    parser.add_argument("--partition-rows", type=int, default=0,
+                        help="rows per partition of the platform jobs (default: the platform's own choice)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

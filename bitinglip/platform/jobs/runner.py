@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
+from bitinglip.platform.cluster.dask_internals import secede_once
 from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
@@ -34,6 +36,11 @@ SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_
 PROGRESS_INTERVAL_S = 0.5
 #: a cancel reaches a generation engine within about this long (plus the engine's tick)
 CANCEL_CHECK_INTERVAL_S = 0.5
+#: partitions of engine-driven tasks (generation) that may wait on a worker's engines at once: each leaves the
+#: worker's thread pool while its engine works, so the next partition starts and joins the same continuous
+#: batch; more than this many would only hold their rows in memory, so the next one waits for a slot
+ENGINE_PARTITIONS = 8
+_engine_slots = threading.BoundedSemaphore(ENGINE_PARTITIONS)
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,22 @@ def _current_worker() -> Any:
         return get_worker()
     except ValueError:
         return None
+
+
+def _on_engine(run_rows: Any, *args: Any) -> Any:
+    """``run_rows(*args)`` with the worker's thread given back while the engine works.
+
+    A Dask worker runs as many tasks at once as it has threads (one, on the
+    embedded cluster); a partition that only waits on its engine would keep
+    every other partition, of this job or another, from feeding the same
+    continuous batch.  So it secedes from the thread pool (``distributed.secede``,
+    as ``worker_client`` does) and the worker starts its next task; at most
+    :data:`ENGINE_PARTITIONS` wait at once, a further one holds its thread
+    until a slot frees.  The task stays running for Dask (state
+    ``long-running``), so the model stays held and a worker death reruns it."""
+    with _engine_slots:
+        secede_once()  # once per task: a retry of the partition is the same task
+        return run_rows(*args)
 
 
 def _tick(reporter: _Reporter, before: int, done: int) -> None:
@@ -205,7 +228,7 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     with get_model_plugin().use(task, model, merged) as loaded:
         if task.engine_driven:  # its engine batches these with whatever else runs on this worker
             rows = [task.check_row(t, {}, f"inputs[{i}]", merged) for i, t in enumerate(texts)]
-            results, cut, failed, _ = task.run_rows(loaded, rows, merged, lambda done: None)
+            results, cut, failed, _ = _on_engine(task.run_rows, loaded, rows, merged, lambda done: None)
             if failed:
                 first = min(failed)
                 raise InputError(f"inputs[{first}]: {failed[first]}")
@@ -394,8 +417,8 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             if spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
-                outputs, truncated, failed, stats = spec.task.run_rows(
-                    loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
+                outputs, truncated, failed, stats = _on_engine(
+                    spec.task.run_rows, loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
                 if failed and spec.fail_fast:
                     first = min(failed)
                     raise InputError(f"row id={ids[good[first]]!r}: {failed[first]}")

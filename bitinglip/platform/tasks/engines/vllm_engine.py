@@ -4,9 +4,12 @@ prefix caching, guided decoding.
 A Dask worker is a daemonic process, and vLLM's default engine core is a
 child process ("daemonic processes are not allowed to have children"), so
 the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no
-process outlives the worker, whatever ends it.  One thread steps the engine;
-partitions add requests and wait for theirs (:class:`Engine`).  The engine
-object itself is not thread-safe: every call into it holds ``_lock``.
+process outlives the worker, whatever ends it.  One thread owns the engine:
+partitions hand their requests (and aborts) over under a small lock, the
+thread adds them between two steps, steps, and hands each finished request
+back to its caller.  Nothing waits on a step to hand a request over, so a
+partition that arrives while 60 others run joins the batch at the next step
+(a lock held across steps starved newcomers for many of them).
 """
 
 from __future__ import annotations
@@ -90,9 +93,11 @@ class VllmEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         self._kv_bytes = int(kv_cache_bytes) or _kv_cache_bytes(self._engine)
         self._weights_bytes = weights_bytes
-        self._lock = threading.Lock()  # every call into the engine
-        self._wake = threading.Condition(self._lock)  # requests arrived, or shutdown
-        self._calls: dict[str, _Call] = {}  # request id -> its call
+        self._lock = threading.Lock()  # the hand-over lists below; never held while the engine steps
+        self._wake = threading.Condition(self._lock)  # requests arrived or aborted, or shutdown
+        self._calls: dict[str, _Call] = {}  # request id -> its call, until its result is delivered
+        self._arriving: list[tuple[str, list[int], Any]] = []  # (id, prompt ids, SamplingParams) to add
+        self._aborting: list[str] = []  # ids in the engine whose call gave up (a cancel, a timeout)
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
         self._closed = False
         self._failure: BaseException | None = None
@@ -102,17 +107,19 @@ class VllmEngine(Engine):
     # --- what partitions call
     def run(self, requests: list[GenRequest], tick: TickFn) -> list[GenResult | Exception]:
         call = _Call([f"bl-{next(_ids)}" for _ in requests])
+        arriving: list[tuple[str, list[int], Any]] = []
+        for rid, request in zip(call.ids, requests):
+            try:
+                arriving.append((rid, list(request.prompt_ids), self._sampling(request.params)))
+            except Exception as exc:  # noqa: BLE001 - a bad option: this row fails, the others go on
+                call.results[rid] = exc
+            if request.params.get("logprobs") is not None:
+                self._top_logprobs[rid] = int(request.params["logprobs"])
         with self._lock:
             self._check_open()
-            for rid, request in zip(call.ids, requests):
-                try:
-                    self._engine.add_request(rid, {"prompt_token_ids": list(request.prompt_ids)},
-                                             self._sampling(request.params))
-                    self._calls[rid] = call
-                    if request.params.get("logprobs") is not None:
-                        self._top_logprobs[rid] = int(request.params["logprobs"])
-                except Exception as exc:  # noqa: BLE001 - too long, a bad schema: this row fails, the others go on
-                    call.results[rid] = exc
+            for rid, _, _ in arriving:
+                self._calls[rid] = call
+            self._arriving.extend(arriving)
             self._wake.notify_all()
         try:
             while True:
@@ -136,13 +143,14 @@ class VllmEngine(Engine):
     def stats(self) -> dict[str, float]:
         with self._lock:
             running = len(self._calls)
-            usage = 0.0
-            try:  # vLLM's own gauge (its stat loggers are on: disable_log_stats=False)
-                for metric in self._engine.get_metrics() if self._engine is not None else ():
-                    if metric.name == "vllm:kv_cache_usage_perc":
-                        usage = float(getattr(metric, "value", 0.0) or 0.0)
-            except Exception:
-                log.debug("no KV cache figure from vLLM", exc_info=True)
+        usage = 0.0
+        try:  # vLLM's own gauge (its stat loggers are on: disable_log_stats=False), from Prometheus' registry
+            engine = self._engine
+            for metric in engine.get_metrics() if engine is not None else ():
+                if metric.name == "vllm:kv_cache_usage_perc":
+                    usage = float(getattr(metric, "value", 0.0) or 0.0)
+        except Exception:
+            log.debug("no KV cache figure from vLLM", exc_info=True)
         return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes), "kv_cache_usage": usage}
 
     def shutdown(self) -> None:
@@ -150,31 +158,46 @@ class VllmEngine(Engine):
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._calls)
-            if pending:
-                self._engine.abort_request(pending)
-            self._fail_pending(RuntimeError("the engine was shut down (model evicted or worker closing)"))
             self._wake.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30)  # after its step: from here on this thread alone calls the engine
+        with self._lock:
+            queued = {a[0] for a in self._arriving}
+            sent = [rid for rid in self._calls if rid not in queued] + self._aborting
+            self._arriving.clear()
+            self._aborting.clear()
+            self._fail_pending(RuntimeError("the engine was shut down (model evicted or worker closing)"))
         try:
+            if sent:
+                self._engine.abort_request(sent)
             self._engine.engine_core.shutdown()
         except Exception:  # already gone with its process; nothing else holds resources
             log.debug("vLLM engine core shutdown raised", exc_info=True)
         self._engine = self._llm = None  # type: ignore[assignment]
 
-    # --- the stepping thread
+    # --- the stepping thread: the only one that calls the engine while it runs
     def _loop(self) -> None:
+        busy = False
         try:
             while True:
                 with self._lock:
-                    while not self._closed and not self._engine.has_unfinished_requests():
+                    while not (self._closed or busy or self._arriving or self._aborting):
                         self._wake.wait()
                     if self._closed:
                         return
-                    outputs = self._engine.step()
+                    arriving, self._arriving = self._arriving, []
+                    aborting, self._aborting = self._aborting, []
+                for rid, prompt, sampling in arriving:  # between two steps: they join the running batch
+                    try:
+                        self._engine.add_request(rid, {"prompt_token_ids": prompt}, sampling)
+                    except Exception as exc:  # noqa: BLE001 - too long, a bad schema: this row fails
+                        self._deliver(rid, exc)
+                if aborting:
+                    self._engine.abort_request(aborting)
+                outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
                 for output in outputs:
                     if output.finished:
                         self._deliver(output.request_id, self._result(output))
+                busy = self._engine.has_unfinished_requests()
         except BaseException as exc:  # the engine broke: every waiting partition hears of it
             log.exception("the vLLM engine loop failed")
             self._failure = exc
@@ -184,6 +207,7 @@ class VllmEngine(Engine):
     def _deliver(self, rid: str, result: GenResult | Exception) -> None:
         with self._lock:
             call = self._calls.pop(rid, None)
+        self._top_logprobs.pop(rid, None)
         if call is not None:
             with call.done:
                 call.results[rid] = result
@@ -198,12 +222,17 @@ class VllmEngine(Engine):
                 call.done.notify_all()
 
     def _abort(self, call: _Call) -> None:
+        """``call``'s requests leave the engine at its next step (those not in it yet, at once)."""
         with self._lock:
-            mine = [rid for rid in call.ids if self._calls.get(rid) is call]
+            mine = {rid for rid in call.ids if self._calls.get(rid) is call}
             for rid in mine:
                 del self._calls[rid]
-            if mine and not self._closed:
-                self._engine.abort_request(mine)
+                self._top_logprobs.pop(rid, None)
+            queued = {a[0] for a in self._arriving if a[0] in mine}
+            self._arriving = [a for a in self._arriving if a[0] not in mine]
+            if mine - queued and not self._closed:
+                self._aborting.extend(mine - queued)
+                self._wake.notify_all()
 
     def _check_open(self) -> None:
         if self._closed:
