@@ -238,3 +238,31 @@ def test_shutdown_fails_running_calls_and_leaves_no_thread(llama: Path, tokenize
     after = own.run([GenRequest(ids(tokenizer, "hi"), {"max_tokens": 2})], no_tick)
     assert isinstance(after[0], EngineError)
     assert own.nbytes() == 0
+
+
+def test_a_cache_too_small_for_every_row_at_once_runs_fewer_at_a_time(engine: HFEngine, llama: Path,
+                                                                     tokenizer: Any) -> None:
+    """A KV cache of 4 pages (256 tokens) for 8 rows of about 100 tokens each: the engine runs fewer rows at
+    once instead of failing, and every row gets the tokens the roomy engine gives it."""
+    rows = [GenRequest(ids(tokenizer, p), {"max_tokens": 100, "ignore_eos": True, "temperature": 0.0})
+            for p in (PROMPTS + PROMPTS)[:8]]
+    expected = engine.run(rows, no_tick)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    page_bytes = 2 * 2 * 2 * 64 * 4 * 64  # (k, v) x layers x kv heads x head size x float32 x page of 64 tokens
+    small = HFEngine(model, tokenizer, kv_cache_bytes=4 * page_bytes)
+    peak = {"running": 0.0}
+
+    def tick(done: int) -> None:
+        peak["running"] = max(peak["running"], small.stats().get("running", 0.0))
+
+    try:
+        got: list[Any] = []
+        caller = threading.Thread(target=lambda: got.extend(small.run(rows, tick)))
+        caller.start()
+        caller.join(240)
+        assert not caller.is_alive(), "the engine with a small cache never finished"
+    finally:
+        small.shutdown()
+    assert [r.completion_tokens for r in got] == [100] * 8, got  # type: ignore[union-attr]
+    assert texts(got) == texts(expected)
+    assert 0 < peak["running"] < 8, peak
