@@ -297,9 +297,7 @@ def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            # the platform's engines take the KV cache plain vLLM's takes (its workers inherit this environment)
-           "BITINGLIP_KV_CACHE_BYTES": str(kv_bytes(args))}
-    if args.workers:
-        env["BENCH_WORKERS"] = str(args.workers)
+           "BITINGLIP_KV_CACHE_BYTES": str(kv_bytes(args)), "BENCH_WORKERS": str(args.workers)}
     if args.partition_rows:
         env["BITINGLIP_PARTITION_ROWS"] = str(args.partition_rows)
     log = os.path.join(tmp, f"{variant}.log")

@@ -2,8 +2,9 @@
 
 One embedded cluster with one worker (one task thread) for the module, so
 every job here feeds the same engine: concurrent partitions and jobs are
-batched together by it (a partition leaves the thread pool while it waits).  The model is a tiny random-weight Llama (head size
-64) with a local tokenizer and a chat template."""
+batched together by it (a partition leaves the thread pool while it waits).
+The model is a tiny random-weight Llama (head size 64) with a local
+tokenizer and a chat template."""
 
 from __future__ import annotations
 

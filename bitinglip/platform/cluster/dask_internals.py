@@ -2,9 +2,9 @@
 
 Dask has no public call for what these do: a scheduler's or worker's task
 table, the scheduler's clients' wishes, a worker's thread count and declared
-resources, whether a task's thread has left the worker's pool, the scheduler's HTTP server and dashboard navigation, and
-registering a worker plugin from the scheduler itself (a scheduler preload
-has no client).  Everything else in BitingLip uses the public API.  An
+resources, whether a task's thread has left the worker's pool, the
+scheduler's HTTP server and dashboard navigation, and registering a worker
+plugin from the scheduler itself (a scheduler preload has no client).  Everything else in BitingLip uses the public API.  An
 upgrade of distributed that moves one of these fails
 tests/unit/test_dask_internals.py, which names the attribute, instead of a
 job in production.

@@ -113,6 +113,7 @@ class VllmEngine(Engine):
                 arriving.append((rid, list(request.prompt_ids), self._sampling(request.params)))
             except Exception as exc:  # noqa: BLE001 - a bad option: this row fails, the others go on
                 call.results[rid] = exc
+                continue
             if request.params.get("logprobs") is not None:
                 self._top_logprobs[rid] = int(request.params["logprobs"])
         with self._lock:
@@ -176,11 +177,11 @@ class VllmEngine(Engine):
 
     # --- the stepping thread: the only one that calls the engine while it runs
     def _loop(self) -> None:
-        busy = False
         try:
             while True:
                 with self._lock:
-                    while not (self._closed or busy or self._arriving or self._aborting):
+                    while not (self._closed or self._arriving or self._aborting
+                               or self._engine.has_unfinished_requests()):
                         self._wake.wait()
                     if self._closed:
                         return
@@ -197,7 +198,6 @@ class VllmEngine(Engine):
                 for output in outputs:
                     if output.finished:
                         self._deliver(output.request_id, self._result(output))
-                busy = self._engine.has_unfinished_requests()
         except BaseException as exc:  # the engine broke: every waiting partition hears of it
             log.exception("the vLLM engine loop failed")
             self._failure = exc
