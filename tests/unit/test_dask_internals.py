@@ -19,9 +19,13 @@ from bitinglip.platform.cluster import dask_internals as di
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[Any, Any, Any]]:
+    import dask
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0",
+    # the worker lives in pytest's process, whose memory (GBs late in the suite) is not the worker's: without
+    # this its memory monitor pauses it against the 1 GiB limit below, and no task runs
+    no_pause = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause", "terminate")}
+    with dask.config.set(no_pause), LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0",
                       resources={"GPU": 1}, memory_limit="1GiB") as lc, Client(lc) as client:
         client.wait_for_workers(1)
         yield client, lc.scheduler, next(iter(lc.workers.values()))
@@ -123,7 +127,7 @@ def _secede_and_meet() -> tuple[bool, bool]:
 def test_secede_once_gives_the_thread_back_once(cluster: tuple[Any, Any, Any]) -> None:
     client, _, _ = cluster
     futures = [client.submit(_secede_and_meet, pure=False) for _ in range(3)]
-    assert client.gather(futures) == [(True, False)] * 3
+    assert [f.result(timeout=60) for f in futures] == [(True, False)] * 3
     assert di.secede_once() is False  # not a task on a worker's thread
 
 
