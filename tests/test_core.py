@@ -21,7 +21,6 @@ from bitinglip.errors import (
 )
 from bitinglip.platform.jobs.sample import sample_corpus
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
-from bitinglip.platform.tasks.precision import native_bf16
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -56,13 +55,13 @@ def _cosines(df, ref):  # type: ignore[no-untyped-def]
 
 
 def test_embed_matches_sentence_transformers_row_by_row(platform, parity_texts) -> None:  # type: ignore[no-untyped-def]
-    # the default: bfloat16 products where the CPU has them (matmul_precision="auto")
+    # the default: bfloat16 products where the workers timed them faster (matmul_precision="auto")
     texts, ref = parity_texts
     job = platform.submit("embed", model=MINILM, inputs=texts)
     df = job.result()
     assert df["id"].tolist() == list(range(len(texts)))
     cos = _cosines(df, ref)
-    print(f"embed parity over {len(texts)} rows (auto: {'medium' if native_bf16() else 'highest'}): "
+    print(f"embed parity over {len(texts)} rows (auto: {df.attrs['runtime']['matmul_precision']}): "
           f"min cosine {cos.min():.8f}, mean {cos.mean():.8f}")
     assert cos.min() > 0.9999
     assert df["truncated"].tolist()[7] is True and df["truncated"].sum() == 1
@@ -113,6 +112,8 @@ def test_generate_greedy_matches_model_generate_token_for_token(platform, tiny_g
             out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
         expected.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     assert df["text"].tolist() == expected
+    runtime = df.attrs["runtime"]  # the engine that ran, and why
+    assert runtime["engine"] in ("vllm", "transformers") and runtime["engine_reason"]
 
 
 def test_generate_seeded_sampling_repeats_exactly(platform, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
@@ -255,6 +256,11 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
     assert sum(p["rows"] for p in manifest["partitions"]) == 300
     assert df["id"].tolist() == list(range(300))
     assert not list((tmp_path / "out").glob("*.tmp*"))
+    # the folder says which precision produced it, and why (the timings behind auto's choice)
+    assert manifest["runtime"]["matmul_precision"] in ("highest", "medium")
+    assert df.attrs["runtime"] == manifest["runtime"] == job.runtime()
+    choice = manifest["partitions"][0]["runtime"]["matmul_precision_choice"]
+    assert choice["value"] == manifest["runtime"]["matmul_precision"] and choice["source"]
 
 
 # --- task types, plugin, cluster --------------------------------------------

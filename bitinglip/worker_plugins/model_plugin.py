@@ -179,7 +179,10 @@ class ModelPlugin(WorkerPlugin):
         before = torch.cuda.memory_allocated() if cuda else 0
         started = time.perf_counter()
         try:
-            loaded = task.load(ref.path, self.device, opts)
+            # where load-time calibrations (timed choices such as embed's matmul precision) keep their verdicts
+            where = {"calibration_dir": str(Path(self.settings.model_cache_dir) / "calibration"),
+                     "model_sha": manifest.sha256 if manifest else None}
+            loaded = task.load(ref.path, self.device, {**opts, **where})
             if dtype == "int8":
                 loaded.model = quantize_int8(loaded.model, self.device)
                 # a fast path built in load (Embed's packed encoder) holds the float32 layers

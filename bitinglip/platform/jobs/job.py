@@ -23,7 +23,7 @@ from bitinglip.errors import (
     OutputWriteError,
     RowCountError,
 )
-from bitinglip.platform.jobs.outputs import count_mismatch, write_partial_manifest
+from bitinglip.platform.jobs.outputs import count_mismatch, runtime_summary, write_partial_manifest
 from bitinglip.platform.jobs.runner import JobSpec
 from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, cancel_event_name, rate_and_eta
 
@@ -246,8 +246,21 @@ class Job:
         """
         frames = [f for f in self._frames("rows", timeout) if len(f)]
         if not frames:
-            return pd.DataFrame({c: [] for c in ("id", *self.spec.task.columns, "truncated")})
-        return pd.concat(frames, ignore_index=True)
+            frame = pd.DataFrame({c: [] for c in ("id", *self.spec.task.columns, "truncated")})
+        else:
+            frame = pd.concat(frames, ignore_index=True)
+        frame.attrs["runtime"] = self.runtime()
+        return frame
+
+    def runtime(self, timeout: float | None = None) -> dict[str, Any]:
+        """What the job ran with: the engine (``vllm`` or ``transformers``) and why,
+        the matmul precision that ``auto`` chose on the workers (also in the output
+        folder's ``_manifest.json`` and in ``job.result().attrs["runtime"]``)."""
+        self.wait(timeout)
+        if self.final is not None:
+            return dict(self.final.result().get("runtime") or {})
+        client = self.platform.client
+        return runtime_summary(client.gather(client.map(_runtime_of, self.futures, pure=False)))
 
     def errors(self, timeout: float | None = None) -> pd.DataFrame:
         """The rows that failed: their ``id`` and the ``reason``."""
@@ -275,6 +288,11 @@ def _notebook_without_widgets() -> bool:
     except ImportError:
         return True
     return False
+
+
+def _runtime_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """On the worker holding a partition's result: what it ran with."""
+    return {"runtime": summary.get("runtime") or {}}
 
 
 def _rows_and_errors(summary: dict[str, Any]) -> tuple[int, int]:

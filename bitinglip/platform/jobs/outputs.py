@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,7 @@ def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: di
     if mismatch is not None:
         state, error = "failed", mismatch
     manifest = {**record, "state": state, "finished": time.time(), "rows_out": rows_out,
-                "rows_in_error": rows_in_error,
+                "rows_in_error": rows_in_error, "runtime": runtime_summary(summaries),
                 "partitions": sorted((_public(s) for s in summaries), key=lambda s: s["part"])}
     if error is not None:
         manifest["error"] = error
@@ -205,6 +205,18 @@ def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: di
     if mismatch is not None:
         raise RowCountError(f"job {record.get('job_id')}: {mismatch}")
     return manifest
+
+
+def runtime_summary(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the job ran with, from its partitions' ``runtime``: the engine, the precision and the
+    reasons, one value where every partition agrees and the sorted list of values where workers
+    chose differently (each partition's own, with the timings behind it, stays in ``partitions``)."""
+    seen: dict[str, set[str]] = {}
+    for summary in summaries:
+        for key, value in (summary.get("runtime") or {}).items():
+            if isinstance(value, str | int | float | bool) or value is None:
+                seen.setdefault(key, set()).add(value)
+    return {k: next(iter(v)) if len(v) == 1 else sorted(v, key=str) for k, v in seen.items()}
 
 
 def _public(summary: dict[str, Any]) -> dict[str, Any]:

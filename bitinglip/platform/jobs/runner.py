@@ -411,11 +411,13 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     outputs: list[dict[str, Any] | None] = []
     truncated: list[bool] = []
     failed: dict[int, str] = {}
+    runtime: dict[str, Any] = {}  # the automatic choices the loaded model runs with (engine, precision)
     while texts:
         try:
             reporter.update(0)
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
+            runtime = dict(getattr(loaded, "info", {}).get("runtime") or {})
             if spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
                 outputs, truncated, failed, stats = _on_engine(
                     spec.task.run_rows, loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
@@ -444,7 +446,8 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     reporter.update(len(values), final=True)
     summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors),
                                "truncated": int(frame["truncated"].sum()), "attempts": attempts,
-                               "seconds": time.perf_counter() - started, "worker": _worker_address(), **stats}
+                               "seconds": time.perf_counter() - started, "worker": _worker_address(),
+                               "runtime": runtime, **stats}
     if spec.output is None:
         return {**summary, "frame": frame, "errors_frame": errors}
     if len(errors):

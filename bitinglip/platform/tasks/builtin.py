@@ -31,7 +31,7 @@ from bitinglip.platform.tasks.base import DTYPES, Batch, Loaded, TaskType, max_l
 from bitinglip.platform.tasks.generate_task import Generate
 from bitinglip.platform.tasks.heads import refuse_untrained
 from bitinglip.platform.tasks.options import MAX_CLASSES, choice, model_limits, whole
-from bitinglip.platform.tasks.precision import MATMUL_CHOICES, matmul_precision
+from bitinglip.platform.tasks.precision import MATMUL_CHOICES, calibrate_matmul
 
 #: how Embed pools token states into one vector (None, as an option: the model's own config)
 POOLINGS = ("mean", "cls", "max", "lasttoken")
@@ -50,8 +50,9 @@ class Embed(TaskType):
     On the CPU a float32 BERT-family model runs the packed forward pass of
     :mod:`bitinglip.platform.tasks.encoders` (no work on padding).  Option
     ``matmul_precision`` (see :mod:`bitinglip.platform.tasks.precision`): ``"auto"``
-    (default) multiplies in bfloat16 where the CPU does that natively,
-    ``"highest"`` keeps every product in float32.
+    (default) times float32 and bfloat16 products on this worker when the model
+    loads and keeps the faster one that gives the same vectors (cosine >= 0.9999),
+    ``"highest"`` keeps every product in float32, ``"medium"`` takes bfloat16.
     """
 
     name = "embed"
@@ -87,10 +88,20 @@ class Embed(TaskType):
         modules = _read_json(root / "modules.json")
         normalize = any("Normalize" in str(m.get("type", "")) for m in modules) if isinstance(modules, list) else False
         st_config = _read_json(root / "sentence_bert_config.json")
-        matmul = matmul_precision(options.get("matmul_precision", "auto"), device, options["dtype"])
-        info: dict[str, Any] = {"pooling": pooling, "normalize": normalize, "matmul_precision": matmul}
-        if PackedEncoder.supports(model):
-            info["packed"] = PackedEncoder(model, matmul)
+        requested = options.get("matmul_precision", "auto")
+        packed = None
+        if PackedEncoder.supports(model):  # with both layouts while "auto" has not chosen
+            timed = requested == "auto" and str(device).startswith("cpu") and options["dtype"] == "float32"
+            packed = PackedEncoder(model, "medium" if requested == "medium" or timed else "highest")
+        choice = calibrate_matmul(requested, device, options["dtype"], model, packed, pooling,
+                                  options.get("calibration_dir"), options.get("model_sha") or path)
+        if packed is not None and choice.value == "highest":
+            packed.fast = None  # the bfloat16 copy of the weights lost: not kept in memory
+        info: dict[str, Any] = {"pooling": pooling, "normalize": normalize, "matmul_precision": choice.value,
+                                "runtime": {"matmul_precision": choice.value,
+                                            "matmul_precision_choice": choice.as_dict()}}
+        if packed is not None:
+            info["packed"] = packed
         return Loaded(model, tokenizer, device, max_length(path, tokenizer, model.config, st_config), info)
 
     def predict(self, loaded: Loaded, batch: Batch, options: Mapping[str, Any]) -> list[dict[str, Any]]:

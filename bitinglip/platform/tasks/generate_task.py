@@ -91,14 +91,15 @@ class Generate(TaskType):
             tokenizer.pad_token = tokenizer.eos_token
         config = AutoConfig.from_pretrained(path)
         positions = max_length(path, tokenizer, config, {})
-        engine_name = pick_engine(options["engine"], config, device)
+        engine_name, reason = pick_engine(options["engine"], config, device)
         if engine_name == "vllm":
             engine, model = _vllm(path, device, options, positions), None
         else:
             engine, model = _transformers(path, device, options, tokenizer)
         log.info("generation engine for %s: %s", path, engine_name)
+        runtime = {"engine": engine_name, "engine_reason": reason}
         return Loaded(model, tokenizer, device, positions, {"engine": engine, "engine_name": engine_name,
-                                                            "path": path})
+                                                            "path": path, "runtime": runtime})
 
     def run_rows(self, loaded: Loaded, rows: list[Any], options: Mapping[str, Any], tick: Any
                  ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
@@ -154,20 +155,21 @@ def _output(result: GenResult, options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pick_engine(wanted: str, config: Any, device: str) -> str:
+def pick_engine(wanted: str, config: Any, device: str) -> tuple[str, str]:
     """``vllm`` or ``transformers`` for ``wanted`` (``auto``: vLLM where it
-    is installed and runs this model on this device)."""
+    is installed and runs this model on this device), and why."""
     from bitinglip.platform.tasks.engines.vllm_engine import vllm_available, vllm_refuses
 
     if wanted == "transformers":
-        return wanted
+        return wanted, "asked for (engine='transformers')"
     reason = "the vllm package is not installed" if not vllm_available() else vllm_refuses(config, device)
     if reason is None:
-        return "vllm"
+        return "vllm", "asked for (engine='vllm')" if wanted == "vllm" else "vLLM runs this model (engine='auto')"
     if wanted == "vllm":
         raise ModelError(f"engine 'vllm' cannot run this model: {reason}")
-    log.info("generation falls back to transformers' continuous batching: %s", reason)
-    return "transformers"
+    # a fallback that costs speed (vLLM is several times faster): said once per load, where a user looks
+    log.warning("generation falls back to the transformers engine (several times slower than vLLM): %s", reason)
+    return "transformers", f"vLLM cannot run this model: {reason}"
 
 
 def _kv_cache_bytes(device: str) -> int:

@@ -10,18 +10,24 @@ matrix products of a float32 model, named as PyTorch names it in
 ``torch.set_float32_matmul_precision``: ``"highest"`` is float32 throughout;
 ``"medium"`` lets the products take bfloat16 inputs while everything else
 (residual stream, layer norms, softmax, pooling) stays float32; ``"auto"``
-is ``"medium"`` on a CPU that multiplies bfloat16 natively (AVX512-BF16 or
-AMX-BF16, where a product runs about 2x faster) and ``"highest"`` elsewhere,
-decided by each worker for its own CPU.
+is decided by each worker for its own CPU by timing both when the model
+loads (:func:`calibrate_matmul`): bfloat16 products run about 2x faster on an
+AMX Xeon or a Zen 4 and 1.7x slower on a Xeon whose flags list AVX512-BF16
+but whose hypervisor or microcode makes it slow, so no flag decides it.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from bitinglip.errors import ModelLoadError
+from bitinglip.platform.tasks.calibration import Choice, Timer, cache_key, cpu_name, fastest
+
+log = logging.getLogger(__name__)
 
 #: the share of a GPU's (fraction-capped) memory that resident models may
 #: fill; the rest is for activations and generation caches
@@ -30,31 +36,66 @@ GPU_MODEL_SHARE = 0.75
 
 #: float32 matrix-product precisions, named as ``torch.set_float32_matmul_precision`` names them
 MATMUL_PRECISIONS = ("highest", "medium")
-#: what a job may ask for: a precision, or ``auto`` (each worker picks for its CPU)
+#: what a job may ask for: a precision, or ``auto`` (each worker times both on its CPU)
 MATMUL_CHOICES = ("auto", *MATMUL_PRECISIONS)
 
 
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (Linux: read
-    from /proc/cpuinfo; elsewhere assumed not)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+#: tokens in the micro-batch that ``auto`` times: about a quarter of the CPU token budget, so the whole
+#: calibration (a warm-up and three timed runs of each precision) takes a second or two
+CALIBRATION_TOKENS = 1024
+#: the row lengths of that micro-batch, in tokens: sentences as corpora hold them (rows of up to
+#: ``encoders.SHORT_ROW_TOKENS`` run in float32 under either precision and would only dilute the timing)
+CALIBRATION_LENGTHS = (12, 16, 20, 24, 32, 48)
 
 
-def matmul_precision(requested: str, device: str, dtype: str) -> str:
-    """``"highest"`` or ``"medium"`` for a model of ``dtype`` on ``device``."""
+def calibrate_matmul(requested: str, device: str, dtype: str, model: Any, packed: Any, pooling: str,
+                     cache_dir: str | None, model_id: str, timer: Timer = time.perf_counter) -> Choice:
+    """``highest`` or ``medium`` for ``model`` on this worker: an explicit
+    ``requested`` wins; ``auto`` times both on a micro-batch of the model's
+    own shapes (:func:`bitinglip.platform.tasks.calibration.fastest`).
+    ``packed``: the model's :class:`~bitinglip.platform.tasks.encoders.PackedEncoder`
+    built with both layouts, or None (then torch's bfloat16 autocast is timed)."""
     if requested != "auto":
-        return requested
-    cpu = str(device).startswith("cpu")
-    return "medium" if cpu and dtype == "float32" and native_bf16() else "highest"
+        return Choice(requested, "requested")
+    if not str(device).startswith("cpu") or dtype != "float32":
+        return Choice("highest", "only candidate",
+                      reason="bfloat16 products are an option of float32 models on a CPU")
+    if packed is not None and packed.fast is None:
+        return Choice("highest", "only candidate", reason="this build of torch has no bfloat16 linear kernel")
+    import numpy as np
+    import torch
+
+    vocab = int(getattr(model.config, "vocab_size", 30522))
+    lengths: list[int] = []
+    while sum(lengths) < CALIBRATION_TOKENS:
+        lengths.append(CALIBRATION_LENGTHS[len(lengths) % len(CALIBRATION_LENGTHS)])
+    lengths.sort()
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(min(1000, vocab // 2), vocab, size=n).tolist() for n in lengths]
+
+    def run(precision: str) -> Any:
+        with torch.inference_mode():
+            if packed is not None:
+                layers = packed.fast if precision == "medium" else packed.exact
+                return packed._encode(ids, np.asarray(lengths), pooling, layers)
+            width = max(lengths)
+            input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+            mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "medium"):
+                hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            return (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    def agree(out: Any, exact: Any) -> float:
+        return float(torch.nn.functional.cosine_similarity(out.float(), exact.float(), dim=-1).min())
+
+    shape = f"{'packed' if packed is not None else 'autocast'}:{pooling}:{CALIBRATION_TOKENS}"
+    cache = None
+    if cache_dir:
+        cache = Path(cache_dir) / f"matmul-{cache_key('matmul_precision', model_id, MATMUL_PRECISIONS, shape)}.json"
+    choice = fastest(run, MATMUL_PRECISIONS, "highest", agree, cache=cache, timer=timer)
+    log.info("matmul precision for %s on %s: %s (%s; %s)", model_id, cpu_name(), choice.value, choice.source,
+             choice.reason)
+    return choice
 
 
 def quantize_int8(model: Any, device: str) -> Any:
