@@ -9,7 +9,7 @@ ROWS ?= 20000
 # a new folder each run: an output folder holds one job's results, and a second demo is another job
 DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo lint test test-fast bench services
+.PHONY: setup demo lint test test-fast bench bench-check services
 
 setup: $(VENV)/.installed
 
@@ -42,3 +42,8 @@ test-fast: setup lint
 
 bench: setup
 	$(PY) benchmarks/embed_cpu.py --rows $(ROWS)
+
+# a short same-run comparison that exits 1 on a speed regression (auto vs fixed precisions, platform vs encode);
+# timing is noise in a test, so it is not part of make test
+bench-check: setup
+	$(PY) benchmarks/bench_check.py
