@@ -132,7 +132,8 @@ def document() -> dict[str, Any]:
                               codes=(401, 403, 404, 409, 429)),
             },
             "/v1/jobs/{job_id}/resume": {"post": _op(
-                "Resume a cancelled or failed job: same id, same output; only the partitions not committed run",
+                "Resume a cancelled or failed job: same id, same output; only the partitions not committed run "
+                "(an OpenAI batch's job resumes its batch)",
                 {"202": _json(_ref("Job"), "queued again")}, params=[_JOB_ID],
                 codes=(401, 403, 404, 409, 429, 503))},
             "/v1/jobs/{job_id}/results": {"get": _op(

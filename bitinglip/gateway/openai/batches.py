@@ -6,15 +6,21 @@ id.  Beside the job it keeps a small record (endpoint, input file, what the
 file check found, and once finalized the output and error files) in Redis
 and as ``_openai_batch.json`` in the job's folder, read back should Redis lose it.
 
-Status comes from the job: ``in_progress`` while it is queued or running;
-when it has ended, the first read of the batch writes its output and error
-files (:mod:`.finalize`; one gateway at a time, under a lock in Redis) and
-the batch is ``completed``, ``failed`` or ``cancelled``.  In between a read
-may see ``finalizing`` or ``cancelling``.
+Status comes from the job, with OpenAI's words: ``validating`` until the
+cluster holds the job (the file is checked and handed over), ``in_progress``
+while it is queued or running there; when it has ended, the first read of
+the batch writes its output and error files (:mod:`.finalize`; one gateway
+at a time, under a lock in Redis) and the batch is ``completed``, ``failed``
+or ``cancelled``.  In between a read sees ``finalizing`` (or ``cancelling``).
+
+A resume of the batch's job (``POST /v1/jobs/{id}/resume``: OpenAI has no
+resume) reopens the batch: :func:`reopened` drops what the finalization
+wrote, and the batch follows its job again to a new finalization.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -37,7 +43,13 @@ CANCEL_SETTLE_S = 2.0
 WINDOW_S = 24 * 3600
 
 _JSON_FIELDS = ("metadata", "errors")
-_NUMBERS = ("created_at", "finalized_at", "lines", "rows", "rejected", "completed", "failed", "cancelled_at")
+_NUMBERS = ("created_at", "in_progress_at", "finalizing_at", "finalized_at", "lines", "rows", "rejected", "completed",
+            "failed", "cancelled_at")
+#: what a finalization (or a cancel) adds to a record; a resume takes it away again
+_ENDING = ("final_status", "finalizing_at", "finalized_at", "output_file_id", "error_file_id", "completed", "failed",
+           "errors", "cancelled_at")
+#: the error code of a batch whose job failed (any other code: its file failed the check, and nothing ran)
+JOB_FAILED = "job_failed"
 
 
 def job_id_of(batch_id: str) -> str | None:
@@ -82,6 +94,16 @@ class BatchStore:
                 pipe.expire(keys.openai_batch(record["job_id"]), self.ttl_s)
             await pipe.execute()
 
+    async def reopen(self, record: dict[str, Any]) -> None:
+        """Write :func:`reopened`'s record in place of the finalized one (the
+        fields it lacks go, and so does the TTL of a finished batch)."""
+        record = reopened(record)
+        write_json_atomically(self._disk(record["job_id"]), record)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.openai_batch(record["job_id"]))
+            pipe.hset(keys.openai_batch(record["job_id"]), mapping=_flat(record))
+            await pipe.execute()
+
     async def get(self, owner: str, batch_id: str) -> dict[str, Any]:
         """The caller's batch; someone else's is as absent as a missing one.
         A record Redis lost is read back from the job's folder and restored."""
@@ -95,6 +117,12 @@ class BatchStore:
         if record is None or record.get("owner") != owner:
             raise NotFoundError(f"no batch {batch_id!r}")
         return record
+
+    async def of_job(self, job_id: str) -> dict[str, Any] | None:
+        """The record of the batch run as job ``job_id`` (its owner checked by
+        the caller), or None if the job is not a batch's."""
+        raw = await self.redis.hgetall(keys.openai_batch(job_id))
+        return _decode(raw) if raw else read_json(self._disk(job_id))
 
     async def page(self, owner: str, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """The owner's batches, newest first, after the cursor ``after``."""
@@ -115,6 +143,27 @@ class BatchStore:
     async def unlock(self, job_id: str) -> None:
         await self.redis.delete(keys.openai_finalizing(job_id))
 
+    async def lock_within(self, job_id: str, timeout: float) -> bool:
+        """:meth:`lock`, waiting up to ``timeout`` seconds for a finalization under way to end."""
+        deadline = time.monotonic() + timeout
+        while not await self.lock(job_id):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+
+def check_failed(record: dict[str, Any]) -> bool:
+    """Whether the batch failed its file check (nothing ran, nothing to resume)."""
+    return any(e.get("code") != JOB_FAILED for e in record.get("errors") or ())
+
+
+def reopened(record: dict[str, Any]) -> dict[str, Any]:
+    """The record of a batch whose job is resumed: in progress again, without
+    the files, counts and stamps of its earlier end (its files are written
+    anew, under the same ids, when the resumed job ends)."""
+    return {k: v for k, v in record.items() if k not in _ENDING}
+
 
 def status(record: dict[str, Any], job: dict[str, Any] | None) -> str:
     """The batch's OpenAI status, from its record and its job's state."""
@@ -127,6 +176,8 @@ def status(record: dict[str, Any], job: dict[str, Any] | None) -> str:
         return "cancelling"
     if state in TERMINAL:
         return "finalizing"
+    if state == JobState.QUEUED.value and job is not None and job.get("parts") is None:
+        return "validating"  # the gateway records ``parts`` once the cluster holds the job
     return "in_progress"
 
 
@@ -162,14 +213,17 @@ def view(record: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
     finished = (job or {}).get("finished_at")
     finalized = record.get("finalized_at")
     errors = record.get("errors") or None
+    # a record from before these stamps were kept: the batch went in progress as it was created
+    started = None if shown == "validating" or check_failed(record) else record.get("in_progress_at") or created
     return {
         "id": PREFIX + record["job_id"], "object": "batch", "endpoint": record["endpoint"],
         "errors": {"object": "list", "data": errors} if errors else None,
         "input_file_id": record["input_file_id"], "completion_window": record["completion_window"],
         "status": shown, "output_file_id": record.get("output_file_id"),
         "error_file_id": record.get("error_file_id"), "created_at": int(created),
-        "in_progress_at": None if errors else int(created), "expires_at": int(created + WINDOW_S),
-        "finalizing_at": _stamp(finished) if shown in ("finalizing", "completed") else None,
+        "in_progress_at": _stamp(started), "expires_at": int(created + WINDOW_S),
+        "finalizing_at": _stamp(record.get("finalizing_at") or finished) if shown in ("finalizing", "completed")
+        else None,
         "completed_at": _stamp(finalized) if shown == "completed" else None,
         "failed_at": _stamp(finalized or created) if shown == "failed" else None,
         "expired_at": None,

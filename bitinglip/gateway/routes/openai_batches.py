@@ -32,7 +32,7 @@ from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, JobState, new_job_id
+from bitinglip.platform.jobs import MISSING, MOVED, TERMINAL, JobState, new_job_id
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
@@ -120,6 +120,8 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
                       finalized_at=time.time())
         await batches.save(record, index=True)
         return record
+    # checked: handed to the cluster from here on (the batch says validating until the cluster holds the job)
+    record["in_progress_at"] = time.time()
     await batches.save(record, index=True)
     if checked.rows == 0:  # every line refused for its body: nothing to run, the error file says why
         await gw.store.transition(job_id, JobState.SUCCEEDED.value, {"finished_at": time.time(), "model": checked.model,
@@ -153,6 +155,13 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
     if not await batches.lock(job_id):
         return record
     try:
+        # read again under the lock: a resume (which takes it too) may have reopened the job since
+        job = await gw.store.get(job_id) or job
+        record = await batches.of_job(job_id) or record
+        if record.get("final_status") or record.get("errors") or job["state"] not in TERMINAL:
+            return record
+        record = {**record, "finalizing_at": time.time()}  # what another reader sees meanwhile
+        await batches.save(record)
         folder = ensure_folder(gw.settings.results_dir)
         out_id, err_id = f"file-{job_id}-output", f"file-{job_id}-errors"
         out_path, err_path = folder / f"{out_id}.jsonl", folder / f"{err_id}.jsonl"
