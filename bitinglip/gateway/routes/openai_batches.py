@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, JobState, new_job_id
+from bitinglip.platform.jobs import MISSING, MOVED, RECORD, JobState, new_job_id
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
@@ -86,9 +87,17 @@ async def create_batch(request: Request) -> Response:
     try:
         record = await _start(gw, principal.sub, body, job_id, output, fields, key, now)
     except BaseException:
+        _discard(output)  # first, and without awaiting: a cancelled request goes no further than its next await
         await gw.store.delete(job_id, principal.sub, key and _IDEM_SPACE + key)
         raise
     return gw.json(request, view(record, await gw.store.get(job_id)))
+
+
+def _discard(output: str) -> None:
+    """Remove the folder of a batch whose creation failed, unless the cluster
+    took its job (its record is there): its workers write into it."""
+    if not os.path.exists(os.path.join(output, RECORD)):
+        shutil.rmtree(output, ignore_errors=True)
 
 
 async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, output: str,
