@@ -5,24 +5,29 @@ the file as a whole unusable fails the batch, naming its line (as OpenAI
 does): not JSON, a missing or repeated ``custom_id``, another url than the
 batch's endpoint, a second model.  A line whose body is wrong (an ``input``
 that is not text, an unknown field) is the line's own error: it goes to the
-batch's error file and the rest runs.  Nothing of a line is written before
-it passes: a lone surrogate anywhere in it (JSON's ``"\\ud800"``), which no
-UTF-8 file takes, or nesting past the request bodies' bound is refused
-first.  Read and written streaming, so a file of 200 MB never sits in memory
-whole.
+batch's error file and the rest runs.  A ``dimensions`` past the model's
+width is such a line where this gateway can read the model's config (else
+the batch's finalize refuses it, line by line).  Nothing of a line is
+written before it passes: a lone surrogate anywhere in it (JSON's
+``"\\ud800"``), which no UTF-8 file takes, or nesting past the request
+bodies' bound is refused first.  Read and written streaming, so a file of
+200 MB never sits in memory whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from bitinglip.errors import InputError
+from bitinglip.errors import BitingLipError, InputError
 from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
 from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
-from bitinglip.platform.tasks import BUILTIN_TASKS, surrogate_at
+from bitinglip.platform.models import resolve_listed, resolve_model
+from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, surrogate_at
+from bitinglip.settings import Settings
 
 #: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
 INPUT = "_openai_input.parquet"
@@ -111,15 +116,33 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")  # as a request body: Python's json takes NaN, JSON does not
 
 
-def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
+def model_width(model: str, settings: Settings) -> int | None:
+    """The width of ``model``'s embeddings where this gateway can read its
+    ``config.json``; None where it cannot (a model only the workers see)."""
+    try:
+        return model_limits(resolve_model(resolve_listed(model, settings), settings).path).hidden
+    except (BitingLipError, OSError):
+        return None
+
+
+def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int,
+                     width: Callable[[str], int | None] | None = None) -> Checked:
     """Check an embeddings batch file from ``src`` and write the job's input
     (:data:`INPUT`), the lines that run (:data:`LINES`) and the refused ones
-    (:data:`REJECTED`) into ``out_dir``."""
+    (:data:`REJECTED`) into ``out_dir``.  ``width(model)``: the model's
+    embedding width, to refuse a larger ``dimensions`` here (None: not known)."""
     import pyarrow as pa
+
+    widths: dict[str, int | None] = {}
 
     def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         found = embedding_texts(body, max_chars)
         fmt, dims = embedding_format(body)
+        if dims is not None and width is not None:
+            model = body["model"]  # one per batch: its config is read once
+            limit = widths[model] if model in widths else widths.setdefault(model, width(model))
+            if limit is not None and dims > limit:
+                raise refuse(f"dimensions={dims} is more than model {model}'s {limit}", "dimensions")
         # the rows of a list input share the line's id, in order
         return [{"id": custom_id, "text": t} for t in found], {"count": len(found), "fmt": fmt, "dims": dims}
 
