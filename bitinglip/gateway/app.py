@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
-from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext
+from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext, UnexpectedErrors
 from bitinglip.gateway.openapi import document
 from bitinglip.gateway.routes import (
     health,
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestContext, metrics=gateway.metrics),
+        middleware=[Middleware(RequestContext, metrics=gateway.metrics), Middleware(UnexpectedErrors),
                     # a batch file may be far larger than a JSON body; its upload checks the file's own size
                     Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes,
                                overrides={"/v1/files": gateway.settings.batch_max_bytes + MULTIPART_SLACK}),

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.requests import Request
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks import BUILTIN_TASKS, texts_or_error
+from bitinglip.platform.tasks import BUILTIN_TASKS, surrogate_at, texts_or_error
 
 #: the deepest nesting a body may have; real ones go 3 deep ({"options": {"stop": [...]}})
 MAX_DEPTH = 32
@@ -28,7 +28,7 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InputError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InputError("the body must be a JSON object")
-    if _depth(body) > MAX_DEPTH:  # every later walk (checks, json.dumps, Redis) would recurse as deep
+    if depth(body) > MAX_DEPTH:  # every later walk (checks, json.dumps, Redis) would recurse as deep
         raise InputError(f"the body nests deeper than {MAX_DEPTH} levels")
     return body
 
@@ -37,8 +37,9 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")  # Python's json takes NaN and Infinity; JSON does not
 
 
-def _depth(value: Any) -> int:
-    """How deep lists and objects nest in ``value``, without recursion."""
+def depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (counted up to just past
+    :data:`MAX_DEPTH`), without recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
@@ -50,6 +51,27 @@ def _depth(value: Any) -> int:
             return deepest
         stack.extend((child, level + 1) for child in children)
     return deepest
+
+
+def lone_surrogate(value: Any, where: str) -> str | None:
+    """The field of ``value`` that holds a string that is not valid Unicode
+    (JSON's ``"\\ud800"`` parses to a lone surrogate, which UTF-8, Redis and
+    Parquet refuse), named from ``where`` (``body.user[0]``, ``a key of
+    body``); None when there is none."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if surrogate_at(item) is not None:
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if surrogate_at(key) is not None:
+                    return f"a key of {path}"
+                stack.append((child, f"{path}.{key:.40}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:

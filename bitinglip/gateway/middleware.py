@@ -1,5 +1,6 @@
-"""ASGI middleware: a request id and metrics on every request, a cap on
-request body size, and a deadline for the body to arrive."""
+"""ASGI middleware: a request id and metrics on every request, a 500 that
+keeps the connection for an error no handler took, a cap on request body
+size, and a deadline for the body to arrive."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import time
 from typing import Any
 
 import anyio
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitinglip.errors import PayloadTooLargeError, RequestTimeoutError
-from bitinglip.gateway.handlers import error_response, request_id
+from bitinglip.gateway.handlers import error_response, on_unexpected, request_id
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.logs import REQUEST_ID
 
@@ -54,6 +56,36 @@ class RequestContext:
             route: Any = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.observe(scope["method"], label, status, time.perf_counter() - started)
+
+
+class UnexpectedErrors:
+    """The 500 of an exception no handler took (:func:`on_unexpected`), and
+    the connection kept.  Starlette's own last resort sends its 500 and
+    raises again for the server to log, and uvicorn closes a connection whose
+    app raised after its response started: the client's next request on that
+    kept-alive connection met a reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection ends it
+                raise
+            response = await on_unexpected(Request(scope, receive), exc)
+            await response(scope, receive, send)
 
 
 class BodyLimit:

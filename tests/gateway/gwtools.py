@@ -50,8 +50,8 @@ def auth(sub: str, scopes: str = "jobs:read jobs:write") -> dict[str, str]:
 
 
 @contextmanager
-def serve(settings: Settings, ssl: tuple[str, str] | None = None) -> Iterator[str]:
-    """A gateway in a thread of this process, until the block ends."""
+def serve(settings: Settings, ssl: tuple[str, str] | None = None, routes: list[Any] | None = None) -> Iterator[str]:
+    """A gateway in a thread of this process, until the block ends; ``routes`` join the gateway's own."""
     import argparse
 
     from bitinglip.gateway.serve import server
@@ -60,6 +60,7 @@ def serve(settings: Settings, ssl: tuple[str, str] | None = None) -> Iterator[st
     args = argparse.Namespace(host="127.0.0.1", port=port, scheduler=None, ssl_certfile=ssl and ssl[0],
                               ssl_keyfile=ssl and ssl[1], log_level="warning", access_log=False)
     srv = server(args, settings)
+    srv.config.app.router.routes.extend(routes or [])
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60

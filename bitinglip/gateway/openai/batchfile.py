@@ -5,20 +5,29 @@ the file as a whole unusable fails the batch, naming its line (as OpenAI
 does): not JSON, a missing or repeated ``custom_id``, another url than the
 batch's endpoint, a second model.  A line whose body is wrong (an ``input``
 that is not text, an unknown field) is the line's own error: it goes to the
-batch's error file and the rest runs.  Read and written streaming, so a file
-of 200 MB never sits in memory whole.
+batch's error file and the rest runs.  A ``dimensions`` past the model's
+width is such a line where this gateway can read the model's config (else
+the batch's finalize refuses it, line by line).  Nothing of a line is
+written before it passes: a lone surrogate anywhere in it (JSON's
+``"\\ud800"``), which no UTF-8 file takes, or nesting past the request
+bodies' bound is refused first.  Read and written streaming, so a file of
+200 MB never sits in memory whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from bitinglip.errors import InputError
+from bitinglip.errors import BitingLipError, InputError
+from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
 from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
-from bitinglip.platform.tasks import BUILTIN_TASKS
+from bitinglip.platform.models import resolve_listed, resolve_model
+from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, surrogate_at
+from bitinglip.settings import Settings
 
 #: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
 INPUT = "_openai_input.parquet"
@@ -64,17 +73,27 @@ class Checked:
 def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked: Checked) -> dict[str, Any] | None:
     """The line's request, or None after recording why the file fails there."""
     try:
-        line = json.loads(raw)
+        line = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # the parser recurses per level: about 1,000 "[" exhaust its stack
+        checked.fail("invalid_json_line", f"line {number} nests deeper than {MAX_DEPTH} levels", number)
+        return None
     except (ValueError, UnicodeDecodeError) as exc:
         checked.fail("invalid_json_line", f"line {number} is not valid JSON: {exc}", number)
         return None
     if not isinstance(line, dict):
         checked.fail("invalid_request", f"line {number} must be a JSON object", number)
         return None
+    if depth(line) > MAX_DEPTH:  # a request body's bound: every later walk of the line recurses as deep
+        checked.fail("invalid_json_line", f"line {number} nests deeper than {MAX_DEPTH} levels", number)
+        return None
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > _CUSTOM_ID_CHARS:
         checked.fail("missing_custom_id", f"line {number} needs a custom_id (a string of 1 to "
                      f"{_CUSTOM_ID_CHARS} characters)", number, "custom_id")
+        return None
+    if surrogate_at(custom_id) is not None:  # the output and error files are UTF-8: it could not be written back
+        checked.fail("invalid_custom_id", f"line {number}: custom_id {custom_id!r} is not valid Unicode (a lone "
+                     f"surrogate at character {surrogate_at(custom_id)})", number, "custom_id")
         return None
     if custom_id in seen:
         checked.fail("duplicate_custom_id", f"line {number} repeats custom_id {custom_id!r}", number, "custom_id")
@@ -93,15 +112,37 @@ def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked:
     return line
 
 
-def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # as a request body: Python's json takes NaN, JSON does not
+
+
+def model_width(model: str, settings: Settings) -> int | None:
+    """The width of ``model``'s embeddings where this gateway can read its
+    ``config.json``; None where it cannot (a model only the workers see)."""
+    try:
+        return model_limits(resolve_model(resolve_listed(model, settings), settings).path).hidden
+    except (BitingLipError, OSError):
+        return None
+
+
+def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int,
+                     width: Callable[[str], int | None] | None = None) -> Checked:
     """Check an embeddings batch file from ``src`` and write the job's input
     (:data:`INPUT`), the lines that run (:data:`LINES`) and the refused ones
-    (:data:`REJECTED`) into ``out_dir``."""
+    (:data:`REJECTED`) into ``out_dir``.  ``width(model)``: the model's
+    embedding width, to refuse a larger ``dimensions`` here (None: not known)."""
     import pyarrow as pa
+
+    widths: dict[str, int | None] = {}
 
     def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         found = embedding_texts(body, max_chars)
         fmt, dims = embedding_format(body)
+        if dims is not None and width is not None:
+            model = body["model"]  # one per batch: its config is read once
+            limit = widths[model] if model in widths else widths.setdefault(model, width(model))
+            if limit is not None and dims > limit:
+                raise refuse(f"dimensions={dims} is more than model {model}'s {limit}", "dimensions")
         # the rows of a list input share the line's id, in order
         return [{"id": custom_id, "text": t} for t in found], {"count": len(found), "fmt": fmt, "dims": dims}
 
@@ -196,6 +237,12 @@ def _check(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, schema: 
             if line is None:
                 continue
             body = line["body"]
+            where = lone_surrogate(body, "body")
+            if where is not None:  # no UTF-8 file, Redis key or tokenizer takes it
+                checked.rejected += 1
+                rejected.write(json.dumps({"custom_id": line["custom_id"], "line": number, "param": where,
+                                           "message": f"{where} is not valid Unicode (a lone surrogate)"}) + "\n")
+                continue
             model = body.get("model")
             if isinstance(model, str) and model:
                 if checked.model is None:

@@ -4,7 +4,10 @@ The job's rows keep their line's ``custom_id`` as their ``id`` and the
 lines' order, so one pass over the committed Parquet files, beside one pass
 over the lines that ran, puts each line in exactly one of the two files:
 every row of it came out (the output file), or not (the error file, with
-the row's reason, or why it never ran).  The lines refused for their body
+the row's reason, or why it never ran).  A line whose rows came out but
+whose response cannot be made of them (``dimensions`` past the model's
+width, where the gateway could not read the model's config up front) is
+that line's error: nothing in one line fails the batch's files.  The lines refused for their body
 join the error file in line order.  Works alike for a succeeded, failed or
 cancelled job: only committed partitions are read.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bitinglip.atomic import write_atomically
+from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import LINES, REJECTED, read_jsonl
 from bitinglip.gateway.openai.shapes import chat_body, completion_body, embedding_body
 from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, read_json
@@ -110,7 +114,16 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
                 _reject(err, queue.pop(0))
             got = take(line["custom_id"], int(line["count"]))
             if len(got) == int(line["count"]):
-                body = _body(endpoint, model, line, got)
+                try:
+                    body = _body(endpoint, model, line, got)
+                except Exception as exc:  # noqa: BLE001 - whatever it is, it is this line's alone
+                    counts["failed"] += 1
+                    refused = isinstance(exc, InputError)
+                    err.write(_line(line["custom_id"], _failure(
+                        400 if refused else 500, "invalid_input" if refused else "response_failed",
+                        f"line {line['line']}: {exc}" if refused else f"line {line['line']}: its response could "
+                        f"not be made: {type(exc).__name__}: {exc}", getattr(exc, "param", None)), None))
+                    continue
                 out.write(_line(line["custom_id"], {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}",
                                                     "body": body}, None))
                 counts["completed"] += 1

@@ -11,8 +11,11 @@ returns the first batch made with it instead of running the file again.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import os
 import re
+import shutil
 import time
 from typing import Any
 
@@ -25,17 +28,26 @@ from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.handlers import scrub
 from bitinglip.gateway.handover import hand_over, refusal
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, due, final_status, new_record, view
-from bitinglip.gateway.openai.batchfile import INPUT, Checked, check_embeddings, check_generation, generation_frame
+from bitinglip.gateway.openai.batchfile import (
+    INPUT,
+    Checked,
+    check_embeddings,
+    check_generation,
+    generation_frame,
+    model_width,
+)
 from bitinglip.gateway.openai.files import FileStore, content_path, ensure_folder, size_and_lines_record
 from bitinglip.gateway.openai.finalize import write_files
 from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, TERMINAL, JobState, new_job_id
+from bitinglip.platform.jobs import MISSING, MOVED, RECORD, TERMINAL, JobState, new_job_id
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
+
+log = logging.getLogger(__name__)
 
 
 def _stores(gw: Gateway) -> tuple[BatchStore, FileStore]:
@@ -86,9 +98,17 @@ async def create_batch(request: Request) -> Response:
     try:
         record = await _start(gw, principal.sub, body, job_id, output, fields, key, now)
     except BaseException:
+        _discard(output)  # first, and without awaiting: a cancelled request goes no further than its next await
         await gw.store.delete(job_id, principal.sub, key and _IDEM_SPACE + key)
         raise
     return gw.json(request, view(record, await gw.store.get(job_id)))
+
+
+def _discard(output: str) -> None:
+    """Remove the folder of a batch whose creation failed, unless the cluster
+    took its job (its record is there): its workers write into it."""
+    if not os.path.exists(os.path.join(output, RECORD)):
+        shutil.rmtree(output, ignore_errors=True)
 
 
 async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, output: str,
@@ -97,7 +117,9 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     batches, _ = _stores(gw)
     path = content_path(gw.settings.results_dir, body["input_file_id"])
 
-    checker = check_embeddings if body["endpoint"] == "/v1/embeddings" else check_generation
+    checker = check_generation
+    if body["endpoint"] == "/v1/embeddings":  # a dimensions past the model's width is refused line by line
+        checker = functools.partial(check_embeddings, width=functools.partial(model_width, settings=gw.settings))
 
     def check() -> Checked:
         with open(path, "rb") as src:
@@ -169,9 +191,20 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
             not_run = ("batch_cancelled", "the batch was cancelled before this request ran")
         else:
             not_run = ("batch_failed", f"the batch's job failed before this request ran: {scrub(job.get('error') or '')}")
-        outcome = await anyio.to_thread.run_sync(write_files, str(gw.settings.results_dir / job_id), job_id,
-                                                 record["endpoint"], record.get("model") or "", str(out_path),
-                                                 str(err_path), not_run)
+        try:
+            outcome = await anyio.to_thread.run_sync(write_files, str(gw.settings.results_dir / job_id), job_id,
+                                                     record["endpoint"], record.get("model") or "", str(out_path),
+                                                     str(err_path), not_run)
+        except OSError:  # the disk (full, unmounted): the next read tries again
+            raise
+        except Exception as exc:  # a job's data that cannot be read must not fail every read
+            log.exception("batch %s%s: its files cannot be written", PREFIX, job_id)
+            record = {**record, "errors": [{"code": "finalize_failed", "line": None, "param": None, "message":
+                                            f"the batch's output could not be read back: {type(exc).__name__}"}],
+                      "completed": 0, "failed": int(record.get("lines") or 0), "final_status": "failed",
+                      "finalized_at": time.time()}
+            await batches.save(record)
+            return record
         for file_id, path, name in ((out_id, out_path, "output"), (err_id, err_path, "errors")):
             await files.add(await anyio.to_thread.run_sync(size_and_lines_record, file_id, record["owner"], str(path),
                                                            f"batch_{job_id}_{name}.jsonl"))
