@@ -250,7 +250,8 @@ class ModelPlugin(WorkerPlugin):
     def resident_info(self) -> list[dict[str, Any]]:
         """What is loaded here, least recently used first (for placement and admins)."""
         return [{"task": e.task, "model": e.model, "dtype": e.dtype, "version": e.version, "path": e.path,
-                 "bytes": e.nbytes, "held": e.held, **_engine_info(e)} for e in self.residency.entries()]
+                 "bytes": e.nbytes, "held": e.held, **_runtime_info(e), **_engine_info(e)}
+                for e in self.residency.entries()]
 
     def teardown(self, worker: Any) -> None:
         for entry in self.residency.clear():
@@ -264,6 +265,12 @@ class ModelPlugin(WorkerPlugin):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+
+def _runtime_info(entry: Entry) -> dict[str, str]:
+    """The automatic choices the model runs with (its matmul precision), for metrics and the Jobs page."""
+    runtime = entry.loaded.info.get("runtime", {}) if entry.loaded is not None else {}
+    return {k: runtime[k] for k in ("matmul_precision",) if isinstance(runtime.get(k), str)}
 
 
 def _engine_info(entry: Entry) -> dict[str, Any]:

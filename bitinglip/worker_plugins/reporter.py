@@ -74,7 +74,8 @@ class ReporterPlugin(WorkerPlugin):
                                   "gpu": None}
         models = self.worker.plugins.get(MODELS)
         if models is not None:
-            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", *ENGINE_FIGURES) if k in e}
+            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", "matmul_precision",
+                                                   *ENGINE_FIGURES) if k in e}
                                 for e in models.resident_info()]
             report["load_seconds"] = {m: round(s, 4) for m, s in models.load_seconds.items()}
             report["load_counts"] = dict(models.load_counts)

@@ -78,8 +78,8 @@ def test_text_and_collector_agree_and_parse() -> None:
     figures.on_key(JOB, "manifest", "memory")  # finished: no figure depends on the clock any more
     engine = {"task": "generate", "model": "llm", "dtype": "float32", "bytes": 2e9, "engine": "vllm",
               "kv_cache_bytes": 2.0**30, "kv_cache_usage": 0.25, "running": 3.0}
-    figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7},
-                                               engine],
+    figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7,
+                                                "matmul_precision": "highest"}, engine],
                                     "load_seconds": {"m": 1.25}, "load_counts": {"m": 1},
                                     "gpu": {"used": 10, "total": 100}})
     own_page = OpsPlugin()
@@ -103,6 +103,11 @@ def test_text_and_collector_agree_and_parse() -> None:
     assert ours[("bitinglip_model_kv_cache_bytes", on_engine)] == 2.0**30
     assert ours[("bitinglip_model_kv_cache_usage", on_engine)] == 0.25
     assert ours[("bitinglip_model_requests_running", on_engine)] == 3
+    # what each worker chose: the embed model's timed precision, the generation model's engine
+    assert ours[("bitinglip_model_runtime_info", (("engine", ""), ("matmul_precision", "highest"), ("model", 'm"q'),
+                                                  ("task", "embed"), ("worker", "tcp://w:1")))] == 1
+    assert ours[("bitinglip_model_runtime_info", (("engine", "vllm"), ("matmul_precision", ""), ("model", "llm"),
+                                                  ("task", "generate"), ("worker", "tcp://w:1")))] == 1
 
 
 def test_json_log_lines() -> None:

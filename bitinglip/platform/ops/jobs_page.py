@@ -49,7 +49,10 @@ def page(snapshot: dict[str, Any]) -> str:
             f'<td>{job["rows_in_error"]}</td></tr>')
     workers = []
     for w in snapshot["workers"]:
-        models = ", ".join(f'{escape(m["task"])}:{escape(m["model"])} ({_size(m["bytes"])})' for m in w["models"])
+        # each model with what its worker chose for it: the generation engine, the embed matmul precision
+        models = ", ".join(f'{escape(m["task"])}:{escape(m["model"])} ({_size(m["bytes"])}'
+                           + "".join(f", {escape(str(m[k]))}" for k in ("engine", "matmul_precision") if m.get(k))
+                           + ")" for m in w["models"])
         gpu = f'{_size(w["gpu"]["used"])} / {_size(w["gpu"]["total"])}' if w.get("gpu") else "-"
         workers.append(f'<tr class="worker"><td>{escape(w["name"])}</td><td>{escape(w["address"])}</td>'
                        f'<td>{escape(", ".join(f"{k}={v:g}" for k, v in w["resources"].items()) or "-")}</td>'

@@ -227,11 +227,14 @@ class Figures:
             out.append(Family(metric, "counter", f"{help}, by task and model.", ("task", "model"),
                               [((t, m), v[name]) for (t, m), v in models]))
         resident, loads, load_s, gpu_used, gpu_total = [], [], [], [], []
-        kv_bytes, kv_usage, running = [], [], []
+        kv_bytes, kv_usage, running, runtime = [], [], [], []
         for address, report in sorted(self.workers.items()):
             for entry in report.get("models", []):
                 resident.append(((address, entry["task"], entry["model"], str(entry.get("dtype"))),
                                  float(entry["bytes"])))
+                # what the worker chose for the model: its engine, its matmul precision ("" where none applies)
+                runtime.append(((address, entry["task"], entry["model"], str(entry.get("engine", "")),
+                                 str(entry.get("matmul_precision", ""))), 1.0))
                 if "engine" in entry:  # a generation engine: its KV cache and the requests it runs
                     labels = (address, entry["model"], str(entry["engine"]))
                     kv_bytes.append((labels, float(entry.get("kv_cache_bytes", 0.0))))
@@ -248,6 +251,9 @@ class Figures:
         out += [
             Family("bitinglip_model_resident_bytes", "gauge", "Bytes a resident model takes on a worker (measured).",
                    ("worker", "task", "model", "dtype"), resident),
+            Family("bitinglip_model_runtime_info", "gauge", "1 per resident model, labelled with the engine and the "
+                   "matmul precision its worker chose.", ("worker", "task", "model", "engine", "matmul_precision"),
+                   runtime),
             Family("bitinglip_model_load_seconds", "gauge", "Seconds the last load of a model took on a worker.",
                    ("worker", "model"), load_s),
             Family("bitinglip_model_loads_total", "counter", "Model loads on a worker.", ("worker", "model"), loads),
