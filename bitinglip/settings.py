@@ -178,6 +178,9 @@ class Settings:
     jwt_public_key: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: the longest a token may live (exp - iat, or exp - now without iat): a leaked token
+    #: of a century stays a key for a century; ``bitinglip token`` mints no longer ones
+    jwt_max_ttl_s: int = 30 * 86400
     #: per token subject, counted in Redis: submissions, and everything else
     rate_limit: Rate = SUBMIT_RATE
     read_rate_limit: Rate = READ_RATE
@@ -256,6 +259,8 @@ class Settings:
                                  "a PEM public key or the path of one"),
             jwt_issuer=_read(env, "BITINGLIP_JWT_ISSUER", None, str, "an issuer string"),
             jwt_audience=_read(env, "BITINGLIP_JWT_AUDIENCE", None, str, "an audience string"),
+            jwt_max_ttl_s=_read(env, "BITINGLIP_JWT_MAX_TTL", default.jwt_max_ttl_s, _positive,
+                                "a whole number of seconds"),
             rate_limit=_read(env, "BITINGLIP_RATE_LIMIT", default.rate_limit, _rate, "N/second|minute|hour|day"),
             read_rate_limit=_read(env, "BITINGLIP_READ_RATE_LIMIT", default.read_rate_limit, _rate,
                                   "N/second|minute|hour|day"),

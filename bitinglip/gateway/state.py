@@ -40,7 +40,8 @@ class Gateway:
         self.verifier: TokenVerifier
         self.verifier, generated = verifier(settings)
         if generated:
-            token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"], ttl_s=86400)
+            token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"],
+                         ttl_s=min(86400, settings.jwt_max_ttl_s))
             log.warning("no BITINGLIP_JWT_SECRET: using a development key; a token for 'dev' (all scopes, 24h):\n%s",
                         token)
         if settings.environment == "production" and not tls:
