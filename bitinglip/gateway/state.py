@@ -114,6 +114,12 @@ class Gateway:
         conn.state.rate_verdict = verdict  # refunded if the request turns out invalid
         return principal
 
+    @staticmethod
+    def charge(conn: HTTPConnection) -> None:
+        """The request's work goes to the cluster now: it counts against the
+        rate limit even if it then fails (a refund is for work never done)."""
+        conn.state.rate_verdict = None
+
     def json(self, conn: HTTPConnection, body: Any, status: int = 200, headers: dict[str, str] | None = None
              ) -> JSONResponse:
         """A JSON response carrying the caller's rate-limit headers."""

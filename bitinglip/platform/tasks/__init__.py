@@ -17,7 +17,7 @@ from bitinglip.platform.tasks.builtin import (
     get_task,
     texts_or_error,
 )
-from bitinglip.platform.tasks.options import choice, is_whole, real, surrogate_at, whole
+from bitinglip.platform.tasks.options import choice, is_whole, model_limits, real, surrogate_at, whole
 
 __all__ = ["BUILTIN_TASKS", "DTYPES", "POOLINGS", "Batch", "Loaded", "TaskType", "check_task_type", "choice",
-           "get_task", "is_whole", "real", "surrogate_at", "texts_or_error", "whole"]
+           "get_task", "is_whole", "model_limits", "real", "surrogate_at", "texts_or_error", "whole"]

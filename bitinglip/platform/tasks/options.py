@@ -105,6 +105,8 @@ class ModelLimits:
     labels: int | None = None
     vocabulary: int | None = None
     positions: int | None = None
+    #: the width of the model's hidden states: an embedding's size
+    hidden: int | None = None
 
 
 def model_limits(model_dir: str | None) -> ModelLimits:
@@ -122,7 +124,8 @@ def model_limits(model_dir: str | None) -> ModelLimits:
     labels = len(id2label) if isinstance(id2label, Mapping) and id2label else _count(config.get("num_labels"))
     positions = [_count(config.get(k)) for k in ("max_position_embeddings", "n_positions")]
     known = [p for p in positions if p is not None]
-    return ModelLimits(labels, _count(config.get("vocab_size")), min(known) if known else None)
+    return ModelLimits(labels, _count(config.get("vocab_size")), min(known) if known else None,
+                       _count(config.get("hidden_size")))
 
 
 def _count(value: Any) -> int | None:
