@@ -219,6 +219,9 @@ class Settings:
     #: the OpenAI-compatible Files and Batches: the largest batch file, in bytes and in lines (OpenAI's own limits)
     batch_max_bytes: int = 200_000_000
     batch_max_lines: int = 50_000
+    #: bytes of uploaded files one token subject may keep at once (five of the largest batch files):
+    #: past it an upload is refused until files are deleted or expire
+    files_max_bytes_per_tenant: int = 1_000_000_000
 
     # --- tests only, never read from the environment (set with ``with_``)
     #: a micro-batch above this many tokens raises MemoryError on the worker; 0: off
@@ -302,6 +305,8 @@ class Settings:
                                   "a whole number of bytes"),
             batch_max_lines=_read(env, "BITINGLIP_BATCH_MAX_LINES", default.batch_max_lines, _positive,
                                   "a whole number of lines"),
+            files_max_bytes_per_tenant=_read(env, "BITINGLIP_FILES_MAX_BYTES_PER_TENANT",
+                                             default.files_max_bytes_per_tenant, _positive, "a whole number of bytes"),
             tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),
             tls_cert=_read(env, "BITINGLIP_TLS_CERT", None, _pem_file, "a PEM file"),
             tls_key=_read(env, "BITINGLIP_TLS_KEY", None, _pem_file, "a PEM file"),

@@ -20,12 +20,16 @@ from bitinglip.gateway.auth import Principal, TokenVerifier, mint, verifier
 from bitinglip.gateway.batcher import Batcher
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
+from bitinglip.gateway.openai.files import FileStore
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
 from bitinglip.platform.jobs import JOB_ID, JobStore
 from bitinglip.platform.models import PACKAGED_MODELS, resolve_listed
 from bitinglip.settings import Settings
 
 log = logging.getLogger("bitinglip.gateway")
+
+#: seconds between sweeps for expired files (reading or listing one deletes it sooner)
+FILE_SWEEP_S = 60.0
 
 
 class Gateway:
@@ -55,6 +59,7 @@ class Gateway:
         self.batcher: Any = None
         self.submissions: anyio.CapacityLimiter
         self._watch: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         import redis.asyncio as aioredis
@@ -77,6 +82,17 @@ class Gateway:
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
                                max_rows=4 * self.settings.max_infer_rows)
         self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
+        self._sweep = asyncio.create_task(self._sweep_files())
+
+    async def _sweep_files(self) -> None:
+        files = FileStore(self.redis, self.settings.results_dir)
+        while True:
+            try:
+                if deleted := await files.sweep():
+                    log.info("deleted %d expired file(s)", deleted)
+            except Exception:  # Redis away: the next round
+                log.warning("cannot sweep expired files; retrying in %.0f s", FILE_SWEEP_S, exc_info=True)
+            await asyncio.sleep(FILE_SWEEP_S)
 
     def _connect(self) -> Any:
         import bitinglip
@@ -88,10 +104,11 @@ class Gateway:
         return platform
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._sweep):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.platform is not None:
             await anyio.to_thread.run_sync(self.platform.close)
         if self.redis is not None:
