@@ -128,7 +128,7 @@ class Gateway:
             self.metrics.rejected(bucket)
             raise
         conn.state.ratelimit = verdict.headers()
-        conn.state.rate_verdict = verdict  # refunded if the request turns out invalid
+        conn.state.rate_verdict = verdict  # refunded if the request turns out invalid before its work runs
         return principal
 
     @staticmethod

@@ -103,8 +103,6 @@ def expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
     """``expires_after``'s seconds, once ``anchor`` and ``seconds`` are within OpenAI's rules."""
     if anchor != "created_at":
         raise refuse(f"{param}.anchor must be 'created_at' (got {anchor!r:.40})", param)
-    if isinstance(seconds, str) and seconds.strip().isdigit():  # a form field is text
-        seconds = int(seconds)
     if isinstance(seconds, bool) or not isinstance(seconds, int) or not EXPIRES_MIN_S <= seconds <= EXPIRES_MAX_S:
         raise refuse(f"{param}.seconds must be a whole number from {EXPIRES_MIN_S} to {EXPIRES_MAX_S} "
                      f"(got {seconds!r:.40})", param)
@@ -213,8 +211,9 @@ async def receive(chunks: AsyncIterator[bytes], content_type: str, dest: Path, m
     expiry = {name: fields[name].decode("utf-8", "replace") for name in _EXPIRES_FIELDS if name in fields}
     expires_after_s = DEFAULT_BATCH_EXPIRY_S
     if expiry:
-        expires_after_s = expiry_seconds(expiry.get(_EXPIRES_FIELDS[0]), expiry.get(_EXPIRES_FIELDS[1]),
-                                         "expires_after")
+        seconds = expiry.get(_EXPIRES_FIELDS[1], "")
+        expires_after_s = expiry_seconds(expiry.get(_EXPIRES_FIELDS[0]),  # a form field is text
+                                         int(seconds) if seconds.strip().isdigit() else seconds, "expires_after")
     return Upload(found["filename"], purpose, sizes["bytes"], lines, expires_after_s)
 
 
