@@ -180,6 +180,10 @@ def test_two_file_parts_are_refused(gateway: str) -> None:
     twice = part("purpose", b"batch") + part("purpose", b"batch") + part("file", LINE.encode(), "a.jsonl") + \
         b"--xyz--\r\n"
     assert raw_upload(gateway, twice).status_code == 400
+    many = part("purpose", b"batch") + b"".join(part(f"f{i}", b"x") for i in range(20)) + \
+        part("file", LINE.encode(), "a.jsonl") + b"--xyz--\r\n"
+    r = raw_upload(gateway, many)
+    assert r.status_code == 400 and "form fields" in r.json()["error"]["message"], r.text
 
 
 def test_a_filename_keeps_only_its_last_segment(gateway: str) -> None:

@@ -34,6 +34,8 @@ FILES_DIR = "_openai_files"
 PURPOSES = ("batch", "batch_output")
 #: the largest form field (purpose) an upload may carry besides its file
 _MAX_FIELD_BYTES = 1024
+#: form fields an upload may carry besides its file (purpose, expires_after's two, and room to spare)
+_MAX_FIELDS = 8
 _FILE_ID = "file-"
 #: OpenAI's bounds on ``expires_after.seconds``, and its default for batch files
 EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 86400
@@ -160,6 +162,8 @@ async def receive(chunks: AsyncIterator[bytes], content_type: str, dest: Path, m
         # a second part of a name would be appended to the first: two files would read as one
         if state["name"] in fields or (state["name"] == "file" and "filename" in found):
             raise refuse(f"the upload has more than one {state['name'][:64]!r} part; send one", state["name"][:64])
+        if state["name"] != "file" and len(fields) >= _MAX_FIELDS:
+            raise refuse(f"the upload has over {_MAX_FIELDS} form fields; send file, purpose and expires_after", "file")
         if state["name"] == "file":
             found["filename"] = safe_filename(disposition.get(b"filename"))
         else:
@@ -217,8 +221,8 @@ async def receive(chunks: AsyncIterator[bytes], content_type: str, dest: Path, m
     return Upload(found["filename"], purpose, sizes["bytes"], lines, expires_after_s)
 
 
-def quota_error(limit: int) -> QuotaExceededError:
-    return QuotaExceededError(f"this upload would take your files past your quota of {limit} more bytes "
+def quota_error(left: int) -> QuotaExceededError:
+    return QuotaExceededError(f"this upload would take your files past your quota: {left} bytes of it are left "
                               "(BITINGLIP_FILES_MAX_BYTES_PER_TENANT); delete files (DELETE /v1/files/{id}) or let "
                               "them expire")
 
