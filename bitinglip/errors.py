@@ -86,6 +86,12 @@ class PayloadTooLargeError(BitingLipError):
     code = "payload_too_large"
 
 
+class QuotaExceededError(PayloadTooLargeError):
+    """An upload would take the caller past its storage quota."""
+
+    code = "quota_exceeded"
+
+
 class RateLimitedError(BitingLipError):
     """Too many requests; ``retry_after`` seconds until the next is allowed."""
 

@@ -63,6 +63,16 @@ def openai_files(owner: str) -> str:
     return f"{PREFIX}oai:files:{owner}"
 
 
+def openai_file_bytes(owner: str) -> str:
+    """Bytes of one token subject's uploaded files (purpose ``batch``), against its quota."""
+    return f"{PREFIX}oai:filebytes:{owner}"
+
+
+def openai_file_expiry() -> str:
+    """Sorted set of every file that expires, scored by when (the sweep's worklist)."""
+    return f"{PREFIX}oai:fileexpiry"
+
+
 def openai_batch(job_id: str) -> str:
     """The hash of one OpenAI batch (its endpoint, input file, outcome); the batch is job ``job_id``."""
     return f"{PREFIX}oai:batch:{job_id}"

@@ -178,6 +178,9 @@ class Settings:
     jwt_public_key: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: the longest a token may live (exp - iat, or exp - now without iat): a leaked token
+    #: of a century stays a key for a century; ``bitinglip token`` mints no longer ones
+    jwt_max_ttl_s: int = 30 * 86400
     #: per token subject, counted in Redis: submissions, and everything else
     rate_limit: Rate = SUBMIT_RATE
     read_rate_limit: Rate = READ_RATE
@@ -216,6 +219,9 @@ class Settings:
     #: the OpenAI-compatible Files and Batches: the largest batch file, in bytes and in lines (OpenAI's own limits)
     batch_max_bytes: int = 200_000_000
     batch_max_lines: int = 50_000
+    #: bytes of uploaded files one token subject may keep at once (five of the largest batch files):
+    #: past it an upload is refused until files are deleted or expire
+    files_max_bytes_per_tenant: int = 1_000_000_000
 
     # --- tests only, never read from the environment (set with ``with_``)
     #: a micro-batch above this many tokens raises MemoryError on the worker; 0: off
@@ -256,6 +262,8 @@ class Settings:
                                  "a PEM public key or the path of one"),
             jwt_issuer=_read(env, "BITINGLIP_JWT_ISSUER", None, str, "an issuer string"),
             jwt_audience=_read(env, "BITINGLIP_JWT_AUDIENCE", None, str, "an audience string"),
+            jwt_max_ttl_s=_read(env, "BITINGLIP_JWT_MAX_TTL", default.jwt_max_ttl_s, _positive,
+                                "a whole number of seconds"),
             rate_limit=_read(env, "BITINGLIP_RATE_LIMIT", default.rate_limit, _rate, "N/second|minute|hour|day"),
             read_rate_limit=_read(env, "BITINGLIP_READ_RATE_LIMIT", default.read_rate_limit, _rate,
                                   "N/second|minute|hour|day"),
@@ -297,6 +305,8 @@ class Settings:
                                   "a whole number of bytes"),
             batch_max_lines=_read(env, "BITINGLIP_BATCH_MAX_LINES", default.batch_max_lines, _positive,
                                   "a whole number of lines"),
+            files_max_bytes_per_tenant=_read(env, "BITINGLIP_FILES_MAX_BYTES_PER_TENANT",
+                                             default.files_max_bytes_per_tenant, _positive, "a whole number of bytes"),
             tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),
             tls_cert=_read(env, "BITINGLIP_TLS_CERT", None, _pem_file, "a PEM file"),
             tls_key=_read(env, "BITINGLIP_TLS_KEY", None, _pem_file, "a PEM file"),

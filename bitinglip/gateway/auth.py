@@ -1,6 +1,7 @@
 """JWT bearer tokens: HS256 with a shared secret, or RS256 with a public key.
 
-Claims: ``sub`` (who), ``exp`` (until when), ``scope`` (space-separated, or
+Claims: ``sub`` (who), ``exp`` (until when; at most ``BITINGLIP_JWT_MAX_TTL``
+after ``iat``, or after now when the token has no ``iat``), ``scope`` (space-separated, or
 a list: ``jobs:read``, ``jobs:write``, ``admin``); ``iss`` and ``aud`` are
 checked when the settings name them.  Only the configured algorithm is
 accepted, so ``alg: none`` and algorithm-confusion tokens fail to decode.
@@ -42,6 +43,8 @@ class TokenVerifier:
     algorithm: str
     issuer: str | None = None
     audience: str | None = None
+    #: the longest lifetime a token may claim (None: any)
+    max_ttl_s: int | None = None
 
     def decode(self, header: str | None) -> Principal:
         if not header or not header.lower().startswith("bearer "):
@@ -55,6 +58,7 @@ class TokenVerifier:
             raise UnauthorizedError("the token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise UnauthorizedError(f"invalid token: {exc}") from None
+        self._check_lifetime(claims)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 200:
             raise UnauthorizedError("invalid token: 'sub' must be a non-empty string")
@@ -62,6 +66,17 @@ class TokenVerifier:
         scopes = raw.split() if isinstance(raw, str) else [s for s in raw if isinstance(s, str)] \
             if isinstance(raw, list) else []
         return Principal(sub, frozenset(scopes))
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        if self.max_ttl_s is None:
+            return
+        # pyjwt has checked that exp (and iat, if present) are numbers and exp is ahead
+        iat = claims.get("iat")
+        start, since = (float(iat), "iat") if isinstance(iat, int | float) else (time.time(), "now")
+        lifetime = float(claims["exp"]) - start
+        if lifetime > self.max_ttl_s:
+            raise UnauthorizedError(f"invalid token: it lives {lifetime:.0f}s (exp - {since}); this gateway takes "
+                                    f"tokens of at most {self.max_ttl_s}s (BITINGLIP_JWT_MAX_TTL)")
 
 
 def _dev_secret() -> str:
@@ -79,12 +94,15 @@ def verifier(settings: Settings) -> tuple[TokenVerifier, bool]:
     """The token verifier for these settings, and whether its key was
     generated for development. Production without a key is an error."""
     if settings.jwt_public_key:
-        return TokenVerifier(settings.jwt_public_key, "RS256", settings.jwt_issuer, settings.jwt_audience), False
+        return TokenVerifier(settings.jwt_public_key, "RS256", settings.jwt_issuer, settings.jwt_audience,
+                             settings.jwt_max_ttl_s), False
     if settings.jwt_secret:
-        return TokenVerifier(settings.jwt_secret, "HS256", settings.jwt_issuer, settings.jwt_audience), False
+        return TokenVerifier(settings.jwt_secret, "HS256", settings.jwt_issuer, settings.jwt_audience,
+                             settings.jwt_max_ttl_s), False
     if settings.environment == "production":
         raise ConfigError("ENVIRONMENT=production needs BITINGLIP_JWT_SECRET or BITINGLIP_JWT_PUBLIC_KEY")
-    return TokenVerifier(_dev_secret(), "HS256", settings.jwt_issuer, settings.jwt_audience), True
+    return TokenVerifier(_dev_secret(), "HS256", settings.jwt_issuer, settings.jwt_audience,
+                         settings.jwt_max_ttl_s), True
 
 
 def mint(settings: Settings, sub: str, scopes: list[str], ttl_s: int = 3600,
@@ -94,6 +112,9 @@ def mint(settings: Settings, sub: str, scopes: list[str], ttl_s: int = 3600,
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ConfigError(f"unknown scope {', '.join(unknown)}; scopes are {', '.join(SCOPES)}")
+    if not 0 < ttl_s <= settings.jwt_max_ttl_s:
+        raise ConfigError(f"a token's lifetime must be 1 to {settings.jwt_max_ttl_s} seconds (BITINGLIP_JWT_MAX_TTL); "
+                          f"got {ttl_s}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "scope": " ".join(scopes), "iat": now, "exp": now + ttl_s}
     if settings.jwt_issuer:

@@ -76,8 +76,11 @@ def document() -> dict[str, Any]:
                 params=[{"name": "format", "in": "query", "schema": {"type": "string",
                                                                      "enum": ["openai", "bitinglip"]}}])},
             "/v1/files": {
-                "post": _op("Upload a batch file (multipart/form-data: file, purpose=batch); it streams to the "
-                            "results directory", {"200": _json(_ref("File"))}, codes=(400, 401, 403, 413, 429)),
+                "post": _op("Upload a batch file (multipart/form-data: file, purpose=batch, optional "
+                            "expires_after[anchor]=created_at and expires_after[seconds]=3600..2592000, default 30 "
+                            "days); it streams to the results directory and counts against your "
+                            "BITINGLIP_FILES_MAX_BYTES_PER_TENANT (413 quota_exceeded)",
+                            {"200": _json(_ref("File"))}, codes=(400, 401, 403, 413, 429)),
                 "get": _op("Your files (OpenAI's list shape)", {"200": _json({"type": "object"})},
                            params=_CURSOR, codes=(400, 401, 403, 429)),
             },
@@ -191,7 +194,8 @@ def document() -> dict[str, Any]:
                 "File": {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
                          "properties": {"id": {"type": "string"}, "object": {"const": "file"},
                                         "bytes": {"type": "integer"}, "created_at": {"type": "integer"},
-                                        "filename": {"type": "string"}, "purpose": {"type": "string"}}},
+                                        "filename": {"type": "string"}, "purpose": {"type": "string"},
+                                        "expires_at": {"type": ["integer", "null"]}}},
                 "Batch": {"type": "object", "required": ["id", "object", "endpoint", "status", "request_counts"],
                           "properties": {"id": {"type": "string"}, "object": {"const": "batch"},
                                          "endpoint": {"type": "string"},

@@ -87,6 +87,11 @@ BATCH_REQUEST = BodyModel("BatchRequest", {
     "input_file_id": {"type": "string", "minLength": 1, "description": "a file uploaded with purpose=batch"},
     "endpoint": {"type": "string", "enum": list(BATCH_ENDPOINTS)},
     "completion_window": {"type": "string", "enum": ["24h"]},
+    "output_expires_after": {
+        "type": "object", "required": ["anchor", "seconds"], "additionalProperties": False,
+        "properties": {"anchor": {"type": "string", "enum": ["created_at"]},
+                       "seconds": {"type": "integer", "minimum": 3600, "maximum": 2592000}},
+        "description": "the output and error files expire this long after they are written"},
     "metadata": {"type": ["object", "null"], "maxProperties": 16,
                  "additionalProperties": {"type": "string", "maxLength": 512},
                  "description": "up to 16 string pairs; idempotency_key makes a resubmission return the same batch"},

@@ -20,12 +20,16 @@ from bitinglip.gateway.auth import Principal, TokenVerifier, mint, verifier
 from bitinglip.gateway.batcher import Batcher
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
+from bitinglip.gateway.openai.files import FileStore
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
 from bitinglip.platform.jobs import JOB_ID, JobStore
 from bitinglip.platform.models import PACKAGED_MODELS, resolve_listed
 from bitinglip.settings import Settings
 
 log = logging.getLogger("bitinglip.gateway")
+
+#: seconds between sweeps for expired files (reading or listing one deletes it sooner)
+FILE_SWEEP_S = 60.0
 
 
 class Gateway:
@@ -40,7 +44,8 @@ class Gateway:
         self.verifier: TokenVerifier
         self.verifier, generated = verifier(settings)
         if generated:
-            token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"], ttl_s=86400)
+            token = mint(settings, "dev", ["jobs:read", "jobs:write", "admin"],
+                         ttl_s=min(86400, settings.jwt_max_ttl_s))
             log.warning("no BITINGLIP_JWT_SECRET: using a development key; a token for 'dev' (all scopes, 24h):\n%s",
                         token)
         if settings.environment == "production" and not tls:
@@ -54,6 +59,7 @@ class Gateway:
         self.batcher: Any = None
         self.submissions: anyio.CapacityLimiter
         self._watch: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         import redis.asyncio as aioredis
@@ -76,6 +82,17 @@ class Gateway:
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
                                max_rows=4 * self.settings.max_infer_rows)
         self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
+        self._sweep = asyncio.create_task(self._sweep_files())
+
+    async def _sweep_files(self) -> None:
+        files = FileStore(self.redis, self.settings.results_dir)
+        while True:
+            try:
+                if deleted := await files.sweep():
+                    log.info("deleted %d expired file(s)", deleted)
+            except Exception:  # Redis away: the next round
+                log.warning("cannot sweep expired files; retrying in %.0f s", FILE_SWEEP_S, exc_info=True)
+            await asyncio.sleep(FILE_SWEEP_S)
 
     def _connect(self) -> Any:
         import bitinglip
@@ -87,10 +104,11 @@ class Gateway:
         return platform
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._sweep):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.platform is not None:
             await anyio.to_thread.run_sync(self.platform.close)
         if self.redis is not None:
@@ -110,8 +128,14 @@ class Gateway:
             self.metrics.rejected(bucket)
             raise
         conn.state.ratelimit = verdict.headers()
-        conn.state.rate_verdict = verdict  # refunded if the request turns out invalid
+        conn.state.rate_verdict = verdict  # refunded if the request turns out invalid before its work runs
         return principal
+
+    @staticmethod
+    def charge(conn: HTTPConnection) -> None:
+        """The request's work goes to the cluster now: it counts against the
+        rate limit even if it then fails (a refund is for work never done)."""
+        conn.state.rate_verdict = None
 
     def json(self, conn: HTTPConnection, body: Any, status: int = 200, headers: dict[str, str] | None = None
              ) -> JSONResponse:

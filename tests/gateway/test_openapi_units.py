@@ -153,7 +153,8 @@ VALID = {
     ("/admin/models", "post"): [{"name": "m", "source": "/models/m", "task": "embed", "dtype": "float16",
                                  "max_length": 128, "pooling": "mean"}],
     ("/v1/batches", "post"): [{"input_file_id": "file-abc", "endpoint": "/v1/embeddings", "completion_window": "24h",
-                               "metadata": {"idempotency_key": "k1"}}],
+                               "metadata": {"idempotency_key": "k1"},
+                               "output_expires_after": {"anchor": "created_at", "seconds": 7200}}],
     ("/v1/embeddings", "post"): [{"model": "all-MiniLM-L6-v2", "input": ["a", "b"], "encoding_format": "base64",
                                   "dimensions": 8, "user": "u"}],
     ("/v1/chat/completions", "post"): [{

@@ -44,7 +44,7 @@ WINDOW_S = 24 * 3600
 
 _JSON_FIELDS = ("metadata", "errors")
 _NUMBERS = ("created_at", "in_progress_at", "finalizing_at", "finalized_at", "lines", "rows", "rejected", "completed",
-            "failed", "cancelled_at")
+            "failed", "cancelled_at", "output_expires_after_s")
 #: what a finalization (or a cancel) adds to a record; a resume takes it away again
 _ENDING = ("final_status", "finalizing_at", "finalized_at", "output_file_id", "error_file_id", "completed", "failed",
            "errors", "cancelled_at")
@@ -238,4 +238,6 @@ def view(record: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
 def new_record(job_id: str, owner: str, body: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     return {"job_id": job_id, "owner": owner, "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
             "completion_window": body["completion_window"], "metadata": body.get("metadata"),
+            # checked by the route; the output and error files expire this long after they are written
+            "output_expires_after_s": (body.get("output_expires_after") or {}).get("seconds"),
             "created_at": time.time() if now is None else now}

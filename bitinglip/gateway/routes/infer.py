@@ -46,6 +46,7 @@ async def infer(request: Request) -> Response:
     texts = check_texts(body.get("inputs"), gw.settings.max_infer_rows, gw.settings.max_text_chars, "inputs")
     model = await gw.listed_model(body.get("model"))
     await check_model_options(gw, body["task"], model, options)
+    gw.charge(request)
     outputs, shared = await gw.batcher.infer(body["task"], model, options, texts)
     return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,
                              "batched_requests": shared})

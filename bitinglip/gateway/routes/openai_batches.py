@@ -36,7 +36,13 @@ from bitinglip.gateway.openai.batchfile import (
     generation_frame,
     model_width,
 )
-from bitinglip.gateway.openai.files import FileStore, content_path, ensure_folder, size_and_lines_record
+from bitinglip.gateway.openai.files import (
+    FileStore,
+    content_path,
+    ensure_folder,
+    expiry_seconds,
+    size_and_lines_record,
+)
 from bitinglip.gateway.openai.finalize import write_files
 from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
@@ -65,6 +71,11 @@ def _check_body(body: dict[str, Any]) -> str | None:
         raise refuse("endpoint must be /v1/embeddings, /v1/chat/completions or /v1/completions", "endpoint")
     if body["completion_window"] != "24h":
         raise refuse("completion_window must be 24h", "completion_window")
+    expiry = body.get("output_expires_after")
+    if expiry is not None:
+        if not isinstance(expiry, dict) or set(expiry) - {"anchor", "seconds"}:
+            raise refuse('output_expires_after must be {"anchor": "created_at", "seconds": N}', "output_expires_after")
+        expiry_seconds(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
     metadata = body.get("metadata")
     if metadata is None:
         return None
@@ -205,9 +216,10 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
                       "finalized_at": time.time()}
             await batches.save(record)
             return record
+        expires_after_s = int(record["output_expires_after_s"]) if record.get("output_expires_after_s") else None
         for file_id, path, name in ((out_id, out_path, "output"), (err_id, err_path, "errors")):
             await files.add(await anyio.to_thread.run_sync(size_and_lines_record, file_id, record["owner"], str(path),
-                                                           f"batch_{job_id}_{name}.jsonl"))
+                                                           f"batch_{job_id}_{name}.jsonl", expires_after_s))
         record = {**record, "output_file_id": out_id, "error_file_id": err_id if outcome.failed else None,
                   "completed": outcome.completed, "failed": outcome.failed, "final_status": final_status(job),
                   "finalized_at": time.time()}

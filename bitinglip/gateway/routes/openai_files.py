@@ -2,7 +2,8 @@
 
 An upload streams to ``BITINGLIP_RESULTS_DIR`` as it arrives
 (:func:`bitinglip.gateway.openai.files.receive`), bounded by
-``BITINGLIP_BATCH_MAX_BYTES`` and ``BITINGLIP_BATCH_MAX_LINES``.  A file is its
+``BITINGLIP_BATCH_MAX_BYTES``, ``BITINGLIP_BATCH_MAX_LINES`` and what is left of
+the uploader's ``BITINGLIP_FILES_MAX_BYTES_PER_TENANT``.  A file is its
 uploader's: another token subject gets 404 for it, and never sees it listed.
 """
 
@@ -30,11 +31,14 @@ async def create_file(request: Request) -> Response:
     file_id = new_file_id()
     ensure_folder(gw.settings.results_dir)
     dest = content_path(gw.settings.results_dir, file_id)
+    store, quota = _store(gw), gw.settings.files_max_bytes_per_tenant
     try:
+        # refused as it streams once past what is left; checked again as it is kept, for uploads side by side
         upload = await receive(request.stream(), request.headers.get("content-type", ""), dest,
-                               gw.settings.batch_max_bytes, gw.settings.batch_max_lines)
+                               gw.settings.batch_max_bytes, gw.settings.batch_max_lines,
+                               quota_left=max(0, quota - await store.used(principal.sub)))
         meta = record(file_id, principal.sub, upload)
-        await _store(gw).add(meta)
+        await store.add(meta, quota)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from bitinglip.errors import BitingLipError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.openai.shapes import (
     chat_body,
@@ -36,7 +38,8 @@ from bitinglip.gateway.openai.shapes import (
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import predict_counted, predict_generation
-from bitinglip.platform.tasks import BUILTIN_TASKS
+from bitinglip.platform.models import resolve_model
+from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits
 
 
 async def embeddings(request: Request) -> Response:
@@ -49,10 +52,26 @@ async def embeddings(request: Request) -> Response:
         raise refuse(f"input has {len(texts)} items; this gateway takes {gw.settings.max_infer_rows} per request "
                      "(BITINGLIP_MAX_INFER_ROWS); send more as a batch (POST /v1/files, /v1/batches)", "input")
     model = await gw.listed_model(body["model"])
+    await _check_dimensions(gw, model, dims)
+    gw.charge(request)
     outputs, _ = await gw.batcher.infer("embed", model, {}, texts, predict_counted)
     answer = embedding_body(body["model"], [o["embedding"] for o in outputs], fmt, dims,
                             sum(int(o["tokens"]) for o in outputs))
     return gw.json(request, answer)
+
+
+async def _check_dimensions(gw: Gateway, model: str, dims: int | None) -> None:
+    """Refuse ``dimensions`` past the model's width before any work runs (a
+    model only the workers can see is checked once its vectors are back)."""
+    if dims is None:
+        return
+    try:
+        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
+    except (BitingLipError, OSError):
+        return
+    width = (await anyio.to_thread.run_sync(model_limits, path.path)).hidden
+    if width is not None and dims > width:
+        raise refuse(f"dimensions={dims} is more than the model's {width}", "dimensions")
 
 
 async def chat_completions(request: Request) -> Response:
@@ -78,6 +97,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                    task.check_options(options))
     model = await gw.listed_model(body["model"])
+    gw.charge(request)
     outputs, _ = await gw.batcher.infer("generate", model, options, [{k: v for k, v in row.items() if k != "id"}],
                                         predict_generation)
     chat = endpoint == "/v1/chat/completions"

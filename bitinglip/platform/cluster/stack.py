@@ -197,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.urls = {"redis": redis_url, "scheduler": scheduler, "dashboard": f"http://{host}:{ports['dashboard']}",
                       "jobs_page": f"http://{host}:{ports['dashboard']}/bitinglip/jobs", "gateway": gateway}
         stack.token = mint(settings.with_(jwt_secret=secret), "dev", ["jobs:read", "jobs:write", "admin"],
-                           ttl_s=86400)
+                           ttl_s=min(86400, settings.jwt_max_ttl_s))
         stack.save()
         _print_summary(stack, health, kind, run_dir)
         if args.detach:
