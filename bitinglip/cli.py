@@ -276,3 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left early (`bitinglip models show NAME | head`): not an error of ours
+        # Python flushes stdout once more at exit; pointed at /dev/null that flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -41,3 +41,21 @@ def test_add_list_show_verify_remove(cache: Path, tiny_encoder: Path, capsys: py
     assert "removed enc@1" in capsys.readouterr().out
     assert main(["models", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path, tiny_encoder: Path) -> None:
+    """`bitinglip models show NAME | head`: the pipe closes before the output is written."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    add = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "enc", str(tiny_encoder), "--task",
+                          "embed"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert add.returncode == 0, add.stderr
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before a byte is written
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "show", "enc"], env=env, stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    os.close(write)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
