@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from bitinglip.platform.cluster import DEFAULT_RUN_DIR
+
 #: seconds that requests in flight get to finish after SIGTERM; then they are cancelled.  Without a
 #: bound uvicorn waits for every request task, and one awaiting the cluster for a caller that has
 #: gone (no connection left open) kept the gateway up through two SIGTERMs
@@ -59,14 +61,25 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bitinglip.errors import ConfigError
     from bitinglip.gateway.auth import mint
+    from bitinglip.platform.cluster import running_secret
     from bitinglip.settings import get_settings
 
     scopes = [s for part in args.scope for s in part.replace(",", " ").split()]
-    from pathlib import Path
-
     private_key = Path(args.private_key).read_text() if args.private_key else None
-    print(mint(get_settings(), args.sub, scopes, ttl_s=args.ttl, private_key=private_key))
+    settings = get_settings()
+    if private_key is None and not settings.jwt_secret and not settings.jwt_public_key:
+        # no secret here: a throwaway one would sign tokens no gateway accepts ("Signature verification failed")
+        run_dir = Path(args.run_dir).expanduser().resolve()
+        secret = running_secret(run_dir)
+        if secret is None:
+            raise ConfigError(f"BITINGLIP_JWT_SECRET is not set and no `bitinglip up` stack is running from {run_dir}; "
+                              "export the secret your gateway was started with, or name the stack's --run-dir")
+        settings = settings.with_(jwt_secret=secret)
+    print(mint(settings, args.sub, scopes, ttl_s=args.ttl, private_key=private_key))
     sys.stdout.flush()
     return 0
 
@@ -93,4 +106,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="jobs:read, jobs:write or admin; repeat or separate with spaces/commas")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
     token.add_argument("--private-key", help="sign RS256 with this PEM private key instead of the HS256 secret")
+    token.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR),
+                       help="without BITINGLIP_JWT_SECRET: sign with the secret of the `bitinglip up` stack running "
+                            "from this folder (default: %(default)s)")
     token.set_defaults(func=cmd_token)

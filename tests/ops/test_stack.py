@@ -128,6 +128,21 @@ def test_health_reports_every_component(stack: dict[str, Any]) -> None:
     assert {p.name() for p in map(psutil.Process, stack["groups"].values())} >= {"redis-server"}
 
 
+def test_bitinglip_token_in_another_shell_signs_with_the_running_stacks_secret(stack: dict[str, Any],
+                                                                               tmp_path: Path) -> None:
+    other_shell = {k: v for k, v in stack["env"].items() if k != "BITINGLIP_JWT_SECRET"}  # nothing exported
+    run = [sys.executable, "-m", "bitinglip", "token", "--sub", "me", "--scope", "jobs:read"]
+    token = subprocess.run([*run, "--run-dir", str(stack["run_dir"])], env=other_shell, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.strip()
+    r = httpx.get(f"{stack['urls']['gateway']}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert oct((Path(stack["run_dir"]) / "jwt-secret").stat().st_mode & 0o777) == "0o600"
+    # no stack there and nothing exported: refused, naming the fix, instead of a token no gateway accepts
+    none = subprocess.run([*run, "--run-dir", str(tmp_path)], env=other_shell, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert none.returncode == 2 and none.stdout == "" and "BITINGLIP_JWT_SECRET is not set" in none.stderr
+
+
 def test_tokens_of_bitinglip_token_work_and_the_curl_line_is_whole(stack: dict[str, Any]) -> None:
     token = subprocess.run([sys.executable, "-m", "bitinglip", "token", "--sub", "me", "--scope", "jobs:read"],
                            env=stack["env"], capture_output=True, text=True, timeout=60, check=True).stdout.strip()

@@ -15,7 +15,7 @@ from bitinglip.platform.cluster.local import (
     worker_resources,
 )
 from bitinglip.platform.cluster.processes import supervise
-from bitinglip.platform.cluster.stack import port_free
+from bitinglip.platform.cluster.stack import DEFAULT_RUN_DIR, port_free, running_secret
 from bitinglip.platform.cluster.stack import register as register_stack_commands
 from bitinglip.platform.cluster.tls import (
     add_tls_arguments,
@@ -25,6 +25,7 @@ from bitinglip.platform.cluster.tls import (
     settings_with_tls,
 )
 
-__all__ = ["add_tls_arguments", "check_address", "check_main_guard", "check_reachable", "cluster_holds_any", "cpu_count",
-           "dask_cli_arguments", "gpu_count", "local_cluster", "port_free", "register_stack_commands", "scheduler_holds_each", "security",
+__all__ = ["DEFAULT_RUN_DIR", "add_tls_arguments", "check_address", "check_main_guard", "check_reachable", "cluster_holds_any", "cpu_count",
+           "dask_cli_arguments", "gpu_count", "local_cluster", "port_free", "register_stack_commands", "running_secret", "scheduler_holds_each",
+           "security",
            "settings_with_tls", "supervise", "worker_process_env", "worker_resources"]

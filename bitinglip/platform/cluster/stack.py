@@ -39,6 +39,8 @@ from bitinglip.polling import poll
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 180.0
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "bitinglip" / "stack"
+#: the running stack's JWT secret, in its run directory (mode 0600), for `bitinglip token` in another shell
+SECRET_FILE = "jwt-secret"
 # the gateway's token minter: mint(settings, sub, scopes, ttl_s=...) -> a signed token
 Mint = Callable[..., str]
 
@@ -61,6 +63,26 @@ class Stack:
             return cls(**json.loads((run_dir / STATE_FILE).read_text()))
         except FileNotFoundError:
             return None
+
+
+def running_secret(run_dir: Path) -> str | None:
+    """The HS256 secret of the stack running from ``run_dir`` (None: no stack runs there), so that
+    ``bitinglip token`` in another shell signs tokens that stack's gateway accepts."""
+    if Stack.load(run_dir) is None:
+        return None
+    try:
+        return (run_dir / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _keep_secret(run_dir: Path, secret: str) -> None:
+    """Write the gateway's secret where only this user can read it (mode 0600 from the start)."""
+    path = run_dir / SECRET_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -175,6 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     *log_format],
     }
     stack = Stack(str(run_dir), os.getpid())
+    _keep_secret(run_dir, secret)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     detached = False
     _install_signal_handlers()
@@ -218,6 +241,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not detached:
             stop_groups(stack.groups, procs)
             (run_dir / STATE_FILE).unlink(missing_ok=True)
+            (run_dir / SECRET_FILE).unlink(missing_ok=True)
             print(f"stopped: {', '.join(stack.groups) or 'nothing had started'}", file=sys.stderr, flush=True)
 
 
@@ -269,6 +293,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     # signal a group whose id the system has given to someone else since
     stop_groups({n: g for n, g in stack.groups.items() if alive(g) and any(ours(p) for p in members(g))})
     (run_dir / STATE_FILE).unlink(missing_ok=True)
+    (run_dir / SECRET_FILE).unlink(missing_ok=True)
     print(f"stopped: {', '.join(stack.groups)}", file=sys.stderr)
     return 0
 
