@@ -9,6 +9,7 @@ import time
 import pytest
 
 from bitinglip.logs import REQUEST_ID, JsonFormatter
+from bitinglip.platform.ops.jobs_page import page as render_page
 from bitinglip.platform.ops.ops_plugin import OpsPlugin
 from bitinglip.platform.ops.opsmetrics import FINISHED_KEPT, Collector, Figures
 
@@ -38,11 +39,15 @@ def test_a_job_from_queued_to_succeeded() -> None:
     figures.on_progress({"job": JOB, "part": 0, "done": 4, "total": 10})
     view = figures.jobs[JOB].view()
     assert view["state"] == "running" and view["rows_total"] == 20  # the unseen partition is estimated
+    assert view["rows_total_estimated"] is True  # ... and says so (the Jobs page shows ~20)
+    assert "4/<span title=\"an estimate until every partition has started\">~20</span>" in render_page(
+        {"jobs": [view], "workers": []})
     assert view["task"] == "unknown"
     _run_job(figures)
     assert figures.jobs[JOB].state == "running"  # the manifest is still to come
     figures.on_key(JOB, "manifest", "memory")
     view = figures.jobs[JOB].view()
+    assert view["rows_total_estimated"] is False and view["rows_total"] == 20
     assert (view["state"], view["rows"], view["rows_in_error"], view["tokens"], view["oom_splits"]) == (
         "succeeded", 18, 2, 300, 1)
     assert figures.jobs[JOB].padding_ratio == pytest.approx((1.0 * 100 + 1.5 * 200) / 300)

@@ -26,6 +26,12 @@ def _size(nbytes: float) -> str:
     return ""  # pragma: no cover
 
 
+def _total(total: int | None, estimated: bool | None) -> str:
+    if total is None:
+        return "?"
+    return f'<span title="an estimate until every partition has started">~{total}</span>' if estimated else str(total)
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -43,7 +49,7 @@ def page(snapshot: dict[str, Any]) -> str:
             f'<td>{escape(job["task"])}</td><td>{escape(job["model"])}</td>'
             f'<td class="state">{escape(job["state"])}</td>'
             f'<td class="progress"><progress max="100" value="{pct}"></progress> '
-            f'<span class="rows">{job["rows_done"]}/{"?" if total is None else total}</span> ({pct}%)</td>'
+            f'<span class="rows">{job["rows_done"]}/{_total(total, job.get("rows_total_estimated"))}</span> ({pct}%)</td>'
             f'<td>{job["partitions_done"]}/{job["partitions"]}</td>'
             f'<td class="rate">{job["rows_per_s"]:.1f}</td><td class="eta">{_eta(job["eta_s"])}</td>'
             f'<td>{job["rows_in_error"]}</td></tr>')

@@ -82,6 +82,9 @@ class JobFigures:
         return {"job": self.job, "task": self.task, "model": self.model, "state": self.state,
                 "partitions": len(self.parts), "partitions_done": len(self.parts_done),
                 "rows_done": self.rows_done, "rows_total": total,
+                # partitions not started yet are estimated from those that did (lazy files count their rows as
+                # they read them): shown as an estimate, never as the job's count
+                "rows_total_estimated": total is not None and len(self.totals) < len(self.parts),
                 "progress": round(self.rows_done / total, 4) if total else 0.0,
                 "rows_per_s": round(rate, 2), "eta_s": _round(eta),
                 "rows": int(self.sums["rows"]), "rows_in_error": int(self.sums["errors"]),
