@@ -6,6 +6,12 @@ then share the worker's engine with whatever else it runs).  A streamed
 completion is sent as chunks once it is whole: the engine hands back
 finished rows, not tokens.
 
+A completion holds its tenant's share of the per-tenant caps
+(:mod:`bitinglip.gateway.tenants`) while it waits, and a client that
+disconnects meanwhile lets go of its request: the batcher cancels the
+cluster's task once nobody waits for it, and the worker's engine aborts its
+requests.
+
 ``encoding_format`` float or base64 (little-endian float32, what OpenAI's
 client decodes; the client asks for base64 unless told otherwise), and
 ``dimensions``: the first N values, rescaled to length 1.
@@ -13,8 +19,10 @@ client decodes; the client asks for base64 unless told otherwise), and
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -37,6 +45,10 @@ from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import predict_counted, predict_generation
 from bitinglip.platform.tasks import BUILTIN_TASKS
+
+T = TypeVar("T")
+#: nginx's "client closed request": logged, never read by anyone
+CLIENT_CLOSED = 499
 
 
 async def embeddings(request: Request) -> Response:
@@ -68,18 +80,25 @@ async def _generate(request: Request, endpoint: str) -> Response:
     ``stream: true`` the answer goes out as OpenAI's chunks, ending with
     ``data: [DONE]``."""
     gw: Gateway = request.app.state.gateway
-    await gw.authorize(request, "jobs:write", INFER)
+    principal = await gw.authorize(request, "jobs:write", INFER)
     body = await read_json(request)
     row = generation_row(endpoint, body, "request", gw.settings.max_text_chars)
     stream, include_usage = stream_flags(body)
     options = output_options(row["params"])
     task = BUILTIN_TASKS["generate"]
     # checked here as the worker will check it, so a bad value is this request's 400, before it joins a batch
-    task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
-                   task.check_options(options))
+    merged = task.check_options(options)
+    checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
+                             merged)
+    params = {**merged, **checked.params}  # the row's parameters over the task's defaults
     model = await gw.listed_model(body["model"])
-    outputs, _ = await gw.batcher.infer("generate", model, options, [{k: v for k, v in row.items() if k != "id"}],
-                                        predict_generation)
+    fmt = params.get("response_format") or {}
+    with gw.in_flight.hold(principal.sub, int(params["n"]) * int(params["max_tokens"]),
+                           fmt.get("type") == "json_schema"):
+        outputs, _ = await _unless_disconnected(request, gw.batcher.infer(
+            "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation))
+    if outputs is None:
+        return Response(status_code=CLIENT_CLOSED)
     chat = endpoint == "/v1/chat/completions"
     answer = (chat_body if chat else completion_body)(body["model"], outputs[0])
     if not stream:
@@ -96,3 +115,27 @@ async def _generate(request: Request, endpoint: str) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[tuple[T, int]]) -> tuple[T | None, int]:
+    """``work``'s result, or ``(None, 0)`` once the client has disconnected
+    first: ``work`` is then cancelled, so the batcher lets go of the
+    cluster's task.  The body has been read, so the next message the server
+    hands the app is ``http.disconnect``."""
+    running = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((running, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not running.done():
+            running.cancel()
+    if running.done() and not running.cancelled():
+        return running.result()
+    await asyncio.gather(running, return_exceptions=True)  # its cancellation has run to its end
+    return None, 0
+
+
+async def _disconnect(request: Request) -> Any:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
