@@ -182,3 +182,50 @@ def test_concurrent_json_schemas_per_tenant_are_capped(capped: str) -> None:
         t.join(60)
     refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
     assert len(refused) == 1 and "BITINGLIP_TENANT_GRAMMARS" in str(refused[0]), outcomes
+
+
+# --- M5: POST /v1/batches answers whatever the workers do
+
+#: the answer's bound; it took 98 s and 205 s on the attacker's stack while the workers were busy
+CREATE_BOUND_S = 5.0
+
+
+def test_a_batch_is_created_promptly_while_every_worker_thread_is_busy(gateway: str, models: dict[str, str],
+                                                                       platform: Any) -> None:
+    import json
+    import uuid
+
+    from distributed import Event
+
+    client = platform.client
+    gate = Event(f"tenants-busy-{uuid.uuid4().hex[:8]}", client=client)
+    workers = list(client.scheduler_info()["workers"])
+
+    def hold(name: str, index: int) -> int:  # a local function: pickled by value for the worker processes
+        from distributed import Event
+
+        Event(f"{name}-{index}").set()
+        Event(name).wait(120)
+        return index
+
+    holds = [client.submit(hold, gate.name, i, workers=[w], pure=False, priority=1000) for i, w in enumerate(workers)]
+    oai = openai.OpenAI(base_url=f"{gateway}/v1", api_key=make_token(new_user("batch-busy")), max_retries=0,
+                        timeout=300)
+    try:
+        for i in range(len(workers)):  # every worker's only thread is taken
+            assert Event(f"{gate.name}-{i}", client=client).wait(120)
+        lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"model": "tiny-encoder", "input": f"row {i}"}}) for i in range(2)]
+        file = oai.files.create(file=("busy.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+        started = time.monotonic()
+        batch = oai.batches.create(input_file_id=file.id, endpoint="/v1/embeddings", completion_window="24h")
+        took = time.monotonic() - started
+    finally:
+        gate.set()
+    assert took < CREATE_BOUND_S, f"POST /v1/batches took {took:.1f} s"
+    assert [f.result(timeout=60) for f in holds] == list(range(len(workers)))
+    deadline = time.monotonic() + 120
+    while (batch := oai.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
