@@ -16,8 +16,9 @@ tenant spread over several gateways gets the caps once per gateway.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from bitinglip.errors import InputError, RateLimitedError
 
@@ -41,8 +42,9 @@ class InFlight:
     def hold(self, tenant: str, tokens: int, grammar: bool) -> Iterator[None]:
         """Count ``tokens`` (and a grammar) for ``tenant`` until the block ends."""
         if tokens > self.max_tokens:
-            raise InputError(f"n x max_tokens is {tokens}; this gateway runs at most {self.max_tokens} per tenant "
-                             "at once (BITINGLIP_TENANT_GENERATION_TOKENS): lower n or max_tokens")
+            raise InputError(f"this request's n x max_tokens (over its rows) is {tokens}; this gateway runs at "
+                             f"most {self.max_tokens} per tenant at once (BITINGLIP_TENANT_GENERATION_TOKENS): "
+                             "lower n or max_tokens")
         if self._tokens[tenant] + tokens > self.max_tokens:
             raise _busy(f"your online generation in flight holds {self._tokens[tenant]} of n x max_tokens; this "
                         f"request's {tokens} would pass the per-tenant limit of {self.max_tokens} "
@@ -64,6 +66,13 @@ class InFlight:
     def held(self, tenant: str) -> tuple[int, int]:
         """``tenant``'s tokens and grammars in flight."""
         return self._tokens[tenant], self._grammars[tenant]
+
+
+def generation_work(rows: int, params: Mapping[str, Any]) -> tuple[int, bool]:
+    """What ``rows`` generation rows of checked ``params`` hold of the caps:
+    their ``n x max_tokens``, and whether they compile a json_schema."""
+    fmt = params.get("response_format") or {}
+    return rows * int(params.get("n", 1)) * int(params["max_tokens"]), fmt.get("type") == "json_schema"
 
 
 def _busy(message: str) -> RateLimitedError:

@@ -158,6 +158,11 @@ def test_one_request_over_the_cap_is_a_400_naming_the_setting(capped: str) -> No
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=16, max_tokens=1001,
                                     temperature=1.0)
     assert "BITINGLIP_TENANT_GENERATION_TOKENS" in str(caught.value) and "16016" in str(caught.value)
+    # /v1/infer's generation counts the same: rows x n x max_tokens (an invalid request there is a 422)
+    r = httpx.post(f"{capped}/v1/infer", headers=auth(new_user("huge-infer")), timeout=60,
+                   json={"task": "generate", "model": MODEL, "inputs": ["hi", "ho", "hum"],
+                         "options": {"n": N, "max_tokens": MAX_TOKENS, "temperature": 1.0}})
+    assert r.status_code == 422 and "BITINGLIP_TENANT_GENERATION_TOKENS" in r.text and "24000" in r.text, r.text
 
 
 def test_concurrent_json_schemas_per_tenant_are_capped(capped: str) -> None:

@@ -27,7 +27,7 @@ def test_tokens_and_grammars_are_held_per_tenant_and_given_back() -> None:
 
 
 def test_a_request_over_the_whole_cap_is_invalid_not_busy() -> None:
-    with pytest.raises(InputError, match="n x max_tokens is 101; .* at most 100"), \
+    with pytest.raises(InputError, match=r"n x max_tokens \(over its rows\) is 101; .* at most 100"), \
             InFlight(100, 1).hold("a", 101, grammar=False):
         pass
 

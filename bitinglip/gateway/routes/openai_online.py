@@ -19,15 +19,14 @@ client decodes; the client asks for base64 unless told otherwise), and
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from bitinglip.gateway.body import read_json
+from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
 from bitinglip.gateway.openai.shapes import (
     chat_body,
     chat_chunks,
@@ -43,12 +42,9 @@ from bitinglip.gateway.openai.shapes import (
 )
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
+from bitinglip.gateway.tenants import generation_work
 from bitinglip.platform.jobs import predict_counted, predict_generation
 from bitinglip.platform.tasks import BUILTIN_TASKS
-
-T = TypeVar("T")
-#: nginx's "client closed request": logged, never read by anyone
-CLIENT_CLOSED = 499
 
 
 async def embeddings(request: Request) -> Response:
@@ -90,12 +86,9 @@ async def _generate(request: Request, endpoint: str) -> Response:
     merged = task.check_options(options)
     checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                              merged)
-    params = {**merged, **checked.params}  # the row's parameters over the task's defaults
     model = await gw.listed_model(body["model"])
-    fmt = params.get("response_format") or {}
-    with gw.in_flight.hold(principal.sub, int(params["n"]) * int(params["max_tokens"]),
-                           fmt.get("type") == "json_schema"):
-        outputs, _ = await _unless_disconnected(request, gw.batcher.infer(
+    with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):
+        outputs, _ = await unless_disconnected(request, gw.batcher.infer(
             "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation))
     if outputs is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -116,26 +109,3 @@ async def _generate(request: Request, endpoint: str) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})
 
-
-async def _unless_disconnected(request: Request, work: Awaitable[tuple[T, int]]) -> tuple[T | None, int]:
-    """``work``'s result, or ``(None, 0)`` once the client has disconnected
-    first: ``work`` is then cancelled, so the batcher lets go of the
-    cluster's task.  The body has been read, so the next message the server
-    hands the app is ``http.disconnect``."""
-    running = asyncio.ensure_future(work)
-    watching = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait((running, watching), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        if not running.done():
-            running.cancel()
-    if running.done() and not running.cancelled():
-        return running.result()
-    await asyncio.gather(running, return_exceptions=True)  # its cancellation has run to its end
-    return None, 0
-
-
-async def _disconnect(request: Request) -> Any:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
