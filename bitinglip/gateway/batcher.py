@@ -47,15 +47,18 @@ class Batcher:
         self.client = client
         self.wait_s = wait_s
         self.max_rows = max_rows
-        self._open: dict[tuple[str, str, str, Callable[..., Any]], _Batch] = {}
+        self._open: dict[tuple[str, str, str, Callable[..., Any], str], _Batch] = {}
 
     async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str],
-                    fn: Callable[..., Any] = predict_texts) -> tuple[list[dict[str, Any]], int]:
+                    fn: Callable[..., Any] = predict_texts, group: str = "") -> tuple[list[dict[str, Any]], int]:
         """Outputs for ``texts`` and how many requests shared their batch.
         ``fn`` is what runs on a worker (:func:`predict_texts`, or another
         function with its arguments, e.g. one that also counts tokens);
-        only requests for the same ``fn`` share a batch."""
-        key = (task, model, json.dumps(options, sort_keys=True), fn)
+        only requests for the same ``fn`` and ``group`` share a batch (the
+        gateway gives generation its tenant as the group: a tenant whose
+        clients all left must not keep its requests running inside another
+        tenant's task; the engine batches both anyway)."""
+        key = (task, model, json.dumps(options, sort_keys=True), fn, group)
         batch = self._open.get(key)
         if batch is None or len(batch.texts) + len(texts) > self.max_rows:
             batch = _Batch()
@@ -96,7 +99,7 @@ class Batcher:
             raise
         return await batch.result
 
-    def _fire(self, key: tuple[str, str, str, Callable[..., Any]], batch: _Batch) -> None:
+    def _fire(self, key: tuple[str, str, str, Callable[..., Any], str], batch: _Batch) -> None:
         if batch.fired:
             return
         batch.fired = True
@@ -105,7 +108,7 @@ class Batcher:
         if batch.waiting == 0:  # every caller left before it was sent
             batch.result.cancel()
             return
-        task, model, options, fn = key
+        task, model, options, fn, _ = key
         asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options), fn))
 
     async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any],

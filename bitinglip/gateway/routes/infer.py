@@ -53,7 +53,8 @@ async def infer(request: Request) -> Response:
     else:  # generation: the tenant's caps, and a client that leaves lets go of its engine requests
         work = generation_work(len(texts), BUILTIN_TASKS[body["task"]].check_options(options))
         with gw.in_flight.hold(principal.sub, *work):
-            outputs, shared = await unless_disconnected(request, gw.batcher.infer(body["task"], model, options, texts))
+            outputs, shared = await unless_disconnected(request, gw.batcher.infer(body["task"], model, options, texts,
+                                                                                  group=principal.sub))
         if outputs is None:
             return Response(status_code=CLIENT_CLOSED)
     return gw.json(request, {"task": body["task"], "model": body["model"], "outputs": outputs,

@@ -89,7 +89,8 @@ async def _generate(request: Request, endpoint: str) -> Response:
     model = await gw.listed_model(body["model"])
     with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):
         outputs, _ = await unless_disconnected(request, gw.batcher.infer(
-            "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation))
+            "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation,
+            group=principal.sub))
     if outputs is None:
         return Response(status_code=CLIENT_CLOSED)
     chat = endpoint == "/v1/chat/completions"
