@@ -109,4 +109,3 @@ async def _generate(request: Request, endpoint: str) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})
-
