@@ -185,6 +185,11 @@ class Settings:
     rate_limit: Rate = SUBMIT_RATE
     read_rate_limit: Rate = READ_RATE
     infer_rate_limit: Rate = INFER_RATE
+    #: per token subject, in one gateway: online generation in flight, as the sum of n x max_tokens (four chats of
+    #: n=16, max_tokens=1024 kept both workers' engines busy for minutes), and json_schema requests in flight
+    #: (each a grammar to compile, up to about 30 s of CPU for a 44 kB schema)
+    tenant_generation_tokens: int = 32_768
+    tenant_grammars: int = 2
     #: Redis connections per gateway process; a request beyond them waits up to
     #: ``redis_pool_timeout_s`` for one instead of failing (redis-py's own pool
     #: stops at 100 and reports "too many connections" as Redis being down)
@@ -269,6 +274,10 @@ class Settings:
                                   "N/second|minute|hour|day"),
             infer_rate_limit=_read(env, "BITINGLIP_INFER_RATE_LIMIT", default.infer_rate_limit, _rate,
                                    "N/second|minute|hour|day"),
+            tenant_generation_tokens=_read(env, "BITINGLIP_TENANT_GENERATION_TOKENS", default.tenant_generation_tokens,
+                                           _positive, "a whole number of tokens (n x max_tokens)"),
+            tenant_grammars=_read(env, "BITINGLIP_TENANT_GRAMMARS", default.tenant_grammars, _positive,
+                                  "a whole number of requests"),
             redis_max_connections=_read(env, "BITINGLIP_REDIS_MAX_CONNECTIONS", default.redis_max_connections,
                                         _positive, "a whole number of connections"),
             redis_pool_timeout_s=_read(env, "BITINGLIP_REDIS_POOL_TIMEOUT", default.redis_pool_timeout_s,

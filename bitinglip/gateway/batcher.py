@@ -3,6 +3,10 @@ arrive within ``wait_s`` of each other go to the cluster as one task
 (:func:`bitinglip.platform.jobs.predict_texts`), at a Dask priority above
 every bulk job, so they start before queued partitions.  Should a merged
 batch fail, each of its requests runs again alone, so only the bad one fails.
+Once every request of a batch has gone (its client disconnected, see
+:mod:`bitinglip.gateway.routes.openai_online`) or the wait timed out, the
+batch's Dask future is cancelled, and the worker aborts its engine requests
+(:func:`bitinglip.platform.jobs.runner.abandon_tick`).
 
 It knows nothing of HTTP: :mod:`bitinglip.gateway.state` builds one per
 gateway, and ``POST /v1/infer`` (:mod:`bitinglip.gateway.routes.infer`) feeds it.
@@ -30,7 +34,10 @@ INFER_TIMEOUT_S = 120.0
 class _Batch:
     texts: list[str] = field(default_factory=list)
     requests: int = 0
+    #: requests still waiting for the result; at 0 nobody will read it
+    waiting: int = 0
     fired: bool = False
+    future: Any = None
     result: asyncio.Future[list[dict[str, Any]]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -40,15 +47,18 @@ class Batcher:
         self.client = client
         self.wait_s = wait_s
         self.max_rows = max_rows
-        self._open: dict[tuple[str, str, str, Callable[..., Any]], _Batch] = {}
+        self._open: dict[tuple[str, str, str, Callable[..., Any], str], _Batch] = {}
 
     async def infer(self, task: str, model: str, options: Mapping[str, Any], texts: list[str],
-                    fn: Callable[..., Any] = predict_texts) -> tuple[list[dict[str, Any]], int]:
+                    fn: Callable[..., Any] = predict_texts, group: str = "") -> tuple[list[dict[str, Any]], int]:
         """Outputs for ``texts`` and how many requests shared their batch.
         ``fn`` is what runs on a worker (:func:`predict_texts`, or another
         function with its arguments, e.g. one that also counts tokens);
-        only requests for the same ``fn`` share a batch."""
-        key = (task, model, json.dumps(options, sort_keys=True), fn)
+        only requests for the same ``fn`` and ``group`` share a batch (the
+        gateway gives generation its tenant as the group: a tenant whose
+        clients all left must not keep its requests running inside another
+        tenant's task; the engine batches both anyway)."""
+        key = (task, model, json.dumps(options, sort_keys=True), fn, group)
         batch = self._open.get(key)
         if batch is None or len(batch.texts) + len(texts) > self.max_rows:
             batch = _Batch()
@@ -57,10 +67,18 @@ class Batcher:
         start = len(batch.texts)
         batch.texts += texts
         batch.requests += 1
+        batch.waiting += 1
         if len(batch.texts) >= self.max_rows:
             self._fire(key, batch)
         try:
             outputs = await asyncio.shield(batch.result)
+        except asyncio.CancelledError:  # the caller went away
+            batch.waiting -= 1
+            if batch.waiting == 0 and batch.fired:
+                batch.result.cancel()
+                if batch.future is not None:
+                    batch.future.cancel()
+            raise
         except BitingLipError as exc:
             if batch.requests == 1 or isinstance(exc, UnavailableError):
                 raise
@@ -70,32 +88,48 @@ class Batcher:
 
     async def _alone(self, task: str, model: str, options: dict[str, Any], texts: list[str],
                      fn: Callable[..., Any]) -> list[dict[str, Any]]:
-        batch = _Batch(texts=list(texts), requests=1, fired=True)
-        await self._run(batch, task, model, options, fn)
+        batch = _Batch(texts=list(texts), requests=1, waiting=1, fired=True)
+        run = asyncio.ensure_future(self._run(batch, task, model, options, fn))
+        try:
+            await asyncio.shield(run)
+        except asyncio.CancelledError:
+            batch.result.cancel()
+            if batch.future is not None:
+                batch.future.cancel()
+            raise
         return await batch.result
 
-    def _fire(self, key: tuple[str, str, str, Callable[..., Any]], batch: _Batch) -> None:
+    def _fire(self, key: tuple[str, str, str, Callable[..., Any], str], batch: _Batch) -> None:
         if batch.fired:
             return
         batch.fired = True
         if self._open.get(key) is batch:
             del self._open[key]
-        task, model, options, fn = key
+        if batch.waiting == 0:  # every caller left before it was sent
+            batch.result.cancel()
+            return
+        task, model, options, fn, _ = key
         asyncio.get_running_loop().create_task(self._run(batch, task, model, json.loads(options), fn))
 
     async def _run(self, batch: _Batch, task: str, model: str, options: dict[str, Any],
                    fn: Callable[..., Any]) -> None:
-        future = self.client.submit(fn, task, model, options, batch.texts, pure=False,
-                                    priority=INFER_PRIORITY)
+        if batch.result.done():  # every caller left before it was sent
+            return
+        future = batch.future = self.client.submit(fn, task, model, options, batch.texts, pure=False,
+                                                   priority=INFER_PRIORITY)
         try:
             with anyio.fail_after(INFER_TIMEOUT_S):
                 result = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
         except TimeoutError:
-            future.cancel()
-            batch.result.set_exception(UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s"))
+            future.cancel()  # the worker aborts its engine requests (runner.abandon_tick)
+            error: BaseException = UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s")
         except BitingLipError as exc:  # handed to every waiting request
-            batch.result.set_exception(exc)
+            error = exc
         except Exception as exc:  # noqa: BLE001 - a failure on the cluster, not in the gateway
-            batch.result.set_exception(JobFailedError(f"inference failed: {type(exc).__name__}: {exc}"))
+            error = JobFailedError(f"inference failed: {type(exc).__name__}: {exc}")
         else:
-            batch.result.set_result(result)
+            if not batch.result.done():  # done: cancelled, every caller left
+                batch.result.set_result(result)
+            return
+        if not batch.result.done():
+            batch.result.set_exception(error)

@@ -22,6 +22,7 @@ from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.openai.files import FileStore
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
+from bitinglip.gateway.tenants import InFlight
 from bitinglip.platform.jobs import JOB_ID, JobStore
 from bitinglip.platform.models import PACKAGED_MODELS, resolve_listed
 from bitinglip.settings import Settings
@@ -52,6 +53,7 @@ class Gateway:
             log.warning("ENVIRONMENT=production without TLS: tokens travel in clear text "
                         "(use --ssl-certfile/--ssl-keyfile or a TLS-terminating proxy)")
         self.metrics = Metrics()
+        self.in_flight = InFlight(settings.tenant_generation_tokens, settings.tenant_grammars)
         self.redis: Any = None
         self.store: JobStore
         self.limiter: RateLimiter

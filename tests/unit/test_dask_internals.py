@@ -156,3 +156,36 @@ def test_no_dashboard_no_routes() -> None:
         pass
 
     assert not di.add_http_routes(Bare(), [])
+
+
+def _released_after_cancel(gate: str) -> None:
+    """From inside a running task, as runner.abandon_tick looks: not released at first; released once its
+    client cancelled it (the test then sets the gate); says so through the event ``gate + "-seen"``."""
+    from distributed import Event, get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+    if di.task_released(worker, key):
+        return
+    Event(gate).wait(30)
+    deadline = time.monotonic() + 10
+    while not di.task_released(worker, key) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if di.task_released(worker, key):
+        Event(gate + "-seen").set()
+
+
+def test_task_released_tells_a_running_task_its_future_was_cancelled(cluster: tuple[Any, Any, Any]) -> None:
+    from distributed import Event
+
+    client, _, worker = cluster
+    gate = "dask-internals-released"
+    running = client.submit(_released_after_cancel, gate, key="dask-internals-released-task")
+    _until(lambda: worker.state.tasks.get(running.key) is not None
+           and worker.state.tasks[running.key].state == "executing")
+    assert not di.task_released(worker, running.key)
+    running.cancel()
+    _until(lambda: di.task_released(worker, running.key))
+    Event(gate, client=client).set()
+    assert Event(gate + "-seen", client=client).wait(30)
+    assert di.task_released(worker, "never-submitted")

@@ -6,6 +6,12 @@ then share the worker's engine with whatever else it runs).  A streamed
 completion is sent as chunks once it is whole: the engine hands back
 finished rows, not tokens.
 
+A completion holds its tenant's share of the per-tenant caps
+(:mod:`bitinglip.gateway.tenants`) while it waits, and a client that
+disconnects meanwhile lets go of its request: the batcher cancels the
+cluster's task once nobody waits for it, and the worker's engine aborts its
+requests.
+
 ``encoding_format`` float or base64 (little-endian float32, what OpenAI's
 client decodes; the client asks for base64 unless told otherwise), and
 ``dimensions``: the first N values, rescaled to length 1.
@@ -22,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 
 from bitinglip.errors import BitingLipError
 from bitinglip.gateway.body import read_json
+from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
 from bitinglip.gateway.openai.shapes import (
     chat_body,
     chat_chunks,
@@ -37,6 +44,7 @@ from bitinglip.gateway.openai.shapes import (
 )
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
+from bitinglip.gateway.tenants import generation_work
 from bitinglip.platform.jobs import predict_counted, predict_generation
 from bitinglip.platform.models import resolve_model
 from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits
@@ -87,19 +95,24 @@ async def _generate(request: Request, endpoint: str) -> Response:
     ``stream: true`` the answer goes out as OpenAI's chunks, ending with
     ``data: [DONE]``."""
     gw: Gateway = request.app.state.gateway
-    await gw.authorize(request, "jobs:write", INFER)
+    principal = await gw.authorize(request, "jobs:write", INFER)
     body = await read_json(request)
     row = generation_row(endpoint, body, "request", gw.settings.max_text_chars)
     stream, include_usage = stream_flags(body)
     options = output_options(row["params"])
     task = BUILTIN_TASKS["generate"]
     # checked here as the worker will check it, so a bad value is this request's 400, before it joins a batch
-    task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
-                   task.check_options(options))
+    merged = task.check_options(options)
+    checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
+                             merged)
     model = await gw.listed_model(body["model"])
-    gw.charge(request)
-    outputs, _ = await gw.batcher.infer("generate", model, options, [{k: v for k, v in row.items() if k != "id"}],
-                                        predict_generation)
+    with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):
+        gw.charge(request)
+        outputs, _ = await unless_disconnected(request, gw.batcher.infer(
+            "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation,
+            group=principal.sub))
+    if outputs is None:
+        return Response(status_code=CLIENT_CLOSED)
     chat = endpoint == "/v1/chat/completions"
     answer = (chat_body if chat else completion_body)(body["model"], outputs[0])
     if not stream:

@@ -2,7 +2,7 @@
 
 Dask has no public call for what these do: a scheduler's or worker's task
 table, the scheduler's clients' wishes, a worker's thread count and declared
-resources, whether a task's thread has left the worker's pool, the
+resources, whether a task's thread has left the worker's pool, whether a running task was released, the
 scheduler's HTTP server and dashboard navigation, and registering a worker
 plugin from the scheduler itself (a scheduler preload has no client).  Everything else in BitingLip uses the public API.  An
 upgrade of distributed that moves one of these fails
@@ -103,6 +103,15 @@ def secede_once() -> bool:
         return False
     secede()
     return True
+
+
+def task_released(worker: Any, key: Any) -> bool:
+    """On a worker, from the thread that runs task ``key``: whether the
+    scheduler has let go of it while it still runs here (its client cancelled
+    or released its future: state ``cancelled``; or the worker forgot it).
+    Dask cannot stop a running thread, so a long task asks this itself."""
+    ts = worker.state.tasks.get(key)
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
 # --- the scheduler as a host for BitingLip's views

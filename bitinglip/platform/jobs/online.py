@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bitinglip.platform.jobs.runner import predict_texts
+from bitinglip.platform.jobs.runner import _on_engine, abandon_tick, predict_texts
 from bitinglip.platform.tasks.builtin import get_task
 
 
@@ -44,7 +44,9 @@ def predict_generation(task_name: str, model: str, options: Mapping[str, Any], r
     checked = [task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row.get("params")},
                               f"request {i}", merged) for i, row in enumerate(rows)]
     with get_model_plugin().use(task, model, merged) as loaded:
-        outputs, truncated, failed, _ = task.run_rows(loaded, checked, merged, lambda done: None)
+        # off the worker's thread pool while the engine works (the thread stayed held for the whole generation,
+        # and another tenant's embedding queued behind it), and aborted in the engine once the caller lets go
+        outputs, truncated, failed, _ = _on_engine(task.run_rows, loaded, checked, merged, abandon_tick(), online=True)
     if failed:
         first = min(failed)
         raise InputError(f"request {first}: {failed[first]}")

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, ModelError, PartitionFailedError
-from bitinglip.platform.cluster.dask_internals import secede_once
+from bitinglip.platform.cluster.dask_internals import secede_once, task_released
 from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
@@ -100,7 +100,7 @@ def _current_worker() -> Any:
         return None
 
 
-def _on_engine(run_rows: Any, *args: Any) -> Any:
+def _on_engine(run_rows: Any, *args: Any, online: bool = False) -> Any:
     """``run_rows(*args)`` with the worker's thread given back while the engine works.
 
     A Dask worker runs as many tasks at once as it has threads (one, on the
@@ -110,10 +110,41 @@ def _on_engine(run_rows: Any, *args: Any) -> Any:
     as ``worker_client`` does) and the worker starts its next task; at most
     :data:`ENGINE_PARTITIONS` wait at once, a further one holds its thread
     until a slot frees.  The task stays running for Dask (state
-    ``long-running``), so the model stays held and a worker death reruns it."""
+    ``long-running``), so the model stays held and a worker death reruns it.
+
+    ``online``: a gateway's request takes no slot: it would wait, holding its
+    thread, behind up to :data:`ENGINE_PARTITIONS` bulk partitions (the engine
+    interleaves it with them instead)."""
+    if online:
+        secede_once()
+        return run_rows(*args)
     with _engine_slots:
         secede_once()  # once per task: a retry of the partition is the same task
         return run_rows(*args)
+
+
+def abandon_tick() -> Any:
+    """An engine ``tick`` for an online task: it raises
+    :class:`JobCancelledError` once the task's caller let go of it (the
+    gateway cancels its future when the client disconnects or its wait
+    times out), so the engine aborts the requests nobody will read.  Dask
+    cannot stop the task's thread; without this the engine went on
+    generating for minutes after the caller left.  Checked at most every
+    :data:`CANCEL_CHECK_INTERVAL_S`; outside a worker it never raises."""
+    worker = _current_worker()
+    key = worker.get_current_task() if worker is not None else None
+    last = time.monotonic()
+
+    def tick(done: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if worker is None or now - last < CANCEL_CHECK_INTERVAL_S:
+            return
+        last = now
+        if task_released(worker, key):
+            raise JobCancelledError(f"online task {key} was let go by its caller ({done} of its requests done)")
+
+    return tick
 
 
 def _tick(reporter: _Reporter, before: int, done: int) -> None:
@@ -228,7 +259,7 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     with get_model_plugin().use(task, model, merged) as loaded:
         if task.engine_driven:  # its engine batches these with whatever else runs on this worker
             rows = [task.check_row(t, {}, f"inputs[{i}]", merged) for i, t in enumerate(texts)]
-            results, cut, failed, _ = _on_engine(task.run_rows, loaded, rows, merged, lambda done: None)
+            results, cut, failed, _ = _on_engine(task.run_rows, loaded, rows, merged, abandon_tick(), online=True)
             if failed:
                 first = min(failed)
                 raise InputError(f"inputs[{first}]: {failed[first]}")
