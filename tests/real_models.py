@@ -21,6 +21,22 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
+#: positions the test copy keeps (of 8192): the tests' engines take a 256 MiB KV cache, which must hold
+#: one sequence of the model's full length
+SMOLLM2_POSITIONS = 2048
+
+
+def smollm2_tokenizer(path: Path) -> object:
+    """SmolLM2's tokenizer (with its chat template), saved at ``path``: a minute of conversion, no weights."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def make_smollm2(path: Path) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors folder at ``path``.
 
@@ -29,14 +45,13 @@ def make_smollm2(path: Path) -> Path:
     ``accelerate``, which BitingLip does not install).  The saved config
     lacks ``architectures`` (vLLM then finds no implementation) and keeps
     the GGUF ``quantization_config`` (vLLM would look for a GGUF file): set
-    the one, drop the other."""
+    the one, drop the other.  Positions are cut to :data:`SMOLLM2_POSITIONS`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    smollm2_tokenizer(path)
     gguf = smollm2_gguf()
-    path.mkdir(parents=True, exist_ok=True)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
@@ -49,5 +64,6 @@ def make_smollm2(path: Path) -> Path:
     config = json.loads(config_file.read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     config.pop("quantization_config", None)
+    config["max_position_embeddings"] = SMOLLM2_POSITIONS
     config_file.write_text(json.dumps(config, indent=2))
     return path
