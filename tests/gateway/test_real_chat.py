@@ -24,9 +24,13 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-chat"
 #: a deadline for a batch on 2 shared cores, not a measurement
 BATCH_DEADLINE_S = 600
-#: lines of the seeded batch: with prompts of about 250 tokens, more tokens than one step of vLLM's CPU engine
-#: takes (4096) reach each worker's engine at once, so prompts were split over steps (what raised)
-SEEDED_LINES = 40
+#: lines of the seeded batch, and digits of each prompt (about 1,000 tokens): more prompt tokens than one step of
+#: vLLM's CPU engine takes (4096) reach an engine at once, and the tests' 256 MiB KV cache (about 5,700 tokens)
+#: still holds the fifth prompt's first part, so before issue 26 that prompt was split over two steps (what raised)
+SEEDED_LINES, DIGITS = 12, 950
+#: a schema whose grammar xgrammar cannot compile for SmolLM2's vocabulary (issue 26, L1)
+BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "word", "schema": {"type": "string",
+                                                                              "pattern": "[a-z]{1,5000}"}}}
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +46,11 @@ def client(gateway: str, sub: str) -> Any:
     return openai.OpenAI(base_url=f"{gateway}/v1", api_key=make_token(sub), max_retries=0, timeout=600)
 
 
-def long_question(i: int) -> str:
-    """About 250 tokens of distinct words (prompts that share little, so the prefix cache does not shorten them)."""
+def long_question(i: int, digits: int = DIGITS) -> str:
+    """Random digits (one token each for SmolLM2, so a long prompt fits the gateway's 2,000 characters here),
+    different for every ``i`` (the prefix cache does not shorten them)."""
     rng = random.Random(i)
-    words = ["river", "stone", "market", "winter", "engine", "garden", "letter", "violin", "harbor", "lantern",
-             "copper", "meadow", "signal", "candle", "forest", "bridge", "pepper", "window", "silver", "thunder"]
-    return f"Note {i}: " + " ".join(rng.choice(words) for _ in range(220)) + ". Summarize the note in one word."
+    return "Repeat the first digit: " + "".join(rng.choice("0123456789") for _ in range(digits))
 
 
 def test_a_seeded_chat_batch_runs_and_the_workers_serve_on(gateway: str, smollm2: str) -> None:
@@ -74,7 +77,22 @@ def test_a_seeded_chat_batch_runs_and_the_workers_serve_on(gateway: str, smollm2
     plain = oai.chat.completions.create(model=smollm2, messages=[{"role": "user", "content": "What is the capital "
                                                                   "of France?"}], max_tokens=12, temperature=0)
     assert "Paris" in plain.choices[0].message.content
-    seeded = [oai.chat.completions.create(model=smollm2, messages=[{"role": "user", "content": long_question(99)}],
+    seeded = [oai.chat.completions.create(model=smollm2, messages=[{"role": "user", "content": long_question(99, 200)}],
                                           max_tokens=6, temperature=0.7, seed=7).choices[0].message.content
               for _ in range(2)]
     assert seeded[0] == seeded[1] and seeded[0]
+
+
+def test_values_the_engine_refuses_are_400s_before_dispatch(gateway: str, smollm2: str) -> None:
+    """L2: temperature past vLLM's 2, top_k past the vocabulary; L1: a schema whose grammar does not compile."""
+    oai = client(gateway, new_user("real-bounds"))
+    chat = [{"role": "user", "content": "Say one word."}]
+    with pytest.raises(openai.BadRequestError, match=r"temperature=50.*2"):
+        oai.chat.completions.create(model=smollm2, messages=chat, max_tokens=2, temperature=50)
+    with pytest.raises(openai.BadRequestError, match=r"top_k=49153.*49152"):
+        oai.chat.completions.create(model=smollm2, messages=chat, max_tokens=2, extra_body={"top_k": 49153})
+    with pytest.raises(openai.BadRequestError, match=r"could not compile the JSON schema .*5000"):
+        oai.chat.completions.create(model=smollm2, messages=chat, max_tokens=4, response_format=BAD_SCHEMA)
+    fine = oai.chat.completions.create(model=smollm2, messages=chat, max_tokens=2, temperature=2, extra_body={
+        "top_k": 49152})
+    assert fine.choices[0].finish_reason in ("stop", "length")

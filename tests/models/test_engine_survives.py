@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bitinglip.errors import EngineError, ModelBrokenError
+from bitinglip.errors import EngineError, InputError, ModelBrokenError
 from bitinglip.platform.models.registry import Registry
 from bitinglip.platform.tasks.builtin import get_task
 from bitinglip.platform.tasks.engines.base import GenRequest, GenResult
@@ -74,6 +74,19 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(chunked: obj
     assert not chunked.broken  # type: ignore[attr-defined]
     after = chunked.run([GenRequest([5, 6, 7], {"max_tokens": 4})], lambda done: None)  # type: ignore[attr-defined]
     assert isinstance(after[0], GenResult) and after[0].completion_tokens == 4
+
+
+def test_a_schema_that_does_not_compile_fails_its_request_alone(engine: object) -> None:
+    """L1: vLLM ends such a request with no tokens and reason "error"; it was a success with empty text."""
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "[a-z]{1,5000}"}}}
+    good = {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "[a-z]{1,5}"}}}
+    results = engine.run([GenRequest([5, 6, 7], {"max_tokens": 8, "response_format": bad}),  # type: ignore[attr-defined]
+                          GenRequest([5, 6, 7], {"max_tokens": 8, "response_format": good}),
+                          GenRequest([5, 6, 7], {"max_tokens": 4})], lambda done: None)
+    assert isinstance(results[0], InputError)
+    assert "could not compile the JSON schema" in str(results[0]) and "{1,5000}" in str(results[0])
+    assert isinstance(results[1], GenResult) and results[1].texts[0].startswith('"')
+    assert isinstance(results[2], GenResult) and results[2].completion_tokens == 4
 
 
 def _kill(loaded: object) -> None:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bitinglip.gateway.body import read_json
+from bitinglip.gateway.body import check_model_options, read_json
 from bitinglip.gateway.openai.shapes import (
     chat_body,
     chat_chunks,
@@ -78,6 +78,8 @@ async def _generate(request: Request, endpoint: str) -> Response:
     task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                    task.check_options(options))
     model = await gw.listed_model(body["model"])
+    # and against the model (top_k within its vocabulary, max_tokens within its positions), as a job's options are
+    await check_model_options(gw, "generate", model, {**options, **row["params"]})
     outputs, _ = await gw.batcher.infer("generate", model, options, [{k: v for k, v in row.items() if k != "id"}],
                                         predict_generation)
     chat = endpoint == "/v1/chat/completions"

@@ -21,8 +21,10 @@ from typing import Any
 from bitinglip.errors import InputError
 from bitinglip.platform.tasks.options import INT64_MAX, MAX_STOP_CHARS, MAX_STOPS, real, strings, surrogate_at, whole
 
-#: fixed bounds; a model's positions bound max_tokens further
-MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY = 4096, 100.0, 100.0
+#: fixed bounds; a model's positions bound max_tokens further, its vocabulary top_k
+MAX_NEW_TOKENS, MAX_REPETITION_PENALTY = 4096, 100.0
+#: vLLM's SamplingParams refuses a temperature above 2 (OpenAI's range too): refused here, before dispatch
+MAX_TEMPERATURE = 2.0
 #: completions per row, top log-probabilities per token (OpenAI's limit is 20)
 MAX_N, MAX_LOGPROBS = 16, 20
 #: messages per chat, characters per message, bytes of a JSON schema

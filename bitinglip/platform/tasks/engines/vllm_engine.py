@@ -21,6 +21,7 @@ plugin starts a new one.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitinglip.errors import EngineError
+from bitinglip.errors import EngineError, InputError
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TickFn
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class VllmEngine(Engine):
         self._arriving: list[tuple[str, list[int], Any]] = []  # (id, prompt ids, SamplingParams) to add
         self._aborting: list[str] = []  # ids in the engine whose call gave up (a cancel, a timeout)
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
+        self._structured: dict[str, str] = {}  # request id -> its response format's schema, shortened
         self._closed = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="bitinglip-vllm-engine", daemon=True)
@@ -135,6 +137,9 @@ class VllmEngine(Engine):
                 continue
             if request.params.get("logprobs") is not None:
                 self._top_logprobs[rid] = int(request.params["logprobs"])
+            fmt = request.params.get("response_format")
+            if fmt:
+                self._structured[rid] = json.dumps(fmt.get("json_schema", {}).get("schema", fmt))[:200]
         with self._lock:
             self._check_open()
             for rid, _, _ in arriving:
@@ -273,6 +278,7 @@ class VllmEngine(Engine):
         with self._lock:
             call = self._calls.pop(rid, None)
         self._top_logprobs.pop(rid, None)
+        self._structured.pop(rid, None)
         if call is not None:
             with call.done:
                 call.results[rid] = result
@@ -293,6 +299,7 @@ class VllmEngine(Engine):
             for rid in mine:
                 del self._calls[rid]
                 self._top_logprobs.pop(rid, None)
+                self._structured.pop(rid, None)
             queued = {a[0] for a in self._arriving if a[0] in mine}
             self._arriving = [a for a in self._arriving if a[0] not in mine]
             if mine - queued and not self._closed:
@@ -328,8 +335,17 @@ class VllmEngine(Engine):
             logprobs=params.get("logprobs"), ignore_eos=bool(params.get("ignore_eos", False)),
             structured_outputs=structured, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def _result(self, output: Any) -> GenResult:
+    def _result(self, output: Any) -> GenResult | Exception:
         completions = sorted(output.outputs, key=lambda c: c.index)
+        if any(c.finish_reason == "error" for c in completions):
+            # vLLM ends a request whose grammar failed to compile with no tokens and reason "error": never an
+            # empty success
+            schema = self._structured.get(output.request_id)
+            if schema is not None:
+                return InputError(f"response_format: the engine's grammar compiler (xgrammar) could not compile "
+                                  f"the JSON schema {schema} for this model's vocabulary; simplify it (a long "
+                                  "repetition such as {1,5000} in a pattern is a known cause)")
+            return EngineError("the vLLM engine ended this request with an error")
         logprobs = None
         if any(c.logprobs for c in completions):
             top_k = int(self._top_logprobs.pop(output.request_id, 0))
