@@ -116,3 +116,19 @@ def test_the_plugin_restarts_a_broken_engine_once_then_marks_the_model_broken(ll
         plugin.get(GENERATE, "llama", options)
     assert plugin.resident() == [] and plugin.load_counts["llama"] == 2
     plugin.teardown(None)
+
+
+def test_the_plugin_restarts_a_transformers_engine_whose_loop_died(llama: Path, tmp_path: Path) -> None:
+    settings = Settings(model_cache_dir=tmp_path / "cache")
+    Registry(settings).add("llama", str(llama), task="generate")
+    plugin = ModelPlugin(settings=settings)
+    options = GENERATE.check_options({"engine": "transformers", "max_tokens": 4})
+    ordinary = [GenRequest([5, 6, 7], {"max_tokens": 4})]
+    loaded = plugin.get(GENERATE, "llama", options)
+    loaded.info["engine"]._manager.stop(block=True, timeout=60)  # its generation loop gone, as a crash leaves it
+    assert loaded.info["engine"].broken
+    assert isinstance(loaded.info["engine"].run(ordinary, lambda done: None)[0], EngineError)  # before: forever
+    restarted = plugin.get(GENERATE, "llama", options)
+    assert restarted is not loaded and isinstance(restarted.info["engine"].run(ordinary, lambda done: None)[0],
+                                                  GenResult)
+    plugin.teardown(None)
