@@ -78,7 +78,8 @@ class VllmEngine(Engine):
     ``kv_cache_bytes`` sizes the KV cache (0: vLLM's own choice, a share of
     the GPU, or of the machine's memory on a CPU); ``gpu_memory_fraction``
     is vLLM's ``gpu_memory_utilization``; ``tensor_parallel`` splits the
-    model over that many GPUs of the worker.
+    model over that many GPUs of the worker; ``engine_args``: further
+    ``vllm.LLM`` arguments, over BitingLip's own.
     """
 
     name = "vllm"
