@@ -213,3 +213,10 @@ class EngineError(BitingLipError):
     """A generation engine failed a request, or was shut down while the request ran."""
 
     code = "engine_failed"
+
+
+class ModelBrokenError(ModelLoadError):
+    """A model's engine broke on this worker again after a restart: the worker
+    refuses the model from then on, naming why, and its work goes elsewhere."""
+
+    code = "model_broken"

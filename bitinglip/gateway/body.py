@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 
-from bitinglip.errors import InputError
+from bitinglip.errors import BitingLipError, InputError
+from bitinglip.platform.models import resolve_model
 from bitinglip.platform.tasks import BUILTIN_TASKS, surrogate_at, texts_or_error
 
 #: the deepest nesting a body may have; real ones go 3 deep ({"options": {"stop": [...]}})
@@ -111,3 +113,15 @@ def check_task(task: Any, options: Any) -> dict[str, Any]:
         raise InputError("options must be a JSON object")
     BUILTIN_TASKS[task].check_options(options)
     return options
+
+
+async def check_model_options(gw: Any, task: str, model: str, options: dict[str, Any]) -> None:
+    """Refuse options past what ``model`` takes (its labels, vocabulary,
+    positions) with an :class:`InputError`; a model this gateway cannot see
+    keeps the fixed bounds, and the cluster checks it again at submission."""
+    try:
+        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
+    except (BitingLipError, OSError):
+        return
+    checked = BUILTIN_TASKS[task].check_options(options)
+    BUILTIN_TASKS[task].check_model_options(checked, path.path)

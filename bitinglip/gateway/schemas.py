@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks import BUILTIN_TASKS, DTYPES, POOLINGS
+from bitinglip.platform.tasks import BUILTIN_TASKS, DTYPES, MAX_TEMPERATURE, POOLINGS
 
 #: a REST job's idempotency key; the colon is allowed, the key is stored length-prefixed
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -107,7 +107,7 @@ EMBEDDING_REQUEST = BodyModel("EmbeddingRequest", {
 
 #: OpenAI's sampling fields, as a chat or text completion takes them (bounds: the generate task's)
 _SAMPLING = {
-    "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+    "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},

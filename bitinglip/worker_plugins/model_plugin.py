@@ -11,6 +11,11 @@ changes) and refuses pickle-based weights.  Loaded models stay resident
 until the byte budget needs room; the least recently used one that no
 running task holds is evicted.  Loads, verifications and evictions go to
 the access log.
+
+A generation engine that breaks (its loop died) is started again once, in
+place, on the next use; one that breaks again marks the model broken on
+this worker, and every later use gets a :class:`ModelBrokenError` naming
+the worker and the reason instead of a dead engine's error.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from distributed import WorkerPlugin, get_worker
 
-from bitinglip.errors import BitingLipError, IntegrityError, ModelLoadError, PluginMissingError
+from bitinglip.errors import BitingLipError, IntegrityError, ModelBrokenError, ModelLoadError, PluginMissingError
 from bitinglip.platform.cluster.dask_internals import worker_memory_limit, worker_resources_declared, worker_threads
 from bitinglip.platform.models.access_log import AccessLog
 from bitinglip.platform.models.integrity import FileVerifier, model_files, refuse_pickle
@@ -46,6 +51,8 @@ PLUGIN_NAME = "bitinglip-models"
 #: worker task states in which a task's thread may still use its model
 RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
 _USE = object()  # holder marker for ModelPlugin.use()
+#: times a broken engine is started again for one model on one worker before the model counts as broken there
+ENGINE_RESTARTS = 1
 
 
 class ModelPlugin(WorkerPlugin):
@@ -81,6 +88,8 @@ class ModelPlugin(WorkerPlugin):
         self._access: AccessLog | None = None
         #: what running out of memory taught this worker (not pickled: each worker learns its own)
         self.budgets = ReducedBudgets()
+        self.restarts: Counter[Hashable] = Counter()  # engine restarts per loaded key
+        self.broken: dict[Hashable, str] = {}  # loaded key -> why its model is broken on this worker
 
     def __getstate__(self) -> dict[str, Any]:
         return {"preload": self.preload, "torch_threads": self.torch_threads,
@@ -149,12 +158,35 @@ class ModelPlugin(WorkerPlugin):
             opts["dtype"] = manifest.dtype  # the job did not choose: the registered dtype applies
         key = (task.name, ref.path, tuple((k, opts.get(k)) for k in task.load_options))
         with self._lock:
+            if key in self.broken:
+                raise ModelBrokenError(f"model {model!r} is broken on worker {self.worker_address}: "
+                                       f"{self.broken[key]}")
             entry = self.residency.get(key)
+            if entry is not None and _engine_broken(entry):
+                self._restart(entry, model)
+                entry = None
             if entry is None:
                 entry = self._load(task, model, ref, manifest, opts, key)
             if holder is not None:
                 self.residency.hold(key, None if holder is _USE else holder)
         return entry
+
+    def _restart(self, entry: Entry, model: str) -> None:
+        """With ``_lock`` held: close ``entry``'s broken engine so that a new one is loaded in its place (the
+        new entry inherits its holds), or mark the model broken here when it was restarted already."""
+        engine = entry.loaded.info.get("engine") if entry.loaded is not None else None
+        why = (engine.failure if engine is not None else None) or "its generation loop stopped"
+        self.restarts[entry.key] += 1
+        log.error("the %s engine of %s broke (%s); restart %d of %d", getattr(engine, "name", "?"), model, why,
+                  self.restarts[entry.key], ENGINE_RESTARTS)
+        _close(entry)
+        entry.nbytes = 0  # its engine is gone: nothing of it counts against the budget while the new one loads
+        if self.restarts[entry.key] > ENGINE_RESTARTS:
+            self.broken[entry.key] = (f"its generation engine broke again after {ENGINE_RESTARTS} restart(s) "
+                                      f"(last: {why}); send its work to another worker")
+            self.residency.drop(entry.key)
+            raise ModelBrokenError(f"model {model!r} is broken on worker {self.worker_address}: "
+                                   f"{self.broken[entry.key]}")
 
     def _load(self, task: TaskType, model: str, ref: ModelRef, manifest: Manifest | None,
               opts: dict[str, Any], key: Hashable) -> Entry:
@@ -279,6 +311,11 @@ def _engine_info(entry: Entry) -> dict[str, Any]:
     if engine is None:
         return {}
     return {"engine": engine.name, **{k: float(v) for k, v in engine.stats().items()}}
+
+
+def _engine_broken(entry: Entry) -> bool:
+    engine = entry.loaded.info.get("engine") if entry.loaded is not None else None
+    return bool(engine is not None and engine.broken)
 
 
 def _close(entry: Entry) -> None:

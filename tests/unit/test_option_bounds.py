@@ -59,7 +59,7 @@ def test_hostile_option_values_are_refused_with_their_name(option: tuple[str, st
 
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=INT64_MAX), top_k=st.integers(min_value=0, max_value=1_000_000),
-       temperature=st.floats(min_value=0, max_value=100), top_p=st.floats(min_value=1e-6, max_value=1),
+       temperature=st.floats(min_value=0, max_value=2), top_p=st.floats(min_value=1e-6, max_value=1),
        max_new_tokens=st.integers(min_value=1, max_value=4096))
 def test_in_range_generate_options_pass_as_plain_values(seed: int, top_k: int, temperature: float, top_p: float,
                                                         max_new_tokens: int) -> None:
@@ -150,3 +150,44 @@ def test_one_rule_for_a_whole_number_and_every_caller_keeps_its_words() -> None:
                                      "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
         with pytest.raises(InputError, match=rf"^{name}={value!r}: expected a whole number"):
             _check_arguments(**{**arguments, name: value})
+
+
+# --- the generate task's bounds against vLLM's and against their copies in the gateway (issue 26, L2)
+
+#: (parameter, the last value we take, the first we refuse) where vLLM's SamplingParams has a bound
+ENGINE_EDGES = [("temperature", 2.0, 2.0 + 1e-9), ("top_p", 1.0, 1.0 + 1e-9), ("min_p", 1.0, 1.0 + 1e-9),
+                ("presence_penalty", 2.0, 2.0 + 1e-9), ("frequency_penalty", -2.0, -2.0 - 1e-9)]
+
+
+@pytest.mark.parametrize("name,last,first", ENGINE_EDGES)
+def test_generate_bounds_are_vllms(name: str, last: float, first: float) -> None:
+    pytest.importorskip("vllm", reason="the vllm package is missing")
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    Generate().check_options({name: last})
+    SamplingParams(**{name: last})
+    with pytest.raises(InputError, match=name):
+        Generate().check_options({name: first})
+    with pytest.raises(VLLMValidationError, match=name):
+        SamplingParams(**{name: first})
+
+
+def test_the_gateways_copies_of_the_generate_bounds_agree() -> None:
+    from bitinglip.gateway.openai import batchfile
+    from bitinglip.gateway.schemas import CHAT_REQUEST, COMPLETION_REQUEST
+    from bitinglip.platform.tasks import generation
+
+    for body in (CHAT_REQUEST, COMPLETION_REQUEST):
+        fields = body.fields
+        assert fields["temperature"]["maximum"] == generation.MAX_TEMPERATURE
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+            low = fields[name].get("minimum", fields[name].get("exclusiveMinimum"))
+            high = fields[name].get("maximum")
+            Generate().check_options({name: high if high is not None else 1.0})
+            if "exclusiveMinimum" in fields[name]:
+                with pytest.raises(InputError):
+                    Generate().check_options({name: low})
+            else:
+                Generate().check_options({name: low})
+    assert (batchfile.MAX_N, batchfile.MAX_LOGPROBS) == (generation.MAX_N, generation.MAX_LOGPROBS)

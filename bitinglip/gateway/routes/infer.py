@@ -10,33 +10,16 @@ each of its requests runs again alone, so only the bad one fails.
 
 from __future__ import annotations
 
-from typing import Any
-
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError
-from bitinglip.gateway.body import check_task, check_texts, read_json
+from bitinglip.gateway.body import check_model_options, check_task, check_texts, read_json
 from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.schemas import INFER_REQUEST
 from bitinglip.gateway.state import Gateway
 from bitinglip.gateway.tenants import generation_work
-from bitinglip.platform.models import resolve_model
 from bitinglip.platform.tasks import BUILTIN_TASKS
-
-
-async def check_model_options(gw: Gateway, task: str, model: str, options: dict[str, Any]) -> None:
-    """Refuse options past what ``model`` takes (its labels, vocabulary,
-    positions) with an :class:`InputError`; a model this gateway cannot see
-    keeps the fixed bounds, and the cluster checks it again at submission."""
-    try:
-        path = await anyio.to_thread.run_sync(resolve_model, model, gw.settings)
-    except (BitingLipError, OSError):
-        return
-    checked = BUILTIN_TASKS[task].check_options(options)
-    BUILTIN_TASKS[task].check_model_options(checked, path.path)
 
 
 async def infer(request: Request) -> Response:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from bitinglip.errors import BitingLipError
-from bitinglip.gateway.body import read_json
+from bitinglip.gateway.body import check_model_options, read_json
 from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
 from bitinglip.gateway.openai.shapes import (
     chat_body,
@@ -106,6 +106,8 @@ async def _generate(request: Request, endpoint: str) -> Response:
     checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                              merged)
     model = await gw.listed_model(body["model"])
+    # and against the model (top_k within its vocabulary, max_tokens within its positions), as a job's options are
+    await check_model_options(gw, "generate", model, {**options, **row["params"]})
     with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):
         gw.charge(request)
         outputs, _ = await unless_disconnected(request, gw.batcher.infer(

@@ -36,7 +36,7 @@ def predict_generation(task_name: str, model: str, options: Mapping[str, Any], r
     engine batches them with whatever else runs on this worker.  The first
     bad row fails the call (the gateway checked them; the batcher reruns a
     failed merged batch request by request)."""
-    from bitinglip.errors import InputError
+    from bitinglip.errors import EngineError, InputError
     from bitinglip.worker_plugins.model_plugin import get_model_plugin
 
     task = get_task(task_name)
@@ -49,5 +49,7 @@ def predict_generation(task_name: str, model: str, options: Mapping[str, Any], r
         outputs, truncated, failed, _ = _on_engine(task.run_rows, loaded, checked, merged, abandon_tick(), online=True)
     if failed:
         first = min(failed)
-        raise InputError(f"request {first}: {failed[first]}")
+        # a step the engine failed is no fault of the request: a 5xx, not a 400 (run_rows names the error's type)
+        error = EngineError if failed[first].startswith(f"{EngineError.__name__}:") else InputError
+        raise error(f"request {first}: {failed[first]}")
     return [{**(out or {}), "truncated": cut} for out, cut in zip(outputs, truncated)]

@@ -65,7 +65,13 @@ class Residency:
             return entry
 
     def add(self, entry: Entry) -> None:
+        """Keep ``entry``; one that replaces an entry of its key (a restarted engine) is held by whoever held
+        the old one, whose tasks still release that key."""
         with self._lock:
+            old = self._entries.get(entry.key)
+            if old is not None and old is not entry:
+                entry.holders, entry.uses, entry.pin_fd = old.holders, old.uses, old.pin_fd
+                old.holders, old.uses, old.pin_fd = set(), 0, None
             self._entries[entry.key] = entry
 
     def victims(self, incoming: int, keep: Hashable | None = None) -> list[Entry]:
@@ -90,6 +96,16 @@ class Residency:
             if entry is None or entry.held:
                 return None
             return self._entries.pop(key)
+
+    def drop(self, key: Hashable) -> Entry | None:
+        """Remove ``key``'s entry even while held (a model broken on this worker): its holds end with it,
+        and its holders' later releases find nothing."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None and entry.held:
+                entry.holders, entry.uses = set(), 0
+                self._on_free(entry)
+            return entry
 
     def hold(self, key: Hashable, task_key: Hashable | None) -> tuple[Entry, bool]:
         """Hold an entry for a running task (or, with None, for one ``use``);

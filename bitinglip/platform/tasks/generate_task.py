@@ -108,11 +108,15 @@ class Generate(TaskType):
         sent: list[int] = []
         truncated = [False] * len(rows)
         failed: dict[int, str] = {}
+        vocabulary = model_limits(loaded.info.get("path")).vocabulary
         for i, row in enumerate(rows):
             params = merged_params(options, row)
             try:
+                if vocabulary is not None and int(params.get("top_k") or 0) > vocabulary:  # a row's own top_k
+                    raise InputError(f"params top_k={params['top_k']} is above the model's vocabulary of "
+                                     f"{vocabulary} tokens")
                 ids = render(loaded.tokenizer, row, loaded.info.get("path", "?"))
-            except InputError as exc:  # a chat for a model without a chat template
+            except InputError as exc:  # a chat for a model without a chat template, a bound of this model
                 failed[i] = str(exc)
                 continue
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)

@@ -21,8 +21,10 @@ from typing import Any
 from bitinglip.errors import InputError
 from bitinglip.platform.tasks.options import INT64_MAX, MAX_STOP_CHARS, MAX_STOPS, real, strings, surrogate_at, whole
 
-#: fixed bounds; a model's positions bound max_tokens further
-MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY = 4096, 100.0, 100.0
+#: fixed bounds; a model's positions bound max_tokens further, its vocabulary top_k
+MAX_NEW_TOKENS, MAX_REPETITION_PENALTY = 4096, 100.0
+#: vLLM's SamplingParams refuses a temperature above 2 (OpenAI's range too): refused here, before dispatch
+MAX_TEMPERATURE = 2.0
 #: completions per row, top log-probabilities per token (OpenAI's limit is 20)
 MAX_N, MAX_LOGPROBS = 16, 20
 #: messages per chat, characters per message, bytes of a JSON schema
@@ -221,11 +223,19 @@ def merged_params(job: Mapping[str, Any], row: GenRow) -> dict[str, Any]:
 
 def render(tokenizer: Any, row: GenRow, model: str) -> list[int]:
     """The row's prompt as token ids: a chat through the tokenizer's chat
-    template (refused where the model has none), a prompt as it is."""
+    template (refused where the model has none), a prompt as it is.
+
+    In a chat, special tokens come from the template alone: a message that
+    holds one's text (``<|im_start|>``) has it tokenized as plain text, so a
+    user cannot forge a system or assistant turn."""
     if row.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(f"model {model!r} has no chat template: send rows with a text prompt, not messages")
         chat = [{"role": r, "content": c} for r, c in row.messages]
+        specials = _special_texts(tokenizer)
+        if any(t in c for _, c in row.messages for t in specials):
+            return _render_apart(tokenizer, chat, model)
+        # no special token's text in any message: the template's own tokenization, as it always was
         ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
@@ -235,6 +245,43 @@ def render(tokenizer: Any, row: GenRow, model: str) -> list[int]:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
     return list(ids)
+
+
+#: stands for message i while the template is rendered (private-use characters: no template or tokenizer alters them)
+_MARK = "\ue000{}\ue001"
+
+
+def _special_texts(tokenizer: Any) -> list[str]:
+    """The texts of the tokenizer's special tokens (``<|im_start|>``, ``<s>``...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in added.values() if getattr(t, "special", False)}
+    texts.update(getattr(tokenizer, "all_special_tokens", None) or ())
+    return sorted(t for t in texts if t)
+
+
+def _render_apart(tokenizer: Any, chat: list[dict[str, str]], model: str) -> list[int]:
+    """The template rendered around marks, its text tokenized with special tokens and each message's content
+    tokenized without (their text stays text)."""
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(chat)]
+    template = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    real = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    pieces: list[tuple[str, bool]] = []  # (text, is a message's content)
+    rest = template
+    for i, message in enumerate(chat):
+        before, found, rest = rest.partition(_MARK.format(i))
+        if not found:
+            break
+        pieces += [(before, False), (message["content"], True)]
+    pieces.append((rest, False))
+    if "".join(text for text, _ in pieces) != real:  # the template changes a message (trims it, repeats it...)
+        raise InputError(f"a message holds the text of a special token of model {model!r} (such as "
+                         f"{_special_texts(tokenizer)[0]!r}) and its chat template does not keep messages as they "
+                         "are, so it cannot be kept as text: remove it")
+    ids: list[int] = []
+    for text, content in pieces:
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=content)["input_ids"]
+    return ids
 
 
 def fit(ids: Sequence[int], max_tokens: int, positions: int) -> tuple[list[int], bool]:

@@ -68,6 +68,17 @@ class Engine(ABC):
     def shutdown(self) -> None:
         """Abort what runs, free the weights and the cache; idempotent."""
 
+    @property
+    def broken(self) -> bool:
+        """The engine cannot run requests any more (its loop died); the model
+        plugin then starts a new one in its place."""
+        return False
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine is :attr:`broken` (None while it is not)."""
+        return None
+
     def stats(self) -> dict[str, float]:
         """Figures for metrics: ``kv_cache_usage`` (0..1), ``running``, ``waiting``."""
         return {}

@@ -202,6 +202,18 @@ class HFEngine(Engine):
             self._page_bytes
         return weights + int(cache_bytes)
 
+    @property
+    def broken(self) -> bool:
+        """transformers' generation loop died (not shut down by us): every later request would fail."""
+        return not self._closed and self._manager is not None and not self._manager.is_running()
+
+    @property
+    def failure(self) -> str | None:
+        if not self.broken:
+            return None
+        fatal = self._manager.background_thread_status.fatal_error
+        return f"the generation loop died: {fatal}" if fatal else "the generation loop stopped"
+
     def stats(self) -> dict[str, float]:
         processor = getattr(self._manager, "batch_processor", None) if self._manager is not None else None
         if processor is None:

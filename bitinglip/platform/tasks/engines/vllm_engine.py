@@ -10,11 +10,18 @@ thread adds them between two steps, steps, and hands each finished request
 back to its caller.  Nothing waits on a step to hand a request over, so a
 partition that arrives while 60 others run joins the batch at the next step
 (a lock held across steps starved newcomers for many of them).
+
+A step that raises fails the requests in the engine at that moment (vLLM
+does not say which one a step failed on), and one token of a one-token
+prompt then probes the engine: where that runs, the thread goes on serving;
+where it fails too, the engine is :attr:`VllmEngine.broken` and the model
+plugin starts a new one.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -22,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitinglip.errors import EngineError, InputError
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TickFn
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,10 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             # inductor's pool of compile workers would be child processes of the worker
             "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 _ids = itertools.count()
+#: steps the probe after a failed step may take to finish its one token
+PROBE_STEPS = 4
+#: the token budget of a step on a CPU when the model's positions are fewer (vLLM's own default)
+CPU_STEP_TOKENS = 4096
 
 
 def _set_env() -> None:
@@ -66,14 +78,15 @@ class VllmEngine(Engine):
     ``kv_cache_bytes`` sizes the KV cache (0: vLLM's own choice, a share of
     the GPU, or of the machine's memory on a CPU); ``gpu_memory_fraction``
     is vLLM's ``gpu_memory_utilization``; ``tensor_parallel`` splits the
-    model over that many GPUs of the worker.
+    model over that many GPUs of the worker; ``engine_args``: further
+    ``vllm.LLM`` arguments, over BitingLip's own.
     """
 
     name = "vllm"
 
     def __init__(self, path: str, dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None,
                  kv_cache_bytes: int = 0, gpu_memory_fraction: float = 0.9, tensor_parallel: int = 1,
-                 seed: int = 0, weights_bytes: int = 0) -> None:
+                 seed: int = 0, weights_bytes: int = 0, engine_args: Mapping[str, Any] | None = None) -> None:
         _set_env()
         from vllm import LLM
 
@@ -86,6 +99,14 @@ class VllmEngine(Engine):
         else:
             # eager on the CPU: no graph compilation (15 s to a first result instead of 60 to 90)
             kwargs["enforce_eager"] = True
+            # no chunked prefill on the CPU: a seeded request whose prompt was split over two steps made vLLM
+            # rewind its generator's offset, which a CPU torch.Generator does not have ("CPU Generator does not
+            # use offset", raised inside the step); whole prompts per step never rewind.  vLLM then needs a
+            # step's token budget to hold the longest prompt.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(max_model_len or 0), CPU_STEP_TOKENS)
+        if engine_args:  # the caller's own vLLM arguments win (tests reproduce old configurations with them)
+            kwargs.update(engine_args)
         if kv_cache_bytes:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         self._llm = LLM(**kwargs)
@@ -99,6 +120,7 @@ class VllmEngine(Engine):
         self._arriving: list[tuple[str, list[int], Any]] = []  # (id, prompt ids, SamplingParams) to add
         self._aborting: list[str] = []  # ids in the engine whose call gave up (a cancel, a timeout)
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
+        self._structured: dict[str, str] = {}  # request id -> its response format's schema, shortened
         self._closed = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="bitinglip-vllm-engine", daemon=True)
@@ -116,6 +138,9 @@ class VllmEngine(Engine):
                 continue
             if request.params.get("logprobs") is not None:
                 self._top_logprobs[rid] = int(request.params["logprobs"])
+            fmt = request.params.get("response_format")
+            if fmt:
+                self._structured[rid] = json.dumps(fmt.get("json_schema", {}).get("schema", fmt))[:200]
         with self._lock:
             self._check_open()
             for rid, _, _ in arriving:
@@ -130,8 +155,10 @@ class VllmEngine(Engine):
                         break
                     call.done.wait(TICK_S)
                     finished = len(call.results)
+                    if finished == len(call.ids):  # a broken engine delivers its error to every request first
+                        break
                 if self._failure is not None:
-                    raise RuntimeError(f"the vLLM engine stopped: {self._failure}") from self._failure
+                    raise EngineError(f"the vLLM engine stopped: {self._failure}") from self._failure
                 tick(finished)
         except BaseException:
             self._abort(call)
@@ -140,6 +167,15 @@ class VllmEngine(Engine):
 
     def nbytes(self) -> int:
         return self._weights_bytes + self._kv_bytes
+
+    @property
+    def broken(self) -> bool:
+        """The stepping thread gave up: no request can run here any more."""
+        return self._failure is not None
+
+    @property
+    def failure(self) -> str | None:
+        return None if self._failure is None else f"{type(self._failure).__name__}: {self._failure}"
 
     def stats(self) -> dict[str, float]:
         with self._lock:
@@ -166,7 +202,7 @@ class VllmEngine(Engine):
             sent = [rid for rid in self._calls if rid not in queued] + self._aborting
             self._arriving.clear()
             self._aborting.clear()
-            self._fail_pending(RuntimeError("the engine was shut down (model evicted or worker closing)"))
+            self._fail_pending(EngineError("the engine was shut down (model evicted or worker closing)"))
         try:
             if sent:
                 self._engine.abort_request(sent)
@@ -194,7 +230,11 @@ class VllmEngine(Engine):
                         self._deliver(rid, exc)
                 if aborting:
                     self._engine.abort_request(aborting)
-                outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
+                try:
+                    outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
+                except Exception as exc:  # noqa: BLE001 - one step's failure is its requests', not everyone's
+                    self._step_failed(exc)
+                    continue
                 for output in outputs:
                     if output.finished:
                         self._deliver(output.request_id, self._result(output))
@@ -202,12 +242,44 @@ class VllmEngine(Engine):
             log.exception("the vLLM engine loop failed")
             self._failure = exc
             with self._lock:
-                self._fail_pending(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                self._fail_pending(EngineError(f"the vLLM engine stopped: {exc}"))
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised: the requests in the engine get the error and leave it, and a probe decides whether
+        the engine still runs (else this raises, and the loop stops with the engine broken)."""
+        log.error("a vLLM engine step failed; the requests in it fail: %r", exc)
+        with self._lock:
+            queued = {a[0] for a in self._arriving}
+            sent = [rid for rid in self._calls if rid not in queued]
+        try:  # probed before the callers hear: a caller that asks again finds the engine broken or serving
+            if sent:
+                self._engine.abort_request(sent)
+            self._probe()
+        except Exception as probe:
+            raise EngineError(f"a step failed ({type(exc).__name__}: {exc}) and the engine cannot run a "
+                              f"one-token probe after it ({type(probe).__name__}: {probe})") from probe
+        error = EngineError(f"the vLLM engine failed while running this request: {type(exc).__name__}: {exc}")
+        for rid in sent:
+            self._deliver(rid, error)
+
+    def _probe(self) -> None:
+        """One greedy token after a one-token prompt, alone in the engine; raises where it does not come."""
+        from vllm import SamplingParams
+
+        rid = f"bl-probe-{next(_ids)}"
+        token = self._tokenizer.eos_token_id or 0
+        self._engine.add_request(rid, {"prompt_token_ids": [token]}, SamplingParams(max_tokens=1, temperature=0.0))
+        for _ in range(PROBE_STEPS):
+            if any(o.request_id == rid and o.finished for o in self._engine.step()):
+                return
+        self._engine.abort_request([rid])
+        raise EngineError(f"the probe did not finish in {PROBE_STEPS} steps")
 
     def _deliver(self, rid: str, result: GenResult | Exception) -> None:
         with self._lock:
             call = self._calls.pop(rid, None)
         self._top_logprobs.pop(rid, None)
+        self._structured.pop(rid, None)
         if call is not None:
             with call.done:
                 call.results[rid] = result
@@ -228,6 +300,7 @@ class VllmEngine(Engine):
             for rid in mine:
                 del self._calls[rid]
                 self._top_logprobs.pop(rid, None)
+                self._structured.pop(rid, None)
             queued = {a[0] for a in self._arriving if a[0] in mine}
             self._arriving = [a for a in self._arriving if a[0] not in mine]
             if mine - queued and not self._closed:
@@ -236,9 +309,9 @@ class VllmEngine(Engine):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the engine was shut down (model evicted or worker closing)")
+            raise EngineError("the engine was shut down (model evicted or worker closing)")
         if self._failure is not None:
-            raise RuntimeError(f"the vLLM engine stopped: {self._failure}") from self._failure
+            raise EngineError(f"the vLLM engine stopped: {self._failure}") from self._failure
 
     # --- conversions
     def _sampling(self, params: Mapping[str, Any]) -> Any:
@@ -263,8 +336,17 @@ class VllmEngine(Engine):
             logprobs=params.get("logprobs"), ignore_eos=bool(params.get("ignore_eos", False)),
             structured_outputs=structured, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def _result(self, output: Any) -> GenResult:
+    def _result(self, output: Any) -> GenResult | Exception:
         completions = sorted(output.outputs, key=lambda c: c.index)
+        if any(c.finish_reason == "error" for c in completions):
+            # vLLM ends a request whose grammar failed to compile with no tokens and reason "error": never an
+            # empty success
+            schema = self._structured.get(output.request_id)
+            if schema is not None:
+                return InputError(f"response_format: the engine's grammar compiler (xgrammar) could not compile "
+                                  f"the JSON schema {schema} for this model's vocabulary; simplify it (a long "
+                                  "repetition such as {1,5000} in a pattern is a known cause)")
+            return EngineError("the vLLM engine ended this request with an error")
         logprobs = None
         if any(c.logprobs for c in completions):
             top_k = int(self._top_logprobs.pop(output.request_id, 0))
