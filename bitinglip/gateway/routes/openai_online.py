@@ -106,9 +106,9 @@ async def _generate(request: Request, endpoint: str) -> Response:
     checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                              merged)
     model = await gw.listed_model(body["model"])
-    # and against the model (top_k within its vocabulary, max_tokens within its positions), as a job's options are
-    await check_model_options(gw, "generate", model, {**options, **row["params"]})
-    with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):
+    with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):  # the cheap check first
+        # and against the model (top_k within its vocabulary, max_tokens within its positions), as a job's options are
+        await check_model_options(gw, "generate", model, {**options, **row["params"]})
         gw.charge(request)
         outputs, _ = await unless_disconnected(request, gw.batcher.infer(
             "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation,
