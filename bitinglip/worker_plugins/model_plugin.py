@@ -287,7 +287,7 @@ def one_line(exc: BaseException) -> str:
         except Exception:  # noqa: BLE001 - another library's errors(): its str() below
             text = ""
         if text:
-            return f"{type(exc).__name__}: {text}"
+            return f"{type(exc).__name__}: {' '.join(text.split())}"
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
