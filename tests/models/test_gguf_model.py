@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import logging.handlers
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,18 +131,35 @@ def _with_config(src: Path, dst: Path, **changes: Any) -> Path:
 
 
 def test_a_model_vllm_cannot_load_fails_in_one_line(gen: Any, llama: Path, tmp_path: Path) -> None:
-    """vLLM's config check raises a pydantic ValidationError that does not pickle: before, each attempt
-    logged "cannot pickle 'pydantic_core...ArgsKwargs'" with a traceback and the user got the whole
-    multi-line validation report, three times."""
+    """vLLM's config check raises a pydantic ValidationError holding an ArgsKwargs, which does not
+    pickle: before, the worker logged "Failed to serialize" with a "cannot pickle" traceback per attempt,
+    and the user got ``JobFailedError: ... Exception: PartitionFailedError("...`` around vLLM's
+    multi-line report (the worker's error itself could not travel)."""
     bad = _with_config(llama, tmp_path / "bad", quantization_config={"quant_method": "bogus"})
+
+    def listen(dask_worker: Any) -> None:  # every record of Dask's loggers on the worker, serializer's included
+        handler = logging.handlers.BufferingHandler(100_000)
+        logging.getLogger("distributed").addHandler(handler)
+        dask_worker.test_log_records = handler
+
+    def heard(dask_worker: Any) -> list[str]:
+        handler = dask_worker.test_log_records
+        logging.getLogger("distributed").removeHandler(handler)
+        return [handler.format(r) + "".join(traceback.format_exception(*r.exc_info) if r.exc_info else [])
+                for r in handler.buffer]
+
+    gen.client.run(listen)
     job = gen.submit("generate", model=str(bad), inputs=["hello"], options={"engine": "vllm", "max_tokens": 4})
     with pytest.raises(BitingLipError) as caught:
         job.wait()
+    logs = "\n".join(line for lines in gen.client.run(heard).values() for line in lines)
     message = str(caught.value)
-    assert "Unknown quantization method: bogus" in message and "\n" not in message
+    assert type(caught.value).__name__ == "PartitionFailedError", message  # the worker's own error arrived
+    assert "Unknown quantization method: bogus" in message
+    assert "\n" not in message and "\\n" not in message and "ArgsKwargs" not in message
     assert message.count("Unknown quantization method") == 1  # the same failure on each attempt, said once
-    logs = "\n".join(line for lines in gen.client.get_worker_logs().values() for _, line in lines)
-    assert "cannot pickle" not in logs and "Failed to serialize" not in logs
+    assert "Compute Failed" in logs  # the listener heard the worker's failure ...
+    assert "cannot pickle" not in logs and "Failed to serialize" not in logs and "ArgsKwargs" not in logs
 
 
 def test_a_fallback_is_a_warning_on_the_client(gen: Any, llama: Path, tmp_path: Path,
