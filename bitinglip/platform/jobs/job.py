@@ -72,6 +72,7 @@ class Job:
         self._finished_at: float | None = None
         self._counted = False
         self._runtime_said = False
+        self._runtime_probe: Any = None  # the future reading a finished partition's runtime
 
     # --- fed by the platform's subscription to the progress topic
     def _on_progress(self, msg: dict[str, Any]) -> None:
@@ -132,7 +133,7 @@ class Job:
             while not self.done():
                 self._say_runtime()
                 time.sleep(interval)
-            self._say_runtime()
+            self._say_runtime(block=True)
             final = self._final()
             print(f"{self.spec.task.name} {self.id[:8]}: {final}", flush=True)
             return final
@@ -144,7 +145,7 @@ class Job:
                 self._show(bar, self.snapshot())
                 self._say_runtime()
                 time.sleep(interval)
-            self._say_runtime()
+            self._say_runtime(block=True)
             final = self._final()
             self._show(bar, final)
         return final
@@ -195,6 +196,7 @@ class Job:
             if future.status == "cancelled":
                 raise JobCancelledError(f"job {self.id} was cancelled")
             self._say_runtime()
+        self._say_runtime(block=True)
         if self.final is not None:
             dask_wait([self.final], timeout=timeout)
         if self.final is not None and self.final.status == "error":
@@ -204,18 +206,24 @@ class Job:
             raise self._error
         self._finished_at = self._finished_at or time.time()
 
-    def _say_runtime(self) -> None:
+    def _say_runtime(self, block: bool = False) -> None:
         """Once per job, when a partition has finished: a WARNING where its runtime says the
-        engine fell back (the reason comes from the worker, see ``pick_engine``)."""
+        engine fell back (the reason comes from the worker, see ``pick_engine``).  The runtime is
+        read by a small task that never holds up the caller's loop unless ``block`` (the job's end)."""
         if self._runtime_said:
             return
-        finished = next((f for f in self.futures if f.status == "finished"), None)
-        if finished is None:
+        client = self.platform.client
+        if self._runtime_probe is None:
+            finished = next((f for f in self.futures if f.status == "finished"), None)
+            if finished is None:
+                return
+            # ahead of the job's queued partitions: it reads a dict where the partition's result lies
+            self._runtime_probe = client.submit(_runtime_of, finished, pure=False, priority=100)
+        if not block and not self._runtime_probe.done():
             return
         self._runtime_said = True
-        client = self.platform.client
         try:
-            runtime = client.submit(_runtime_of, finished, pure=False).result()["runtime"]
+            runtime = self._runtime_probe.result(timeout=30)["runtime"]
         except Exception:  # noqa: BLE001 - the summary went with its worker: the manifest still says it
             return
         if runtime.get("engine_fallback"):
