@@ -171,8 +171,9 @@ def pick_engine(wanted: str, config: Any, device: str) -> tuple[str, str]:
         return "vllm", "asked for (engine='vllm')" if wanted == "vllm" else "vLLM runs this model (engine='auto')"
     if wanted == "vllm":
         raise ModelError(f"engine 'vllm' cannot run this model: {reason}")
-    # a fallback that costs speed (vLLM is several times faster): said once per load, where a user looks
-    log.warning("generation falls back to the transformers engine (several times slower than vLLM): %s", reason)
+    # a fallback that costs speed (vLLM is several times faster): the client's WARNING is where a user looks
+    # (Job._say_runtime, once per job); here an INFO, so an embedded cluster's console says it once
+    log.info("generation falls back to the transformers engine (several times slower than vLLM): %s", reason)
     return "transformers", f"vLLM cannot run this model: {reason}"
 
 
