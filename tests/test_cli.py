@@ -51,6 +51,17 @@ def test_run_reads_a_jsonl_file_with_options(tmp_path: Path, tiny_classifier: Pa
     assert df["id"].tolist() == ["t1", "t2", "t3"] and df["labels"].map(len).tolist() == [2, 2, 2]
 
 
+@pytest.mark.cluster
+def test_run_says_an_engine_fallback_on_the_console(tmp_path: Path, tiny_gpt2: Path) -> None:
+    """A model vLLM cannot run (the tiny GPT-2's heads are 16 wide) runs on the transformers engine:
+    the user running the command sees one WARNING naming why, not only the worker's log."""
+    proc = bitinglip("run", "--task", "generate", "--model", str(tiny_gpt2), "--input", "sample:4",
+                     "--option", "max_tokens=2", "--output", str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "transformers engine" in line]
+    assert len(said) == 1 and "transformers engine, not vLLM" in said[0] and ("head sizes" in said[0] or "vllm package is not installed" in said[0]), proc.stderr
+
+
 def test_bad_arguments_say_what_is_wrong(tmp_path: Path) -> None:
     proc = bitinglip("run", "--task", "summarise", "--model", "m", "--input", "sample:5")
     assert proc.returncode == 1 and "unknown task 'summarise'" in proc.stderr

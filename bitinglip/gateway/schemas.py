@@ -73,7 +73,8 @@ INFER_REQUEST = BodyModel("InferRequest", {
 MODEL_REGISTRATION = BodyModel("ModelRegistration", {
     "name": {"type": "string", "minLength": 1},
     "source": {"type": "string", "minLength": 1,
-               "description": "a directory the gateway can read, hf://org/name@commit or pkg://distribution"},
+               "description": ("a directory or a .gguf file the gateway can read, hf://org/name@commit or "
+                               "pkg://distribution")},
     "task": {"type": "string", "minLength": 1, "description": "a task name such as embed, classify or generate"},
     "dtype": {"type": "string", "enum": list(DTYPES), "default": "float32"},
     "max_length": {"type": "integer", "minimum": 1},

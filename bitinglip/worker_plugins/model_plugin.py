@@ -210,10 +210,13 @@ class ModelPlugin(WorkerPlugin):
         cuda = self.device.startswith("cuda") and torch.cuda.is_available()
         before = torch.cuda.memory_allocated() if cuda else 0
         started = time.perf_counter()
+        failure = None
         try:
             # where load-time calibrations (timed choices such as embed's matmul precision) keep their verdicts
             where = {"calibration_dir": str(Path(self.settings.model_cache_dir) / "calibration"),
-                     "model_sha": manifest.sha256 if manifest else None}
+                     "model_sha": manifest.sha256 if manifest else None,
+                     # the registered cap on tokens: an engine that sizes its KV cache by it (vLLM) needs it now
+                     "model_max_length": manifest.max_length if manifest else None}
             loaded = task.load(ref.path, self.device, {**opts, **where})
             if dtype == "int8":
                 loaded.model = quantize_int8(loaded.model, self.device)
@@ -222,7 +225,14 @@ class ModelPlugin(WorkerPlugin):
         except BitingLipError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"loading model {model!r} for task {task.name!r} failed: {exc}") from exc
+            # the whole story for whoever turns the worker's log up; the user gets one line
+            log.debug("loading model %r for task %r failed", model, task.name, exc_info=True)
+            failure = f"loading model {model!r} for task {task.name!r} failed: {one_line(exc)}"
+        if failure is not None:
+            # raised outside the except block, so with no __cause__ or __context__: Dask pickles an error's
+            # chain (tblib), and a library's exception may not pickle (vLLM's config errors are pydantic
+            # ValidationErrors holding an ArgsKwargs: "cannot pickle", a traceback logged per attempt)
+            raise ModelLoadError(failure)
         seconds = time.perf_counter() - started
         engine = loaded.info.get("engine")
         if engine is not None:  # weights and KV cache, which the engine allocated its own way
@@ -297,6 +307,20 @@ class ModelPlugin(WorkerPlugin):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line that names the cause: a pydantic ValidationError
+    (vLLM's config checks) by its messages, without the input it validated."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        try:
+            text = "; ".join(str(e.get("msg", "")) for e in errors(include_input=False, include_url=False))
+        except Exception:  # noqa: BLE001 - another library's errors(): its str() below
+            text = ""
+        if text:
+            return f"{type(exc).__name__}: {' '.join(text.split())}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _runtime_info(entry: Entry) -> dict[str, str]:

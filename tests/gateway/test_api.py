@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -269,7 +270,7 @@ def test_another_users_job_is_not_found(gateway: str, models: dict[str, str]) ->
 
 # --- models, health, metrics, openapi
 
-def test_models(gateway: str, models: dict[str, str], admin: dict[str, str]) -> None:
+def test_models(gateway: str, models: dict[str, str], admin: dict[str, str], tmp_path: Path) -> None:
     h = auth(user())
     names = {m["name"]: m for m in get_json(f"{gateway}/v1/models?format=bitinglip", h)["models"]}
     assert {m["id"] for m in get_json(f"{gateway}/v1/models", h)["data"]} >= set(names)  # OpenAI's list shape
@@ -281,6 +282,11 @@ def test_models(gateway: str, models: dict[str, str], admin: dict[str, str]) -> 
     r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
                    json={"name": "ghost", "source": "/nonexistent/model", "task": "embed"})
     assert "/nonexistent/model" in assert_error(r, 422)["message"]
+    fake = tmp_path / "fake.gguf"  # a .gguf source goes to the GGUF reader (a real one: tests/models/test_gguf_model.py)
+    fake.write_bytes(b"not a gguf file")
+    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
+                   json={"name": "fake", "source": str(fake), "task": "generate"})
+    assert "cannot read this GGUF file" in assert_error(r, 422, "model_source_failed")["message"]
     r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=60,
                    json={"name": "../etc", "source": models["tiny-encoder"], "task": "embed"})
     assert_error(r, 422)

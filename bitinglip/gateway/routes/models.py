@@ -71,8 +71,8 @@ async def admin_list_models(request: Request) -> Response:
 
 async def admin_register_model(request: Request) -> Response:
     """Add a version to the registry: ``{"name", "source", "task", "dtype"?,
-    "max_length"?, "pooling"?}``; ``source`` is a directory the gateway can
-    read, ``hf://org/name@commit`` or ``pkg://distribution``."""
+    "max_length"?, "pooling"?}``; ``source`` is a directory or a ``.gguf`` file
+    (dequantized once) the gateway can read, ``hf://org/name@commit`` or ``pkg://distribution``."""
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "admin", WRITE)
     body = await read_json(request)

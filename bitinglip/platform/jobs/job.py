@@ -4,10 +4,16 @@
 ``progress()`` (rows done and total, rows/s, ETA; a bar in a terminal or a
 notebook), ``cancel()`` and ``result()``.  Progress comes from the workers'
 events on the scheduler, so it moves within partitions, not only between.
+
+A choice that costs speed (generation falling back from vLLM to the
+transformers engine) is a WARNING on the client's own log as soon as the
+first partition has finished, naming the reason: the worker's log is not
+where a user in a shell or a notebook looks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +32,8 @@ from bitinglip.errors import (
 from bitinglip.platform.jobs.outputs import count_mismatch, runtime_summary, write_partial_manifest
 from bitinglip.platform.jobs.runner import JobSpec
 from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, cancel_event_name, rate_and_eta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class Job:
         self._error: BaseException | None = None
         self._finished_at: float | None = None
         self._counted = False
+        self._runtime_said = False
+        self._runtime_probe: Any = None  # the future reading a finished partition's runtime
 
     # --- fed by the platform's subscription to the progress topic
     def _on_progress(self, msg: dict[str, Any]) -> None:
@@ -121,7 +131,9 @@ class Job:
         if _notebook_without_widgets():
             # tqdm's text bar in a notebook prints a line per update (about 40 for a 4-row job): one line instead
             while not self.done():
+                self._say_runtime()
                 time.sleep(interval)
+            self._say_runtime(block=True)
             final = self._final()
             print(f"{self.spec.task.name} {self.id[:8]}: {final}", flush=True)
             return final
@@ -131,7 +143,9 @@ class Job:
                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]") as bar:
             while not self.done():
                 self._show(bar, self.snapshot())
+                self._say_runtime()
                 time.sleep(interval)
+            self._say_runtime(block=True)
             final = self._final()
             self._show(bar, final)
         return final
@@ -181,6 +195,8 @@ class Job:
                 self._fail(future, f"partition {index[future.key]}")
             if future.status == "cancelled":
                 raise JobCancelledError(f"job {self.id} was cancelled")
+            self._say_runtime()
+        self._say_runtime(block=True)
         if self.final is not None:
             dask_wait([self.final], timeout=timeout)
         if self.final is not None and self.final.status == "error":
@@ -189,6 +205,30 @@ class Job:
             assert self._error is not None
             raise self._error
         self._finished_at = self._finished_at or time.time()
+
+    def _say_runtime(self, block: bool = False) -> None:
+        """Once per job, when a partition has finished: a WARNING where its runtime says the
+        engine fell back (the reason comes from the worker, see ``pick_engine``).  The runtime is
+        read by a small task that never holds up the caller's loop unless ``block`` (the job's end)."""
+        if self._runtime_said:
+            return
+        client = self.platform.client
+        if self._runtime_probe is None:
+            finished = next((f for f in self.futures if f.status == "finished"), None)
+            if finished is None:
+                return
+            # ahead of the job's queued partitions: it reads a dict where the partition's result lies
+            self._runtime_probe = client.submit(_runtime_of, finished, pure=False, priority=100)
+        if not block and not self._runtime_probe.done():
+            return
+        self._runtime_said = True
+        try:
+            runtime = self._runtime_probe.result(timeout=30)["runtime"]
+        except Exception:  # noqa: BLE001 - the summary went with its worker: the manifest still says it
+            return
+        if runtime.get("engine_fallback"):
+            log.warning("job %s runs %s on the %s engine, not vLLM (several times slower): %s", self.id[:8],
+                        self.spec.task.name, runtime.get("engine"), runtime.get("engine_reason"))
 
     def _counts_hold(self) -> bool:
         """Whether rows in = rows out + rows in error, once every partition

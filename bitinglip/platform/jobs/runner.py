@@ -466,8 +466,10 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
         except Exception as exc:
             attempts.append(f"{type(exc).__name__}: {exc}")
             if len(attempts) > spec.retries:
+                # the same failure each time (a model that will not load) is said once
+                said = attempts[0] if len(set(attempts)) == 1 else " | ".join(attempts)
                 raise PartitionFailedError(f"partition {index} failed after {len(attempts)} attempt(s): "
-                                           + " | ".join(attempts)) from exc
+                                           + said) from exc
     for pos, reason in failed.items():
         bad[good[pos]] = f"row id={ids[good[pos]]!r}: {reason}"
     kept = [k for k, p in enumerate(good) if k not in failed]

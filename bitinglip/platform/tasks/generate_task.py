@@ -91,13 +91,17 @@ class Generate(TaskType):
             tokenizer.pad_token = tokenizer.eos_token
         config = AutoConfig.from_pretrained(path)
         positions = max_length(path, tokenizer, config, {})
+        if options.get("model_max_length"):  # registered with --max-length: vLLM's KV cache must hold only that
+            positions = min(positions, int(options["model_max_length"]))
         engine_name, reason = pick_engine(options["engine"], config, device)
         if engine_name == "vllm":
             engine, model = _vllm(path, device, options, positions), None
         else:
             engine, model = _transformers(path, device, options, tokenizer)
         log.info("generation engine for %s: %s", path, engine_name)
-        runtime = {"engine": engine_name, "engine_reason": reason}
+        runtime = {"engine": engine_name, "engine_reason": reason,
+                   # vLLM was wanted (auto) and cannot run this model: the client says so (Job._say_runtime)
+                   "engine_fallback": options["engine"] == "auto" and engine_name != "vllm"}
         return Loaded(model, tokenizer, device, positions, {"engine": engine, "engine_name": engine_name,
                                                             "path": path, "runtime": runtime})
 
@@ -171,8 +175,9 @@ def pick_engine(wanted: str, config: Any, device: str) -> tuple[str, str]:
         return "vllm", "asked for (engine='vllm')" if wanted == "vllm" else "vLLM runs this model (engine='auto')"
     if wanted == "vllm":
         raise ModelError(f"engine 'vllm' cannot run this model: {reason}")
-    # a fallback that costs speed (vLLM is several times faster): said once per load, where a user looks
-    log.warning("generation falls back to the transformers engine (several times slower than vLLM): %s", reason)
+    # a fallback that costs speed (vLLM is several times faster): the client's WARNING is where a user looks
+    # (Job._say_runtime, once per job); here an INFO, so an embedded cluster's console says it once
+    log.info("generation falls back to the transformers engine (several times slower than vLLM): %s", reason)
     return "transformers", f"vLLM cannot run this model: {reason}"
 
 

@@ -367,9 +367,18 @@ def vllm_refuses(config: Any, device: str) -> str | None:
     from vllm import ModelRegistry
 
     archs = list(getattr(config, "architectures", None) or ())
+    if not archs:  # vLLM picks its implementation by this list alone
+        return (f"config.json names no architectures (model_type {getattr(config, 'model_type', None)!r}); "
+                "register the folder with `bitinglip models add`, which fills them in where transformers maps "
+                "the model_type, or add \"architectures\": [\"<class name>\"] to config.json")
     supported = set(ModelRegistry.get_supported_archs())
-    if not archs or not any(a in supported for a in archs):
-        return f"vLLM has no implementation of {', '.join(archs) or 'this architecture'}"
+    if not any(a in supported for a in archs):
+        return f"vLLM has no implementation of {', '.join(archs)}"
+    quant = getattr(config, "quantization_config", None)
+    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant_method == "gguf":  # transformers dequantized the weights; vLLM would look for a .gguf file
+        return ("config.json keeps a GGUF quantization_config (quant_method 'gguf') beside dequantized weights; "
+                "register the .gguf file or the folder with `bitinglip models add`, which drops it")
     if not device.startswith("cuda"):
         heads = getattr(config, "num_attention_heads", None) or 0
         head = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)

