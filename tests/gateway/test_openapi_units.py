@@ -103,6 +103,14 @@ def test_the_status_reader_sees_a_documented_status_that_is_never_returned() -> 
 class _Past(Exception):
     """The handler got past its body checks to the cluster, Redis or the registry."""
 
+    #: how many were raised: the gateway answers an unexpected exception itself (a 500 that keeps the
+    #: connection), so the test client sees the 500, and this count says that it was this one
+    raised = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        _Past.raised += 1
+
 
 class _Unreachable:
     def __getattr__(self, name: str) -> Any:
@@ -179,9 +187,12 @@ def _body_schema(path: str, method: str) -> dict[str, Any]:
 
 def _accepted(client: TestClient, headers: dict[str, str], path: str, body: dict[str, Any]) -> bool | str:
     """True when the handler takes the body (gets past its checks), else its 4xx message."""
+    before = _Past.raised
     try:
         r = client.post(path, json=body, headers=headers)
     except _Past:
+        return True
+    if r.status_code == 500 and _Past.raised > before:
         return True
     assert 400 <= r.status_code < 500, r.text
     return str(r.json()["error"]["message"])
