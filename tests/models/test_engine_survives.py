@@ -132,3 +132,11 @@ def test_the_plugin_restarts_a_transformers_engine_whose_loop_died(llama: Path, 
     assert restarted is not loaded and isinstance(restarted.info["engine"].run(ordinary, lambda done: None)[0],
                                                   GenResult)
     plugin.teardown(None)
+
+
+def test_an_engine_in_this_process_leaves_ld_preload_to_the_processes_it_starts(engine: object) -> None:
+    # vLLM sets LD_PRELOAD (torch's libgomp, tcmalloc) for engine processes it would spawn; in-process it must not
+    # reach a LocalCluster started here later, whose vLLM attention then failed every step (1 vs 2 threads)
+    import os
+
+    assert "libgomp" not in os.environ.get("LD_PRELOAD", "")

@@ -109,7 +109,17 @@ class VllmEngine(Engine):
             kwargs.update(engine_args)
         if kv_cache_bytes:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
-        self._llm = LLM(**kwargs)
+        preload = os.environ.get("LD_PRELOAD")
+        try:
+            self._llm = LLM(**kwargs)
+        finally:
+            # vLLM's CPU platform puts torch's libgomp and its tcmalloc in LD_PRELOAD for the engine processes it
+            # would spawn; ours runs in this process, so it only reaches processes started later from here (a
+            # LocalCluster's workers, whose attention then saw 1 OpenMP thread where torch ran 2, and every step failed)
+            if preload is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = preload
         self._engine = self._llm.llm_engine
         self._tokenizer = self._llm.get_tokenizer()
         self._kv_bytes = int(kv_cache_bytes) or _kv_cache_bytes(self._engine)
