@@ -114,3 +114,14 @@ def test_an_engine_fallback_is_logged_naming_the_reason(caplog: pytest.LogCaptur
     assert pick_engine("transformers", config, "cpu") == ("transformers", "asked for (engine='transformers')")
     config.architectures = ["LlamaForCausalLM"]
     assert pick_engine("auto", config, "cpu")[0] == "vllm"
+
+
+def test_a_near_tie_keeps_the_exact_precision() -> None:
+    clock = FakeClock({"highest": 0.100, "medium": 0.097})  # 3% faster: under the 5% margin
+    assert fastest(clock.run, ("highest", "medium"), "highest", _same, timer=clock).value == "highest"
+
+
+def test_a_tiny_models_micro_batch_is_not_timed_by_noise() -> None:
+    clock = FakeClock({"highest": 0.001, "medium": 0.0005})
+    choice = fastest(clock.run, ("highest", "medium"), "highest", _same, timer=clock, floor_s=0.02)
+    assert choice.value == "highest" and "too small" in choice.reason

@@ -43,6 +43,9 @@ MATMUL_CHOICES = ("auto", *MATMUL_PRECISIONS)
 #: tokens in the micro-batch that ``auto`` times: about a quarter of the CPU token budget, so the whole
 #: calibration (a warm-up and three timed runs of each precision) takes a second or two
 CALIBRATION_TOKENS = 1024
+#: a float32 micro-batch faster than this is a tiny model's (a test's): its timings are noise, and two workers
+#: could choose differently, so it keeps float32 untimed
+MIN_TIMED_S = 0.02
 #: the row lengths of that micro-batch, in tokens: sentences as corpora hold them (rows of up to
 #: ``encoders.SHORT_ROW_TOKENS`` run in float32 under either precision and would only dilute the timing)
 CALIBRATION_LENGTHS = (12, 16, 20, 24, 32, 48)
@@ -92,7 +95,7 @@ def calibrate_matmul(requested: str, device: str, dtype: str, model: Any, packed
     cache = None
     if cache_dir:
         cache = Path(cache_dir) / f"matmul-{cache_key('matmul_precision', model_id, MATMUL_PRECISIONS, shape)}.json"
-    choice = fastest(run, MATMUL_PRECISIONS, "highest", agree, cache=cache, timer=timer)
+    choice = fastest(run, MATMUL_PRECISIONS, "highest", agree, cache=cache, timer=timer, floor_s=MIN_TIMED_S)
     log.info("matmul precision for %s on %s: %s (%s; %s)", model_id, cpu_name(), choice.value, choice.source,
              choice.reason)
     return choice
