@@ -291,16 +291,20 @@ def test_upload_limits_and_another_gateway_finishes_a_batch(gateway: str, gw_set
 # --- chat and text completions (the generate task's engine, issue 16)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
-    """A random-weight Llama with a chat template, registered for generate."""
+def register_chat_model(gateway: str, admin: dict[str, str], folder: Path, name: str) -> str:
+    """A random-weight Llama with a chat template, built in ``folder`` and registered as ``name`` for generate."""
     from tiny_models import make_tiny_llama
 
-    path = make_tiny_llama(models_dir / "tiny-llama-openai")
+    path = make_tiny_llama(folder)
     r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=120,
-                   json={"name": "tiny-llama", "source": str(path), "task": "generate"})
+                   json={"name": name, "source": str(path), "task": "generate"})
     assert r.status_code in (200, 201), r.text
-    return "tiny-llama"
+    return name
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
+    return register_chat_model(gateway, admin, models_dir / "tiny-llama-openai", "tiny-llama")
 
 
 def test_chat_and_text_completions_with_and_without_stream(gateway: str, tiny_llama: str) -> None:

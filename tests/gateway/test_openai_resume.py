@@ -16,7 +16,17 @@ from typing import Any
 import httpx
 import pytest
 from gwtools import auth, get_json, new_user
-from test_openai import BATCH_DEADLINE_S, MODEL, by_custom_id, client, finished, jsonl, line, upload
+from test_openai import (
+    BATCH_DEADLINE_S,
+    MODEL,
+    by_custom_id,
+    client,
+    finished,
+    jsonl,
+    line,
+    register_chat_model,
+    upload,
+)
 
 openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
 
@@ -72,14 +82,7 @@ def test_a_batch_cancelled_mid_way_resumes_to_completed(gateway: str, models: di
 
 @pytest.fixture(scope="module")
 def chat_model(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
-    """A random-weight Llama with a chat template, registered for generate."""
-    from tiny_models import make_tiny_llama
-
-    path = make_tiny_llama(models_dir / "tiny-llama-resume")
-    r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=120,
-                   json={"name": "tiny-llama-resume", "source": str(path), "task": "generate"})
-    assert r.status_code in (200, 201), r.text
-    return "tiny-llama-resume"
+    return register_chat_model(gateway, admin, models_dir / "tiny-llama-resume", "tiny-llama-resume")
 
 
 def test_a_cancelled_chat_batch_resumes_as_an_embeddings_batch_does(gateway: str, chat_model: str) -> None:
