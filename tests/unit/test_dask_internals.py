@@ -189,3 +189,28 @@ def test_task_released_tells_a_running_task_its_future_was_cancelled(cluster: tu
     Event(gate, client=client).set()
     assert Event(gate + "-seen", client=client).wait(30)
     assert di.task_released(worker, "never-submitted")
+
+
+def test_cancel_wanted_skips_a_known_key_nobody_wants(cluster: tuple[Any, Any, Any]) -> None:
+    """A key the scheduler knows but no client wants (here: a dependency
+    whose future was dropped; in a job: a fire-and-forget partition that has
+    just ended) would trip the scheduler's assertion in ``Client.cancel``."""
+    from distributed import Event
+
+    client, scheduler, _ = cluster
+    gate = Event("dask-internals-cancel-gate", client=client)
+
+    def wait(name: str) -> int:
+        Event(name).wait(30)
+        return 1
+
+    first = client.submit(wait, gate.name, key="dask-internals-cancel-first")
+    second = client.submit(lambda x: x + 1, first, key="dask-internals-cancel-second")
+    first_key = first.key
+    del first
+    _until(lambda: first_key in scheduler.tasks and not scheduler.tasks[first_key].who_wants)
+    assert client.run_on_scheduler(di.cancel_wanted, [first_key, second.key, "nope"], client.id, "test") == 1
+    _until(lambda: second.status == "cancelled")
+    gate.set()
+    assert client.submit(lambda: 7, pure=False).result(timeout=30) == 7  # the client's connection held
+    assert client.run_on_scheduler(di.cancel_wanted, ["nope"], client.id, "test") == 0

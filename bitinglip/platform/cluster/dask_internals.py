@@ -2,7 +2,7 @@
 
 Dask has no public call for what these do: a scheduler's or worker's task
 table, the scheduler's clients' wishes, a worker's thread count and declared
-resources, whether a task's thread has left the worker's pool, whether a running task was released, the
+resources, cancelling only the keys someone wants, whether a task's thread has left the worker's pool, whether a running task was released, the
 scheduler's HTTP server and dashboard navigation, and registering a worker
 plugin from the scheduler itself (a scheduler preload has no client).  Everything else in BitingLip uses the public API.  An
 upgrade of distributed that moves one of these fails
@@ -52,6 +52,20 @@ def held_for_good(keys: Iterable[Any], dask_scheduler: Any) -> bool:
                 cs.client_key == FIRE_AND_FORGET for cs in ts.who_wants):
             return False
     return True
+
+
+def cancel_wanted(keys: Iterable[Any], client_id: str, reason: str, dask_scheduler: Any) -> int:
+    """On the scheduler, in one step of its event loop: cancel those of
+    ``keys`` that someone still wants, for every client (``force``), and
+    return how many.  ``Client.cancel`` sends every key, and the scheduler
+    asserts that each one it knows is wanted: a fire-and-forget task that
+    has just finished is known but wanted by no one, and that assertion
+    would stop the cancel halfway and drop the client's connection."""
+    tasks = dask_scheduler.tasks
+    wanted = [key for key in keys if (ts := tasks.get(key)) is not None and ts.who_wants]
+    if wanted and client_id in dask_scheduler.clients:
+        dask_scheduler.stimulus_cancel(wanted, client_id, True, reason, "")
+    return len(wanted)
 
 
 def scheduler_holds_each(client: Any, groups: list[list[Any]]) -> list[bool]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Event
 
 from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
-from bitinglip.platform.cluster.dask_internals import held_for_good, scheduler_holds_none
+from bitinglip.platform.cluster.dask_internals import cancel_wanted, held_for_good, scheduler_holds_none
 from bitinglip.platform.cluster.local import worker_resources
 from bitinglip.platform.jobs.inputs import Partitions, RowShape, to_partitions
 from bitinglip.platform.jobs.job import Job
@@ -280,14 +280,12 @@ class Platform:
         REST job, fire-and-forget): running partitions stop at their next
         micro-batch, queued ones never start, and its output, if any, gets a
         partial manifest saying so."""
-        from distributed import Future
-
         from bitinglip.platform.jobs.outputs import write_partial_manifest
 
         Event(cancel_event_name(job_id), client=self.client).set()
-        # force: fire_and_forget made the scheduler itself want these keys
-        self.client.cancel([Future(key, client=self.client) for key in job_keys(job_id, parts)],
-                           force=True, reason=reason)
+        # for every client (fire_and_forget made the scheduler itself want these keys), and only the keys still
+        # wanted: a partition that has just ended is known but wanted by no one (see cancel_wanted)
+        self.client.run_on_scheduler(cancel_wanted, job_keys(job_id, parts), self.client.id, reason)
         out_dir = os.fspath(output) if output else None
         record = read_json(os.path.join(out_dir, RECORD)) if out_dir else None
         if out_dir and record is not None:  # the output says so too: the job's end survives a loss of Redis
