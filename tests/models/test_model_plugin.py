@@ -15,10 +15,10 @@ from bitinglip.errors import IntegrityError, ModelLoadError, UnsafeWeightsError
 from bitinglip.platform.jobs.sample import sample_corpus
 from bitinglip.platform.models.integrity import FileVerifier
 from bitinglip.platform.models.registry import Registry
+from bitinglip.platform.plugins.model_plugin import ModelPlugin
 from bitinglip.platform.tasks.builtin import Batch, get_task
 from bitinglip.platform.tasks.precision import model_bytes, quantize_int8
 from bitinglip.settings import Settings
-from bitinglip.worker_plugins.model_plugin import ModelPlugin
 
 EMBED = get_task("embed")
 CLASSIFY = get_task("classify")

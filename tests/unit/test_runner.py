@@ -15,11 +15,11 @@ from bitinglip.errors import InputError
 from bitinglip.platform.jobs import runner
 from bitinglip.platform.jobs.client import Platform, _faults
 from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, predict_texts, run_partition
+from bitinglip.platform.plugins import model_plugin
+from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks import builtin
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType
 from bitinglip.settings import Settings
-from bitinglip.worker_plugins import model_plugin
-from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 
 class Length(TaskType):

@@ -386,7 +386,7 @@ def _resolve_on_worker(model: str, dask_worker: Any = None) -> tuple[bool, str]:
     """On a worker, through ``Client.run``: (True, its path) or (False, why
     not), so that an unknown model is one clear error on the client, not a
     worker's traceback."""
-    from bitinglip.worker_plugins.model_plugin import PLUGIN_NAME
+    from bitinglip.platform.plugins.model_plugin import PLUGIN_NAME
 
     plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
     try:

@@ -18,7 +18,7 @@ from bitinglip.platform.tasks.builtin import get_task
 def predict_counted(task_name: str, model: str, options: Mapping[str, Any], texts: list[str]) -> list[dict[str, Any]]:
     """:func:`predict_texts`'s outputs, each with ``tokens``: how many tokens
     its text took for this model (OpenAI's ``usage.prompt_tokens``)."""
-    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+    from bitinglip.platform.plugins.model_plugin import get_model_plugin
 
     outputs = predict_texts(task_name, model, options, texts)
     task = get_task(task_name)
@@ -37,7 +37,7 @@ def predict_generation(task_name: str, model: str, options: Mapping[str, Any], r
     bad row fails the call (the gateway checked them; the batcher reruns a
     failed merged batch request by request)."""
     from bitinglip.errors import EngineError, InputError
-    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+    from bitinglip.platform.plugins.model_plugin import get_model_plugin
 
     task = get_task(task_name)
     merged = task.check_options(options)

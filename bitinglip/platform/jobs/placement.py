@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _resident_here(dask_worker: Any) -> list[dict[str, Any]]:
-    from bitinglip.worker_plugins.model_plugin import PLUGIN_NAME
+    from bitinglip.platform.plugins.model_plugin import PLUGIN_NAME
 
     plugin = dask_worker.plugins.get(PLUGIN_NAME)
     return plugin.resident_info() if plugin is not None and hasattr(plugin, "resident_info") else []

@@ -26,9 +26,9 @@ from bitinglip.platform.cluster.dask_internals import secede_once, task_released
 from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
+from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
-from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 #: a partition's start (the job's task and model) and its summary when done go out on vocabulary.SUMMARY_TOPIC;
 #: these are the summary's figures that go to the scheduler (the frames stay on the worker)
@@ -250,7 +250,7 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
     text, in order, JSON-ready.  The first bad text fails the call (the
     gateway checked them all before; a batch that fails anyway is rerun
     request by request)."""
-    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+    from bitinglip.platform.plugins.model_plugin import get_model_plugin
 
     task = get_task(task_name)
     merged = task.check_options(options)
@@ -427,7 +427,7 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     first, then the part file whose rename commits the partition), and a
     partition already committed is not run again.
     """
-    from bitinglip.worker_plugins.model_plugin import get_model_plugin
+    from bitinglip.platform.plugins.model_plugin import get_model_plugin
 
     if spec.output is not None:
         committed = committed_summary(spec.output, index, spec.job_id)

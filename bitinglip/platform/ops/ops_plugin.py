@@ -35,8 +35,8 @@ from bitinglip.platform.cluster.dask_internals import (
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, parse_task_key
 from bitinglip.platform.ops.opsmetrics import Collector, Figures, render
 from bitinglip.platform.ops.status_plugin import RedisStatusPlugin
-from bitinglip.worker_plugins.reporter import PLUGIN_NAME as REPORTER
-from bitinglip.worker_plugins.reporter import WORKER_TOPIC, ReporterPlugin
+from bitinglip.platform.plugins.reporter import PLUGIN_NAME as REPORTER
+from bitinglip.platform.plugins.reporter import WORKER_TOPIC, ReporterPlugin
 
 log = logging.getLogger("bitinglip.ops")
 PLUGIN_NAME = "bitinglip-ops"

@@ -3,7 +3,7 @@
 :class:`Figures` is pure bookkeeping, fed by the scheduler plugin
 (:mod:`bitinglip.platform.ops.ops_plugin`) from task transitions and the
 workers' events: progress (``bitinglip-progress``), partition summaries and
-model residency (both sent by :mod:`bitinglip.worker_plugins.reporter`).
+model residency (both sent by :mod:`bitinglip.platform.plugins.reporter`).
 :meth:`Figures.families` turns them into Prometheus metric families and
 :class:`Collector` hands those to ``prometheus_client``: registered in the
 scheduler process it adds them to Dask's own ``/metrics``, and :func:`render`

@@ -41,10 +41,10 @@ from bitinglip.platform.models.integrity import FileVerifier, model_files, refus
 from bitinglip.platform.models.names import ModelRef, resolve_model
 from bitinglip.platform.models.registry import Manifest, pin, read_manifest, unpin
 from bitinglip.platform.models.residency import Entry, Residency
+from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
 from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
 from bitinglip.settings import Settings, get_settings
-from bitinglip.worker_plugins.budgets import ReducedBudgets
 
 log = logging.getLogger(__name__)
 PLUGIN_NAME = "bitinglip-models"
@@ -395,5 +395,5 @@ def get_model_plugin() -> ModelPlugin:
     if plugin is None:
         raise PluginMissingError(
             f"worker {worker.address} has no {PLUGIN_NAME!r} plugin; connect with bitinglip.connect() "
-            "or register bitinglip.worker_plugins.ModelPlugin() on the cluster")
+            "or register bitinglip.platform.plugins.ModelPlugin() on the cluster")
     return plugin  # type: ignore[return-value]

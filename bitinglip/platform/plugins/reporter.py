@@ -1,7 +1,7 @@
 """A worker plugin that tells the scheduler which models the worker holds.
 
 The models resident (with their measured bytes and load times, from
-:class:`~bitinglip.worker_plugins.model_plugin.ModelPlugin`) and the GPU memory
+:class:`~bitinglip.platform.plugins.model_plugin.ModelPlugin`) and the GPU memory
 in use go on :data:`WORKER_TOPIC` every ``interval_s`` when they change, and
 after each partition task.  (Partitions send their own summaries: see
 ``bitinglip.platform.jobs.vocabulary.SUMMARY_TOPIC``.)  The scheduler plugin
@@ -68,7 +68,7 @@ class ReporterPlugin(WorkerPlugin):
             self.worker.log_event(WORKER_TOPIC, report)
 
     def _worker_report(self) -> dict[str, Any]:
-        from bitinglip.worker_plugins.model_plugin import PLUGIN_NAME as MODELS
+        from bitinglip.platform.plugins.model_plugin import PLUGIN_NAME as MODELS
 
         report: dict[str, Any] = {"worker": self.worker.address, "models": [], "load_seconds": {}, "load_counts": {},
                                   "gpu": None}
