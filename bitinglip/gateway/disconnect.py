@@ -26,7 +26,7 @@ async def unless_disconnected(request: Request, work: Awaitable[tuple[T, int]]) 
     cluster's task.  The body has been read, so the next message the server
     hands the app is ``http.disconnect``."""
     running = asyncio.ensure_future(work)
-    watching = asyncio.ensure_future(_disconnect(request))
+    watching = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait((running, watching), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -39,6 +39,7 @@ async def unless_disconnected(request: Request, work: Awaitable[tuple[T, int]]) 
     return None, 0
 
 
-async def _disconnect(request: Request) -> Any:
+async def disconnected(request: Request) -> Any:
+    """Returns once the client has disconnected (call it only once the body has been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

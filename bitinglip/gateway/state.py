@@ -22,6 +22,7 @@ from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.openai.files import FileStore
 from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
+from bitinglip.gateway.streams import TokenStreams
 from bitinglip.gateway.tenants import InFlight
 from bitinglip.platform.jobs import JOB_ID, JobStore
 from bitinglip.platform.models import PACKAGED_MODELS, resolve_listed
@@ -59,6 +60,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.platform: Any = None
         self.batcher: Any = None
+        self.streams: TokenStreams
         self.submissions: anyio.CapacityLimiter
         self._watch: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
@@ -83,6 +85,7 @@ class Gateway:
         self.platform = await anyio.to_thread.run_sync(self._connect)
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
                                max_rows=4 * self.settings.max_infer_rows)
+        self.streams = TokenStreams(self.platform.client)
         self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
         self._sweep = asyncio.create_task(self._sweep_files())
 

@@ -334,6 +334,67 @@ def test_chat_and_text_completions_with_and_without_stream(gateway: str, tiny_ll
     assert "temperature" in caught.value.message
 
 
+def test_a_stream_comes_in_pieces_as_the_engine_produces_them(gateway: str, tiny_llama: str) -> None:
+    oai = client(gateway, new_user("oai-stream"))
+    ask = {"model": tiny_llama, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 40,
+           "temperature": 0}
+    whole = oai.chat.completions.create(**ask)
+    arrivals = [(time.monotonic(), chunk) for chunk in oai.chat.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True})]
+    chunks = [chunk for _, chunk in arrivals]
+    pieces = [(at, c.choices[0].delta.content) for at, c in arrivals if c.choices and c.choices[0].delta.content]
+    # the greedy answer, in many pieces (it came as one piece while the engine handed back whole rows)
+    assert "".join(text for _, text in pieces) == whole.choices[0].message.content
+    assert len(pieces) >= 10, [text for _, text in pieces]
+    assert pieces[0][0] < arrivals[-1][0]  # the first piece came before the end
+    assert chunks[0].choices[0].delta.role == "assistant" and len({c.id for c in chunks}) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    # include_usage: a last chunk with no choices and the usage; null on every other one
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    # text completions stream the same way
+    prompt = {"model": tiny_llama, "prompt": "once upon a time", "max_tokens": 30, "temperature": 0}
+    text = oai.completions.create(**prompt).choices[0].text
+    streamed = [c.choices[0].text for c in oai.completions.create(**prompt, stream=True) if c.choices]
+    assert "".join(streamed) == text and len([t for t in streamed if t]) >= 8, streamed
+
+
+def _engines(platform: Any) -> dict[str, float]:
+    """The requests in the workers' generation engines and the tokens they generated so far, over all workers."""
+
+    def probe(dask_worker: Any) -> dict[str, float]:
+        entries = dask_worker.plugins["bitinglip-models"].residency.entries()
+        stats = [e.loaded.info["engine"].stats() for e in entries
+                 if e.loaded is not None and e.loaded.info.get("engine") is not None]
+        return {k: sum(s.get(k, 0.0) for s in stats) for k in ("running", "generated_tokens")}
+
+    figures = platform.client.run(probe).values()
+    return {k: sum(f[k] for f in figures) for k in ("running", "generated_tokens")}
+
+
+def test_a_client_that_stops_reading_a_stream_aborts_its_engine_request(gateway: str, tiny_llama: str,
+                                                                        platform: Any) -> None:
+    oai = client(gateway, new_user("oai-stream-gone"))
+    n, max_tokens = 8, 480
+    before = _engines(platform)
+    stream = oai.chat.completions.create(model=tiny_llama, messages=[{"role": "user", "content": "go on and on"}],
+                                         max_tokens=max_tokens, n=n, temperature=1.0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # reading, then no more
+    stream.close()
+    deadline = time.monotonic() + 60
+    while _engines(platform)["running"]:
+        assert time.monotonic() < deadline, "the engines still run the stream's request a minute after it was left"
+        time.sleep(0.2)
+    generated = _engines(platform)["generated_tokens"] - before["generated_tokens"]
+    assert 0 < generated < n * max_tokens / 2, f"{generated:g} of {n * max_tokens} tokens generated"
+    # the worker serves on
+    again = oai.chat.completions.create(model=tiny_llama, messages=[{"role": "user", "content": "still there?"}],
+                                        max_tokens=3, stream=True)
+    assert [c.choices[0].finish_reason for c in again if c.choices][-1] in ("stop", "length")
+
+
 def test_a_chat_batch_matches_the_python_client(gateway: str, tiny_llama: str, platform: Any) -> None:
     oai = client(gateway, new_user("oai-chat-batch"))
     chats = [[{"role": "user", "content": f"question number {i}"}] for i in range(6)]

@@ -1,6 +1,6 @@
 """The OpenAI conversions without a gateway: bodies to rows of the generation
 row contract, output rows to chat.completion / text_completion bodies and
-stream chunks, embeddings' base64 and dimensions, and a batch file's check."""
+stream chunks (that the official client's types take), embeddings' base64 and dimensions, and a batch file's check."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import pytest
 
 from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import INPUT, LINES, REJECTED, check_embeddings, read_jsonl
+from bitinglip.gateway.openai.chunks import Chunks
 from bitinglip.gateway.openai.shapes import (
     EMBEDDING_FIELDS,
     chat_body,
-    chat_chunks,
     completion_body,
-    completion_chunks,
     embedding_body,
     generation_row,
     shape_vector,
@@ -72,10 +71,37 @@ def test_an_output_row_becomes_a_chat_completion_and_its_chunks() -> None:
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "yes", "stop"), (1, "no", "length")]
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
-    chunks = chat_chunks(body)
-    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
-    first = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == 0]
-    assert "".join(c["delta"].get("content", "") for c in first) == "yes" and first[-1]["finish_reason"] == "stop"
+
+
+def test_streamed_chunks_add_up_to_the_answer_and_parse_as_the_clients_types() -> None:
+    chat_chunk = pytest.importorskip("openai.types.chat").ChatCompletionChunk
+    completion = pytest.importorskip("openai.types").Completion
+    body = chat_body("m", {"text": ["yes it is", "no"], "finish_reason": ["stop", "length"], "prompt_tokens": 9,
+                           "completion_tokens": 4})
+    chunks = Chunks("/v1/chat/completions", "m", include_usage=True)
+    # choice 0 streamed in part, choice 1 not at all: the closing chunks carry the rest of each
+    stream = chunks.opening(2) + [chunks.text(0, "yes"), chunks.text(0, " it")] + chunks.closing(body)
+    parsed = [chat_chunk.model_validate(c) for c in stream]  # the official client's own type, validated
+    assert {c.object for c in parsed} == {"chat.completion.chunk"} and len({c.id for c in parsed}) == 1
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in parsed if c.choices and c.choices[0].index == i)
+             for i in (0, 1)}
+    assert texts == {0: "yes it is", 1: "no"}
+    assert parsed[0].choices[0].delta.role == "assistant" and parsed[0].usage is None
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in parsed if c.choices and
+                c.choices[0].finish_reason]
+    assert finishes == [(0, "stop"), (1, "length")]
+    assert parsed[-1].choices == [] and parsed[-1].usage.total_tokens == 13  # include_usage: the last chunk
+    # without include_usage no chunk has a usage field (OpenAI's own stream has none)
+    plain = Chunks("/v1/completions", "m", include_usage=False)
+    done = completion_body("m", {"text": "the end", "finish_reason": "length", "prompt_tokens": 3,
+                                 "completion_tokens": 2})
+    stream = [plain.text(0, "the")] + plain.closing(done)
+    assert all("usage" not in c for c in stream)
+    # OpenAI streams null finish reasons before the last, which its client reads without validating
+    parsed_text = [completion.model_construct(**c) for c in stream[:-1]] + [completion.model_validate(stream[-1])]
+    assert "".join(c["choices"][0]["text"] for c in stream) == "the end"
+    assert parsed_text[-1].choices[0].finish_reason == "length" and {c.object for c in parsed_text} == {
+        "text_completion"}
 
 
 def test_a_single_output_row_becomes_a_text_completion() -> None:
@@ -84,7 +110,6 @@ def test_a_single_output_row_becomes_a_text_completion() -> None:
     assert body["object"] == "text_completion" and body["choices"] == [
         {"index": 0, "text": "the end", "finish_reason": "length", "logprobs": None}]
     assert body["usage"]["total_tokens"] == 5
-    assert completion_chunks(body)[0]["choices"][0]["text"] == "the end"
 
 
 def test_base64_is_little_endian_float32_and_dimensions_renormalise() -> None:

@@ -241,24 +241,3 @@ def completion_body(model: str, output: Mapping[str, Any], created: int | None =
     return {"id": completion_id("cmpl"), "object": "text_completion", "created": created or int(time.time()),
             "model": model, "choices": choices, "usage": _usage(output)}
 
-
-def chat_chunks(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A finished ``chat.completion`` as OpenAI's stream of
-    ``chat.completion.chunk`` objects: the role, the content, the finish
-    reason, then (as ``stream_options.include_usage`` asks) the usage."""
-    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
-    chunks: list[dict[str, Any]] = []
-    for choice in body["choices"]:
-        i = choice["index"]
-        chunks.append({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": i, "delta": {"content": choice["message"]["content"]},
-                                            "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}]})
-    return chunks
-
-
-def completion_chunks(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A finished ``text_completion`` as stream chunks (same object name, as OpenAI streams it)."""
-    base = {"id": body["id"], "object": "text_completion", "created": body["created"], "model": body["model"]}
-    return [{**base, "choices": [{**choice}]} for choice in body["choices"]]

@@ -3,8 +3,8 @@ and ``/v1/completions``, on the same batching path as ``/v1/infer``
 (:mod:`bitinglip.gateway.batcher`): requests for one model that arrive
 together run as one task, above every bulk job's priority (generation rows
 then share the worker's engine with whatever else it runs).  A streamed
-completion is sent as chunks once it is whole: the engine hands back
-finished rows, not tokens.
+completion is sent as the engine produces its text
+(:mod:`bitinglip.gateway.streaming`).
 
 A completion holds its tenant's share of the per-tenant caps
 (:mod:`bitinglip.gateway.tenants`) while it waits, and a client that
@@ -19,21 +19,18 @@ client decodes; the client asks for base64 unless told otherwise), and
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import contextlib
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from bitinglip.errors import BitingLipError
 from bitinglip.gateway.body import check_model_options, read_json
 from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
 from bitinglip.gateway.openai.shapes import (
     chat_body,
-    chat_chunks,
     completion_body,
-    completion_chunks,
     embedding_body,
     embedding_format,
     embedding_texts,
@@ -44,6 +41,7 @@ from bitinglip.gateway.openai.shapes import (
 )
 from bitinglip.gateway.ratelimit import INFER
 from bitinglip.gateway.state import Gateway
+from bitinglip.gateway.streaming import stream_completion
 from bitinglip.gateway.tenants import generation_work
 from bitinglip.platform.jobs import predict_counted, predict_generation
 from bitinglip.platform.models import resolve_model
@@ -106,28 +104,19 @@ async def _generate(request: Request, endpoint: str) -> Response:
     checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                              merged)
     model = await gw.listed_model(body["model"])
-    with gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})):  # the cheap check first
-        # and against the model (top_k within its vocabulary, max_tokens within its positions), as a job's options are
+    with contextlib.ExitStack() as held:
+        held.enter_context(gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})))
+        # the cheap check first, then against the model (top_k within its vocabulary, max_tokens within its
+        # positions), as a job's options are
         await check_model_options(gw, "generate", model, {**options, **row["params"]})
         gw.charge(request)
+        if stream:  # the stream holds the tenant's share until it ends
+            return await stream_completion(request, endpoint, row, options, model, body["model"], principal.sub,
+                                           include_usage, held.pop_all())
         outputs, _ = await unless_disconnected(request, gw.batcher.infer(
             "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation,
             group=principal.sub))
     if outputs is None:
         return Response(status_code=CLIENT_CLOSED)
     chat = endpoint == "/v1/chat/completions"
-    answer = (chat_body if chat else completion_body)(body["model"], outputs[0])
-    if not stream:
-        return gw.json(request, answer)
-    chunks = chat_chunks(answer) if chat else completion_chunks(answer)
-    if include_usage:
-        chunks.append({**{k: answer[k] for k in ("id", "created", "model")}, "object": chunks[0]["object"],
-                       "choices": [], "usage": answer["usage"]})
-
-    async def events() -> AsyncIterator[str]:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", **getattr(request.state, "ratelimit", {})})
+    return gw.json(request, (chat_body if chat else completion_body)(body["model"], outputs[0]))

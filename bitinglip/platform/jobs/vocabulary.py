@@ -46,6 +46,9 @@ _TASK_KEY = re.compile(rf"^bitinglip-(?P<job>{JOB_ID.pattern})-(?P<part>\d+|{MAN
 PROGRESS_TOPIC = "bitinglip-progress"
 #: each partition's summary (rows, errors, tokens, ...) with the job's task and model
 SUMMARY_TOPIC = "bitinglip-summary"
+#: a streamed online request's text as its engine produces it (``{"stream", "index", "seq", "text"}``), sent by
+#: :func:`bitinglip.platform.jobs.online.predict_generation` and read by the gateway that streams it
+TOKENS_TOPIC = "bitinglip-tokens"
 #: the task annotation carrying a REST job's ``{"id": ...}`` (the status plugin follows only these jobs)
 ANNOTATION = "bitinglip_job"
 

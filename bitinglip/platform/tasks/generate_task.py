@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from bitinglip.errors import InputError, ModelError
 from bitinglip.platform.tasks.base import Batch, Loaded, TaskType, max_length, torch_dtype
-from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult
+from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn
 from bitinglip.platform.tasks.generation import (
     SAMPLING_DEFAULTS,
     GenRow,
@@ -105,8 +105,11 @@ class Generate(TaskType):
         return Loaded(model, tokenizer, device, positions, {"engine": engine, "engine_name": engine_name,
                                                             "path": path, "runtime": runtime})
 
-    def run_rows(self, loaded: Loaded, rows: list[Any], options: Mapping[str, Any], tick: Any
+    def run_rows(self, loaded: Loaded, rows: list[Any], options: Mapping[str, Any], tick: Any,
+                 on_text: Sequence[TextFn | None] = ()
                  ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
+        """``on_text[i]``: where row i's text goes as the engine produces it
+        (a streamed online request; :attr:`GenRequest.on_text`)."""
         engine: Engine = loaded.info["engine"]
         requests: list[GenRequest] = []
         sent: list[int] = []
@@ -124,7 +127,7 @@ class Generate(TaskType):
                 failed[i] = str(exc)
                 continue
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
-            requests.append(GenRequest(ids, params))
+            requests.append(GenRequest(ids, params, on_text[i] if i < len(on_text) else None))
             sent.append(i)
         before = len(failed)
         results = engine.run(requests, lambda done: tick(before + done)) if requests else []

@@ -17,6 +17,8 @@ from typing import Any
 
 #: called with the number of this call's requests finished so far; may raise to stop the call
 TickFn = Callable[[int], None]
+#: called with a completion's index and its new text as the engine produces it (a streamed request)
+TextFn = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,17 @@ class GenRequest:
     ``min_p``, ``repetition_penalty``, ``presence_penalty``,
     ``frequency_penalty``, ``stop`` (tuple of strings), ``seed`` (None: the
     engine's), ``n``, ``logprobs`` (None or top-k per token),
-    ``response_format`` (None or OpenAI's dict), ``ignore_eos``."""
+    ``response_format`` (None or OpenAI's dict), ``ignore_eos``.
+
+    ``on_text``: where a streamed request's text goes as it grows, from the
+    engine's own thread (so it must not block): each call carries text that
+    follows what the earlier calls for that completion carried.  What it
+    holds back (a possible stop string's start, a character whose bytes are
+    not all out) comes only in the result, which stays the whole answer."""
 
     prompt_ids: list[int]
     params: Mapping[str, Any] = field(default_factory=dict)
+    on_text: TextFn | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -80,5 +89,6 @@ class Engine(ABC):
         return None
 
     def stats(self) -> dict[str, float]:
-        """Figures for metrics: ``kv_cache_usage`` (0..1), ``running``, ``waiting``."""
+        """Figures for metrics: ``kv_cache_usage`` (0..1), ``running``, ``waiting``, ``generated_tokens`` (all
+        so far, where the engine counts them)."""
         return {}

@@ -16,6 +16,11 @@ What each row may ask, and how it is honoured:
   a seed gives the same text whatever else is batched with it.
 - ``stop``: rows with stop strings are streamed; when one appears in the text
   the request is cancelled in the manager and the text cut before it.
+- ``on_text`` (a streamed request): streamed from the manager too; the text
+  decoded so far goes out as it grows, less its last characters while they
+  may still change (a character whose bytes are not all out, trailing
+  spaces a tokenizer's clean-up may join to what follows, the start of a
+  stop string).
 - ``n``: n requests (completion i draws its own noise from the same seed).
 - ``logprobs``: the manager reports only the chosen token's log-probability,
   of the scores it argmaxes; that is the model's own only for greedy rows.
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bitinglip.errors import BitingLipError, EngineError, InputError, UnsupportedOptionError
-from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TickFn
+from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn, TickFn
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,9 @@ class _Completion:
     text: str | None = None
     finish_reason: str | None = None
     error: Exception | None = None
+    #: a streamed request's reader, and the text it was given so far
+    on_text: TextFn | None = None
+    sent: str = ""
 
     @property
     def done(self) -> bool:
@@ -276,7 +284,8 @@ class HFEngine(Engine):
                     raise EngineError("the engine is shut down")
                 self._routes[rid] = inbox
             added = self._manager.add_request(
-                input_ids=prompt, request_id=rid, max_new_tokens=max_tokens, streaming=bool(stop),
+                input_ids=prompt, request_id=rid, max_new_tokens=max_tokens,
+                streaming=bool(stop) or request.on_text is not None,
                 eos_token_id=-1 if ignore_eos else None, **kwargs)
             if added is None:
                 self._unroute(rid)
@@ -284,7 +293,7 @@ class HFEngine(Engine):
                     self._manager.cancel_request(earlier)
                     self._unroute(earlier)
                 raise EngineError("the engine's generation loop is not running")
-            submitted.append((rid, _Completion(row, index, stop, ignore_eos, max_tokens)))
+            submitted.append((rid, _Completion(row, index, stop, ignore_eos, max_tokens, on_text=request.on_text)))
         return submitted
 
     # -- outputs back ------------------------------------------------------------------------------------------------
@@ -324,12 +333,31 @@ class HFEngine(Engine):
                 completion.text, completion.finish_reason = cut, "stop"
                 return True
         if not output.is_finished():
+            if completion.on_text is not None:
+                self._stream(completion)
             return False
         tokens = completion.tokens
         eos_end = bool(tokens) and tokens[-1] in self._eos_ids and not completion.ignore_eos
         completion.text = self._decode(tokens)
         completion.finish_reason = "stop" if eos_end else "length"
         return True
+
+    def _stream(self, completion: _Completion) -> None:
+        """Hand a streamed completion's new text on (decoding it all again
+        each token: a tokenizer's decode is not additive, and on the CPU the
+        forward pass costs far more)."""
+        assert completion.on_text is not None
+        text = self._decode(completion.tokens)
+        safe = len(text.rstrip("\ufffd").rstrip())
+        if completion.stop:
+            safe = min(safe, len(text) - max(len(s) for s in completion.stop) + 1)
+        ready = text[:max(0, safe)]
+        if len(ready) > len(completion.sent) and ready.startswith(completion.sent):
+            delta, completion.sent = ready[len(completion.sent):], ready
+            try:
+                completion.on_text(completion.index, delta)
+            except Exception:  # the reader's trouble never stops the request; the result still comes
+                log.warning("a streamed request's text could not be handed on", exc_info=True)
 
     def _find_stop(self, completion: _Completion) -> str | None:
         """The text before the first stop string, or None while none appears."""

@@ -7,7 +7,8 @@ the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no
 process outlives the worker, whatever ends it.  One thread owns the engine:
 partitions hand their requests (and aborts) over under a small lock, the
 thread adds them between two steps, steps, and hands each finished request
-back to its caller.  Nothing waits on a step to hand a request over, so a
+back to its caller (a streamed request's text too, as each step grows it:
+:attr:`GenRequest.on_text`).  Nothing waits on a step to hand a request over, so a
 partition that arrives while 60 others run joins the batch at the next step
 (a lock held across steps starved newcomers for many of them).
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import EngineError, InputError
-from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TickFn
+from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn, TickFn
 
 log = logging.getLogger(__name__)
 #: how often a waiting partition calls tick (cancel checks, progress) when none of its requests finished
@@ -70,6 +71,17 @@ class _Call:
     ids: list[str]
     results: dict[str, GenResult | Exception] = field(default_factory=dict)
     done: threading.Condition = field(default_factory=threading.Condition)
+
+
+@dataclass
+class _Stream:
+    """A streamed request: where its text goes, how much of each completion
+    went, and each completion's latest output (vLLM's last output of a
+    request of ``n`` > 1 holds only the completion that finished last)."""
+
+    on_text: TextFn
+    sent: dict[int, int] = field(default_factory=dict)
+    latest: dict[int, Any] = field(default_factory=dict)
 
 
 class VllmEngine(Engine):
@@ -131,6 +143,7 @@ class VllmEngine(Engine):
         self._aborting: list[str] = []  # ids in the engine whose call gave up (a cancel, a timeout)
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
         self._structured: dict[str, str] = {}  # request id -> its response format's schema, shortened
+        self._streams: dict[str, _Stream] = {}  # request id -> where its text goes as it grows
         self._closed = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="bitinglip-vllm-engine", daemon=True)
@@ -140,12 +153,16 @@ class VllmEngine(Engine):
     def run(self, requests: list[GenRequest], tick: TickFn) -> list[GenResult | Exception]:
         call = _Call([f"bl-{next(_ids)}" for _ in requests])
         arriving: list[tuple[str, list[int], Any]] = []
+        streams: dict[str, _Stream] = {}
         for rid, request in zip(call.ids, requests):
             try:
-                arriving.append((rid, list(request.prompt_ids), self._sampling(request.params)))
+                arriving.append((rid, list(request.prompt_ids),
+                                 self._sampling(request.params, streamed=request.on_text is not None)))
             except Exception as exc:  # noqa: BLE001 - a bad option: this row fails, the others go on
                 call.results[rid] = exc
                 continue
+            if request.on_text is not None:
+                streams[rid] = _Stream(request.on_text)
             if request.params.get("logprobs") is not None:
                 self._top_logprobs[rid] = int(request.params["logprobs"])
             fmt = request.params.get("response_format")
@@ -155,6 +172,7 @@ class VllmEngine(Engine):
             self._check_open()
             for rid, _, _ in arriving:
                 self._calls[rid] = call
+            self._streams.update(streams)
             self._arriving.extend(arriving)
             self._wake.notify_all()
         try:
@@ -190,15 +208,18 @@ class VllmEngine(Engine):
     def stats(self) -> dict[str, float]:
         with self._lock:
             running = len(self._calls)
-        usage = 0.0
-        try:  # vLLM's own gauge (its stat loggers are on: disable_log_stats=False), from Prometheus' registry
+        usage = generated = 0.0
+        try:  # vLLM's own figures (its stat loggers are on: disable_log_stats=False), from Prometheus' registry
             engine = self._engine
             for metric in engine.get_metrics() if engine is not None else ():
                 if metric.name == "vllm:kv_cache_usage_perc":
                     usage = float(getattr(metric, "value", 0.0) or 0.0)
+                elif metric.name == "vllm:generation_tokens":  # every token generated, aborted requests' too
+                    generated += float(getattr(metric, "value", 0.0) or 0.0)
         except Exception:
             log.debug("no KV cache figure from vLLM", exc_info=True)
-        return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes), "kv_cache_usage": usage}
+        return {"running": float(running), "kv_cache_bytes": float(self._kv_bytes), "kv_cache_usage": usage,
+                "generated_tokens": generated}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -246,8 +267,11 @@ class VllmEngine(Engine):
                     self._step_failed(exc)
                     continue
                 for output in outputs:
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        self._stream(stream, output)
                     if output.finished:
-                        self._deliver(output.request_id, self._result(output))
+                        self._deliver(output.request_id, self._result(output, stream))
         except BaseException as exc:  # the engine broke: every waiting partition hears of it
             log.exception("the vLLM engine loop failed")
             self._failure = exc
@@ -285,9 +309,25 @@ class VllmEngine(Engine):
         self._engine.abort_request([rid])
         raise EngineError(f"the probe did not finish in {PROBE_STEPS} steps")
 
+    def _stream(self, stream: _Stream, output: Any) -> None:
+        """A streamed request's new text, per completion (vLLM's cumulative
+        text only grows: it holds back what could start a stop string)."""
+        for completion in output.outputs:
+            stream.latest[completion.index] = completion
+            if output.finished:  # its end comes with the result, whole
+                continue
+            sent = stream.sent.get(completion.index, 0)
+            if len(completion.text) > sent:
+                stream.sent[completion.index] = len(completion.text)
+                try:
+                    stream.on_text(completion.index, completion.text[sent:])
+                except Exception:  # the reader's trouble never stops the engine; the result still comes
+                    log.warning("a streamed request's text could not be handed on", exc_info=True)
+
     def _deliver(self, rid: str, result: GenResult | Exception) -> None:
         with self._lock:
             call = self._calls.pop(rid, None)
+            self._streams.pop(rid, None)
         self._top_logprobs.pop(rid, None)
         self._structured.pop(rid, None)
         if call is not None:
@@ -309,6 +349,7 @@ class VllmEngine(Engine):
             mine = {rid for rid in call.ids if self._calls.get(rid) is call}
             for rid in mine:
                 del self._calls[rid]
+                self._streams.pop(rid, None)
                 self._top_logprobs.pop(rid, None)
                 self._structured.pop(rid, None)
             queued = {a[0] for a in self._arriving if a[0] in mine}
@@ -324,7 +365,7 @@ class VllmEngine(Engine):
             raise EngineError(f"the vLLM engine stopped: {self._failure}") from self._failure
 
     # --- conversions
-    def _sampling(self, params: Mapping[str, Any]) -> Any:
+    def _sampling(self, params: Mapping[str, Any], streamed: bool = False) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -344,10 +385,12 @@ class VllmEngine(Engine):
             frequency_penalty=float(params.get("frequency_penalty", 0.0)),
             stop=list(params.get("stop") or ()) or None, seed=params.get("seed"),
             logprobs=params.get("logprobs"), ignore_eos=bool(params.get("ignore_eos", False)),
-            structured_outputs=structured, output_kind=RequestOutputKind.FINAL_ONLY)
+            structured_outputs=structured,
+            # cumulative rather than deltas: the last output then holds each completion whole, as the result needs
+            output_kind=RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY)
 
-    def _result(self, output: Any) -> GenResult | Exception:
-        completions = sorted(output.outputs, key=lambda c: c.index)
+    def _result(self, output: Any, stream: _Stream | None = None) -> GenResult | Exception:
+        completions = sorted(stream.latest.values() if stream is not None else output.outputs, key=lambda c: c.index)
         if any(c.finish_reason == "error" for c in completions):
             # vLLM ends a request whose grammar failed to compile with no tokens and reason "error": never an
             # empty success
