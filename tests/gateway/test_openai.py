@@ -352,6 +352,13 @@ def test_a_stream_comes_in_pieces_as_the_engine_produces_them(gateway: str, tiny
     # include_usage: a last chunk with no choices and the usage; null on every other one
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1])
+    # n > 1: each choice's pieces add up to its text (a seed makes the sampled answer the same)
+    sampled = {**ask, "n": 2, "temperature": 0.8, "seed": 11, "max_tokens": 12}
+    two = {c.index: c.message.content for c in oai.chat.completions.create(**sampled).choices}
+    apart: dict[int, str] = {0: "", 1: ""}
+    for c in oai.chat.completions.create(**sampled, stream=True):
+        apart[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert apart == two
     # text completions stream the same way
     prompt = {"model": tiny_llama, "prompt": "once upon a time", "max_tokens": 30, "temperature": 0}
     text = oai.completions.create(**prompt).choices[0].text

@@ -152,6 +152,29 @@ def test_a_tenant_over_its_generation_cap_gets_429_and_others_still_run(capped: 
     assert chat.choices[0].message.content is not None
 
 
+def test_a_stream_holds_its_tenants_share_until_it_ends(capped: str) -> None:
+    oai = openai.OpenAI(base_url=f"{capped}/v1", api_key=make_token(new_user("streamer")), max_retries=0, timeout=60)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "n": N, "max_tokens": MAX_TOKENS,
+           "temperature": 1.0, "stream": True}
+    streams = [oai.chat.completions.create(**ask) for _ in range(2)]  # the cap: two of these at once
+    for stream in streams:
+        next(iter(stream))  # both are streaming
+    with pytest.raises(openai.RateLimitError) as caught:
+        oai.chat.completions.create(**ask)
+    assert "BITINGLIP_TENANT_GENERATION_TOKENS" in str(caught.value)
+    for stream in streams:
+        stream.close()
+    # the share comes back once the gateway hears the clients left
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            oai.chat.completions.create(**ask).close()
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the closed streams still hold their tenant's share"
+            time.sleep(0.5)
+
+
 def test_one_request_over_the_cap_is_a_400_naming_the_setting(capped: str) -> None:
     oai = openai.OpenAI(base_url=f"{capped}/v1", api_key=make_token(new_user("huge")), max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError) as caught:

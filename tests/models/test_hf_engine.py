@@ -119,6 +119,28 @@ def test_a_stop_string_ends_the_request_and_is_cut(engine: HFEngine, tokenizer: 
     assert engine.stats()["running"] == 0
 
 
+def test_a_streamed_request_hands_its_text_on_as_it_grows(engine: HFEngine, tokenizer: Any) -> None:
+    prompt = ids(tokenizer, PROMPTS[0])
+    ask = {"max_tokens": 30, "ignore_eos": True}
+    plain = engine.run([GenRequest(prompt, ask)], no_tick)[0]
+    pieces: list[tuple[int, str]] = []
+    streamed = engine.run([GenRequest(prompt, ask, on_text=lambda i, text: pieces.append((i, text)))], no_tick)[0]
+    assert isinstance(plain, GenResult) and isinstance(streamed, GenResult), (plain, streamed)
+    assert streamed.texts == plain.texts  # the answer is the whole answer, streamed or not
+    sent = "".join(text for _, text in pieces)
+    whole = plain.texts[0]
+    # many pieces, each following the last (what is held back while it may change comes with the result)
+    assert len(pieces) >= 10 and {i for i, _ in pieces} == {0} and whole.startswith(sent) and len(sent) > len(whole) // 2
+    # a stop string: no piece carries any of it, nor what follows it
+    stop = next(whole[i:i + 3] for i in range(8, len(whole) - 3) if whole.find(whole[i:i + 3]) == i and
+                whole[i:i + 3].strip())
+    pieces.clear()
+    cut = engine.run([GenRequest(prompt, {**ask, "stop": (stop,)}, on_text=lambda i, text: pieces.append((i, text)))],
+                     no_tick)[0]
+    assert isinstance(cut, GenResult) and cut.texts == [whole[:whole.find(stop)]]
+    assert cut.texts[0].startswith("".join(text for _, text in pieces))
+
+
 def test_same_seed_same_text_whatever_runs_beside_it(engine: HFEngine, tokenizer: Any) -> None:
     row = GenRequest(ids(tokenizer, PROMPTS[0]), {"max_tokens": 20, "temperature": 0.9, "seed": 7, "n": 2,
                                                   "ignore_eos": True})

