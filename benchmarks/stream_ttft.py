@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway_load import gateway_stack
 
@@ -39,15 +41,32 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bitinglip-stream-"))
-    os.environ.setdefault("MODEL_CACHE_DIR", str(tmp / "models"))  # the gateway and the workers share it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from openai import OpenAI
-
     from bitinglip.platform.models import Registry
     from bitinglip.settings import Settings
     from tests.real_models import make_smollm2
 
-    Registry(Settings()).add("smollm2-stream", str(make_smollm2(tmp / "smollm2")), task="generate")
+    # in the default registry, which the gateway_stack's gateway and workers both read; removed at the end
+    registry = Registry(Settings())
+    manifest = registry.add("smollm2-stream", str(make_smollm2(tmp / "smollm2")), task="generate")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rows = _run(args)
+    finally:
+        registry.remove(manifest.ref)
+    ratio = statistics.median(r["first_s"] / r["whole_s"] for r in rows)
+    print(f"median first piece / whole answer: {ratio:.3f}")
+    print(json.dumps({"chats": len(rows), "max_tokens": args.max_tokens, "workers": args.workers,
+                      "cpus": os.cpu_count(), "median_first_s": round(statistics.median(r["first_s"] for r in rows), 3),
+                      "median_whole_s": round(statistics.median(r["whole_s"] for r in rows), 3),
+                      "median_first_over_whole": round(ratio, 4),
+                      "median_stream_over_whole": round(statistics.median(r["stream_s"] / r["whole_s"] for r in rows), 3),
+                      "median_pieces": statistics.median(r["pieces"] for r in rows)}))
+
+
+def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from openai import OpenAI
+
     with gateway_stack(args.workers) as (_, base, token):
         client = OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=600)
         client.chat.completions.create(model="smollm2-stream", messages=[{"role": "user", "content": "hi"}],
@@ -72,14 +91,7 @@ def main() -> None:
                          "stream_s": stream_s, "pieces": pieces})
             print(f"{rows[-1]['tokens']:4d} tokens  whole {whole_s:6.2f} s  first piece {rows[-1]['first_s']:6.2f} s "
                   f"({rows[-1]['first_s'] / whole_s:.3f} of whole)  stream {stream_s:6.2f} s  {pieces} pieces")
-    ratio = statistics.median(r["first_s"] / r["whole_s"] for r in rows)
-    print(f"median first piece / whole answer: {ratio:.3f}")
-    print(json.dumps({"chats": len(rows), "max_tokens": args.max_tokens, "workers": args.workers,
-                      "cpus": os.cpu_count(), "median_first_s": round(statistics.median(r["first_s"] for r in rows), 3),
-                      "median_whole_s": round(statistics.median(r["whole_s"] for r in rows), 3),
-                      "median_first_over_whole": round(ratio, 4),
-                      "median_stream_over_whole": round(statistics.median(r["stream_s"] / r["whole_s"] for r in rows), 3),
-                      "median_pieces": statistics.median(r["pieces"] for r in rows)}))
+    return rows
 
 
 if __name__ == "__main__":

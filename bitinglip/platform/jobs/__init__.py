@@ -33,7 +33,7 @@ from bitinglip.platform.jobs.vocabulary import (
 )
 
 __all__ = ["ANNOTATION", "JOB_ID", "MANIFEST", "MISSING", "MOVED", "PROGRESS_TOPIC", "RECORD", "REFUSED", "STATES",
-           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobState", "JobStore", "Platform", "Progress",
-           "committed_parts", "committed_summary", "fingerprint", "job_keys", "new_job_id", "parse_task_key",
-           "predict_counted", "predict_generation", "predict_texts",
+           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobState", "JobStore",
+           "Platform", "Progress", "committed_parts", "committed_summary", "fingerprint", "job_keys", "new_job_id",
+           "parse_task_key", "predict_counted", "predict_generation", "predict_texts",
            "rate_and_eta", "read_json", "require_column", "sample_corpus", "task_key"]
