@@ -67,10 +67,16 @@ def main() -> None:
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from openai import OpenAI
 
-    with gateway_stack(args.workers) as (_, base, token):
+    from bitinglip.platform.jobs import predict_generation
+
+    with gateway_stack(args.workers) as (platform, base, token):
+        # the engine starts on every worker first, straight on the cluster: a start on a busy machine can take
+        # longer than the gateway waits for an online answer (120 s)
+        row = {"messages": [{"role": "user", "content": "hi"}], "params": {"max_tokens": 4}}
+        for worker in platform.client.scheduler_info()["workers"]:
+            platform.client.submit(predict_generation, "generate", "smollm2-stream", {}, [row], workers=[worker],
+                                   pure=False).result(timeout=1200)
         client = OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=600)
-        client.chat.completions.create(model="smollm2-stream", messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=4)
         rows = []
         for prompt in (PROMPTS * args.chats)[:args.chats]:
             ask = {"model": "smollm2-stream", "messages": [{"role": "user", "content": prompt}],

@@ -135,6 +135,12 @@ class VllmEngine(Engine):
         self._engine = self._llm.llm_engine
         self._tokenizer = self._llm.get_tokenizer()
         self._kv_bytes = int(kv_cache_bytes) or _kv_cache_bytes(self._engine)
+        # vLLM's metrics live in the process's one Prometheus registry, labelled by this name: another engine's
+        # (a second model on the worker) are not this one's
+        try:
+            self._served = str(self._engine.vllm_config.model_config.served_model_name)
+        except AttributeError:
+            self._served = path
         self._weights_bytes = weights_bytes
         self._lock = threading.Lock()  # the hand-over lists below; never held while the engine steps
         self._wake = threading.Condition(self._lock)  # requests arrived or aborted, or shutdown
@@ -212,6 +218,8 @@ class VllmEngine(Engine):
         try:  # vLLM's own figures (its stat loggers are on: disable_log_stats=False), from Prometheus' registry
             engine = self._engine
             for metric in engine.get_metrics() if engine is not None else ():
+                if metric.labels.get("model_name", self._served) != self._served:
+                    continue
                 if metric.name == "vllm:kv_cache_usage_perc":
                     usage = float(getattr(metric, "value", 0.0) or 0.0)
                 elif metric.name == "vllm:generation_tokens":  # every token generated, aborted requests' too
