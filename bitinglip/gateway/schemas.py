@@ -1,7 +1,9 @@
 """The request bodies the gateway takes, declared once.
 
 Each :class:`BodyModel` names a body's fields, their JSON Schema and which
-are required.  The routes check every body against it (:meth:`BodyModel.check`:
+are required; the fields the platform declares (a job's ``text_column`` and
+``priority``, the sampling parameters, a chat message) take their schema from
+its contract (:mod:`bitinglip.platform.tasks`), bounds and defaults included.  The routes check every body against it (:meth:`BodyModel.check`:
 unknown and missing fields) before their own checks of each value, and
 :mod:`bitinglip.gateway.openapi` publishes :meth:`BodyModel.schema`, so the
 document cannot name a field the route refuses, or miss one it takes.
@@ -14,7 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks import BUILTIN_TASKS, DTYPES, MAX_TEMPERATURE, POOLINGS
+from bitinglip.platform.tasks import (
+    BUILTIN_TASKS,
+    DTYPES,
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    POOLINGS,
+    ChatMessage,
+    JobFields,
+    Params,
+    json_schema,
+)
 
 #: a REST job's idempotency key; the colon is allowed, the key is stored length-prefixed
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -60,9 +72,9 @@ JOB_REQUEST = BodyModel("JobRequest", {
     "inputs": TEXTS,
     "input_uri": {"type": "string", "minLength": 1, "maxLength": 2000,
                   "description": "a file:// URI or path inside the gateway's input directory"},
-    "text_column": {"type": "string", "minLength": 1, "maxLength": 200, "default": "text"},
+    **json_schema(JobFields, ["text_column"]),
     "options": OPTIONS,
-    "priority": {"type": "integer", "minimum": 1, "maximum": 10, "default": 5},
+    **json_schema(JobFields, ["priority"]),
     "idempotency_key": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
 }, required=("task", "model"), extra={"oneOf": [{"required": ["inputs"]}, {"required": ["input_uri"]}]})
 
@@ -106,32 +118,35 @@ EMBEDDING_REQUEST = BodyModel("EmbeddingRequest", {
     "user": {"type": "string"},
 }, required=("model", "input"))
 
-#: OpenAI's sampling fields, as a chat or text completion takes them (bounds: the generate task's)
+#: a row's sampling parameters (the contract's ``Params``), as OpenAI's bodies name them
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "stop", "seed", "n", "logprobs", "response_format")
+_PARAMS = json_schema(Params)
+#: OpenAI's sampling fields, as a chat or text completion takes them (bounds: the generate task's contract)
 _SAMPLING = {
-    "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
-    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "seed": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "minimum": 1},
-    "response_format": {"type": "object"}, "stream": {"type": "boolean"},
+    **{name: _PARAMS[name] for name in SAMPLING if name != "logprobs"},
+    # OpenAI's: one stop string, or a list
+    "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}, _PARAMS["stop"]]},
+    "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "additionalProperties": False},
     "user": {"type": "string"}, "model": {"type": "string", "minLength": 1},
 }
 CHAT_REQUEST = BodyModel("ChatCompletionRequest", {
     **_SAMPLING,
-    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"]}},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": {
+        "type": "object", "required": ["role", "content"],
+        # content: a string, or OpenAI's text parts ([{"type": "text", "text": ...}])
+        "properties": {**json_schema(ChatMessage, ["role"]), "content": {"oneOf": [
+            json_schema(ChatMessage, ["content"])["content"], {"type": "array", "items": {"type": "object"}}]}}}},
+    "max_completion_tokens": _PARAMS["max_tokens"],
+    "logprobs": {"type": "boolean"}, "top_logprobs": _PARAMS["logprobs"]["anyOf"][0],
 }, required=("model", "messages"))
 COMPLETION_REQUEST = BodyModel("CompletionRequest", {
     **_SAMPLING,
     "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
                                                "maxItems": 1}]},
-    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+    "logprobs": _PARAMS["logprobs"],
     "echo": {"const": False}, "suffix": {"type": "null"}, "best_of": {"const": 1},
 }, required=("model", "prompt"))
 

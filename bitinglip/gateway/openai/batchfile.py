@@ -25,8 +25,9 @@ from typing import IO, Any
 from bitinglip.errors import BitingLipError, InputError
 from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
 from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
+from bitinglip.gateway.schemas import SAMPLING
 from bitinglip.platform.models import resolve_listed, resolve_model
-from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, surrogate_at
+from bitinglip.platform.tasks import BUILTIN_TASKS, Params, bound, model_limits, python_type, surrogate_at
 from bitinglip.settings import Settings
 
 #: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
@@ -40,13 +41,9 @@ MAX_LINE_BYTES = 8 << 20
 #: the most file-level errors a failed batch lists (OpenAI lists a few, not thousands)
 MAX_ERRORS = 100
 _ROWS_PER_WRITE = 4096
-#: a generation row's params in the job's Parquet input: one type per field (Parquet keeps one per column)
-_PARAM_TYPES: dict[str, Any] = {
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "stop": list, "seed": int,
-    "n": int, "logprobs": int, "response_format": dict}
-#: the generate task's bounds on n and logprobs (its generation module's MAX_N, MAX_LOGPROBS)
-MAX_N, MAX_LOGPROBS = 16, 20
+#: a generation row's params in the job's Parquet input: one type per field (Parquet keeps one per column),
+#: the contract's
+_PARAM_TYPES: dict[str, Any] = {name: python_type(Params, name) for name in SAMPLING}
 _CUSTOM_ID_CHARS = 512
 
 
@@ -155,7 +152,7 @@ def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
     generation row contract (``messages`` or ``text``, and ``params``)."""
     task = BUILTIN_TASKS["generate"]
     # every row is checked as a job that allows n and logprobs would take it; the job then asks for the most any row asks
-    loose = task.check_options({"n": MAX_N, "logprobs": MAX_LOGPROBS})
+    loose = task.check_options({name: bound(Params, name).high for name in ("n", "logprobs")})
     checked = Checked(options={})
 
     def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -49,6 +49,7 @@ from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MISSING, MOVED, RECORD, TERMINAL, JobState, new_job_id
+from bitinglip.platform.tasks import DEFAULT_PRIORITY
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
@@ -101,7 +102,7 @@ async def create_batch(request: Request) -> Response:
                      "input_file_id")
     job_id, now = new_job_id(), time.time()
     output = str(gw.settings.results_dir / job_id)
-    fields = {"task": ENDPOINTS[body["endpoint"]], "priority": 5, "output": output, "options": {}}
+    fields = {"task": ENDPOINTS[body["endpoint"]], "priority": DEFAULT_PRIORITY, "output": output, "options": {}}
     got, created = await gw.store.create(job_id, principal.sub, fields, key and _IDEM_SPACE + key, now=now)
     if not created:  # the same key again: the first batch, whatever became of it
         record = await batches.get(principal.sub, PREFIX + got)
@@ -161,7 +162,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
                                                                      "rows_total": 0, "parts": 0})
         # written now: with no job folder to rebuild its record from, a later read could not tell it ended
         return await finalize(gw, record, {"id": job_id, "state": JobState.SUCCEEDED.value})
-    sub = {"task": fields["task"], "priority": 5, "options": checked.options, "inputs": os.path.join(output, INPUT),
+    sub = {"task": fields["task"], "priority": DEFAULT_PRIORITY, "options": checked.options, "inputs": os.path.join(output, INPUT),
            "text_column": "text", "input_root": output}
     if fields["task"] == "generate":
         sub["frame"] = await anyio.to_thread.run_sync(generation_frame, sub["inputs"], limiter=gw.submissions)

@@ -30,6 +30,7 @@ from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MISSING, MOVED, RECORD, JobState, fingerprint, job_keys, read_json
+from bitinglip.platform.tasks import DEFAULT_PRIORITY
 from bitinglip.polling import poll
 
 #: the states a job may be resumed from: it ended without all of its rows
@@ -57,7 +58,7 @@ def _same_inputs(output: str, inputs: Any) -> bool:
 
 def _submission(job: dict[str, Any], saved: dict[str, Any], batch: dict[str, Any] | None) -> dict[str, Any]:
     """What the job is handed to the cluster with again, exactly as the first time."""
-    sub = {"task": job["task"], "priority": int(job.get("priority") or 5), "options": job.get("options") or {},
+    sub = {"task": job["task"], "priority": int(job.get("priority") or DEFAULT_PRIORITY), "options": job.get("options") or {},
            "inputs": saved["inputs"], "text_column": saved["text_column"], "input_root": saved.get("input_root")}
     if batch is not None and job["task"] == "generate":
         sub["frame"] = generation_frame(saved["inputs"])  # a chat batch ran on this frame, not on the file

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from bitinglip.errors import InputError, ModelError
 from bitinglip.platform.tasks.base import Batch, Loaded, TaskType, max_length, torch_dtype
+from bitinglip.platform.tasks.contract import ENGINES, GenerateOptions, defaults
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult
 from bitinglip.platform.tasks.generation import (
     SAMPLING_DEFAULTS,
@@ -38,7 +39,6 @@ from bitinglip.platform.tasks.heads import missing_head, refuse_untrained
 from bitinglip.platform.tasks.options import choice, model_limits, whole
 
 log = logging.getLogger(__name__)
-ENGINES = ("auto", "vllm", "transformers")
 #: the KV cache of a vLLM engine on a CPU worker when the settings give none (vLLM's own
 #: choice there is most of the machine's memory, which a Dask worker's memory limit would not survive)
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -55,7 +55,7 @@ class Generate(TaskType):
     text_alternatives = ("messages",)
     engine_driven = True
     load_options = ("dtype", "engine")
-    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "engine": "auto", **SAMPLING_DEFAULTS}
+    defaults: ClassVar[Mapping[str, Any]] = defaults(GenerateOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(options, Mapping) and "max_new_tokens" in options:  # the older name of max_tokens

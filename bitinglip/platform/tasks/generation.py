@@ -19,22 +19,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks.options import INT64_MAX, MAX_STOP_CHARS, MAX_STOPS, real, strings, surrogate_at, whole
+from bitinglip.platform.tasks.contract import (
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
+    MAX_SCHEMA_BYTES,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    ROLES,
+    Sampling,
+    bound,
+    bounded,
+    defaults,
+    python_type,
+)
+from bitinglip.platform.tasks.options import bounded_value, strings, surrogate_at
 
-#: fixed bounds; a model's positions bound max_tokens further, its vocabulary top_k
-MAX_NEW_TOKENS, MAX_REPETITION_PENALTY = 4096, 100.0
-#: vLLM's SamplingParams refuses a temperature above 2 (OpenAI's range too): refused here, before dispatch
-MAX_TEMPERATURE = 2.0
-#: completions per row, top log-probabilities per token (OpenAI's limit is 20)
-MAX_N, MAX_LOGPROBS = 16, 20
-#: messages per chat, characters per message, bytes of a JSON schema
-MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_SCHEMA_BYTES = 1024, 1_000_000, 64 * 1024
-ROLES = ("system", "user", "assistant", "tool", "developer")
-#: the sampling parameters a job sets for all rows and a row may override
-SAMPLING_DEFAULTS: Mapping[str, Any] = {
-    "max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": (), "seed": None, "n": 1, "logprobs": None,
-    "response_format": None, "ignore_eos": False}
+#: the sampling parameters a job sets for all rows and a row may override (declared in the contract)
+SAMPLING_DEFAULTS: Mapping[str, Any] = defaults(Sampling)
 #: accepted for max_tokens (the name of BitingLip's first releases, and of transformers)
 ALIASES = {"max_new_tokens": "max_tokens"}
 
@@ -46,7 +47,9 @@ def check_param(name: str, value: Any, where: str = "option", given: str | None 
         return _CHECKS[name](given or name, value)
     except InputError as exc:
         text = str(exc)
-        raise InputError(text.replace("option ", f"{where} ", 1) if where != "option" else text) from None
+        error = InputError(text.replace("option ", f"{where} ", 1) if where != "option" else text)
+        error.param = given or name  # type: ignore[attr-defined]  # OpenAI's error names the field
+        raise error from None
 
 
 def _fmt(name: str, value: Any) -> dict[str, Any] | None:
@@ -78,7 +81,7 @@ def _logprobs(name: str, value: Any) -> int | None:
         return None
     if value is True:  # OpenAI's chat API: logprobs true, the top count apart
         return 0
-    return whole(name, value, 0, MAX_LOGPROBS)
+    return _numbers["logprobs"](name, value)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -87,22 +90,22 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _number(name: str) -> Any:
+    b, kind = bound(Sampling, name), python_type(Sampling, name)
+    return lambda n, v: bounded_value(n, v, b, kind)
+
+
+#: every numeric parameter, checked against its range in the contract
+_numbers: dict[str, Any] = {name: _number(name) for name, _ in bounded(Sampling)}
 _CHECKS: dict[str, Any] = {
-    "max_tokens": lambda n, v: whole(n, v, 1, MAX_NEW_TOKENS),
-    "temperature": lambda n, v: real(n, v, 0.0, MAX_TEMPERATURE),
-    "top_p": lambda n, v: real(n, v, 0.0, 1.0, low_open=True),
-    "top_k": lambda n, v: whole(n, v, 0, 1_000_000),  # 0: no top-k cut; the vocabulary bounds it per model
-    "min_p": lambda n, v: real(n, v, 0.0, 1.0),
-    "repetition_penalty": lambda n, v: real(n, v, 0.0, MAX_REPETITION_PENALTY, low_open=True),
-    "presence_penalty": lambda n, v: real(n, v, -2.0, 2.0),
-    "frequency_penalty": lambda n, v: real(n, v, -2.0, 2.0),
+    **_numbers,
     "stop": lambda n, v: () if v is None else strings(n, v, MAX_STOPS, MAX_STOP_CHARS),
-    "seed": lambda n, v: None if v is None else whole(n, v, 0, INT64_MAX),
-    "n": lambda n, v: whole(n, v, 1, MAX_N),
+    "seed": lambda n, v: None if v is None else _numbers["seed"](n, v),
     "logprobs": _logprobs,
     "response_format": _fmt,
     "ignore_eos": _flag,
 }
+assert set(_CHECKS) == set(Sampling.model_fields), "a contract field without its check"
 
 
 def check_sampling(options: Mapping[str, Any], where: str = "option") -> dict[str, Any]:
@@ -141,7 +144,7 @@ def _as_list(value: Any) -> list[Any] | None:
 
 
 #: parameters that are whole numbers
-WHOLE = ("max_tokens", "max_new_tokens", "top_k", "seed", "n", "logprobs")
+WHOLE = (*(name for name in Sampling.model_fields if python_type(Sampling, name) is int), *ALIASES)
 
 
 def _plain(name: str, value: Any) -> Any:
