@@ -23,14 +23,14 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bitinglip.errors import BitingLipError, ConflictError, InputError, NotFoundError
+from bitinglip.errors import ConflictError, InputError, NotFoundError
 from bitinglip.gateway.body import check_task, check_texts, query_int, read_json
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.job_view import view
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, TERMINAL, JobState, new_job_id
+from bitinglip.platform.jobs import MOVED, TERMINAL, JobState, new_job_id
 from bitinglip.platform.tasks import DEFAULT_PRIORITY, JobFields, job_priority, job_text_column
 from bitinglip.settings import Settings
 
@@ -87,18 +87,8 @@ async def submit_job(request: Request) -> Response:
         return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, record,
-                                                      limiter=gw.submissions)
-    except BaseException as exc:
-        await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    figures = {"rows_total": total, "parts": parts}
-    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
-        await gw.store.restore({**record, **figures})
-        await gw.store.transition(job_id, None, figures)
+    await submit(gw, job_id, sub, model, output, record,
+                 undo=lambda: gw.store.delete(job_id, principal.sub, sub["idempotency_key"]))
     current = await gw.store.get(job_id)
     return gw.json(request, view(current or {"id": job_id, "state": "queued"}), 202,
                    {"Location": f"/v1/jobs/{job_id}"})

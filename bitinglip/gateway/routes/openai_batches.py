@@ -10,7 +10,6 @@ returns the first batch made with it instead of running the file again.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -23,10 +22,10 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError, ConflictError, UnknownModelError
+from bitinglip.errors import ConflictError, UnknownModelError
 from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.handlers import scrub
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, due, final_status, new_record, view
 from bitinglip.gateway.openai.batchfile import (
     INPUT,
@@ -48,7 +47,7 @@ from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, RECORD, TERMINAL, JobState, new_job_id
+from bitinglip.platform.jobs import MOVED, RECORD, TERMINAL, JobState, new_job_id
 from bitinglip.platform.tasks import DEFAULT_PRIORITY
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
@@ -168,16 +167,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
         sub["frame"] = await anyio.to_thread.run_sync(generation_frame, sub["inputs"], limiter=gw.submissions)
     rest = {**fields, "options": checked.options, "model": checked.model, "id": job_id, "owner": owner, "state": JobState.QUEUED.value,
             "created_at": now, "updated_at": now, "idempotency_key": key and _IDEM_SPACE + key}
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, rest,
-                                                      limiter=gw.submissions)
-    except BaseException as exc:
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    figures = {"rows_total": total, "parts": parts, "model": checked.model, "options": checked.options}
-    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
-        await gw.store.restore({**rest, **figures})
+    await submit(gw, job_id, sub, model, output, rest, extra={"model": checked.model, "options": checked.options})
     return record
 
 

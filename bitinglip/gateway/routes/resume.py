@@ -12,7 +12,6 @@ refused the job) leaves the job and its batch as they were.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -21,8 +20,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError, ConflictError, UnavailableError
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.errors import ConflictError, UnavailableError
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.job_view import view
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, check_failed
 from bitinglip.gateway.openai.batchfile import generation_frame
@@ -93,19 +92,14 @@ async def resume_job(request: Request) -> Response:
     record = {key: job.get(key) for key in ("task", "model", "priority", "output", "options", "rows_total", "id",
                                             "owner", "created_at", "idempotency_key")}
     record.update(state=JobState.QUEUED.value, updated_at=now, resumed_at=now)
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job["id"], sub, job["model"],
-                                                      job["output"], record, limiter=gw.submissions)
-    except BaseException as exc:
-        # nothing runs: the job (and its batch) end again as they were
+
+    async def undo() -> None:  # nothing runs: the job (and its batch) end again as they were
         await gw.store.transition(job["id"], job["state"], {"finished_at": job.get("finished_at") or time.time(),
                                                             "error": job.get("error")})
         if batch is not None:
             await batches.save(batch)
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    await gw.store.transition(job["id"], None, {"rows_total": total, "parts": parts})
+
+    await submit(gw, job["id"], sub, job["model"], job["output"], record, undo=undo)
     current = await gw.store.get(job["id"])
     return gw.json(request, view(current or {**job, "state": "queued"}), 202, {"Location": f"/v1/jobs/{job['id']}"})
 
