@@ -56,12 +56,13 @@ def _sample_input(spec: str, output_dir: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
     from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
-    from bitinglip.platform.tasks import get_task
+    from bitinglip.platform.tasks import get_task, job_text_column
     from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
     task = get_task(args.task)
     task.check_options(dict(args.option))
+    job_text_column(args.text_column)
     if not args.input.startswith("sample:"):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
@@ -190,11 +191,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervise(commands, restart=args.restart)
 
 
+def options_help() -> str:
+    """Each built-in task's options, with type, range and default (the tasks' contract)."""
+    from bitinglip.platform.tasks import TASK_OPTIONS, option_rows
+
+    lines = ["task options (--option KEY=VALUE; [low, high]: from low to high, (low, high]: above low):"]
+    for task in TASK_OPTIONS:
+        rows = option_rows(task)
+        width = max(len(name) for name, *_ in rows)
+        lines.append(f"  {task}:")
+        lines += [f"    {name:<{width}}  {kind}{f', {span}' if span else ''}, default {default}"
+                  for name, kind, span, default, _ in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do; COMMAND -h for its options")
 
-    run = sub.add_parser("run", help="run a job and write its results to Parquet")
+    run = sub.add_parser("run", help="run a job and write its results to Parquet", epilog=options_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--task", required=True, help="embed, classify, generate")
     run.add_argument("--model", required=True, help="a model name or a save_pretrained directory")
     run.add_argument("--input", required=True,
@@ -204,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
     run.add_argument("--text-column", default="text", help="the input's column of texts (default: %(default)s)")
     run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                     help="a task option; VALUE is read as JSON when it parses (true, 3, [\"a\"])")
+                     help="a task option (listed below); VALUE is read as JSON when it parses (true, 3, [\"a\"])")
     run.add_argument("--partition-rows", type=_positive,
                      help="rows per partition (default: PARTITION_ROWS, else sized to the workers)")
     run.add_argument("--token-budget", type=_positive,

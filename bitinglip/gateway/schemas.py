@@ -20,8 +20,8 @@ from bitinglip.platform.tasks import (
     BUILTIN_TASKS,
     DTYPES,
     MAX_MESSAGES,
-    MAX_STOP_CHARS,
     POOLINGS,
+    TASK_OPTIONS,
     ChatMessage,
     JobFields,
     Params,
@@ -32,7 +32,10 @@ from bitinglip.platform.tasks import (
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 TASK = {"type": "string", "enum": sorted(BUILTIN_TASKS)}
 TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
-OPTIONS = {"type": "object", "description": "the task's options, e.g. {\"normalize\": true} for embed"}
+#: one of the tasks' option sets (the contract's), e.g. {"normalize": true} for embed
+OPTIONS = {"type": "object", "description": "the task's options, e.g. {\"normalize\": true} for embed",
+           "anyOf": [{"title": task, "type": "object", "additionalProperties": False, "properties": json_schema(model)}
+                     for task, model in TASK_OPTIONS.items()]}
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,6 @@ _PARAMS = json_schema(Params)
 #: OpenAI's sampling fields, as a chat or text completion takes them (bounds: the generate task's contract)
 _SAMPLING = {
     **{name: _PARAMS[name] for name in SAMPLING if name != "logprobs"},
-    # OpenAI's: one stop string, or a list
-    "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}, _PARAMS["stop"]]},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "additionalProperties": False},

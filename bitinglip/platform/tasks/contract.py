@@ -22,10 +22,10 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 #: torch.manual_seed and numpy take at most a signed 64-bit integer
 INT64_MAX = 2**63 - 1
@@ -45,6 +45,7 @@ MATMUL_PRECISIONS = ("highest", "medium")
 MATMUL_CHOICES = ("auto", *MATMUL_PRECISIONS)
 ENGINES = ("auto", "vllm", "transformers")
 ROLES = ("system", "user", "assistant", "tool", "developer")
+_Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class _Contract(BaseModel):
@@ -66,9 +67,9 @@ class Sampling(_Contract):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="above 1 discourages repeated tokens")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: penalizes tokens already present")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: penalizes tokens by their count")
-    stop: tuple[str, ...] = Field((), max_length=MAX_STOPS,
-                                  description=f"a string or up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
-                                              "characters that end a completion")
+    stop: _Stop | Annotated[tuple[_Stop, ...], Field(max_length=MAX_STOPS)] = Field(
+        (), description=f"a string, or up to {MAX_STOPS} strings, of 1 to {MAX_STOP_CHARS} characters that end a "
+                        "completion")
     seed: int | None = Field(None, ge=0, le=INT64_MAX, description="makes sampling repeatable")
     n: int = Field(1, ge=1, le=16, description="completions per row")
     #: OpenAI's limit is 20
@@ -178,15 +179,21 @@ def defaults(model: type[BaseModel]) -> dict[str, Any]:
 
 def python_type(model: type[BaseModel], name: str) -> type:
     """The plain type of ``model.name`` without None (``int | None`` -> int, ``tuple[str, ...]`` -> list)."""
-    annotation = model.model_fields[name].annotation
+    annotation = _bare(model.model_fields[name].annotation)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        members = [_bare(a) for a in typing.get_args(annotation) if a is not type(None)]
+        # a string or a list of them (stop) is kept as a list
+        annotation = next((a for a in members if typing.get_origin(a) is tuple), members[0])
     origin = typing.get_origin(annotation)
     if origin is tuple:
         return list
     if origin is Literal:
         return type(typing.get_args(annotation)[0])
     return origin or annotation
+
+
+def _bare(annotation: Any) -> Any:
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
 
 
 def bounded(model: type[BaseModel]) -> Iterator[tuple[str, Bound]]:
@@ -236,8 +243,9 @@ def describe(model: type[BaseModel], name: str) -> tuple[str, str, str, str]:
         kind = str
     elif kind in (int, float) and (b.low is not None or b.high is not None):
         shown_range = f"{'(' if b.low_open else '['}{_num(b.low)}, {_num(b.high)}]"
-    elif kind is list and b.high is not None:
-        shown_range = f"at most {b.high}"
+    elif kind is list:
+        most = b.high if b.high is not None else _items(annotation)
+        shown_range = f"up to {most} items" if most is not None else ""
     else:
         shown_range = ""
     default = field.default
@@ -245,7 +253,19 @@ def describe(model: type[BaseModel], name: str) -> tuple[str, str, str, str]:
                      else "[]" if default == () else str(default))
     type_name = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list",
                  dict: "object"}.get(kind, kind.__name__)
+    if kind is list and str in [_bare(a) for a in typing.get_args(annotation)]:
+        type_name = "string or list"
     return type_name, shown_range, shown_default, field.description or ""
+
+
+def _items(annotation: Any) -> int | None:
+    """The most items a list member of a union may hold (``Annotated[tuple[...], Field(max_length=N)]``)."""
+    for member in typing.get_args(annotation):
+        for meta in typing.get_args(member)[1:] if typing.get_origin(member) is Annotated else ():
+            for item in getattr(meta, "metadata", ()):
+                if isinstance(item, annotated_types.MaxLen):
+                    return int(item.max_length)
+    return None
 
 
 def _num(value: float | None) -> str:
