@@ -9,7 +9,7 @@ ROWS ?= 20000
 # a new folder each run: an output folder holds one job's results, and a second demo is another job
 DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo lint test test-fast bench bench-check services
+.PHONY: setup demo lint test test-fast readme bench bench-check services
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test: setup services lint
 # every unit-level test of every package: nothing that starts a cluster or Redis, nothing slow (markers: tests/conftest.py)
 test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow and not cluster and not redis"
+
+# README.md's task option tables, from the tasks' contract (tests/unit/test_readme_options.py checks them)
+readme: setup
+	$(PY) tools/readme_options.py
 
 bench: setup
 	$(PY) benchmarks/embed_cpu.py --rows $(ROWS)
