@@ -113,11 +113,16 @@ BATCH_REQUEST = BodyModel("BatchRequest", {
                  "description": "up to 16 string pairs; idempotency_key makes a resubmission return the same batch"},
 }, required=("input_file_id", "endpoint", "completion_window"))
 
+#: OpenAI's own bound on the texts of one embeddings request
+MAX_EMBEDDING_INPUTS = 2048
+#: the widest ``dimensions`` taken (the model's own width bounds it further)
+MAX_DIMENSIONS = 65536
 EMBEDDING_REQUEST = BodyModel("EmbeddingRequest", {
     "model": {"type": "string", "minLength": 1},
-    "input": {"oneOf": [{"type": "string"}, TEXTS]},
+    "input": {"oneOf": [{"type": "string"}, {**TEXTS, "maxItems": MAX_EMBEDDING_INPUTS}]},
     "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-    "dimensions": {"type": "integer", "minimum": 1, "description": "keep the first N values, rescaled to length 1"},
+    "dimensions": {"type": "integer", "minimum": 1, "maximum": MAX_DIMENSIONS,
+                   "description": "keep the first N values, rescaled to length 1 (at most the model's width)"},
     "user": {"type": "string"},
 }, required=("model", "input"))
 

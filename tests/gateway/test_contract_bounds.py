@@ -204,3 +204,15 @@ def test_run_help_lists_every_option_with_its_bound_and_default(capsys: pytest.C
     for task, name, b in OPTIONS:
         low = f"{'(' if b.low_open else '['}{_shown(b.low)}"
         assert f"{low}, {_shown(b.high)}]" in sections[task][name], (task, name)
+
+
+def test_embeddings_dimensions_follow_its_bound(client: tuple[TestClient, dict[str, str]]) -> None:  # noqa: F811
+    from bitinglip.gateway.schemas import MAX_DIMENSIONS
+
+    assert _component("EmbeddingRequest")["properties"]["dimensions"]["maximum"] == MAX_DIMENSIONS
+    http, headers = client
+    body = {"model": "all-MiniLM-L6-v2", "input": "a"}
+    at = http.post("/v1/embeddings", json={**body, "dimensions": MAX_DIMENSIONS}, headers=headers).json()["error"]
+    assert at["param"] == "dimensions" and "model's 384" in at["message"], at  # past the model's width, not the bound
+    past = http.post("/v1/embeddings", json={**body, "dimensions": MAX_DIMENSIONS + 1}, headers=headers).json()["error"]
+    assert past["param"] == "dimensions" and "up to the model's size" in past["message"], past

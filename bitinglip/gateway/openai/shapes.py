@@ -19,13 +19,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.gateway.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, SAMPLING
+from bitinglip.gateway.schemas import (
+    CHAT_REQUEST,
+    COMPLETION_REQUEST,
+    EMBEDDING_REQUEST,
+    MAX_DIMENSIONS,
+    MAX_EMBEDDING_INPUTS,
+    SAMPLING,
+)
 from bitinglip.platform.tasks import MAX_MESSAGES, ROLES, texts_or_error
 
 #: the BitingLip task behind each OpenAI endpoint
 ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate"}
-#: OpenAI's own bound on the texts of one embeddings request
-MAX_EMBEDDING_INPUTS = 2048
 
 #: the fields each body takes: the request bodies' own (:mod:`bitinglip.gateway.schemas`)
 EMBEDDING_FIELDS = frozenset(EMBEDDING_REQUEST.fields)
@@ -77,7 +82,7 @@ def embedding_format(body: Mapping[str, Any]) -> tuple[str, int | None]:
     if fmt not in ("float", "base64"):
         raise refuse("encoding_format must be float or base64", "encoding_format")
     dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= 65536):
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= MAX_DIMENSIONS):
         raise refuse("dimensions must be a whole number from 1 up to the model's size", "dimensions")
     return fmt, dims
 
