@@ -85,7 +85,6 @@ class Params(Sampling):
     (a row's own value over the job's)."""
 
 
-
 class ChatMessage(_Contract):
     """One message of a chat row (``messages``)."""
 
