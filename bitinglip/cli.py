@@ -37,19 +37,33 @@ def _positive(text: str) -> int:
     return value
 
 
+#: the built-in inputs: ``sample:N`` sentences (embed, classify), ``sample-chat:N`` chats (generate)
+SAMPLES = ("sample:", "sample-chat:")
+
+
+def _is_sample(spec: str) -> bool:
+    return spec.startswith(SAMPLES)
+
+
 def _sample_input(spec: str, output_dir: str) -> str:
-    """``sample:N`` writes N rows of the built-in corpus to Parquet."""
+    """``sample:N`` writes N rows of the built-in corpus to Parquet,
+    ``sample-chat:N`` N chats (a ``messages`` column)."""
     import pandas as pd
 
-    from bitinglip.platform.jobs import sample_corpus
+    from bitinglip.platform.jobs import sample_chats, sample_corpus
 
+    kind, _, count = spec.partition(":")
     try:
-        n = int(spec.split(":", 1)[1])
+        n = int(count)
     except ValueError:
-        raise InputError(f"--input {spec!r}: expected sample:N with N a whole number") from None
-    path = os.path.join(output_dir, f"sample-{n}.parquet")
+        raise InputError(f"--input {spec!r}: expected {kind}:N with N a whole number") from None
+    if n < 1:
+        raise InputError(f"--input {spec!r}: N must be at least 1")
+    path = os.path.join(output_dir, f"{kind}-{n}.parquet")
     os.makedirs(output_dir, exist_ok=True)
-    pd.DataFrame({"text": sample_corpus(n)}).to_parquet(path, index=False)
+    frame = pd.DataFrame({"messages": sample_chats(n)}) if kind == "sample-chat" else pd.DataFrame(
+        {"text": sample_corpus(n)})
+    frame.to_parquet(path, index=False)
     return path
 
 
@@ -62,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
     task = get_task(args.task)
     task.check_options(dict(args.option))
-    if not args.input.startswith("sample:"):
+    if not _is_sample(args.input):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
         check_text_column(Path(args.input), args.text_column, task.text_alternatives)
@@ -72,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_gpu_here()
     output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
     inputs: Any = args.input
-    if args.input.startswith("sample:"):
+    if _is_sample(args.input):
         inputs = _sample_input(args.input, os.path.join(output, "_input"))
     gpu = True if args.gpu else (False if args.cpu else None)
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
@@ -92,6 +106,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.wait()
         seconds = time.perf_counter() - started
         summary = _summary(job, job.summaries(), seconds, output)
+    if args.task == "generate":  # what a generation user compares: new tokens per second
+        from bitinglip.platform.jobs import column_sum
+
+        summary["new_tokens"] = column_sum(output, len(job.futures), "completion_tokens")
+        summary["new_tokens_per_s"] = round(summary["new_tokens"] / seconds, 1) if seconds else None
+        print(f"{summary['new_tokens']} new tokens ({summary['new_tokens_per_s']} tokens/s)", file=sys.stderr)
     print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
           file=sys.stderr)
     print(json.dumps(summary))
@@ -198,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", required=True, help="embed, classify, generate")
     run.add_argument("--model", required=True, help="a model name or a save_pretrained directory")
     run.add_argument("--input", required=True,
-                     help="a Parquet/JSONL/CSV path, or sample:N for N rows of the built-in corpus")
+                     help="a Parquet/JSONL/CSV path, sample:N for N rows of the built-in corpus, or sample-chat:N "
+                          "for N built-in chats (a messages column, for --task generate)")
     run.add_argument("--output", help="output directory (default: bitinglip-output/<time>)")
     run.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
     run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
