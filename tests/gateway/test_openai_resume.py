@@ -40,7 +40,7 @@ def resume(gateway: str, sub: str, batch_id: str, patience_s: float = 180) -> ht
         r = httpx.post(f"{gateway}/v1/jobs/{batch_id.removeprefix('batch_')}/resume", headers=auth(sub), timeout=120)
         if r.status_code != 503 or "retry shortly" not in r.text or time.time() > deadline:
             return r
-        time.sleep(1)
+        time.sleep(float(r.headers["Retry-After"]))
 
 
 def cancelled(oai: Any, batch_id: str) -> Any:
