@@ -344,15 +344,16 @@ def _masked(field: str, value: Any) -> str:
     return str(value)
 
 
-def describe(env: Mapping[str, str] | None = None) -> Iterator[tuple[str, str, str]]:
-    """``(variable, value, source)`` for every setting :meth:`Settings.from_env` would build from ``env``,
-    secrets masked: what ``bitinglip config`` prints."""
+def describe(env: Mapping[str, str] | None = None) -> Iterator[tuple[str, str, str, str]]:
+    """``(field, variable, source, value)`` for every setting that :meth:`Settings.from_env` builds from ``env``
+    (``source``: ``default`` or ``environment``), secrets masked: what ``bitinglip config`` prints."""
     settings = Settings.from_env(env)
     sources = Settings.sources(env)
     for field, info in Settings.model_fields.items():
         if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("from_env") is False:
             continue
-        yield env_name(field), _masked(field, getattr(settings, field)), sources[field]
+        source = "default" if sources[field] == "default" else "environment"
+        yield field, env_name(field), source, _masked(field, getattr(settings, field))
 
 
 @lru_cache(maxsize=1)
