@@ -8,10 +8,12 @@ everything BitingLip adds is prefixed ``BITINGLIP_``.  An invalid value raises
 :class:`~bitinglip.errors.ConfigError` naming the variable, so a
 misconfigured process stops at start-up instead of failing later.
 
-``Settings(...)`` is the defaults plus what it is given, never the
-environment: a test, or a worker handed the client's settings, gets the same
-object on every machine.  :meth:`Settings.from_env` (and :func:`get_settings`,
-once per process) is what reads the environment.
+A process reads its settings once, with :func:`get_settings`
+(:meth:`Settings.from_env`, which checks the TLS files belong together and
+turns a bad value into a ``ConfigError``), and hands the object on: to its
+plugins, and through them to the workers, which never read their own
+environment for a value that the client's settings carry.  ``Settings(...)``
+is pydantic-settings' usual build: the given values over the environment.
 """
 
 from __future__ import annotations
@@ -244,15 +246,17 @@ class Settings(BaseSettings):
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # only what the caller gives: the environment is read by from_env, once, where a process starts
-        return (init_settings,)
+        # the given values, then the environment read as from_env reads it (no .env file: a stray one in the
+        # working directory would change a deployment without a word)
+        return (init_settings, _Environment(settings_cls, os.environ))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """The settings from ``env`` (default: this process's environment)."""
         found = _Environment(cls, os.environ if env is None else env)()
         try:
-            settings = cls(**found)
+            # every field given (its default where ``env`` has none), so that the sources add nothing: only ``env``
+            settings = cls(**{**{name: f.get_default() for name, f in cls.model_fields.items()}, **found})
         except ValidationError as exc:
             raise ConfigError(_explain(exc, found)) from None
         settings.check_tls(*(env_name(f) for f in ("tls_ca_file", "tls_cert", "tls_key")))
@@ -278,7 +282,7 @@ class Settings(BaseSettings):
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (the object itself never changes), checked as :meth:`from_env` checks."""
-        return type(self)(**{**dict(self), **changes})
+        return type(self)(**{**dict(self), **changes})  # every field given: the environment adds nothing
 
     def __setattr__(self, name: str, value: object) -> None:
         # pydantic says ValidationError; a frozen object's callers (and dataclasses before it) expect AttributeError
