@@ -200,7 +200,11 @@ def setting_help(field: str) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from bitinglip.settings import describe
+    from bitinglip.settings import describe, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
 
     rows = [("SETTING", "VARIABLE", "SOURCE", "VALUE"), *describe()]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective settings and where each comes from "
                                            "(default or its environment variable); secrets masked")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the table of variables, defaults and meanings (the README's) instead")
     config.set_defaults(func=cmd_config)
 
     from bitinglip.gateway.serve import register as register_gateway

@@ -153,6 +153,10 @@ class Settings(BaseSettings):
                                                      "the workers")
     dashboard_address: str = Field(":8787", description="where an embedded cluster serves the Dask dashboard")
 
+    # a scheduler far away, or workers busy loading a model, answer slower than a local cluster
+    model_lookup_timeout_s: float = Field(10.0, gt=0, validation_alias="BITINGLIP_MODEL_LOOKUP_TIMEOUT",
+                                          description="seconds a remote worker has to say where a model is")
+
     # --- the model manager
     allow_pickle: bool = Field(False, description="admin switch: load and register pickle-based weights "
                                                   "(.bin, .pt, .pkl); never on by default")
@@ -227,6 +231,13 @@ class Settings(BaseSettings):
                                   description="where REST jobs write Parquet; workers and gateways must all see it")
     input_dir: Annotated[Path | None, BeforeValidator(_resolved_path)] = Field(
         None, description="the only directory that job input URIs may point into; unset refuses URIs")
+    # gpt-class generation of a few thousand tokens on a slow GPU outlasts the default: a deployment sets its own
+    infer_timeout_s: float = Field(120.0, gt=0, validation_alias="BITINGLIP_INFER_TIMEOUT",
+                                   description="seconds an online call (/v1/infer, the OpenAI routes) waits for its "
+                                               "batch's result before a 503")
+    shutdown_grace_s: float = Field(5.0, gt=0, validation_alias="BITINGLIP_SHUTDOWN_GRACE",
+                                    description="seconds a stopping gateway lets requests in flight finish (match "
+                                                "the orchestrator's grace period)")
     infer_batch_ms: float = Field(5.0, ge=0, description="how long /v1/infer waits to gather concurrent requests "
                                                          "into one batch")
     # the OpenAI-compatible Files and Batches: OpenAI's own limits
@@ -343,9 +354,35 @@ def _masked(field: str, value: Any) -> str:
         return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
     if field == "jwt_public_key":
         return f"(PEM, {len(str(value))} characters)"
-    if isinstance(value, tuple) and not isinstance(value, Rate):
-        return ",".join(str(v) for v in value) or "(none)"
-    return str(value)
+    return _shown(value)
+
+
+def _shown(value: Any) -> str:
+    """A value as a person writes it in a variable (a path under the home directory with ``~``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, Rate):
+        period = next((name for name, s in _PERIODS.items() if s == value.period_s), None)
+        return f"{value.count}/{period}" if period else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        home = Path.home()
+        return f"~/{value.relative_to(home)}" if value.is_relative_to(home) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's table of variables, from the fields (``bitinglip config --markdown``; a test compares)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("from_env") is False:
+            continue
+        meaning = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{env_name(field)}` | `{_shown(info.get_default())}` | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def describe(env: Mapping[str, str] | None = None) -> Iterator[tuple[str, str, str, str]]:

@@ -81,7 +81,7 @@ class Gateway:
         os.makedirs(self.settings.model_cache_dir, exist_ok=True)
         self.platform = await anyio.to_thread.run_sync(self._connect)
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
-                               max_rows=4 * self.settings.max_infer_rows)
+                               max_rows=4 * self.settings.max_infer_rows, timeout_s=self.settings.infer_timeout_s)
         self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
         self._sweep = asyncio.create_task(self._sweep_files())
 
