@@ -32,7 +32,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Pydanti
 
 from bitinglip.errors import ConfigError
 
-ENVIRONMENTS = ("development", "test", "production")
+Environment = Literal["development", "test", "production"]
 PREFIX = "BITINGLIP_"
 
 
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
 
     # a field's variable is BITINGLIP_<NAME> unless validation_alias names its own (the seed's, Hugging Face's,
     # or a shorter one that shipped); every bound is declared here and nowhere else
-    environment: Annotated[Literal["development", "test", "production"], BeforeValidator(_lower)] = Field(
+    environment: Annotated[Environment, BeforeValidator(_lower)] = Field(
         "development", validation_alias="ENVIRONMENT", description="development, test or production")
     redis_url: Annotated[str | None, BeforeValidator(_redis_url)] = Field(
         None, validation_alias="REDIS_URL", description="redis://, rediss:// or unix:// URL of the job store")
