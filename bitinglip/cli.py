@@ -210,6 +210,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervise(commands, restart=args.restart)
 
 
+def setting_help(field: str) -> str:
+    """An option's help from the setting it overrides: the field's description, its variable and default,
+    so the two cannot name different things."""
+    from bitinglip.settings import Settings, env_name
+
+    info = Settings.model_fields[field]
+    return f"{info.description} (default: ${env_name(field)}, unset: {info.default})"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from bitinglip.settings import describe, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+
+    rows = [("SETTING", "VARIABLE", "SOURCE", "VALUE"), *describe()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)), row[3])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do; COMMAND -h for its options")
@@ -226,10 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text-column", default="text", help="the input's column of texts (default: %(default)s)")
     run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      help="a task option; VALUE is read as JSON when it parses (true, 3, [\"a\"])")
-    run.add_argument("--partition-rows", type=_positive,
-                     help="rows per partition (default: PARTITION_ROWS, else sized to the workers)")
-    run.add_argument("--token-budget", type=_positive,
-                     help="padded tokens per micro-batch (default: TOKEN_BUDGET)")
+    run.add_argument("--partition-rows", type=_positive, metavar="ROWS", help=setting_help("partition_rows"))
+    run.add_argument("--token-budget", type=_positive, metavar="TOKENS", help=setting_help("token_budget"))
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
@@ -259,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
+
+    config = sub.add_parser("config", help="print the effective settings and where each comes from "
+                                           "(default or its environment variable); secrets masked")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the table of variables, defaults and meanings (the README's) instead")
+    config.set_defaults(func=cmd_config)
 
     from bitinglip.gateway.serve import register as register_gateway
 
