@@ -24,6 +24,7 @@ from typing import IO, Any
 from bitinglip.atomic import write_atomically
 from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import LINES, REJECTED, read_jsonl
+from bitinglip.gateway.openai.responses_api import RESPONSES_ENDPOINT, response_body
 from bitinglip.gateway.openai.shapes import chat_body, completion_body, embedding_body
 from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, read_json
 
@@ -54,8 +55,11 @@ def _rows(out_dir: str, job_id: str, embed: bool) -> tuple[Iterator[tuple[str, A
             if s is None:
                 continue
             for batch in pq.ParquetFile(os.path.join(out_dir, s["file"])).iter_batches(batch_size=2048):
-                if embed:
-                    yield from zip(batch.column("id").to_pylist(), batch.column("embedding").to_pylist())
+                if embed:  # (embedding, its tokens): a job from before the tokens were counted has none
+                    tokens = (batch.column("tokens").to_pylist() if "tokens" in batch.schema.names
+                              else [None] * batch.num_rows)
+                    yield from zip(batch.column("id").to_pylist(),
+                                   zip(batch.column("embedding").to_pylist(), tokens))
                 else:
                     yield from ((row["id"], row) for row in batch.to_pylist())
 
@@ -76,10 +80,14 @@ def _failure(status: int, code: str, message: str, param: str | None = None) -> 
 def _body(endpoint: str, model: str, line: dict[str, Any], got: list[Any]) -> dict[str, Any]:
     """The OpenAI response body of one line from its rows' outputs."""
     if endpoint == "/v1/embeddings":
-        return embedding_body(model, got, line["fmt"], line["dims"], None)
+        tokens = [t for _, t in got]
+        return embedding_body(model, [v for v, _ in got], line["fmt"], line["dims"],
+                              None if None in tokens else sum(int(t) for t in tokens))
     row = dict(got[0])
     if not line.get("logprobs"):  # the job computed them for another line; this one did not ask
         row.pop("logprobs", None)
+    if endpoint == RESPONSES_ENDPOINT:
+        return response_body(model, row, line.get("echo") or {})
     return (chat_body if endpoint == "/v1/chat/completions" else completion_body)(model, row)
 
 
