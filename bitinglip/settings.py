@@ -224,6 +224,9 @@ class Settings:
     #: the OpenAI-compatible Files and Batches: the largest batch file, in bytes and in lines (OpenAI's own limits)
     batch_max_bytes: int = 200_000_000
     batch_max_lines: int = 50_000
+    #: distinct json_schema response formats in one batch file: each is a grammar every worker compiles (up to
+    #: about 30 s of CPU for a 44 kB schema), beside the engine other tenants share; a line past them is its 400
+    batch_max_schemas: int = 16
     #: bytes of uploaded files one token subject may keep at once (five of the largest batch files):
     #: past it an upload is refused until files are deleted or expire
     files_max_bytes_per_tenant: int = 1_000_000_000
@@ -314,6 +317,8 @@ class Settings:
                                   "a whole number of bytes"),
             batch_max_lines=_read(env, "BITINGLIP_BATCH_MAX_LINES", default.batch_max_lines, _positive,
                                   "a whole number of lines"),
+            batch_max_schemas=_read(env, "BITINGLIP_BATCH_MAX_SCHEMAS", default.batch_max_schemas, _positive,
+                                    "a whole number of schemas"),
             files_max_bytes_per_tenant=_read(env, "BITINGLIP_FILES_MAX_BYTES_PER_TENANT",
                                              default.files_max_bytes_per_tenant, _positive, "a whole number of bytes"),
             tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),

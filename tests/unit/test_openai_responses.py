@@ -17,8 +17,8 @@ from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import INPUT, LINES, REJECTED, check_generation, generation_frame, read_jsonl
 from bitinglip.gateway.openai.responses_api import chat_request, check_metadata, response_body
 from bitinglip.gateway.openai.shapes import generation_row
-from bitinglip.platform.tasks import BUILTIN_TASKS
-from bitinglip.platform.tasks.engines.schema_texts import SchemaTexts, canonical_hash
+from bitinglip.platform.tasks import BUILTIN_TASKS, schema_key
+from bitinglip.platform.tasks.engines.schema_texts import SchemaTexts
 
 openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
 
@@ -141,7 +141,7 @@ def test_one_text_per_distinct_schema() -> None:
     texts = SchemaTexts(limit=2)
     first = texts.text(SCHEMA)
     reordered = json.loads(json.dumps(dict(reversed(list(SCHEMA.items())))))
-    assert json.dumps(reordered) != first and canonical_hash(reordered) == canonical_hash(SCHEMA)
+    assert json.dumps(reordered) != first and schema_key(reordered) == schema_key(SCHEMA)
     assert texts.text(reordered) is first and len(texts) == 1  # the same grammar: xgrammar's cache hits
     other = texts.text({"type": "string"})
     assert other != first and len(texts) == 2
@@ -155,3 +155,18 @@ def test_embed_counts_tokens_only_when_asked() -> None:
     assert embed.check_options({"count_tokens": True})["count_tokens"] is True
     with pytest.raises(InputError, match="count_tokens"):
         embed.check_options({"count_tokens": 1})
+
+
+def test_a_batch_takes_a_bounded_number_of_distinct_schemas(tmp_path: Path) -> None:
+    """Each distinct schema is a grammar every worker compiles: past the setting a line is its own 400, while
+    the same schema again (its keys in another order) costs nothing more."""
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "boolean"}}} for i in range(3)]
+    reordered = {"properties": {"k0": {"type": "boolean"}}, "type": "object"}
+    bodies = [{"model": "m", "input": "q", "text": {"format": {"type": "json_schema", "name": "a", "schema": s}}}
+              for s in (*schemas, reordered)]
+    checked = check_generation(io.BytesIO(_batch(bodies, "/v1/responses")), str(tmp_path), "/v1/responses", 100,
+                               1000, max_schemas=2)
+    assert (checked.errors, checked.rows, checked.rejected) == ([], 3, 1)
+    refused = read_jsonl(str(tmp_path / REJECTED))
+    assert [r["custom_id"] for r in refused] == ["c2"] and refused[0]["param"] == "response_format"
+    assert "BITINGLIP_BATCH_MAX_SCHEMAS" in refused[0]["message"] and "3th" not in refused[0]["message"]

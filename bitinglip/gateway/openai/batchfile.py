@@ -27,7 +27,7 @@ from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
 from bitinglip.gateway.openai.responses_api import RESPONSES_ENDPOINT, chat_request
 from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
 from bitinglip.platform.models import resolve_listed, resolve_model
-from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, surrogate_at
+from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, schema_key, surrogate_at
 from bitinglip.settings import Settings
 
 #: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
@@ -153,10 +153,14 @@ def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
                   accept, Checked(options={"count_tokens": True}))  # each line's usage.prompt_tokens
 
 
-def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
-    """Check a chat or text completions batch file: each line one row of the
-    generation row contract (``messages`` or ``text``, and ``params``)."""
+def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int,
+                     max_schemas: int = 16) -> Checked:
+    """Check a chat or text completions or responses batch file: each line
+    one row of the generation row contract (``messages`` or ``text``, and
+    ``params``).  At most ``max_schemas`` distinct json_schema formats (by
+    their canonical JSON): a line with one more is that line's error."""
     task = BUILTIN_TASKS["generate"]
+    schemas: set[str] = set()
     # every row is checked as a job that allows n and logprobs would take it; the job then asks for the most any row asks
     loose = task.check_options({"n": MAX_N, "logprobs": MAX_LOGPROBS})
     checked = Checked(options={})
@@ -171,6 +175,12 @@ def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
         good = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]},
                               custom_id, loose)
         params = {k: _PARAM_TYPES[k](v) for k, v in good.params.items() if k in _PARAM_TYPES and v is not None}
+        schema = (params.get("response_format") or {}).get("json_schema", {}).get("schema")
+        if schema is not None and schema_key(schema) not in schemas:
+            if len(schemas) >= max_schemas:
+                raise refuse(f"this line's json_schema would be one more distinct schema than the "
+                             f"{max_schemas} a batch takes (BITINGLIP_BATCH_MAX_SCHEMAS)", "response_format")
+            schemas.add(schema_key(schema))
         if "response_format" in params:  # a JSON text: its schema's shape differs from row to row
             params["response_format"] = json.dumps(params["response_format"])
         # said even when it is 1: a row without it would take the job's n, the most of any row's (and vLLM

@@ -125,7 +125,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     batches, _ = _stores(gw)
     path = content_path(gw.settings.results_dir, body["input_file_id"])
 
-    checker = check_generation
+    checker = functools.partial(check_generation, max_schemas=gw.settings.batch_max_schemas)
     if body["endpoint"] == "/v1/embeddings":  # a dimensions past the model's width is refused line by line
         checker = functools.partial(check_embeddings, width=functools.partial(model_width, settings=gw.settings))
 

@@ -12,22 +12,17 @@ writer; JSON objects are unordered, so the grammar is the same.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from bitinglip.platform.tasks.generation import schema_key
+
 #: distinct schemas kept per engine; beyond it the least recently used goes (xgrammar's own cache is bounded
 #: by bytes, VLLM_XGRAMMAR_CACHE_MB)
 MAX_SCHEMAS = 1024
-
-
-def canonical_hash(schema: Mapping[str, Any]) -> str:
-    """The sha256 of ``schema``'s canonical JSON."""
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class SchemaTexts:
@@ -39,7 +34,7 @@ class SchemaTexts:
         self._lock = threading.Lock()  # partitions on several worker threads build requests at once
 
     def text(self, schema: Mapping[str, Any]) -> str:
-        key = canonical_hash(schema)
+        key = schema_key(schema)
         with self._lock:
             found = self._texts.get(key)
             if found is None:
