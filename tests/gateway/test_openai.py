@@ -182,6 +182,8 @@ def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[s
         assert out[custom_id]["response"]["body"]["usage"] == {"prompt_tokens": online.prompt_tokens,
                                                                "total_tokens": online.prompt_tokens}
     assert online.prompt_tokens > 3
+    assert done.usage.input_tokens == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in out.values())
+    assert done.usage.output_tokens == 0 and done.usage.total_tokens == done.usage.input_tokens
     refused = err["bad-body"]["response"]
     assert refused["status_code"] == 400 and "line 34" in refused["body"]["error"]["message"]
     assert refused["body"]["error"]["param"] == "input"
@@ -444,6 +446,8 @@ def test_responses_and_json_schema_batches_complete(gateway: str, tiny_llama: st
     assert 0 < parsed["listed"].usage.output_tokens <= 4
     assert parsed["shaped"].status == "completed" and parsed["shaped"].metadata == {"k": "v"}
     jsonschema.validate(json.loads(parsed["shaped"].output_text), SCHEMA)
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (
+        sum(p.usage.input_tokens for p in parsed.values()), sum(p.usage.output_tokens for p in parsed.values()))
     refused = err["tools"]["response"]["body"]["error"]
     assert refused["param"] == "tools" and "line 4" in refused["message"]
 

@@ -33,6 +33,17 @@ from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, 
 class Outcome:
     completed: int
     failed: int
+    #: the tokens of the lines in the output file (the Batch's ``usage``)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(input, output) tokens of one response's ``usage``, in any endpoint's words."""
+    if not usage:
+        return 0, 0
+    return (int(usage.get("input_tokens", usage.get("prompt_tokens")) or 0),
+            int(usage.get("output_tokens", usage.get("completion_tokens")) or 0))
 
 
 def _rows(out_dir: str, job_id: str, embed: bool) -> tuple[Iterator[tuple[str, Any]], dict[str, str]]:
@@ -99,7 +110,7 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
     rejected = read_jsonl(os.path.join(out_dir, REJECTED))
     rows, reasons = _rows(out_dir, job_id, endpoint == "/v1/embeddings")
     pending: list[tuple[str, Any]] = []
-    counts = {"completed": 0, "failed": 0}
+    counts = {"completed": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0}
 
     def take(custom_id: str, count: int) -> list[Any]:
         """The next rows while they are this line's (the output holds a line's rows together, in order)."""
@@ -135,6 +146,9 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
                 out.write(_line(line["custom_id"], {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}",
                                                     "body": body}, None))
                 counts["completed"] += 1
+                tokens_in, tokens_out = _tokens(body.get("usage"))
+                counts["input_tokens"] += tokens_in
+                counts["output_tokens"] += tokens_out
                 continue
             counts["failed"] += 1
             reason = reasons.get(line["custom_id"])
@@ -157,4 +171,4 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
         write_atomically(error_path, errors)
 
     write_atomically(output_path, both)
-    return Outcome(counts["completed"], counts["failed"])
+    return Outcome(**counts)
