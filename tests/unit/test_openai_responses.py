@@ -60,12 +60,16 @@ def test_a_responses_body_becomes_a_chat_row() -> None:
     ({"input": 3}, "input", "input must be a string"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input", "input[0] must be a message"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input", "input[0].role"),
+    ({"input": [{"role": {}, "content": "x"}]}, "input", "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": {}, "text": ""}]}]}, "input", "input[0].content"),  # once a 500
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input",
      "input[0].content"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format.schema", "schema"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": SCHEMA}}}, "text.format.name", "name"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format", "text.format.type"),
     ({"input": "x", "instructions": 5}, "instructions", "instructions must be a string"),
+    ({"input": "x", "user": {"id": 1}}, "user", "user must be a string"),
+    ({"input": "x", "store": "yes"}, "store", "store must be true or false"),
     ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "17 pairs"),
 ])
 def test_bad_responses_bodies_name_their_field(body: dict[str, Any], param: str, words: str) -> None:

@@ -56,7 +56,8 @@ def check_metadata(metadata: Any, param: str = "metadata") -> dict[str, str] | N
 def _content(raw: Any, where: str) -> str:
     if isinstance(raw, str):
         return raw
-    if isinstance(raw, list) and all(isinstance(p, dict) and p.get("type") in _PART_TYPES
+    # a string before the set lookup: {"type": {}} is unhashable, and was a 500
+    if isinstance(raw, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] in _PART_TYPES
                                      and isinstance(p.get("text"), str) for p in raw):
         return "".join(p["text"] for p in raw)
     raise refuse(f"{where}.content must be a string or a list of input_text parts (images, files and audio are "
@@ -74,7 +75,7 @@ def _input_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(item, dict) or item.get("type", "message") != "message":
             raise refuse(f"{where} must be a message ({{\"role\", \"content\"}}); other item types (tool calls, "
                          "reasoning) are not taken", "input")
-        if item.get("role") not in _INPUT_ROLES:
+        if not isinstance(item.get("role"), str) or item["role"] not in _INPUT_ROLES:
             raise refuse(f"{where}.role must be one of {', '.join(sorted(_INPUT_ROLES))}", "input")
         out.append({"role": item["role"], "content": _content(item.get("content"), where)})
     return out
@@ -110,6 +111,9 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     if body.get("stream", False) is not False:
         raise refuse("stream is not served on /v1/responses; leave it out (chat completions stream)", "stream")
     check_metadata(body.get("metadata"))
+    for name, kind, word in (("user", str, "a string"), ("store", bool, "true or false")):
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise refuse(f"{name} must be {word}", name)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise refuse("instructions must be a string", "instructions")
