@@ -243,6 +243,9 @@ class Settings(BaseSettings):
     # the OpenAI-compatible Files and Batches: OpenAI's own limits
     batch_max_bytes: int = Field(200_000_000, ge=1, description="bytes of one batch file")
     batch_max_lines: int = Field(50_000, ge=1, description="lines of one batch file")
+    # each distinct schema is a grammar every worker compiles (up to about 30 s of CPU for a 44 kB schema), beside
+    # the engine other tenants share; a line past them is its 400
+    batch_max_schemas: int = Field(16, ge=1, description="distinct json_schema response formats in one batch file")
     files_max_bytes_per_tenant: int = Field(1_000_000_000, ge=1,
                                             description="bytes of uploaded files one token subject may keep at once "
                                                         "(five of the largest batch files)")

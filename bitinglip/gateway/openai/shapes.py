@@ -22,7 +22,8 @@ from bitinglip.errors import InputError
 from bitinglip.platform.tasks import texts_or_error
 
 #: the BitingLip task behind each OpenAI endpoint
-ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate"}
+ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate",
+             "/v1/responses": "generate"}
 #: OpenAI's own bound on the texts of one embeddings request
 MAX_EMBEDDING_INPUTS = 2048
 

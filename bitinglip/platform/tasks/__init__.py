@@ -17,8 +17,9 @@ from bitinglip.platform.tasks.builtin import (
     get_task,
     texts_or_error,
 )
-from bitinglip.platform.tasks.generation import MAX_TEMPERATURE
+from bitinglip.platform.tasks.generation import MAX_TEMPERATURE, schema_key
 from bitinglip.platform.tasks.options import choice, is_whole, model_limits, real, surrogate_at, whole
 
 __all__ = ["BUILTIN_TASKS", "DTYPES", "MAX_TEMPERATURE", "POOLINGS", "Batch", "Loaded", "TaskType", "check_task_type",
-           "choice", "get_task", "is_whole", "model_limits", "real", "surrogate_at", "texts_or_error", "whole"]
+           "choice", "get_task", "is_whole", "model_limits", "real", "schema_key", "surrogate_at", "texts_or_error",
+           "whole"]
