@@ -37,19 +37,33 @@ def _positive(text: str) -> int:
     return value
 
 
+#: the built-in inputs: ``sample:N`` sentences (embed, classify), ``sample-chat:N`` chats (generate)
+SAMPLES = ("sample:", "sample-chat:")
+
+
+def _is_sample(spec: str) -> bool:
+    return spec.startswith(SAMPLES)
+
+
 def _sample_input(spec: str, output_dir: str) -> str:
-    """``sample:N`` writes N rows of the built-in corpus to Parquet."""
+    """``sample:N`` writes N rows of the built-in corpus to Parquet,
+    ``sample-chat:N`` N chats (a ``messages`` column)."""
     import pandas as pd
 
-    from bitinglip.platform.jobs import sample_corpus
+    from bitinglip.platform.jobs import sample_chats, sample_corpus
 
+    kind, _, count = spec.partition(":")
     try:
-        n = int(spec.split(":", 1)[1])
+        n = int(count)
     except ValueError:
-        raise InputError(f"--input {spec!r}: expected sample:N with N a whole number") from None
-    path = os.path.join(output_dir, f"sample-{n}.parquet")
+        raise InputError(f"--input {spec!r}: expected {kind}:N with N a whole number") from None
+    if n < 1:
+        raise InputError(f"--input {spec!r}: N must be at least 1")
+    path = os.path.join(output_dir, f"{kind}-{n}.parquet")
     os.makedirs(output_dir, exist_ok=True)
-    pd.DataFrame({"text": sample_corpus(n)}).to_parquet(path, index=False)
+    frame = pd.DataFrame({"messages": sample_chats(n)}) if kind == "sample-chat" else pd.DataFrame(
+        {"text": sample_corpus(n)})
+    frame.to_parquet(path, index=False)
     return path
 
 
@@ -63,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     task.check_options(dict(args.option))
     job_text_column(args.text_column)
-    if not args.input.startswith("sample:"):
+    if not _is_sample(args.input):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
         check_text_column(Path(args.input), args.text_column, task.text_alternatives)
@@ -73,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_gpu_here()
     output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
     inputs: Any = args.input
-    if args.input.startswith("sample:"):
+    if _is_sample(args.input):
         inputs = _sample_input(args.input, os.path.join(output, "_input"))
     gpu = True if args.gpu else (False if args.cpu else None)
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
@@ -93,6 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.wait()
         seconds = time.perf_counter() - started
         summary = _summary(job, job.summaries(), seconds, output)
+    if args.task == "generate":  # what a generation user compares: new tokens per second
+        from bitinglip.platform.jobs import column_sum
+
+        summary["new_tokens"] = column_sum(output, len(job.futures), "completion_tokens")
+        summary["new_tokens_per_s"] = round(summary["new_tokens"] / seconds, 1) if seconds else None
+        print(f"{summary['new_tokens']} new tokens ({summary['new_tokens_per_s']} tokens/s)", file=sys.stderr)
     print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
           file=sys.stderr)
     print(json.dumps(summary))
@@ -205,6 +225,29 @@ def options_help() -> str:
     return "\n".join(lines)
 
 
+def setting_help(field: str) -> str:
+    """An option's help from the setting it overrides: the field's description, its variable and default,
+    so the two cannot name different things."""
+    from bitinglip.settings import Settings, env_name
+
+    info = Settings.model_fields[field]
+    return f"{info.description} (default: ${env_name(field)}, unset: {info.default})"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from bitinglip.settings import describe, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+
+    rows = [("SETTING", "VARIABLE", "SOURCE", "VALUE"), *describe()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)), row[3])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do; COMMAND -h for its options")
@@ -214,17 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", required=True, help="embed, classify, generate")
     run.add_argument("--model", required=True, help="a model name or a save_pretrained directory")
     run.add_argument("--input", required=True,
-                     help="a Parquet/JSONL/CSV path, or sample:N for N rows of the built-in corpus")
+                     help="a Parquet/JSONL/CSV path, sample:N for N rows of the built-in corpus, or sample-chat:N "
+                          "for N built-in chats (a messages column, for --task generate)")
     run.add_argument("--output", help="output directory (default: bitinglip-output/<time>)")
     run.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
     run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
     run.add_argument("--text-column", default="text", help="the input's column of texts (default: %(default)s)")
     run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      help="a task option (listed below); VALUE is read as JSON when it parses (true, 3, [\"a\"])")
-    run.add_argument("--partition-rows", type=_positive,
-                     help="rows per partition (default: PARTITION_ROWS, else sized to the workers)")
-    run.add_argument("--token-budget", type=_positive,
-                     help="padded tokens per micro-batch (default: TOKEN_BUDGET)")
+    run.add_argument("--partition-rows", type=_positive, metavar="ROWS", help=setting_help("partition_rows"))
+    run.add_argument("--token-budget", type=_positive, metavar="TOKENS", help=setting_help("token_budget"))
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
@@ -254,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
+
+    config = sub.add_parser("config", help="print the effective settings and where each comes from "
+                                           "(default or its environment variable); secrets masked")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the table of variables, defaults and meanings (the README's) instead")
+    config.set_defaults(func=cmd_config)
 
     from bitinglip.gateway.serve import register as register_gateway
 

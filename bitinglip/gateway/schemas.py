@@ -96,8 +96,9 @@ MODEL_REGISTRATION = BodyModel("ModelRegistration", {
     "pooling": {"type": "string", "enum": list(POOLINGS)},
 }, required=("name", "source", "task"), fields_word="expected", required_message="field {name!r} is required (a string)")
 
-#: the endpoints a batch may run (OpenAI's names); the chat and text completions need generation rows (issue 16)
-BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+#: the endpoints a batch may run (OpenAI's names); the chat and text completions and responses need generation
+#: rows (issue 16)
+BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 BATCH_REQUEST = BodyModel("BatchRequest", {
     "input_file_id": {"type": "string", "minLength": 1, "description": "a file uploaded with purpose=batch"},
@@ -108,7 +109,7 @@ BATCH_REQUEST = BodyModel("BatchRequest", {
         "properties": {"anchor": {"type": "string", "enum": ["created_at"]},
                        "seconds": {"type": "integer", "minimum": 3600, "maximum": 2592000}},
         "description": "the output and error files expire this long after they are written"},
-    "metadata": {"type": ["object", "null"], "maxProperties": 16,
+    "metadata": {"type": ["object", "null"], "maxProperties": 16, "propertyNames": {"maxLength": 64},
                  "additionalProperties": {"type": "string", "maxLength": 512},
                  "description": "up to 16 string pairs; idempotency_key makes a resubmission return the same batch"},
 }, required=("input_file_id", "endpoint", "completion_window"))
@@ -156,5 +157,26 @@ COMPLETION_REQUEST = BodyModel("CompletionRequest", {
     "echo": {"const": False}, "suffix": {"type": "null"}, "best_of": {"const": 1},
 }, required=("model", "prompt"))
 
+_TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}}
+RESPONSE_REQUEST = BodyModel("ResponseRequest", {
+    "model": {"type": "string", "minLength": 1},
+    "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"], "properties": {
+            "type": {"const": "message"}, "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+            "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]}}}}]},
+    "instructions": {"type": "string", "description": "a system message before the input"},
+    "max_output_tokens": _PARAMS["max_tokens"],
+    "temperature": _PARAMS["temperature"],
+    "top_p": _PARAMS["top_p"],
+    "text": {"type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": "boolean"}, "description": {"type": "string"}}}}},
+    "metadata": {"type": ["object", "null"], "maxProperties": 16, "propertyNames": {"maxLength": 64},
+                 "additionalProperties": {"type": "string", "maxLength": 512}},
+    "user": {"type": "string"}, "store": {"type": "boolean", "description": "taken; nothing is stored"},
+    "stream": {"const": False},
+}, required=("model", "input"))
+
 BODIES = (JOB_REQUEST, INFER_REQUEST, MODEL_REGISTRATION, BATCH_REQUEST, EMBEDDING_REQUEST, CHAT_REQUEST,
-          COMPLETION_REQUEST)
+          COMPLETION_REQUEST, RESPONSE_REQUEST)

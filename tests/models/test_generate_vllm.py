@@ -42,7 +42,10 @@ def gen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import bitinglip
     from bitinglip.settings import Settings
 
-    settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"))
+    # a KV cache other than the environment's (tests/conftest.py): the embedded cluster's engine must take the
+    # client's settings, which it once ignored for the worker's environment
+    settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"),
+                        kv_cache_bytes=int(os.environ["BITINGLIP_KV_CACHE_BYTES"]) - (64 << 20))
     with bitinglip.connect(settings=settings, n_workers=1, dashboard_address=":0") as platform:
         yield platform
 
@@ -86,7 +89,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
     assert out["text"].tolist() == _plain_vllm(llama, PROMPTS, 16)
     assert set(out["finish_reason"]) <= {"stop", "length"}
     assert (out["completion_tokens"] <= 16).all() and (out["prompt_tokens"] > 0).all()
-    # the engine's KV cache on the scheduler's metrics: what BITINGLIP_KV_CACHE_BYTES says (tests/conftest.py)
+    # the engine's KV cache on the scheduler's metrics: what the client's settings say
     dashboard = gen.dashboard_link.rsplit("/status", 1)[0]
     pattern = re.compile(r'bitinglip_model_kv_cache_bytes\{[^}]*engine="vllm"[^}]*\} ([0-9.e+]+)')
     found = None
@@ -95,7 +98,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
         if found:
             break
         time.sleep(0.2)
-    assert found is not None and float(found.group(1)) == int(os.environ["BITINGLIP_KV_CACHE_BYTES"])
+    assert found is not None and float(found.group(1)) == gen.settings.kv_cache_bytes
 
 
 def test_chats_params_and_bad_rows_in_one_job(gen: Any, llama: Path, tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ from bitinglip.gateway.schemas import (
 from bitinglip.platform.tasks import MAX_MESSAGES, ROLES, texts_or_error
 
 #: the BitingLip task behind each OpenAI endpoint
-ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate"}
+ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate",
+             "/v1/responses": "generate"}
 
 #: the fields each body takes: the request bodies' own (:mod:`bitinglip.gateway.schemas`)
 EMBEDDING_FIELDS = frozenset(EMBEDDING_REQUEST.fields)

@@ -43,9 +43,10 @@ from bitinglip.gateway.openai.files import (
     size_and_lines_record,
 )
 from bitinglip.gateway.openai.finalize import write_files
+from bitinglip.gateway.openai.responses_api import check_metadata
 from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
+from bitinglip.gateway.schemas import BATCH_ENDPOINTS, BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MOVED, RECORD, TERMINAL, JobState, new_job_id
 from bitinglip.platform.tasks import DEFAULT_PRIORITY
@@ -67,8 +68,8 @@ def _check_body(body: dict[str, Any]) -> str | None:
     for name in BATCH_REQUEST.required:
         if not isinstance(body.get(name), str) or not body[name]:
             raise refuse(f"{name} is required (a string)", name)
-    if body["endpoint"] not in ("/v1/embeddings", "/v1/chat/completions", "/v1/completions"):
-        raise refuse("endpoint must be /v1/embeddings, /v1/chat/completions or /v1/completions", "endpoint")
+    if body["endpoint"] not in BATCH_ENDPOINTS:
+        raise refuse(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", "endpoint")
     if body["completion_window"] != "24h":
         raise refuse("completion_window must be 24h", "completion_window")
     expiry = body.get("output_expires_after")
@@ -76,13 +77,9 @@ def _check_body(body: dict[str, Any]) -> str | None:
         if not isinstance(expiry, dict) or set(expiry) - {"anchor", "seconds"}:
             raise refuse('output_expires_after must be {"anchor": "created_at", "seconds": N}', "output_expires_after")
         expiry_seconds(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
-    metadata = body.get("metadata")
+    metadata = check_metadata(body.get("metadata"))
     if metadata is None:
         return None
-    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()):
-        raise refuse("metadata must hold at most 16 pairs of strings (keys up to 64, values up to 512 characters)",
-                     "metadata")
     key = metadata.get("idempotency_key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise refuse("metadata.idempotency_key must be 1-128 letters, digits or . _ : -", "metadata")
@@ -128,7 +125,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     batches, _ = _stores(gw)
     path = content_path(gw.settings.results_dir, body["input_file_id"])
 
-    checker = check_generation
+    checker = functools.partial(check_generation, max_schemas=gw.settings.batch_max_schemas)
     if body["endpoint"] == "/v1/embeddings":  # a dimensions past the model's width is refused line by line
         checker = functools.partial(check_embeddings, width=functools.partial(model_width, settings=gw.settings))
 
@@ -213,6 +210,7 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
                                                            f"batch_{job_id}_{name}.jsonl", expires_after_s))
         record = {**record, "output_file_id": out_id, "error_file_id": err_id if outcome.failed else None,
                   "completed": outcome.completed, "failed": outcome.failed, "final_status": final_status(job),
+                  "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens},
                   "finalized_at": time.time()}
         if job["state"] == JobState.FAILED.value:
             record["errors"] = [{"code": "job_failed", "message": scrub(job.get("error") or "the job failed"),

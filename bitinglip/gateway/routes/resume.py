@@ -86,7 +86,8 @@ async def resume_job(request: Request) -> Response:
                             "replaced); submit a new job")
     if not await anyio.to_thread.run_sync(settled, gw.platform, job["id"], int(job.get("parts") or 0),
                                           limiter=gw.submissions):
-        raise UnavailableError(f"job {job['id']}'s stopped run is still leaving the cluster; retry shortly")
+        raise UnavailableError(f"job {job['id']}'s stopped run is still leaving the cluster; retry shortly",
+                               retry_after=5)
     now = time.time()
     batch = await _reopen(gw, batches, job, batch is not None, now)
     record = {key: job.get(key) for key in ("task", "model", "priority", "output", "options", "rows_total", "id",

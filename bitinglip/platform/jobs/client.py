@@ -60,10 +60,6 @@ from bitinglip.settings import Settings, get_settings
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-#: seconds a remote worker has to say where a model is
-MODEL_LOOKUP_S = 10.0
-
-
 class Platform:
     """A connection to a Dask cluster that runs BitingLip jobs.
 
@@ -214,9 +210,9 @@ class Platform:
         pool = ThreadPoolExecutor(1)
         try:
             answer = pool.submit(self.client.run, _resolve_on_worker, model, workers=addresses[:1])
-            found, text = next(iter(answer.result(timeout=MODEL_LOOKUP_S).values()))
+            found, text = next(iter(answer.result(timeout=self.settings.model_lookup_timeout_s).values()))
         except FutureTimeout:
-            raise UnavailableError(f"a worker did not answer within {MODEL_LOOKUP_S:g} s where model "
+            raise UnavailableError(f"a worker did not answer within {self.settings.model_lookup_timeout_s:g} s where model "
                                    f"{model!r} is") from None
         finally:
             pool.shutdown(wait=False)

@@ -37,6 +37,7 @@ from bitinglip.platform.tasks.contract import (
     option_rows,
     python_type,
 )
+from bitinglip.platform.tasks.generation import schema_key
 from bitinglip.platform.tasks.options import (
     bounded_value,
     choice,
@@ -53,4 +54,4 @@ __all__ = ["BUILTIN_TASKS", "DEFAULT_PRIORITY", "DTYPES", "MAX_MESSAGES", "MAX_S
            "Bound", "ChatMessage", "ClassifyOptions", "EmbedOptions", "GenerateOptions", "JobFields", "Loaded",
            "Params", "Sampling", "TaskType", "bound", "bounded", "bounded_value", "check_task_type", "choice",
            "get_task", "is_whole", "job_priority", "job_text_column", "json_schema", "model_limits", "option_rows", "python_type", "real",
-           "surrogate_at", "texts_or_error", "whole"]
+           "schema_key", "surrogate_at", "texts_or_error", "whole"]

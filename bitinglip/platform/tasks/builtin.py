@@ -64,6 +64,8 @@ class Embed(TaskType):
     name = "embed"
     columns = ("embedding",)
     load_options = ("dtype", "matmul_precision")
+    #: ``count_tokens``: each row also gets ``tokens``, how many tokens of its text the model read (an OpenAI
+    #: batch's ``usage.prompt_tokens`` per line)
     defaults: ClassVar[Mapping[str, Any]] = defaults(EmbedOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,6 +73,7 @@ class Embed(TaskType):
         choice("pooling", merged["pooling"], (None, *POOLINGS))
         choice("normalize", merged["normalize"], (None, True, False))
         choice("matmul_precision", merged["matmul_precision"], MATMUL_CHOICES)
+        choice("count_tokens", merged["count_tokens"], (True, False))
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
@@ -136,6 +139,8 @@ class Embed(TaskType):
             if normalize if normalize is not None else loaded.info["normalize"]:
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
             vectors = pooled.float().cpu().numpy()
+        if options.get("count_tokens"):
+            return [{"embedding": v, "tokens": len(ids)} for v, ids in zip(vectors, batch.ids)]
         return [{"embedding": v} for v in vectors]
 
 

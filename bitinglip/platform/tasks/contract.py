@@ -109,6 +109,8 @@ class EmbedOptions(_Load):
         None, description="how token states become one vector (null: the model's config says)")
     matmul_precision: Literal[MATMUL_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description="float32 products (highest), bfloat16 (medium), or the faster one that agrees (auto)")
+    count_tokens: bool = Field(False, description="also write each row's token count (column tokens: an OpenAI "
+                                                  "batch line's usage.prompt_tokens)")
 
 
 class ClassifyOptions(_Load):

@@ -181,27 +181,25 @@ def pick_engine(wanted: str, config: Any, device: str) -> tuple[str, str]:
     return "transformers", f"vLLM cannot run this model: {reason}"
 
 
-def _kv_cache_bytes(device: str) -> int:
-    """The KV cache an engine takes: the settings', else :data:`CPU_KV_CACHE_BYTES` on a CPU and the
-    engine's own choice (0) on a GPU."""
-    from bitinglip.settings import get_settings
-
-    return get_settings().kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
+def _kv_cache_bytes(device: str, options: Mapping[str, Any]) -> int:
+    """The KV cache an engine takes: the worker's (``kv_cache_bytes``, from its model plugin's settings), else
+    :data:`CPU_KV_CACHE_BYTES` on a CPU and the engine's own choice (0) on a GPU."""
+    return int(options.get("kv_cache_bytes") or 0) or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
 
 
 def _vllm(path: str, device: str, options: Mapping[str, Any], positions: int) -> Engine:
     from bitinglip.platform.tasks.engines.vllm_engine import VllmEngine
-    from bitinglip.settings import get_settings
 
     weights = sorted(Path(path).glob("*.safetensors"))
     missing = missing_head("generate", Path(path), weights)
     if missing:  # vLLM would start an engine on random head weights without a word
         refuse_untrained("generate", missing, f"model at {path}")
-    settings = get_settings()
+    # the worker's share of its GPUs comes with the options from its model plugin, the one that also capped
+    # torch's share: a task reads no settings of its own (the worker's environment could say otherwise)
+    share = {"gpu_memory_fraction": float(options["gpu_memory_fraction"])} if options.get("gpu_memory_fraction") else {}
     return VllmEngine(path, dtype=options["dtype"], device=device, max_model_len=positions,
-                      kv_cache_bytes=_kv_cache_bytes(device),
-                      gpu_memory_fraction=settings.gpu_memory_fraction,
-                      tensor_parallel=settings.gpus_per_worker if device.startswith("cuda") else 1,
+                      kv_cache_bytes=_kv_cache_bytes(device, options), **share,
+                      tensor_parallel=int(options.get("gpus_per_worker") or 1) if device.startswith("cuda") else 1,
                       weights_bytes=sum(f.stat().st_size for f in weights))
 
 
@@ -215,5 +213,5 @@ def _transformers(path: str, device: str, options: Mapping[str, Any], tokenizer:
     # an lm_head tied to the input embeddings is not saved and not reported missing
     refuse_untrained("generate", report["missing_keys"], f"model at {path}")
     model = model.to(device).eval()
-    kv = _kv_cache_bytes(device)
+    kv = _kv_cache_bytes(device, options)
     return (HFEngine(model, tokenizer, kv_cache_bytes=kv) if kv else HFEngine(model, tokenizer)), model

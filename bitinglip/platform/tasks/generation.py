@@ -12,6 +12,7 @@ row and the parameter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,13 @@ def _fmt(name: str, value: Any) -> dict[str, Any] | None:
     if size > MAX_SCHEMA_BYTES:
         raise InputError(f"option {name}: the schema takes {size} bytes, over the limit of {MAX_SCHEMA_BYTES}")
     return {"type": "json_schema", "json_schema": {"schema": json.loads(json.dumps(schema))}}
+
+
+def schema_key(schema: Mapping[str, Any]) -> str:
+    """The sha256 of a JSON schema's canonical JSON (sorted keys, no spaces):
+    one key for the same schema however its keys are ordered."""
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _logprobs(name: str, value: Any) -> int | None:
