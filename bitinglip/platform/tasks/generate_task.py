@@ -32,6 +32,7 @@ from bitinglip.platform.tasks.generation import (
     check_sampling,
     fit,
     merged_params,
+    prefix_order,
     render,
 )
 from bitinglip.platform.tasks.heads import missing_head, refuse_untrained
@@ -55,7 +56,9 @@ class Generate(TaskType):
     text_alternatives = ("messages",)
     engine_driven = True
     load_options = ("dtype", "engine")
-    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "engine": "auto", **SAMPLING_DEFAULTS}
+    #: prefix_order: a partition's rows reach the engine grouped by prompt prefix (see generation.prefix_order)
+    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "engine": "auto", "prefix_order": True,
+                                             **SAMPLING_DEFAULTS}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(options, Mapping) and "max_new_tokens" in options:  # the older name of max_tokens
@@ -67,6 +70,7 @@ class Generate(TaskType):
         merged = super().check_options(options)
         merged.update(check_sampling({k: merged[k] for k in SAMPLING_DEFAULTS}))
         choice("engine", merged["engine"], ENGINES)
+        choice("prefix_order", merged["prefix_order"], (True, False))
         if merged["dtype"] == "int8":  # the engines keep their own weights; quantizing them after load misses them
             raise InputError("option dtype='int8' is not served for generation; use float32, bfloat16 or float16")
         return merged
@@ -126,6 +130,9 @@ class Generate(TaskType):
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
             requests.append(GenRequest(ids, params))
             sent.append(i)
+        if options.get("prefix_order", True):  # the results come back in the order sent: put them back
+            order = prefix_order([r.prompt_ids for r in requests])
+            requests, sent = [requests[k] for k in order], [sent[k] for k in order]
         before = len(failed)
         results = engine.run(requests, lambda done: tick(before + done)) if requests else []
         outputs: list[dict[str, Any] | None] = [None] * len(rows)
