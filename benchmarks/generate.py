@@ -21,6 +21,17 @@ outside the clock.
 - ``platform_hf``:   a platform ``generate`` job, ``engine="transformers"``.
 - ``platform_vllm``: a platform ``generate`` job, ``engine="vllm"``.
 
+``--workload shared-prefix`` (issue 24): 8 system prompts of about 300
+tokens, each over ``rows / 8`` short distinct questions, shuffled, 32 new
+tokens a row (greedy, ignoring EOS); the variants are plain vLLM given the
+rows in input order (``vllm``) and sorted (``vllm_sorted``, the most a
+grouping can give one engine), and the platform with prefix ordering
+(``platform_vllm``, the default) and without (``platform_vllm_input_order``,
+``prefix_order=False``).  It prints ``prefix_order_vs_input_order`` (platform
+with ordering over without), ``platform_vs_vllm`` (with ordering over plain
+vLLM in input order), whether the texts equal the unordered run's, and each
+engine's prefix cache hits (prompt tokens served from cache).
+
 The platform jobs go through ``bitinglip.connect()`` and ``Platform.submit``
 with a DataFrame of ``id``, ``text`` and per-row ``params``
 (``{"max_tokens": k, "ignore_eos": True}``).  The last line is one JSON object:
@@ -33,6 +44,7 @@ share in use where the engine reports it).
     python benchmarks/generate.py --rows 256 --model-shape small        # ~100M parameters, head size 64
     python benchmarks/generate.py --device cuda --model-shape 0.5b      # a GPU: Qwen2-0.5B's shape
     python benchmarks/generate.py --device cuda --model-shape 7b --rows 2000
+    python benchmarks/generate.py --workload shared-prefix --model-shape tiny --threads 2
 """
 
 from __future__ import annotations
@@ -83,6 +95,13 @@ SHAPES = {
                 head_dim=128, kv_cache_gib=32.0),
 }
 VARIANTS = ("generate", "vllm", "hf_engine", "platform_hf", "platform_vllm")
+#: the variants of --workload shared-prefix
+PREFIX_VARIANTS = ("vllm", "vllm_sorted", "platform_vllm", "platform_vllm_input_order")
+#: the shared-prefix workload: system prompts, their length in tokens, new tokens per row
+SYSTEMS, SYSTEM_TOKENS, PREFIX_NEW = 8, 300, 32
+#: plain vLLM on a CPU with the platform's engine arguments (whole prompts per step): set for shared-prefix, where
+#: the prefix cache's hits per step are what is compared
+LIKE_PLATFORM = False
 BATCH = 64
 MIN_NEW, MAX_NEW = 8, 256
 WARM_ROWS = 4
@@ -132,6 +151,39 @@ def workload(rows: int, seed: int) -> tuple[list[str], list[int]]:
     return sample_corpus(rows, seed), [rng.randint(MIN_NEW, MAX_NEW) for _ in range(rows)]
 
 
+def shared_prefix(path: str, rows: int, seed: int) -> tuple[list[str], list[int]]:
+    """:data:`SYSTEMS` system prompts of about :data:`SYSTEM_TOKENS` tokens (sentences of the sample corpus,
+    counted with the model's tokenizer), each followed by ``rows // SYSTEMS`` short distinct questions; shuffled."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from bitinglip.platform.jobs.sample import sample_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rng = random.Random(seed)
+    sentences = sample_corpus(4000, seed + 1)
+    systems = []
+    for s in range(SYSTEMS):
+        text = f"System {s}: you answer as the archive of collection {s} would."
+        while len(tokenizer(text)["input_ids"]) < SYSTEM_TOKENS:
+            text += " " + sentences[rng.randrange(len(sentences))]
+        ends = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        systems.append(text[:ends[SYSTEM_TOKENS - 1][1]])  # no longer: the rows fit the tiny shape's 512 positions
+    per = max(1, rows // SYSTEMS)
+    questions = sample_corpus(SYSTEMS * per, seed + 2)
+    prompts = [f"{systems[s]}\n\nQuestion {q}: {questions[s * per + q][:80]}?\nAnswer:"
+               for s in range(SYSTEMS) for q in range(per)]
+    rng.shuffle(prompts)
+    return prompts, [PREFIX_NEW] * len(prompts)
+
+
+def make_workload(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    if args.workload == "shared-prefix":
+        return shared_prefix(args.model_dir, args.rows, args.seed)
+    return workload(args.rows, args.seed)
+
+
 # --- the variants, each run in its own subprocess --------------------------------------------------------------
 
 def run_generate(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
@@ -167,24 +219,48 @@ def run_generate(path: str, prompts: list[str], new: list[int], device: str, dty
             "batch": BATCH, "batches": len(batches)}
 
 
-def run_vllm(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
+def run_vllm(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int,
+             grouped: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from bitinglip.platform.tasks.generation import prefix_order
+
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # what the platform's engine is given on a CPU (engines/vllm_engine.py): whole prompts per step
+    cpu = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_len(path), 4096)} \
+        if device == "cpu" and LIKE_PLATFORM else {}
     llm = LLM(model=path, enforce_eager=True, dtype=dtype, kv_cache_memory_bytes=kv, seed=0,
-              disable_log_stats=False, max_model_len=max_len(path))
-    requests = [TokensPrompt(prompt_token_ids=ids) for ids in tokenizer(prompts)["input_ids"]]
-    params = [SamplingParams(max_tokens=k, ignore_eos=True, temperature=0.0) for k in new]
+              disable_log_stats=False, max_model_len=max_len(path), **cpu)
+    ids = tokenizer(prompts)["input_ids"]
+    order = prefix_order(ids) if grouped else list(range(len(ids)))
+    requests = [TokensPrompt(prompt_token_ids=ids[i]) for i in order]
+    params = [SamplingParams(max_tokens=new[i], ignore_eos=True, temperature=0.0) for i in order]
     llm.generate(requests[:WARM_ROWS], params[:WARM_ROWS], use_tqdm=False)
+    llm.reset_prefix_cache()  # the warm-up's prompts are the job's own: no head start
+    before = prefix_hits(llm.llm_engine)
     started = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - started
+    after = prefix_hits(llm.llm_engine)
     cache = llm.llm_engine.vllm_config.cache_config
+    texts = [""] * len(outputs)
+    for i, o in zip(order, outputs):
+        texts[i] = o.outputs[0].text
     return {"seconds": seconds, "new_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-            "texts": [o.outputs[0].text for o in outputs], "kv_cache_bytes": kv,
-            "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size}
+            "texts": texts, "kv_cache_bytes": kv, "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
+            "block_size": cache.block_size, "prompt_tokens": after[1] - before[1], "cached_tokens": after[0] - before[0]}
+
+
+def run_vllm_sorted(*args: Any) -> dict[str, Any]:
+    return run_vllm(*args, grouped=True)
+
+
+def prefix_hits(engine: Any) -> tuple[int, int]:
+    """vLLM's counters: prompt tokens served from the prefix cache, and prompt tokens looked up."""
+    found = {m.name: int(getattr(m, "value", 0) or 0) for m in engine.get_metrics()}
+    return found.get("vllm:prefix_cache_hits", 0), found.get("vllm:prefix_cache_queries", 0)
 
 
 def run_hf_engine(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int) -> dict[str, Any]:
@@ -222,26 +298,50 @@ def run_hf_engine(path: str, prompts: list[str], new: list[int], device: str, dt
 
 
 def run_platform(path: str, prompts: list[str], new: list[int], device: str, dtype: str, kv: int,
-                 engine: str) -> dict[str, Any]:
+                 engine: str, prefix_order: bool = True) -> dict[str, Any]:
     import pandas as pd
 
     import bitinglip
 
     frame = pd.DataFrame({"id": range(len(prompts)), "text": prompts,
                           "params": [{"max_tokens": k, "ignore_eos": True} for k in new]})
-    options = {"engine": engine, "temperature": 0}
+    options = {"engine": engine, "temperature": 0, "prefix_order": prefix_order}
     # by default one worker with every core, as plain vLLM's one process: the difference is what Dask costs
     with bitinglip.connect(n_workers=int(os.environ.get("BENCH_WORKERS", "1")), dashboard_address=":0") as platform:
         workers = len(platform.client.scheduler_info()["workers"])
         platform.submit("generate", model=path, inputs=frame.head(WARM_ROWS), options=options).result()
+        platform.client.run(_reset_prefix_caches)  # the warm-up's prompts are the job's own: no head start
+        before = _sum_hits(platform.client.run(_engine_hits))
         started = time.perf_counter()
         # the default partitioning: each partition leaves the worker's thread pool while the engine works, so every
         # partition feeds the same continuous batch (runner._on_engine)
         out = platform.submit("generate", model=path, inputs=frame, options=options).result()
         seconds = time.perf_counter() - started
+        after = _sum_hits(platform.client.run(_engine_hits))
     out = out.sort_values("id")
     return {"seconds": seconds, "new_tokens": int(out["completion_tokens"].sum()), "texts": list(out["text"]),
-            "workers": workers}
+            "workers": workers, "prompt_tokens": after[1] - before[1], "cached_tokens": after[0] - before[0]}
+
+
+def _vllm_engines(dask_worker: Any) -> list[Any]:
+    """The vllm.LLMEngine of each vLLM engine on a worker (the benchmark looks inside; the platform does not)."""
+    entries = dask_worker.plugins["bitinglip-models"].residency.entries()
+    engines = [e.loaded.info.get("engine") for e in entries if e.loaded is not None]
+    return [e._engine for e in engines if e is not None and e.name == "vllm"]
+
+
+def _engine_hits(dask_worker: Any = None) -> tuple[int, int]:
+    hits = [prefix_hits(e) for e in _vllm_engines(dask_worker)]
+    return sum(h for h, _ in hits), sum(q for _, q in hits)
+
+
+def _reset_prefix_caches(dask_worker: Any = None) -> None:
+    for engine in _vllm_engines(dask_worker):
+        engine.reset_prefix_cache()
+
+
+def _sum_hits(per_worker: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    return sum(h for h, _ in per_worker.values()), sum(q for _, q in per_worker.values())
 
 
 def run_platform_hf(*args: Any) -> dict[str, Any]:
@@ -252,8 +352,13 @@ def run_platform_vllm(*args: Any) -> dict[str, Any]:
     return run_platform(*args, engine="vllm")
 
 
+def run_platform_vllm_input_order(*args: Any) -> dict[str, Any]:
+    return run_platform(*args, engine="vllm", prefix_order=False)
+
+
 RUNNERS = {"generate": run_generate, "vllm": run_vllm, "hf_engine": run_hf_engine, "platform_hf": run_platform_hf,
-           "platform_vllm": run_platform_vllm}
+           "platform_vllm": run_platform_vllm, "vllm_sorted": run_vllm_sorted,
+           "platform_vllm_input_order": run_platform_vllm_input_order}
 
 
 def sync(device: str) -> None:
@@ -271,8 +376,11 @@ def max_len(path: str) -> int:
 def child(variant: str, args: argparse.Namespace) -> None:
     import torch
 
+    global LIKE_PLATFORM
+    LIKE_PLATFORM = args.workload == "shared-prefix"
+
     torch.set_num_threads(args.threads)
-    prompts, new = workload(args.rows, args.seed)
+    prompts, new = make_workload(args)
     result = RUNNERS[variant](args.model_dir, prompts, new, args.device, args.dtype, kv_bytes(args))
     with open(args.out, "w") as fh:
         json.dump(result.pop("texts"), fh)
@@ -289,7 +397,8 @@ def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     out = os.path.join(tmp, f"{variant}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--model-dir", args.model_dir,
            "--rows", str(args.rows), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
-           "--model-shape", args.model_shape, "--threads", str(args.threads), "--out", out]
+           "--model-shape", args.model_shape, "--threads", str(args.threads), "--out", out,
+           "--workload", args.workload]
     if args.kv_cache_gib:
         cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
     # vLLM runs its engine core in this process (a Dask worker cannot have children), and on a CPU would keep
@@ -331,12 +440,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per variant (default: the cores); a tiny model runs faster on 1")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--workload", choices=("mixed", "shared-prefix"), default="mixed",
+                        help="mixed: corpus sentences, 8-256 new tokens; shared-prefix: 8 long system prompts, "
+                             "shuffled (issue 24)")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of " + ", ".join(dict.fromkeys(VARIANTS + PREFIX_VARIANTS))
+                             + " (default: the workload's)")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of the platform's cluster, the cores split among them (default 1: all cores)")
     parser.add_argument("--partition-rows", type=int, default=0,
                         help="rows per partition of the platform jobs (default: the platform's own choice)")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=tuple(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -345,8 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child(args.child, args)
         return {}
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := set(variants) - set(VARIANTS):
+    known = PREFIX_VARIANTS if args.workload == "shared-prefix" else VARIANTS
+    variants = [v.strip() for v in (args.variants or ",".join(known)).split(",") if v.strip()]
+    if unknown := set(variants) - set(RUNNERS):
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
 
     # SIGTERM unwinds like Ctrl-C, so the running variant is stopped and the model folder removed
@@ -356,9 +471,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         args.model_dir = make_model(os.path.join(tmp, f"llama-{args.model_shape}"), shape, args.dtype)
         params = params_of(args.model_dir)
-        _, new = workload(args.rows, args.seed)
-        print(f"# {args.rows} rows, {sum(new)} new tokens ({MIN_NEW}-{MAX_NEW} a row), shape {args.model_shape} "
-              f"({params / 1e6:.0f}M parameters, {asdict(shape)}), {args.device} {args.dtype}, {cores()} cores, "
+        prompts, new = make_workload(args)
+        args.rows = len(prompts)
+        print(f"# {args.workload}: {args.rows} rows, {sum(new)} new tokens ({min(new)}-{max(new)} a row), "
+              f"shape {args.model_shape} ({params / 1e6:.0f}M parameters, {asdict(shape)}), {args.device} {args.dtype}, {cores()} cores, "
               f"{args.threads} thread(s) per variant",
               flush=True)
         runs: dict[str, dict[str, Any]] = {}
@@ -376,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.workload == "shared-prefix":
+        return report_prefix(args, runs, sum(new), params)
     return report(args, runs, sum(new), params)
 
 
@@ -416,6 +534,50 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], work: int,
                "kv_cache_bytes": {v: r["kv_cache_bytes"] for v, r in ok.items() if "kv_cache_bytes" in r},
                "kv_cache_peak_usage": {v: r["kv_cache_peak_usage"] for v, r in ok.items()
                                        if "kv_cache_peak_usage" in r},
+               "load_average": {v: r["load"] for v, r in runs.items()},
+               "failed": {v: r["error"] for v, r in runs.items() if "error" in r}}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def report_prefix(args: argparse.Namespace, runs: dict[str, dict[str, Any]], work: int, params: int
+                  ) -> dict[str, Any]:
+    """The shared-prefix table and its JSON line: the platform with prefix ordering against itself without, and
+    against plain vLLM given the rows in input order."""
+    ok = {v: r for v, r in runs.items() if "error" not in r}
+    rate = {v: r["new_tokens"] / r["seconds"] for v, r in ok.items()}
+    reference = ok.get("platform_vllm_input_order", {}).get("texts")
+    same = {v: round(statistics.mean(a == b for a, b in zip(r["texts"], reference)), 3)
+            for v, r in ok.items() if reference}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(rate[a] / rate[b], 3) if a in rate and b in rate else None
+
+    def cached(r: dict[str, Any]) -> float | None:
+        return round(r["cached_tokens"] / r["prompt_tokens"], 3) if r.get("prompt_tokens") else None
+
+    print()
+    print(f"| variant ({args.rows} rows, {args.model_shape}, {args.device}) | seconds | new tokens/s "
+          f"| prompt tokens from the prefix cache | texts equal to the unordered platform run's |")
+    print("|---|---|---|---|---|")
+    for v in PREFIX_VARIANTS:
+        if v in ok:
+            r = ok[v]
+            share = cached(r)
+            hits = f"{r['cached_tokens']} of {r['prompt_tokens']} ({share:.1%})" if share is not None else ""
+            print(f"| {v} | {r['seconds']:.1f} | {rate[v]:.1f} | {hits} | {same.get(v, '')} |")
+        elif v in runs:
+            print(f"| {v} | failed: {runs[v]['error']} | | | |")
+    summary = {"workload": "shared-prefix", "rows": args.rows, "systems": SYSTEMS, "system_tokens": SYSTEM_TOKENS,
+               "model_shape": args.model_shape, "parameters": params, "device": args.device, "dtype": args.dtype,
+               "cores": cores(), "threads": args.threads, "workers": args.workers, "new_tokens": work,
+               "kv_cache_bytes": kv_bytes(args), "block_size": ok.get("vllm", {}).get("block_size"),
+               "new_tokens_per_s": {v: round(r, 1) for v, r in rate.items()},
+               "prefix_order_vs_input_order": ratio("platform_vllm", "platform_vllm_input_order"),
+               "platform_vs_vllm": ratio("platform_vllm", "vllm"),
+               "vllm_sorted_vs_vllm": ratio("vllm_sorted", "vllm"),
+               "texts_equal_to_unordered": same,
+               "prefix_cache_hit_share": {v: cached(r) for v, r in ok.items()},
                "load_average": {v: r["load"] for v, r in runs.items()},
                "failed": {v: r["error"] for v, r in runs.items() if "error" in r}}
     print(json.dumps(summary), flush=True)

@@ -37,32 +37,47 @@ def _positive(text: str) -> int:
     return value
 
 
+#: the built-in inputs: ``sample:N`` sentences (embed, classify), ``sample-chat:N`` chats (generate)
+SAMPLES = ("sample:", "sample-chat:")
+
+
+def _is_sample(spec: str) -> bool:
+    return spec.startswith(SAMPLES)
+
+
 def _sample_input(spec: str, output_dir: str) -> str:
-    """``sample:N`` writes N rows of the built-in corpus to Parquet."""
+    """``sample:N`` writes N rows of the built-in corpus to Parquet,
+    ``sample-chat:N`` N chats (a ``messages`` column)."""
     import pandas as pd
 
-    from bitinglip.platform.jobs import sample_corpus
+    from bitinglip.platform.jobs import sample_chats, sample_corpus
 
+    kind, _, count = spec.partition(":")
     try:
-        n = int(spec.split(":", 1)[1])
+        n = int(count)
     except ValueError:
-        raise InputError(f"--input {spec!r}: expected sample:N with N a whole number") from None
-    path = os.path.join(output_dir, f"sample-{n}.parquet")
+        raise InputError(f"--input {spec!r}: expected {kind}:N with N a whole number") from None
+    if n < 1:
+        raise InputError(f"--input {spec!r}: N must be at least 1")
+    path = os.path.join(output_dir, f"{kind}-{n}.parquet")
     os.makedirs(output_dir, exist_ok=True)
-    pd.DataFrame({"text": sample_corpus(n)}).to_parquet(path, index=False)
+    frame = pd.DataFrame({"messages": sample_chats(n)}) if kind == "sample-chat" else pd.DataFrame(
+        {"text": sample_corpus(n)})
+    frame.to_parquet(path, index=False)
     return path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import bitinglip
     from bitinglip.cli_checks import check_gpu_here, check_model_here, check_text_column
-    from bitinglip.platform.tasks import get_task
+    from bitinglip.platform.tasks import get_task, job_text_column
     from bitinglip.settings import get_settings
 
     # what can be checked without a cluster is checked before starting one (half a minute on 2 cores)
     task = get_task(args.task)
     task.check_options(dict(args.option))
-    if not args.input.startswith("sample:"):
+    job_text_column(args.text_column)
+    if not _is_sample(args.input):
         if not os.path.exists(args.input):
             raise InputError(f"--input {args.input!r} does not exist")
         check_text_column(Path(args.input), args.text_column, task.text_alternatives)
@@ -72,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_gpu_here()
     output = args.output or os.path.join("bitinglip-output", time.strftime("%Y%m%d-%H%M%S"))
     inputs: Any = args.input
-    if args.input.startswith("sample:"):
+    if _is_sample(args.input):
         inputs = _sample_input(args.input, os.path.join(output, "_input"))
     gpu = True if args.gpu else (False if args.cpu else None)
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
@@ -92,6 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.wait()
         seconds = time.perf_counter() - started
         summary = _summary(job, job.summaries(), seconds, output)
+    if args.task == "generate":  # what a generation user compares: new tokens per second
+        from bitinglip.platform.jobs import column_sum
+
+        summary["new_tokens"] = column_sum(output, len(job.futures), "completion_tokens")
+        summary["new_tokens_per_s"] = round(summary["new_tokens"] / seconds, 1) if seconds else None
+        print(f"{summary['new_tokens']} new tokens ({summary['new_tokens_per_s']} tokens/s)", file=sys.stderr)
     print(f"{job.total} rows in {seconds:.1f}s ({summary['rows_per_s']} rows/s); output: {summary['output']}",
           file=sys.stderr)
     print(json.dumps(summary))
@@ -190,25 +211,62 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervise(commands, restart=args.restart)
 
 
+def options_help() -> str:
+    """Each built-in task's options, with type, range and default (the tasks' contract)."""
+    from bitinglip.platform.tasks import TASK_OPTIONS, option_rows
+
+    lines = ["task options (--option KEY=VALUE; [low, high]: from low to high, (low, high]: above low):"]
+    for task in TASK_OPTIONS:
+        rows = option_rows(task)
+        width = max(len(name) for name, *_ in rows)
+        lines.append(f"  {task}:")
+        lines += [f"    {name:<{width}}  {kind}{f', {span}' if span else ''}, default {default}"
+                  for name, kind, span, default, _ in rows]
+    return "\n".join(lines)
+
+
+def setting_help(field: str) -> str:
+    """An option's help from the setting it overrides: the field's description, its variable and default,
+    so the two cannot name different things."""
+    from bitinglip.settings import Settings, env_name
+
+    info = Settings.model_fields[field]
+    return f"{info.description} (default: ${env_name(field)}, unset: {info.default})"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from bitinglip.settings import describe, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+
+    rows = [("SETTING", "VARIABLE", "SOURCE", "VALUE"), *describe()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)), row[3])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitinglip", description="Batch inference on Dask.")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do; COMMAND -h for its options")
 
-    run = sub.add_parser("run", help="run a job and write its results to Parquet")
+    run = sub.add_parser("run", help="run a job and write its results to Parquet", epilog=options_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--task", required=True, help="embed, classify, generate")
     run.add_argument("--model", required=True, help="a model name or a save_pretrained directory")
     run.add_argument("--input", required=True,
-                     help="a Parquet/JSONL/CSV path, or sample:N for N rows of the built-in corpus")
+                     help="a Parquet/JSONL/CSV path, sample:N for N rows of the built-in corpus, or sample-chat:N "
+                          "for N built-in chats (a messages column, for --task generate)")
     run.add_argument("--output", help="output directory (default: bitinglip-output/<time>)")
     run.add_argument("--address", help="Dask scheduler address (default: an embedded local cluster)")
     run.add_argument("--workers", type=_positive, help="workers of the embedded cluster")
     run.add_argument("--text-column", default="text", help="the input's column of texts (default: %(default)s)")
     run.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                     help="a task option; VALUE is read as JSON when it parses (true, 3, [\"a\"])")
-    run.add_argument("--partition-rows", type=_positive,
-                     help="rows per partition (default: PARTITION_ROWS, else sized to the workers)")
-    run.add_argument("--token-budget", type=_positive,
-                     help="padded tokens per micro-batch (default: TOKEN_BUDGET)")
+                     help="a task option (listed below); VALUE is read as JSON when it parses (true, 3, [\"a\"])")
+    run.add_argument("--partition-rows", type=_positive, metavar="ROWS", help=setting_help("partition_rows"))
+    run.add_argument("--token-budget", type=_positive, metavar="TOKENS", help=setting_help("token_budget"))
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
@@ -238,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tls_arguments(worker)
     worker.set_defaults(func=cmd_worker)
+
+    config = sub.add_parser("config", help="print the effective settings and where each comes from "
+                                           "(default or its environment variable); secrets masked")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the table of variables, defaults and meanings (the README's) instead")
+    config.set_defaults(func=cmd_config)
 
     from bitinglip.gateway.serve import register as register_gateway
 

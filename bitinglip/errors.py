@@ -104,9 +104,14 @@ class RateLimitedError(BitingLipError):
 
 
 class UnavailableError(BitingLipError):
-    """A dependency (Redis, the scheduler) cannot be reached."""
+    """A dependency (Redis, the scheduler) cannot be reached, or the work is
+    not ready yet; ``retry_after`` seconds, when given, go out as ``Retry-After``."""
 
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
 
 
 class InvalidModelNameError(InputError):

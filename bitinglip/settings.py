@@ -1,84 +1,39 @@
 """Settings, read once from the environment into one frozen object.
 
-The seed's variables keep their names (``ENVIRONMENT``, ``REDIS_URL``,
-``MODEL_CACHE_DIR``, ``GPU_MEMORY_FRACTION``, ``MAX_WORKERS``); everything
-BitingLip adds is prefixed ``BITINGLIP_``.  An invalid value raises
+The fields of :class:`Settings` are the whole list: each declares its type,
+its default, its bounds and its environment variable, and pydantic-settings
+reads them.  The seed's variables keep their names (``ENVIRONMENT``,
+``REDIS_URL``, ``MODEL_CACHE_DIR``, ``GPU_MEMORY_FRACTION``, ``MAX_WORKERS``);
+everything BitingLip adds is prefixed ``BITINGLIP_``.  An invalid value raises
 :class:`~bitinglip.errors.ConfigError` naming the variable, so a
 misconfigured process stops at start-up instead of failing later.
+
+A process reads its settings once, with :func:`get_settings`
+(:meth:`Settings.from_env`, which checks the TLS files belong together and
+turns a bad value into a ``ConfigError``), and hands the object on: to its
+plugins, and through them to the workers, which never read their own
+environment for a value that the client's settings carry.  ``Settings(...)``
+is pydantic-settings' usual build: the given values over the environment.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bitinglip.errors import ConfigError
 
-ENVIRONMENTS = ("development", "test", "production")
-T = TypeVar("T")
-
-
-def _read(env: Mapping[str, str], name: str, default: T, cast: Callable[[str], T], rule: str) -> T:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return cast(raw.strip())
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}={raw!r} is invalid: {rule} ({exc})") from None
-
-
-def _environment(raw: str) -> str:
-    value = raw.lower()
-    if value not in ENVIRONMENTS:
-        raise ValueError(f"not one of {', '.join(ENVIRONMENTS)}")
-    return value
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 < value <= 1.0:
-        raise ValueError("out of range")
-    return value
-
-
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _non_negative(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be above 0")
-    return value
-
-
-def _redis_url(raw: str) -> str:
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return raw
-
-
-def _flag(raw: str) -> bool:
-    value = raw.lower()
-    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError("not a yes/no value")
-    return value in ("1", "true", "yes", "on")
+Environment = Literal["development", "test", "production"]
+PREFIX = "BITINGLIP_"
 
 
 class Rate(NamedTuple):
@@ -94,12 +49,20 @@ class Rate(NamedTuple):
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
-def _rate(raw: str) -> Rate:
+def _rate(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
     count, _, period = raw.partition("/")
     period = period.strip().lower().rstrip("s") or "minute"
     if period not in _PERIODS:
         raise ValueError(f"period must be one of {', '.join(_PERIODS)}")
-    return Rate(_positive(count.strip()), _PERIODS[period])
+    try:
+        value = int(count.strip())
+    except ValueError:
+        raise ValueError(f"{count.strip()!r} is not a whole number of requests") from None
+    if value < 1:
+        raise ValueError("the count must be at least 1")
+    return Rate(value, _PERIODS[period])
 
 
 #: the seed's default for submissions, and a read limit high enough to poll a job
@@ -111,12 +74,14 @@ INFER_RATE = Rate(600, 60.0)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _networks(raw: str) -> tuple[Network, ...]:
+def _networks(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
 
 
-def _pem_or_path(raw: str) -> str:
-    if "-----BEGIN" in raw:
+def _pem_or_path(raw: Any) -> Any:
+    if not isinstance(raw, str) or "-----BEGIN" in raw:
         return raw
     path = Path(raw).expanduser()
     if not path.is_file():
@@ -124,204 +89,198 @@ def _pem_or_path(raw: str) -> str:
     return path.read_text()
 
 
-def _pem_file(raw: str) -> Path:
+def _pem_file(raw: Any) -> Any:
+    if raw is None:
+        return raw
     path = Path(raw).expanduser().resolve()
     if not path.is_file():
         raise ValueError("no such file")
     return path
 
 
-@dataclass(frozen=True)
-class Settings:
+def _redis_url(raw: Any) -> Any:
+    if isinstance(raw, str) and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return raw
+
+
+def _user_path(raw: Any) -> Any:
+    return Path(raw).expanduser() if isinstance(raw, str) else raw
+
+
+def _resolved_path(raw: Any) -> Any:
+    return Path(raw).expanduser().resolve() if isinstance(raw, str) else raw
+
+
+def _lower(raw: Any) -> Any:
+    return raw.lower() if isinstance(raw, str) else raw
+
+
+Rates = Annotated[Rate, NoDecode, BeforeValidator(_rate)]
+Networks = Annotated[tuple[Network, ...], NoDecode, BeforeValidator(_networks)]
+UserPath = Annotated[Path, BeforeValidator(_user_path)]
+PemFile = Annotated[Path | None, BeforeValidator(_pem_file)]
+
+
+#: marks a field whose value ``bitinglip config`` never prints
+SECRET = {"secret": True}
+#: marks a field that tests set with ``with_`` and the environment never does
+NOT_FROM_ENV = {"from_env": False}
+
+
+class Settings(BaseSettings):
     """Everything configurable, in one place. Build it with :meth:`from_env`."""
 
-    environment: str = "development"
-    redis_url: str | None = None
-    model_cache_dir: Path = Path.home() / ".cache" / "bitinglip" / "models"
-    gpu_memory_fraction: float = 0.9
-    #: worker processes for an embedded cluster; None means one per GPU, or one per core
-    max_workers: int | None = None
-    #: tokens (rows x longest row) per micro-batch; 0 picks by device
-    token_budget: int = 0
-    #: rows per partition; 0 picks from the input size and the workers
-    partition_rows: int = 0
-    dashboard_address: str = ":8787"
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid", validate_by_name=True,
+                                      env_ignore_empty=True, protected_namespaces=())
+
+    # a field's variable is BITINGLIP_<NAME> unless validation_alias names its own (the seed's, Hugging Face's,
+    # or a shorter one that shipped); every bound is declared here and nowhere else
+    environment: Annotated[Environment, BeforeValidator(_lower)] = Field(
+        "development", validation_alias="ENVIRONMENT", description="development, test or production")
+    redis_url: Annotated[str | None, BeforeValidator(_redis_url)] = Field(
+        None, validation_alias="REDIS_URL", description="redis://, rediss:// or unix:// URL of the job store")
+    model_cache_dir: UserPath = Field(Path.home() / ".cache" / "bitinglip" / "models",
+                                      validation_alias="MODEL_CACHE_DIR", description="the model registry's directory")
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1, validation_alias="GPU_MEMORY_FRACTION",
+                                       description="share of its GPU a worker (and its vLLM engine) may take")
+    max_workers: int | None = Field(None, ge=1, validation_alias="MAX_WORKERS",
+                                    description="worker processes of an embedded cluster; unset: one per GPU, "
+                                                "or one per core")
+    token_budget: int = Field(0, ge=0, description="padded tokens (rows x longest row) per micro-batch; "
+                                                   "0 picks by device")
+    partition_rows: int = Field(0, ge=0, description="rows per partition; 0 picks from the input size and "
+                                                     "the workers")
+    dashboard_address: str = Field(":8787", description="where an embedded cluster serves the Dask dashboard")
+
+    # a scheduler far away, or workers busy loading a model, answer slower than a local cluster
+    model_lookup_timeout_s: float = Field(10.0, gt=0, validation_alias="BITINGLIP_MODEL_LOOKUP_TIMEOUT",
+                                          description="seconds a remote worker has to say where a model is")
 
     # --- the model manager
-    #: admin switch: load and register pickle-based weights (.bin, .pt, .pkl); never on by default
-    allow_pickle: bool = False
-    #: bytes of loaded models a CPU worker keeps before evicting the least recently used; 0: half its memory
-    cpu_model_budget_bytes: int = 0
-    #: the most bytes one model's files may add up to when it is registered (checked before and while copying)
-    model_max_bytes: int = 64 << 30
-    #: the Hugging Face hub cache (HF_HUB_CACHE); None: the hub's own default
-    hf_cache_dir: Path | None = None
-    #: resolve hub models from the local cache only (HF_HUB_OFFLINE)
-    hf_offline: bool = False
-    #: bytes of KV cache a generation engine (vLLM) takes; 0: 1 GiB on a CPU worker, vLLM's own share of a GPU
-    kv_cache_bytes: int = 0
-    #: GPUs each generation worker holds (resource GPU=N): vLLM splits a model over them (tensor parallelism)
-    gpus_per_worker: int = 1
+    allow_pickle: bool = Field(False, description="admin switch: load and register pickle-based weights "
+                                                  "(.bin, .pt, .pkl); never on by default")
+    cpu_model_budget_bytes: int = Field(0, ge=0, description="bytes of loaded models a CPU worker keeps before "
+                                                             "evicting the least recently used; 0: half its memory")
+    model_max_bytes: int = Field(64 << 30, ge=1, description="the most bytes one model's files may add up to when "
+                                                             "it is registered (checked before and while copying)")
+    hf_cache_dir: UserPath | None = Field(None, validation_alias="HF_HUB_CACHE",
+                                          description="the Hugging Face hub cache; unset: the hub's own default")
+    hf_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE",
+                             description="resolve hub models from the local cache only")
+    kv_cache_bytes: int = Field(0, ge=0, description="bytes of KV cache a generation engine takes; 0: 1 GiB on a "
+                                                     "CPU worker, vLLM's own share of a GPU")
+    gpus_per_worker: int = Field(1, ge=1, description="GPUs each generation worker holds (resource GPU=N): vLLM "
+                                                      "splits a model over them (tensor parallelism)")
 
-    # --- Dask's TLS between scheduler, workers and clients (all three or none)
-    #: CA certificate, and this host's certificate and key (PEM files): with them
-    #: every Dask connection is ``tls://`` and needs a certificate the CA signed
-    tls_ca_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    # --- Dask's TLS between scheduler, workers and clients (all three or none): with them every Dask
+    # connection is tls:// and needs a certificate the CA signed
+    tls_ca_file: PemFile = Field(None, description="CA certificate (PEM) that signed every Dask host's certificate")
+    tls_cert: PemFile = Field(None, description="this host's certificate (PEM)")
+    tls_key: PemFile = Field(None, description="this host's private key (PEM)", json_schema_extra=SECRET)
 
     # --- the gateway
-    #: Dask scheduler the gateway submits to; None starts an embedded cluster
-    scheduler_address: str | None = None
-    #: HS256 secret, or an RS256 public key (PEM); production needs one of them
-    jwt_secret: str | None = None
-    jwt_public_key: str | None = None
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    #: the longest a token may live (exp - iat, or exp - now without iat): a leaked token
-    #: of a century stays a key for a century; ``bitinglip token`` mints no longer ones
-    jwt_max_ttl_s: int = 30 * 86400
-    #: per token subject, counted in Redis: submissions, and everything else
-    rate_limit: Rate = SUBMIT_RATE
-    read_rate_limit: Rate = READ_RATE
-    infer_rate_limit: Rate = INFER_RATE
-    #: per token subject, in one gateway: online generation in flight, as the sum of n x max_tokens (four chats of
-    #: n=16, max_tokens=1024 kept both workers' engines busy for minutes), and json_schema requests in flight
-    #: (each a grammar to compile, up to about 30 s of CPU for a 44 kB schema)
-    tenant_generation_tokens: int = 32_768
-    tenant_grammars: int = 2
-    #: Redis connections per gateway process; a request beyond them waits up to
-    #: ``redis_pool_timeout_s`` for one instead of failing (redis-py's own pool
-    #: stops at 100 and reports "too many connections" as Redis being down)
-    redis_max_connections: int = 256
-    redis_pool_timeout_s: float = 5.0
-    #: submissions running at once in their own threads, so that reads never wait behind them
-    submit_threads: int = 8
-    #: seconds a client may take to send its request body (then 408), and to
-    #: open its next request on a kept-alive connection
-    body_timeout_s: float = 30.0
-    keep_alive_s: int = 5
-    #: seconds a client may take to send its request line and headers (then the connection closes)
-    header_timeout_s: float = 10.0
-    #: bytes of request line and headers a client may send before h11 refuses it
-    max_header_bytes: int = 65_536
-    admin_allowlist: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
-                                            ipaddress.ip_network("::1/128"))
-    #: X-Forwarded-For is read only from these addresses
-    trusted_proxies: tuple[Network, ...] = ()
-    max_body_bytes: int = 1_048_576
-    max_job_rows: int = 10_000
-    max_infer_rows: int = 64
-    max_text_chars: int = 10_000
-    #: seconds a finished job's record stays in Redis; running jobs never expire
-    job_ttl_s: int = 7 * 86400
-    #: where REST jobs write Parquet; workers and gateways must all see it
-    results_dir: Path = Path.home() / ".cache" / "bitinglip" / "results"
-    #: the only directory that job input URIs may point into; None refuses URIs
-    input_dir: Path | None = None
-    #: how long /v1/infer waits to gather concurrent requests into one batch
-    infer_batch_ms: float = 5.0
-    #: the OpenAI-compatible Files and Batches: the largest batch file, in bytes and in lines (OpenAI's own limits)
-    batch_max_bytes: int = 200_000_000
-    batch_max_lines: int = 50_000
-    #: bytes of uploaded files one token subject may keep at once (five of the largest batch files):
-    #: past it an upload is refused until files are deleted or expire
-    files_max_bytes_per_tenant: int = 1_000_000_000
+    scheduler_address: str | None = Field(None, validation_alias="BITINGLIP_SCHEDULER",
+                                          description="Dask scheduler the gateway submits to; unset starts an "
+                                                      "embedded cluster")
+    jwt_secret: str | None = Field(None, description="HS256 secret; production needs it or a public key",
+                                   json_schema_extra=SECRET)
+    jwt_public_key: Annotated[str | None, BeforeValidator(_pem_or_path)] = Field(
+        None, description="RS256 public key (PEM, or the path of one)")
+    jwt_issuer: str | None = Field(None, description="the iss claim a token must carry")
+    jwt_audience: str | None = Field(None, description="the aud claim a token must carry")
+    # a leaked token of a century stays a key for a century; ``bitinglip token`` mints no longer ones
+    jwt_max_ttl_s: int = Field(30 * 86400, ge=1, validation_alias="BITINGLIP_JWT_MAX_TTL",
+                               description="seconds a token may live at most (exp - iat, or exp - now)")
+    rate_limit: Rates = Field(SUBMIT_RATE, description="submissions per token subject, counted in Redis "
+                                                       "(N/second|minute|hour|day)")
+    read_rate_limit: Rates = Field(READ_RATE, description="reads per token subject (N/second|minute|hour|day)")
+    infer_rate_limit: Rates = Field(INFER_RATE, description="online inference calls per token subject "
+                                                            "(N/second|minute|hour|day)")
+    # four chats of n=16, max_tokens=1024 kept both workers' engines busy for minutes; a json_schema request
+    # is a grammar to compile, up to about 30 s of CPU for a 44 kB schema
+    tenant_generation_tokens: int = Field(32_768, ge=1, description="per token subject, in one gateway: online "
+                                                                    "generation in flight, as the sum of n x "
+                                                                    "max_tokens")
+    tenant_grammars: int = Field(2, ge=1, description="per token subject, in one gateway: json_schema requests "
+                                                      "in flight")
+    # redis-py's own pool stops at 100 and reports "too many connections" as Redis being down
+    redis_max_connections: int = Field(256, ge=1, description="Redis connections per gateway process")
+    redis_pool_timeout_s: float = Field(5.0, gt=0, validation_alias="BITINGLIP_REDIS_POOL_TIMEOUT",
+                                        description="seconds a request waits for a Redis connection beyond them")
+    submit_threads: int = Field(8, ge=1, description="submissions running at once in their own threads, so that "
+                                                     "reads never wait behind them")
+    body_timeout_s: float = Field(30.0, gt=0, validation_alias="BITINGLIP_BODY_TIMEOUT",
+                                  description="seconds a client may take to send its request body (then 408)")
+    keep_alive_s: int = Field(5, ge=1, validation_alias="BITINGLIP_KEEP_ALIVE",
+                              description="seconds a kept-alive connection waits for its next request")
+    header_timeout_s: float = Field(10.0, gt=0, validation_alias="BITINGLIP_HEADER_TIMEOUT",
+                                    description="seconds a client may take to send its request line and headers")
+    max_header_bytes: int = Field(65_536, ge=1, description="bytes of request line and headers a client may send")
+    admin_allowlist: Networks = Field((ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+                                      description="comma-separated CIDRs that may call the admin routes")
+    trusted_proxies: Networks = Field((), description="comma-separated CIDRs whose X-Forwarded-For is read")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="bytes of a request body")
+    max_job_rows: int = Field(10_000, ge=1, description="rows of a job submitted with its data inline")
+    max_infer_rows: int = Field(64, ge=1, description="rows of one /v1/infer call")
+    max_text_chars: int = Field(10_000, ge=1, description="characters of one text")
+    # running jobs never expire
+    job_ttl_s: int = Field(7 * 86400, ge=1, validation_alias="BITINGLIP_JOB_TTL",
+                           description="seconds a finished job's record stays in Redis")
+    results_dir: UserPath = Field(Path.home() / ".cache" / "bitinglip" / "results",
+                                  description="where REST jobs write Parquet; workers and gateways must all see it")
+    input_dir: Annotated[Path | None, BeforeValidator(_resolved_path)] = Field(
+        None, description="the only directory that job input URIs may point into; unset refuses URIs")
+    # gpt-class generation of a few thousand tokens on a slow GPU outlasts the default: a deployment sets its own
+    infer_timeout_s: float = Field(120.0, gt=0, validation_alias="BITINGLIP_INFER_TIMEOUT",
+                                   description="seconds an online call (/v1/infer, the OpenAI routes) waits for its "
+                                               "batch's result before a 503")
+    shutdown_grace_s: float = Field(5.0, gt=0, validation_alias="BITINGLIP_SHUTDOWN_GRACE",
+                                    description="seconds a stopping gateway lets requests in flight finish (match "
+                                                "the orchestrator's grace period)")
+    infer_batch_ms: float = Field(5.0, ge=0, description="how long /v1/infer waits to gather concurrent requests "
+                                                         "into one batch")
+    # the OpenAI-compatible Files and Batches: OpenAI's own limits
+    batch_max_bytes: int = Field(200_000_000, ge=1, description="bytes of one batch file")
+    batch_max_lines: int = Field(50_000, ge=1, description="lines of one batch file")
+    # each distinct schema is a grammar every worker compiles (up to about 30 s of CPU for a 44 kB schema), beside
+    # the engine other tenants share; a line past them is its 400
+    batch_max_schemas: int = Field(16, ge=1, description="distinct json_schema response formats in one batch file")
+    files_max_bytes_per_tenant: int = Field(1_000_000_000, ge=1,
+                                            description="bytes of uploaded files one token subject may keep at once "
+                                                        "(five of the largest batch files)")
 
     # --- tests only, never read from the environment (set with ``with_``)
-    #: a micro-batch above this many tokens raises MemoryError on the worker; 0: off
-    fault_oom_above_tokens: int = 0
+    fault_oom_above_tokens: int = Field(0, ge=0, json_schema_extra=NOT_FROM_ENV,
+                                        description="a micro-batch above this many tokens raises MemoryError on "
+                                                    "the worker; 0: off")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the given values, then the environment read as from_env reads it (no .env file: a stray one in the
+        # working directory would change a deployment without a word)
+        return (init_settings, _Environment(settings_cls, os.environ))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        default = cls()
-        settings = cls(
-            environment=_read(env, "ENVIRONMENT", default.environment, _environment,
-                              f"one of {', '.join(ENVIRONMENTS)}"),
-            redis_url=_read(env, "REDIS_URL", None, _redis_url, "a redis:// URL"),
-            model_cache_dir=_read(env, "MODEL_CACHE_DIR", default.model_cache_dir,
-                                  lambda s: Path(s).expanduser(), "a directory path"),
-            gpu_memory_fraction=_read(env, "GPU_MEMORY_FRACTION", default.gpu_memory_fraction,
-                                      _fraction, "a number in (0, 1]"),
-            max_workers=_read(env, "MAX_WORKERS", None, _positive, "a whole number of at least 1"),
-            token_budget=_read(env, "BITINGLIP_TOKEN_BUDGET", 0, _non_negative,
-                               "a whole number of tokens, 0 for automatic"),
-            partition_rows=_read(env, "BITINGLIP_PARTITION_ROWS", 0, _non_negative,
-                                 "a whole number of rows, 0 for automatic"),
-            dashboard_address=_read(env, "BITINGLIP_DASHBOARD_ADDRESS", default.dashboard_address,
-                                    str, "an address such as :8787"),
-            allow_pickle=_read(env, "BITINGLIP_ALLOW_PICKLE", False, _flag, "true or false"),
-            cpu_model_budget_bytes=_read(env, "BITINGLIP_CPU_MODEL_BUDGET_BYTES", 0, _non_negative,
-                                         "a whole number of bytes, 0 for automatic"),
-            kv_cache_bytes=_read(env, "BITINGLIP_KV_CACHE_BYTES", 0, _non_negative,
-                                 "a whole number of bytes, 0 for automatic"),
-            gpus_per_worker=_read(env, "BITINGLIP_GPUS_PER_WORKER", 1, _positive, "a whole number of GPUs"),
-            model_max_bytes=_read(env, "BITINGLIP_MODEL_MAX_BYTES", default.model_max_bytes, _positive,
-                                  "a whole number of bytes"),
-            hf_cache_dir=_read(env, "HF_HUB_CACHE", None, lambda s: Path(s).expanduser(), "a directory path"),
-            hf_offline=_read(env, "HF_HUB_OFFLINE", False, _flag, "1 or 0"),
-            scheduler_address=_read(env, "BITINGLIP_SCHEDULER", None, str, "a scheduler address"),
-            jwt_secret=_read(env, "BITINGLIP_JWT_SECRET", None, str, "a secret string"),
-            jwt_public_key=_read(env, "BITINGLIP_JWT_PUBLIC_KEY", None, _pem_or_path,
-                                 "a PEM public key or the path of one"),
-            jwt_issuer=_read(env, "BITINGLIP_JWT_ISSUER", None, str, "an issuer string"),
-            jwt_audience=_read(env, "BITINGLIP_JWT_AUDIENCE", None, str, "an audience string"),
-            jwt_max_ttl_s=_read(env, "BITINGLIP_JWT_MAX_TTL", default.jwt_max_ttl_s, _positive,
-                                "a whole number of seconds"),
-            rate_limit=_read(env, "BITINGLIP_RATE_LIMIT", default.rate_limit, _rate, "N/second|minute|hour|day"),
-            read_rate_limit=_read(env, "BITINGLIP_READ_RATE_LIMIT", default.read_rate_limit, _rate,
-                                  "N/second|minute|hour|day"),
-            infer_rate_limit=_read(env, "BITINGLIP_INFER_RATE_LIMIT", default.infer_rate_limit, _rate,
-                                   "N/second|minute|hour|day"),
-            tenant_generation_tokens=_read(env, "BITINGLIP_TENANT_GENERATION_TOKENS", default.tenant_generation_tokens,
-                                           _positive, "a whole number of tokens (n x max_tokens)"),
-            tenant_grammars=_read(env, "BITINGLIP_TENANT_GRAMMARS", default.tenant_grammars, _positive,
-                                  "a whole number of requests"),
-            redis_max_connections=_read(env, "BITINGLIP_REDIS_MAX_CONNECTIONS", default.redis_max_connections,
-                                        _positive, "a whole number of connections"),
-            redis_pool_timeout_s=_read(env, "BITINGLIP_REDIS_POOL_TIMEOUT", default.redis_pool_timeout_s,
-                                       _positive_float, "a number of seconds above 0"),
-            submit_threads=_read(env, "BITINGLIP_SUBMIT_THREADS", default.submit_threads, _positive,
-                                 "a whole number of threads"),
-            body_timeout_s=_read(env, "BITINGLIP_BODY_TIMEOUT", default.body_timeout_s, _positive_float,
-                                 "a number of seconds above 0"),
-            header_timeout_s=_read(env, "BITINGLIP_HEADER_TIMEOUT", default.header_timeout_s, _positive_float,
-                                   "a number of seconds above 0"),
-            keep_alive_s=_read(env, "BITINGLIP_KEEP_ALIVE", default.keep_alive_s, _positive,
-                               "a whole number of seconds"),
-            max_header_bytes=_read(env, "BITINGLIP_MAX_HEADER_BYTES", default.max_header_bytes, _positive,
-                                   "a whole number of bytes"),
-            admin_allowlist=_read(env, "BITINGLIP_ADMIN_ALLOWLIST", default.admin_allowlist, _networks,
-                                  "comma-separated CIDRs"),
-            trusted_proxies=_read(env, "BITINGLIP_TRUSTED_PROXIES", (), _networks, "comma-separated CIDRs"),
-            max_body_bytes=_read(env, "BITINGLIP_MAX_BODY_BYTES", default.max_body_bytes, _positive,
-                                 "a whole number of bytes"),
-            max_job_rows=_read(env, "BITINGLIP_MAX_JOB_ROWS", default.max_job_rows, _positive,
-                               "a whole number of rows"),
-            max_infer_rows=_read(env, "BITINGLIP_MAX_INFER_ROWS", default.max_infer_rows, _positive,
-                                 "a whole number of rows"),
-            max_text_chars=_read(env, "BITINGLIP_MAX_TEXT_CHARS", default.max_text_chars, _positive,
-                                 "a whole number of characters"),
-            job_ttl_s=_read(env, "BITINGLIP_JOB_TTL", default.job_ttl_s, _positive, "a whole number of seconds"),
-            results_dir=_read(env, "BITINGLIP_RESULTS_DIR", default.results_dir,
-                              lambda s: Path(s).expanduser(), "a directory path"),
-            input_dir=_read(env, "BITINGLIP_INPUT_DIR", None, lambda s: Path(s).expanduser().resolve(),
-                            "a directory path"),
-            infer_batch_ms=_read(env, "BITINGLIP_INFER_BATCH_MS", default.infer_batch_ms, float,
-                                 "a number of milliseconds"),
-            batch_max_bytes=_read(env, "BITINGLIP_BATCH_MAX_BYTES", default.batch_max_bytes, _positive,
-                                  "a whole number of bytes"),
-            batch_max_lines=_read(env, "BITINGLIP_BATCH_MAX_LINES", default.batch_max_lines, _positive,
-                                  "a whole number of lines"),
-            files_max_bytes_per_tenant=_read(env, "BITINGLIP_FILES_MAX_BYTES_PER_TENANT",
-                                             default.files_max_bytes_per_tenant, _positive, "a whole number of bytes"),
-            tls_ca_file=_read(env, "BITINGLIP_TLS_CA_FILE", None, _pem_file, "a PEM file"),
-            tls_cert=_read(env, "BITINGLIP_TLS_CERT", None, _pem_file, "a PEM file"),
-            tls_key=_read(env, "BITINGLIP_TLS_KEY", None, _pem_file, "a PEM file"),
-        )
-        settings.check_tls("BITINGLIP_TLS_CA_FILE", "BITINGLIP_TLS_CERT", "BITINGLIP_TLS_KEY")
+        """The settings from ``env`` (default: this process's environment)."""
+        found = _Environment(cls, os.environ if env is None else env)()
+        try:
+            # every field given (its default where ``env`` has none), so that the sources add nothing: only ``env``
+            settings = cls(**{**{name: f.get_default() for name, f in cls.model_fields.items()}, **found})
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, found)) from None
+        settings.check_tls(*(env_name(f) for f in ("tls_ca_file", "tls_cert", "tls_key")))
         return settings
+
+    @classmethod
+    def sources(cls, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Where each field of :meth:`from_env`'s settings comes from: its variable's name, or ``default``."""
+        found = _Environment(cls, os.environ if env is None else env)()
+        return {name: env_name(name) if name in found else "default" for name in cls.model_fields}
 
     @property
     def tls(self) -> bool:
@@ -336,8 +295,109 @@ class Settings:
             raise ConfigError(f"Dask TLS needs {', '.join(names)} together; missing {', '.join(missing)}")
 
     def with_(self, **changes: object) -> Settings:
-        """A copy with some fields changed (the object itself never changes)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with some fields changed (the object itself never changes), checked as :meth:`from_env` checks."""
+        return type(self)(**{**dict(self), **changes})  # every field given: the environment adds nothing
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # pydantic says ValidationError; a frozen object's callers (and dataclasses before it) expect AttributeError
+        raise AttributeError(f"Settings are frozen: use settings.with_({name}=...) for a changed copy")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a :class:`Settings` field."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else PREFIX + field.upper()
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' own reader of variables, over a given mapping (a test's, or os.environ) instead of
+    always os.environ; a blank value counts as unset, and a field marked :data:`NOT_FROM_ENV` is never read."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        stripped = {k: v.strip() for k, v in self._given.items() if isinstance(v, str) and v.strip()}
+        return {k.lower(): v for k, v in stripped.items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("from_env") is False:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        # keyed by field name whatever the variable, so that callers need not know the aliases
+        by_alias = {str(f.validation_alias): name for name, f in self.settings_cls.model_fields.items()
+                    if isinstance(f.validation_alias, str)}
+        return {by_alias.get(key, key): value for key, value in super().__call__().items()}
+
+
+def _explain(exc: ValidationError, found: Mapping[str, Any]) -> str:
+    """One line per invalid variable: its name, the value given, and what is wrong with it."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field not in Settings.model_fields:
+            lines.append(error["msg"])
+            continue
+        why = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{env_name(field)}={found.get(field)!r} is invalid: {why}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def _masked(field: str, value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    extra = Settings.model_fields[field].json_schema_extra
+    if isinstance(extra, dict) and extra.get("secret"):
+        return "***"
+    if field == "redis_url" and urlsplit(str(value)).password:
+        parts = urlsplit(str(value))
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    if field == "jwt_public_key":
+        return f"(PEM, {len(str(value))} characters)"
+    return _shown(value)
+
+
+def _shown(value: Any) -> str:
+    """A value as a person writes it in a variable (a path under the home directory with ``~``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, Rate):
+        period = next((name for name, s in _PERIODS.items() if s == value.period_s), None)
+        return f"{value.count}/{period}" if period else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        home = Path.home()
+        return f"~/{value.relative_to(home)}" if value.is_relative_to(home) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's table of variables, from the fields (``bitinglip config --markdown``; a test compares)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("from_env") is False:
+            continue
+        meaning = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{env_name(field)}` | `{_shown(info.get_default())}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def describe(env: Mapping[str, str] | None = None) -> Iterator[tuple[str, str, str, str]]:
+    """``(field, variable, source, value)`` for every setting that :meth:`Settings.from_env` builds from ``env``
+    (``source``: ``default`` or ``environment``), secrets masked: what ``bitinglip config`` prints."""
+    settings = Settings.from_env(env)
+    sources = Settings.sources(env)
+    for field, info in Settings.model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("from_env") is False:
+            continue
+        source = "default" if sources[field] == "default" else "environment"
+        yield field, env_name(field), source, _masked(field, getattr(settings, field))
 
 
 @lru_cache(maxsize=1)

@@ -11,6 +11,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,6 +100,26 @@ def tiny_encoder(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(models_dir: Path) -> Path:
     return make_tiny_gpt2(models_dir / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_added(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """``bitinglip models add smollm2 FILE.gguf --task generate --max-length 2048`` into a model cache of its
+    own, as a user runs it, once per session (the dequantization takes about 30 s): the manifest summary it
+    printed, and the cache.  ``--max-length``: the tests' engines take a 256 MiB KV cache, short of the
+    model's 8192 positions.  The modules that use it only read the cache."""
+    import json
+    import subprocess
+
+    from real_models import smollm2_gguf
+
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"MODEL_CACHE_DIR": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "smollm2", str(smollm2_gguf()),
+                           "--task", "generate", "--max-length", "2048"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), cache
 
 
 @pytest.fixture(scope="session")

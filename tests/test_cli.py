@@ -60,6 +60,24 @@ def test_run_says_an_engine_fallback_on_the_console(tmp_path: Path, tiny_gpt2: P
     assert proc.returncode == 0, proc.stderr
     said = [line for line in proc.stderr.splitlines() if "transformers engine" in line]
     assert len(said) == 1 and "transformers engine, not vLLM" in said[0] and ("head sizes" in said[0] or "vllm package is not installed" in said[0]), proc.stderr
+    # a generate run ends on new tokens and tokens/s, the figure a generation user compares
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    written = int(pd.read_parquet(tmp_path / "out", columns=["completion_tokens"])["completion_tokens"].sum())
+    assert summary["new_tokens"] == written > 0 and summary["new_tokens_per_s"] > 0, summary
+    assert f"{written} new tokens" in proc.stderr
+
+
+def test_sample_chat_writes_chats_for_generate(tmp_path: Path) -> None:
+    from bitinglip.cli import _sample_input
+    from bitinglip.errors import InputError
+
+    frame = pd.read_parquet(_sample_input("sample-chat:30", str(tmp_path)))
+    assert list(frame.columns) == ["messages"] and len(frame) == 30
+    roles = [[m["role"] for m in chat] for chat in frame["messages"]]
+    assert all(r in (["user"], ["system", "user"]) for r in roles) and ["system", "user"] in roles
+    assert len({chat[-1]["content"] for chat in frame["messages"]}) > 10  # varied questions
+    with pytest.raises(InputError, match="at least 1"):
+        _sample_input("sample-chat:0", str(tmp_path))
 
 
 def test_bad_arguments_say_what_is_wrong(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from bitinglip.gateway.routes import (
     openai_batches,
     openai_files,
     openai_online,
+    openai_responses,
     results,
     resume,
 )
@@ -80,6 +81,7 @@ ROUTES = [
     Route("/v1/embeddings", openai_online.embeddings, methods=["POST"]),
     Route("/v1/chat/completions", openai_online.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_online.completions, methods=["POST"]),
+    Route("/v1/responses", openai_responses.create_response, methods=["POST"]),
     Route("/admin/models", models.admin_list_models, methods=["GET"]),
     Route("/admin/models", models.admin_register_model, methods=["POST"]),
     Route("/admin/models/{name:path}", models.admin_remove_model, methods=["DELETE"]),

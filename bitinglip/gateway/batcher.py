@@ -24,10 +24,11 @@ import anyio
 
 from bitinglip.errors import BitingLipError, JobFailedError, UnavailableError
 from bitinglip.platform.jobs import predict_texts
+from bitinglip.settings import Settings
 
-#: Dask priority of infer batches; bulk jobs use 1 to 10
+#: Dask priority of infer batches: above every bulk job's (the API allows 1 to 10), which is all it has to be;
+#: a constant, since no value a deployment could pick would change the order
 INFER_PRIORITY = 100
-INFER_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -43,9 +44,11 @@ class _Batch:
 
 
 class Batcher:
-    def __init__(self, client: Any, wait_s: float, max_rows: int) -> None:
+    def __init__(self, client: Any, wait_s: float, max_rows: int,
+                 timeout_s: float = Settings.model_fields["infer_timeout_s"].default) -> None:
         self.client = client
         self.wait_s = wait_s
+        self.timeout_s = timeout_s
         self.max_rows = max_rows
         self._open: dict[tuple[str, str, str, Callable[..., Any], str], _Batch] = {}
 
@@ -118,11 +121,11 @@ class Batcher:
         future = batch.future = self.client.submit(fn, task, model, options, batch.texts, pure=False,
                                                    priority=INFER_PRIORITY)
         try:
-            with anyio.fail_after(INFER_TIMEOUT_S):
+            with anyio.fail_after(self.timeout_s):
                 result = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
         except TimeoutError:
             future.cancel()  # the worker aborts its engine requests (runner.abandon_tick)
-            error: BaseException = UnavailableError(f"inference took over {INFER_TIMEOUT_S:g}s")
+            error: BaseException = UnavailableError(f"inference took over {self.timeout_s:g}s")
         except BitingLipError as exc:  # handed to every waiting request
             error = exc
         except Exception as exc:  # noqa: BLE001 - a failure on the cluster, not in the gateway

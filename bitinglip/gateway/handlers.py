@@ -62,7 +62,8 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                409: "conflict_error", 429: "rate_limit_error"}
 #: the OpenAI-compatible routes (their prefixes), where 422 reads 400 as OpenAI's clients expect
-OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/embeddings", "/v1/chat/completions", "/v1/completions",
+                "/v1/responses")
 
 #: statuses of requests refused for what the caller sent: they give back their rate-limit slot
 INVALID = frozenset({400, 413, 415, 422})

@@ -17,9 +17,10 @@ from collections.abc import Iterator, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+# the rate-limit buckets are exported at 0 before the first refusal, so an alert's series exists from the start
+from bitinglip.gateway.ratelimit import RATE_BUCKETS
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: rate-limit buckets, exported at 0 before the first refusal so an alert's series exists from the start
-RATE_BUCKETS = ("read", "write")
 
 
 class Metrics:

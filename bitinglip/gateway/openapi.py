@@ -118,6 +118,10 @@ def document() -> dict[str, Any]:
                 {"200": {"description": "a text_completion, or its chunks as server-sent events",
                          "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}},
                 body=_ref("CompletionRequest"), codes=(400, 401, 403, 413, 429, 502, 503))},
+            "/v1/responses": {"post": _op(
+                "OpenAI's Responses API on the chat path (text output, text.format json_schema; not streamed, "
+                "not stored)", {"200": _json({"type": "object"})}, body=_ref("ResponseRequest"),
+                codes=(400, 401, 403, 413, 429, 502, 503))},
             "/v1/models/{name}": {"get": _op(
                 "One model", {"200": _json(_ref("Model"))}, codes=(401, 403, 404, 429),
                 params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])},

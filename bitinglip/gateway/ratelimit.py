@@ -16,9 +16,16 @@ from typing import Any
 
 from bitinglip import redis_keys as keys
 from bitinglip.errors import RateLimitedError
-from bitinglip.settings import Rate
+from bitinglip.settings import Rate, Settings
 
 WRITE, READ, INFER = "write", "read", "infer"
+#: every bucket, the one list that the limiter's rates and the exported 429 counters are built from
+RATE_BUCKETS = (WRITE, READ, INFER)
+
+
+def bucket_rates(settings: Settings) -> dict[str, Rate]:
+    """Each bucket's rate from the settings."""
+    return dict(zip(RATE_BUCKETS, (settings.rate_limit, settings.read_rate_limit, settings.infer_rate_limit)))
 
 # KEYS: the bucket. ARGV: now (s), period (s), count, member.
 # Returns {allowed 0/1, requests in the window, oldest time in the window}.

@@ -8,10 +8,6 @@ from typing import Any
 
 from bitinglip.platform.cluster import DEFAULT_RUN_DIR
 
-#: seconds that requests in flight get to finish after SIGTERM; then they are cancelled.  Without a
-#: bound uvicorn waits for every request task, and one awaiting the cluster for a caller that has
-#: gone (no connection left open) kept the gateway up through two SIGTERMs
-SHUTDOWN_GRACE_S = 5.0
 
 def server(args: argparse.Namespace, settings: Any = None) -> Any:
     """A ``uvicorn.Server`` for the gateway (the tests start it in a thread)."""
@@ -38,7 +34,10 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile, proxy_headers=False, server_header=False,
                             log_level=args.log_level, access_log=args.access_log, lifespan="on",
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            # then requests in flight are cancelled.  Without a bound uvicorn waits for every
+                            # request task, and one awaiting the cluster for a caller that has gone (no
+                            # connection left open) kept the gateway up through two SIGTERMs
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,
                             # a slow request head is cut off, an idle kept-alive connection closes,
                             # an endless header block is refused
                             http=protocol(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_s,

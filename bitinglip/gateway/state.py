@@ -21,7 +21,7 @@ from bitinglip.gateway.batcher import Batcher
 from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.openai.files import FileStore
-from bitinglip.gateway.ratelimit import INFER, READ, WRITE, RateLimiter
+from bitinglip.gateway.ratelimit import READ, RateLimiter, bucket_rates
 from bitinglip.gateway.streams import TokenStreams
 from bitinglip.gateway.tenants import InFlight
 from bitinglip.platform.jobs import JOB_ID, JobStore
@@ -78,13 +78,12 @@ class Gateway:
             socket_timeout=10, socket_connect_timeout=5)
         self.redis = aioredis.Redis.from_pool(pool)
         self.store = JobStore(self.redis, self.settings.job_ttl_s)
-        self.limiter = RateLimiter(self.redis, {WRITE: self.settings.rate_limit, READ: self.settings.read_rate_limit,
-                                                INFER: self.settings.infer_rate_limit})
+        self.limiter = RateLimiter(self.redis, bucket_rates(self.settings))
         os.makedirs(self.settings.results_dir, exist_ok=True)
         os.makedirs(self.settings.model_cache_dir, exist_ok=True)
         self.platform = await anyio.to_thread.run_sync(self._connect)
         self.batcher = Batcher(self.platform.client, self.settings.infer_batch_ms / 1000.0,
-                               max_rows=4 * self.settings.max_infer_rows)
+                               max_rows=4 * self.settings.max_infer_rows, timeout_s=self.settings.infer_timeout_s)
         self.streams = TokenStreams(self.platform.client)
         self._watch = asyncio.create_task(rebuild.watch(self.store, self.settings.results_dir, self.platform))
         self._sweep = asyncio.create_task(self._sweep_files())

@@ -45,3 +45,17 @@ def test_two_gateways_keep_their_own_series() -> None:
     one, two = Metrics(), Metrics()
     one.observe("GET", "/health", 200, 0.01)
     assert "/health" in one.render({}) and "/health" not in two.render({})
+
+
+def test_every_rate_limit_bucket_is_exported() -> None:
+    """The infer bucket's 429s were counted and never exported: metrics knew two buckets, the limiter three."""
+    from bitinglip.gateway.ratelimit import RATE_BUCKETS, bucket_rates
+    from bitinglip.settings import Settings
+
+    assert set(bucket_rates(Settings())) == set(RATE_BUCKETS) >= {"read", "write", "infer"}
+    metrics = Metrics()
+    for bucket in RATE_BUCKETS:
+        metrics.rejected(bucket)
+    got = _samples(metrics.render({}))
+    assert {b: got.get(("bitinglip_rate_limit_rejections_total", (("bucket", b),))) for b in RATE_BUCKETS} == \
+        dict.fromkeys(RATE_BUCKETS, 1)

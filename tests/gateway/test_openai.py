@@ -176,6 +176,14 @@ def test_batch_end_to_end_matches_the_python_client(gateway: str, models: dict[s
     np.testing.assert_allclose(cut, want[4, :8] / np.linalg.norm(want[4, :8]), atol=1e-5)
     np.testing.assert_allclose(decode64(out["packed"]["response"]["body"]["data"][0]["embedding"]), want[5],
                                atol=1e-5)
+    # usage: the tokens the model read, as the online endpoint counts them for the same texts
+    for custom_id, inputs in (("req-0", texts[0]), ("several", texts[:3])):
+        online = oai.embeddings.create(model=MODEL, input=inputs, encoding_format="float").usage
+        assert out[custom_id]["response"]["body"]["usage"] == {"prompt_tokens": online.prompt_tokens,
+                                                               "total_tokens": online.prompt_tokens}
+    assert online.prompt_tokens > 3
+    assert done.usage.input_tokens == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in out.values())
+    assert done.usage.output_tokens == 0 and done.usage.total_tokens == done.usage.input_tokens
     refused = err["bad-body"]["response"]
     assert refused["status_code"] == 400 and "line 34" in refused["body"]["error"]["message"]
     assert refused["body"]["error"]["param"] == "input"
@@ -432,3 +440,86 @@ def test_a_chat_batch_matches_the_python_client(gateway: str, tiny_llama: str, p
             assert len(texts) == 2
         else:  # greedy: the very text the Python client generates for the row
             assert texts == list(want.loc[f"chat-{i}", "text"]), i
+
+
+# --- the Responses API and json_schema lines (issue 23)
+
+#: bounded output: a random-weight model under this grammar ends well inside 64 tokens
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "word": {"type": "string", "enum": ["yes", "no"]}},
+          "required": ["ok", "word"], "additionalProperties": False}
+
+
+def test_online_responses_are_the_chat_answer_and_keep_to_a_schema(gateway: str, tiny_llama: str) -> None:
+    import jsonschema
+
+    oai = client(gateway, new_user("oai-responses"))
+    chat = oai.chat.completions.create(model=tiny_llama, max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}])
+    got = oai.responses.create(model=tiny_llama, instructions="be brief", input="hello there", max_output_tokens=6,
+                               temperature=0, metadata={"k": "v"})
+    assert got.object == "response" and got.id.startswith("resp_")
+    assert got.output_text == chat.choices[0].message.content  # greedy: the chat path's very answer
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                 chat.usage.completion_tokens)
+    assert (got.status == "incomplete") == (chat.choices[0].finish_reason == "length")
+    assert got.metadata == {"k": "v"} and got.instructions == "be brief"
+    shaped = oai.responses.create(model=tiny_llama, input=[{"role": "user", "content": "json please"}],
+                                  max_output_tokens=64, temperature=0,
+                                  text={"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA}})
+    assert shaped.status == "completed", shaped
+    jsonschema.validate(json.loads(shaped.output_text), SCHEMA)
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model=tiny_llama, input="x", tools=[{"type": "web_search"}])
+    assert caught.value.param == "tools"
+
+
+def test_responses_and_json_schema_batches_complete(gateway: str, tiny_llama: str) -> None:
+    import jsonschema
+
+    oai = client(gateway, new_user("oai-responses-batch"))
+    with pytest.raises(openai.BadRequestError) as caught:  # OpenAI's metadata limits, naming what is over
+        oai.batches.create(input_file_id="file-x", endpoint="/v1/responses", completion_window="24h",
+                           metadata={"k" * 65: "v"})
+    assert caught.value.param == "metadata" and "65 characters" in caught.value.message
+    fmt = {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}}
+    lines = [
+        line("plain", {"model": tiny_llama, "instructions": "be brief", "input": "hello there",
+                       "max_output_tokens": 6, "temperature": 0}, url="/v1/responses"),
+        line("listed", {"model": tiny_llama, "max_output_tokens": 4, "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "question 2"}]}]},
+             url="/v1/responses"),
+        line("shaped", {"model": tiny_llama, "input": "json please", "max_output_tokens": 64, "text": fmt,
+                        "metadata": {"k": "v"}}, url="/v1/responses"),
+        line("tools", {"model": tiny_llama, "input": "x", "tools": [{"type": "web_search"}]}, url="/v1/responses"),
+    ]
+    responses = oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/responses",
+                                   completion_window="24h")
+    reordered = json.loads(json.dumps(dict(reversed(list(SCHEMA.items())))))  # the same schema to the engine
+    chat_lines = [line(f"schema-{i}", {"model": tiny_llama, "messages": [{"role": "user", "content": f"json {i}"}],
+                                       "max_tokens": 64, "temperature": 0, "response_format": {
+                                           "type": "json_schema", "json_schema": {"name": "answer", "schema": s}}},
+                       url="/v1/chat/completions") for i, s in enumerate((SCHEMA, reordered, SCHEMA))]
+    chats = oai.batches.create(input_file_id=upload(oai, chat_lines).id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+
+    done = finished(oai, responses.id)
+    assert done.status == "completed" and done.endpoint == "/v1/responses", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
+    out, err = by_custom_id(jsonl(oai, done.output_file_id)), by_custom_id(jsonl(oai, done.error_file_id))
+    parsed = {k: openai.types.responses.Response.model_validate(v["response"]["body"]) for k, v in out.items()}
+    online = oai.chat.completions.create(model=tiny_llama, max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}])
+    assert parsed["plain"].output_text == online.choices[0].message.content
+    assert parsed["plain"].usage.input_tokens == online.usage.prompt_tokens and parsed["plain"].instructions
+    assert 0 < parsed["listed"].usage.output_tokens <= 4
+    assert parsed["shaped"].status == "completed" and parsed["shaped"].metadata == {"k": "v"}
+    jsonschema.validate(json.loads(parsed["shaped"].output_text), SCHEMA)
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (
+        sum(p.usage.input_tokens for p in parsed.values()), sum(p.usage.output_tokens for p in parsed.values()))
+    refused = err["tools"]["response"]["body"]["error"]
+    assert refused["param"] == "tools" and "line 4" in refused["message"]
+
+    done = finished(oai, chats.id)
+    assert done.status == "completed" and done.request_counts.completed == 3, done
+    for row in jsonl(oai, done.output_file_id):
+        jsonschema.validate(json.loads(row["response"]["body"]["choices"][0]["message"]["content"]), SCHEMA)

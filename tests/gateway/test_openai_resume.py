@@ -31,8 +31,16 @@ from test_openai import (
 openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
 
 
-def resume(gateway: str, sub: str, batch_id: str) -> httpx.Response:
-    return httpx.post(f"{gateway}/v1/jobs/{batch_id.removeprefix('batch_')}/resume", headers=auth(sub), timeout=120)
+def resume(gateway: str, sub: str, batch_id: str, patience_s: float = 180) -> httpx.Response:
+    """Resume, retrying as a 503 says ("still leaving the cluster; retry shortly"): a cancelled partition
+    stops at its next micro-batch, and one still loading its model (a chat engine, on a loaded machine)
+    stops only after the gateway's 30 s wait."""
+    deadline = time.time() + patience_s
+    while True:
+        r = httpx.post(f"{gateway}/v1/jobs/{batch_id.removeprefix('batch_')}/resume", headers=auth(sub), timeout=120)
+        if r.status_code != 503 or "retry shortly" not in r.text or time.time() > deadline:
+            return r
+        time.sleep(float(r.headers["Retry-After"]))
 
 
 def cancelled(oai: Any, batch_id: str) -> Any:

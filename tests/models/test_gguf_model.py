@@ -14,8 +14,6 @@ import json
 import logging
 import logging.handlers
 import os
-import subprocess
-import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,20 +37,14 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(smollm2_added: tuple[dict[str, Any], Path]) -> Path:
+    return smollm2_added[1]
 
 
 @pytest.fixture(scope="module")
-def added(cache: Path) -> dict[str, Any]:
-    """``bitinglip models add smollm2 FILE.gguf --task generate``, as a user runs it.  ``--max-length``:
-    the tests' engines take a 256 MiB KV cache (tests/conftest.py), short of the model's 8192 positions."""
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"MODEL_CACHE_DIR": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "bitinglip", "models", "add", "smollm2", str(smollm2_gguf()),
-                           "--task", "generate", "--max-length", "2048"],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def added(smollm2_added: tuple[dict[str, Any], Path]) -> dict[str, Any]:
+    """What ``bitinglip models add smollm2 FILE.gguf --task generate`` printed (tests/conftest.py runs it)."""
+    return smollm2_added[0]
 
 
 @pytest.fixture(scope="module")

@@ -175,3 +175,28 @@ def test_each_worker_learns_its_own_budgets() -> None:
     plugin.budgets.reduce("embed:m:cpu", 4096, 1000)
     copy = pickle.loads(pickle.dumps(plugin))  # what another worker gets
     assert copy.budgets.as_dict() == {} and plugin.budgets.as_dict() == {"embed:m:cpu": 500}
+
+
+def test_a_generation_engine_is_sized_by_the_plugin_that_loads_it(tmp_path: Path, tiny_encoder: Path) -> None:
+    """gpu_memory_fraction reached the plugin from the client but vLLM from the worker's environment, and
+    kv_cache_bytes ignored the plugin's settings on an embedded cluster: the task read get_settings() on the
+    worker.  The plugin (as Dask ships it, pickled) now hands both to the task's load, and the task reads them."""
+    from bitinglip.platform.tasks.base import Loaded, TaskType
+    from bitinglip.platform.tasks.generate_task import CPU_KV_CACHE_BYTES, _kv_cache_bytes
+
+    class Probe(TaskType):
+        name = "probe"
+
+        def load(self, path: str, device: str, options: object) -> Loaded:
+            return Loaded(model=None, info={"options": dict(options)})  # type: ignore[call-overload]
+
+        def predict(self, loaded: Loaded, batch: Batch, options: object) -> list[dict[str, object]]:
+            return []
+
+    settings = Settings(model_cache_dir=tmp_path / "cache", kv_cache_bytes=96 << 20, gpus_per_worker=2)
+    plugin = pickle.loads(pickle.dumps(ModelPlugin(gpu_memory_fraction=0.42, settings=settings)))
+    seen = plugin.get(Probe(), str(tiny_encoder), {}).info["options"]
+    assert {k: seen.get(k) for k in ("gpu_memory_fraction", "kv_cache_bytes", "gpus_per_worker")} == {
+        "gpu_memory_fraction": 0.42, "kv_cache_bytes": 96 << 20, "gpus_per_worker": 2}
+    assert _kv_cache_bytes("cpu", seen) == 96 << 20 and _kv_cache_bytes("cuda:0", seen) == 96 << 20
+    assert _kv_cache_bytes("cpu", {**seen, "kv_cache_bytes": 0}) == CPU_KV_CACHE_BYTES

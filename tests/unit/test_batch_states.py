@@ -42,9 +42,13 @@ def test_validating_in_progress_finalizing_completed() -> None:
     record["finalizing_at"] = 1011.0  # a finalization under way: what another reader sees
     b = batch(record, job)
     assert b.status == "finalizing" and b.finalizing_at == 1011 and b.completed_at is None
-    record.update(final_status="completed", finalized_at=1012.0, completed=4, failed=0, output_file_id="file-j1-o")
+    assert b.usage is None  # counted when the files are written
+    record.update(final_status="completed", finalized_at=1012.0, completed=4, failed=0, output_file_id="file-j1-o",
+                  usage={"input_tokens": 40, "output_tokens": 7})
     b = batch(record, job)
     assert b.status == "completed" and not due(record, job, 2000.0)
+    assert (b.usage.input_tokens, b.usage.output_tokens, b.usage.total_tokens) == (40, 7, 47)
+    assert "usage" not in reopened(record)  # a resume counts again
     assert stamps(b) == {"in_progress_at": 1002, "finalizing_at": 1011, "completed_at": 1012, "failed_at": None,
                          "cancelling_at": None, "cancelled_at": None, "expired_at": None}
 

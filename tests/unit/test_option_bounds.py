@@ -173,14 +173,13 @@ def test_generate_bounds_are_vllms(name: str, last: float, first: float) -> None
         SamplingParams(**{name: first})
 
 
-def test_the_gateways_copies_of_the_generate_bounds_agree() -> None:
-    from bitinglip.gateway.openai import batchfile
+def test_the_gateways_schemas_of_the_generate_bounds_agree() -> None:
     from bitinglip.gateway.schemas import CHAT_REQUEST, COMPLETION_REQUEST
-    from bitinglip.platform.tasks import generation
+    from bitinglip.platform.tasks import Sampling, bound
 
     for body in (CHAT_REQUEST, COMPLETION_REQUEST):
         fields = body.fields
-        assert fields["temperature"]["maximum"] == generation.MAX_TEMPERATURE
+        assert fields["temperature"]["maximum"] == bound(Sampling, "temperature").high == 2
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
             low = fields[name].get("minimum", fields[name].get("exclusiveMinimum"))
             high = fields[name].get("maximum")
@@ -190,4 +189,3 @@ def test_the_gateways_copies_of_the_generate_bounds_agree() -> None:
                     Generate().check_options({name: low})
             else:
                 Generate().check_options({name: low})
-    assert (batchfile.MAX_N, batchfile.MAX_LOGPROBS) == (generation.MAX_N, generation.MAX_LOGPROBS)

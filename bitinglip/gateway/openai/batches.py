@@ -42,12 +42,12 @@ CANCEL_SETTLE_S = 2.0
 #: a batch file's own timestamps (OpenAI's ``expires_at``): the completion window, here only a label
 WINDOW_S = 24 * 3600
 
-_JSON_FIELDS = ("metadata", "errors")
+_JSON_FIELDS = ("metadata", "errors", "usage")
 _NUMBERS = ("created_at", "in_progress_at", "finalizing_at", "finalized_at", "lines", "rows", "rejected", "completed",
             "failed", "cancelled_at", "output_expires_after_s")
 #: what a finalization (or a cancel) adds to a record; a resume takes it away again
 _ENDING = ("final_status", "finalizing_at", "finalized_at", "output_file_id", "error_file_id", "completed", "failed",
-           "errors", "cancelled_at")
+           "errors", "cancelled_at", "usage")
 #: the error code of a batch whose job failed (any other code: its file failed the check, and nothing ran)
 JOB_FAILED = "job_failed"
 
@@ -231,8 +231,17 @@ def view(record: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
         else None,
         "cancelled_at": _stamp(finalized) if shown == "cancelled" else None,
         "request_counts": {"total": lines, "completed": completed, "failed": failed},
-        "metadata": record.get("metadata"), "model": record.get("model"),
+        "metadata": record.get("metadata"), "model": record.get("model"), "usage": _usage(record.get("usage")),
     }
+
+
+def _usage(tokens: dict[str, int] | None) -> dict[str, Any] | None:
+    """OpenAI's ``BatchUsage`` from the tokens a finalization counted (None before it)."""
+    if not tokens:
+        return None
+    done_in, done_out = int(tokens["input_tokens"]), int(tokens["output_tokens"])
+    return {"input_tokens": done_in, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": done_out,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": done_in + done_out}
 
 
 def new_record(job_id: str, owner: str, body: dict[str, Any], now: float | None = None) -> dict[str, Any]:

@@ -24,9 +24,11 @@ from typing import IO, Any
 
 from bitinglip.errors import BitingLipError, InputError
 from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
+from bitinglip.gateway.openai.responses_api import RESPONSES_ENDPOINT, chat_request
 from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
+from bitinglip.gateway.schemas import SAMPLING
 from bitinglip.platform.models import resolve_listed, resolve_model
-from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits, surrogate_at
+from bitinglip.platform.tasks import BUILTIN_TASKS, Params, bound, model_limits, python_type, schema_key, surrogate_at
 from bitinglip.settings import Settings
 
 #: the job's input (``id`` = the line's custom_id, ``text``), beside the job's output
@@ -40,13 +42,11 @@ MAX_LINE_BYTES = 8 << 20
 #: the most file-level errors a failed batch lists (OpenAI lists a few, not thousands)
 MAX_ERRORS = 100
 _ROWS_PER_WRITE = 4096
-#: a generation row's params in the job's Parquet input: one type per field (Parquet keeps one per column)
-_PARAM_TYPES: dict[str, Any] = {
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "stop": list, "seed": int,
-    "n": int, "logprobs": int, "response_format": dict}
-#: the generate task's bounds on n and logprobs (its generation module's MAX_N, MAX_LOGPROBS)
-MAX_N, MAX_LOGPROBS = 16, 20
+#: a generation row's params in the job's Parquet input: one type per field (Parquet keeps one per column),
+#: the contract's
+_PARAM_TYPES: dict[str, Any] = {name: python_type(Params, name) for name in SAMPLING}
+#: a Response's fields that come from its request (:func:`~.responses_api.response_body`)
+RESPONSE_ECHO = ("instructions", "max_output_tokens", "temperature", "top_p", "text", "metadata", "user")
 _CUSTOM_ID_CHARS = 512
 
 
@@ -147,26 +147,39 @@ def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
         return [{"id": custom_id, "text": t} for t in found], {"count": len(found), "fmt": fmt, "dims": dims}
 
     return _check(src, out_dir, endpoint, max_lines, pa.schema([("id", pa.string()), ("text", pa.string())]),
-                  accept, Checked())
+                  accept, Checked(options={"count_tokens": True}))  # each line's usage.prompt_tokens
 
 
-def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int) -> Checked:
-    """Check a chat or text completions batch file: each line one row of the
-    generation row contract (``messages`` or ``text``, and ``params``)."""
+def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int, max_chars: int,
+                     max_schemas: int = 16) -> Checked:
+    """Check a chat or text completions or responses batch file: each line
+    one row of the generation row contract (``messages`` or ``text``, and
+    ``params``).  At most ``max_schemas`` distinct json_schema formats (by
+    their canonical JSON): a line with one more is that line's error."""
     task = BUILTIN_TASKS["generate"]
+    schemas: set[str] = set()
     # every row is checked as a job that allows n and logprobs would take it; the job then asks for the most any row asks
-    loose = task.check_options({"n": MAX_N, "logprobs": MAX_LOGPROBS})
+    loose = task.check_options({name: bound(Params, name).high for name in ("n", "logprobs")})
     checked = Checked(options={})
 
     def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        row = generation_row(endpoint, body, custom_id, max_chars)
-        fmt = row["params"].get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            raise refuse("a json_schema response_format is served online (/v1/chat/completions), not in batch "
-                         "files: a batch's rows share one Parquet type per column", "response_format")
+        meta: dict[str, Any] = {"count": 1}
+        if endpoint == RESPONSES_ENDPOINT:  # a chat underneath; its Response echoes these fields of the line
+            row = generation_row("/v1/chat/completions", chat_request(body), custom_id, max_chars)
+            meta["echo"] = {k: body[k] for k in RESPONSE_ECHO if body.get(k) is not None}
+        else:
+            row = generation_row(endpoint, body, custom_id, max_chars)
         good = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]},
                               custom_id, loose)
         params = {k: _PARAM_TYPES[k](v) for k, v in good.params.items() if k in _PARAM_TYPES and v is not None}
+        schema = (params.get("response_format") or {}).get("json_schema", {}).get("schema")
+        if schema is not None and schema_key(schema) not in schemas:
+            if len(schemas) >= max_schemas:
+                raise refuse(f"this line's json_schema would be one more distinct schema than the "
+                             f"{max_schemas} a batch takes (BITINGLIP_BATCH_MAX_SCHEMAS)", "response_format")
+            schemas.add(schema_key(schema))
+        if "response_format" in params:  # a JSON text: its schema's shape differs from row to row
+            params["response_format"] = json.dumps(params["response_format"])
         # said even when it is 1: a row without it would take the job's n, the most of any row's (and vLLM
         # refuses n > 1 for a greedy row)
         params.setdefault("n", 1)
@@ -175,7 +188,7 @@ def check_generation(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
                 checked.options[name] = params[name]
         messages = [{"role": r, "content": c} for r, c in good.messages] if good.messages is not None else None
         return ([{"id": custom_id, "text": good.text, "messages": messages, "params": params}],
-                {"count": 1, "logprobs": "logprobs" in params})
+                {**meta, "logprobs": "logprobs" in params})
 
     return _check(src, out_dir, endpoint, max_lines, _generation_schema(), accept, checked)
 
@@ -192,6 +205,8 @@ def generation_frame(path: str) -> Any:
     rows = pq.read_table(path).to_pylist()
     for row in rows:
         row["params"] = {k: v for k, v in (row["params"] or {}).items() if v is not None}
+        if isinstance(row["params"].get("response_format"), str):  # JSON text (an older input: a struct)
+            row["params"]["response_format"] = json.loads(row["params"]["response_format"])
     return pd.DataFrame(rows, columns=["id", "text", "messages", "params"])
 
 
@@ -199,8 +214,9 @@ def _generation_schema() -> Any:
     import pyarrow as pa
 
     kinds = {int: pa.int64(), float: pa.float64()}
-    params = [(k, kinds[t] if t in kinds else pa.list_(pa.string()) if k == "stop" else
-               pa.struct([("type", pa.string())])) for k, t in _PARAM_TYPES.items()]
+    # response_format as JSON text: a json_schema's schema has its own shape per row, and a column one type
+    params = [(k, kinds[t] if t in kinds else pa.list_(pa.string()) if k == "stop" else pa.string())
+              for k, t in _PARAM_TYPES.items()]
     return pa.schema([("id", pa.string()), ("text", pa.string()),
                       ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
                       ("params", pa.struct(params))])

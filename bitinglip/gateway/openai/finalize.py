@@ -24,6 +24,7 @@ from typing import IO, Any
 from bitinglip.atomic import write_atomically
 from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import LINES, REJECTED, read_jsonl
+from bitinglip.gateway.openai.responses_api import RESPONSES_ENDPOINT, response_body
 from bitinglip.gateway.openai.shapes import chat_body, completion_body, embedding_body
 from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, read_json
 
@@ -32,6 +33,17 @@ from bitinglip.platform.jobs import RECORD, committed_parts, committed_summary, 
 class Outcome:
     completed: int
     failed: int
+    #: the tokens of the lines in the output file (the Batch's ``usage``)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(input, output) tokens of one response's ``usage``, in any endpoint's words."""
+    if not usage:
+        return 0, 0
+    return (int(usage.get("input_tokens", usage.get("prompt_tokens")) or 0),
+            int(usage.get("output_tokens", usage.get("completion_tokens")) or 0))
 
 
 def _rows(out_dir: str, job_id: str, embed: bool) -> tuple[Iterator[tuple[str, Any]], dict[str, str]]:
@@ -54,8 +66,11 @@ def _rows(out_dir: str, job_id: str, embed: bool) -> tuple[Iterator[tuple[str, A
             if s is None:
                 continue
             for batch in pq.ParquetFile(os.path.join(out_dir, s["file"])).iter_batches(batch_size=2048):
-                if embed:
-                    yield from zip(batch.column("id").to_pylist(), batch.column("embedding").to_pylist())
+                if embed:  # (embedding, its tokens): a job from before the tokens were counted has none
+                    tokens = (batch.column("tokens").to_pylist() if "tokens" in batch.schema.names
+                              else [None] * batch.num_rows)
+                    yield from zip(batch.column("id").to_pylist(),
+                                   zip(batch.column("embedding").to_pylist(), tokens))
                 else:
                     yield from ((row["id"], row) for row in batch.to_pylist())
 
@@ -76,10 +91,14 @@ def _failure(status: int, code: str, message: str, param: str | None = None) -> 
 def _body(endpoint: str, model: str, line: dict[str, Any], got: list[Any]) -> dict[str, Any]:
     """The OpenAI response body of one line from its rows' outputs."""
     if endpoint == "/v1/embeddings":
-        return embedding_body(model, got, line["fmt"], line["dims"], None)
+        tokens = [t for _, t in got]
+        return embedding_body(model, [v for v, _ in got], line["fmt"], line["dims"],
+                              None if None in tokens else sum(int(t) for t in tokens))
     row = dict(got[0])
     if not line.get("logprobs"):  # the job computed them for another line; this one did not ask
         row.pop("logprobs", None)
+    if endpoint == RESPONSES_ENDPOINT:
+        return response_body(model, row, line.get("echo") or {})
     return (chat_body if endpoint == "/v1/chat/completions" else completion_body)(model, row)
 
 
@@ -91,7 +110,7 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
     rejected = read_jsonl(os.path.join(out_dir, REJECTED))
     rows, reasons = _rows(out_dir, job_id, endpoint == "/v1/embeddings")
     pending: list[tuple[str, Any]] = []
-    counts = {"completed": 0, "failed": 0}
+    counts = {"completed": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0}
 
     def take(custom_id: str, count: int) -> list[Any]:
         """The next rows while they are this line's (the output holds a line's rows together, in order)."""
@@ -127,6 +146,9 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
                 out.write(_line(line["custom_id"], {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}",
                                                     "body": body}, None))
                 counts["completed"] += 1
+                tokens_in, tokens_out = _tokens(body.get("usage"))
+                counts["input_tokens"] += tokens_in
+                counts["output_tokens"] += tokens_out
                 continue
             counts["failed"] += 1
             reason = reasons.get(line["custom_id"])
@@ -149,4 +171,4 @@ def write_files(out_dir: str, job_id: str, endpoint: str, model: str, output_pat
         write_atomically(error_path, errors)
 
     write_atomically(output_path, both)
-    return Outcome(counts["completed"], counts["failed"])
+    return Outcome(**counts)

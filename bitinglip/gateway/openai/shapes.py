@@ -19,22 +19,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks import texts_or_error
+from bitinglip.gateway.schemas import (
+    CHAT_REQUEST,
+    COMPLETION_REQUEST,
+    EMBEDDING_REQUEST,
+    MAX_DIMENSIONS,
+    MAX_EMBEDDING_INPUTS,
+    SAMPLING,
+)
+from bitinglip.platform.tasks import MAX_MESSAGES, ROLES, texts_or_error
 
 #: the BitingLip task behind each OpenAI endpoint
-ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate"}
-#: OpenAI's own bound on the texts of one embeddings request
-MAX_EMBEDDING_INPUTS = 2048
+ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate",
+             "/v1/responses": "generate"}
 
-EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
-#: sampling options a row may carry (the generation row contract's ``params``), named as OpenAI names them
-SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "stop", "seed", "n", "logprobs", "response_format")
-_COMMON = frozenset({"model", "stream", "stream_options", "user", *SAMPLING})
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-MAX_MESSAGES = 1024
+#: the fields each body takes: the request bodies' own (:mod:`bitinglip.gateway.schemas`)
+EMBEDDING_FIELDS = frozenset(EMBEDDING_REQUEST.fields)
+CHAT_FIELDS = frozenset(CHAT_REQUEST.fields)
+COMPLETION_FIELDS = frozenset(COMPLETION_REQUEST.fields)
 
 
 def refuse(message: str, param: str | None = None) -> InputError:
@@ -81,7 +83,7 @@ def embedding_format(body: Mapping[str, Any]) -> tuple[str, int | None]:
     if fmt not in ("float", "base64"):
         raise refuse("encoding_format must be float or base64", "encoding_format")
     dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= 65536):
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= MAX_DIMENSIONS):
         raise refuse("dimensions must be a whole number from 1 up to the model's size", "dimensions")
     return fmt, dims
 

@@ -23,19 +23,18 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bitinglip.errors import BitingLipError, ConflictError, InputError, NotFoundError
+from bitinglip.errors import ConflictError, InputError, NotFoundError
 from bitinglip.gateway.body import check_task, check_texts, query_int, read_json
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.job_view import view
 from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, TERMINAL, JobState, new_job_id
-from bitinglip.platform.tasks import is_whole
+from bitinglip.platform.jobs import MOVED, TERMINAL, JobState, new_job_id
+from bitinglip.platform.tasks import DEFAULT_PRIORITY, JobFields, job_priority, job_text_column
 from bitinglip.settings import Settings
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
-DEFAULT_PRIORITY = 5
 EVENTS_POLL_S = 0.5
 EVENTS_HEARTBEAT_S = 15.0
 
@@ -60,17 +59,13 @@ def parse_submission(body: dict[str, Any], settings: Settings, header_key: str |
         raise InputError("give exactly one of inputs (a list of strings) and input_uri")
     inputs: Any = (check_texts(body["inputs"], settings.max_job_rows, settings.max_text_chars, "inputs")
                    if has_inputs else _input_path(body["input_uri"], settings))
-    priority = body.get("priority", DEFAULT_PRIORITY)
-    if not is_whole(priority, 1, 10):
-        raise InputError("priority must be a whole number from 1 to 10")
+    priority = job_priority(body.get("priority", DEFAULT_PRIORITY))
     key = body.get("idempotency_key", header_key)
     if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
         raise InputError("idempotency_key must be 1-128 letters, digits or . _ : -")
-    text_column = body.get("text_column", "text")
-    if not isinstance(text_column, str) or not text_column or len(text_column) > 200:
-        raise InputError("text_column must be a non-empty string")
+    column = job_text_column(body.get("text_column", JobFields.model_fields["text_column"].default))
     return {"task": body["task"], "model": body.get("model"), "inputs": inputs, "options": options,
-            "priority": priority, "idempotency_key": key, "text_column": text_column}
+            "priority": priority, "idempotency_key": key, "text_column": column}
 
 
 async def submit_job(request: Request) -> Response:
@@ -92,18 +87,8 @@ async def submit_job(request: Request) -> Response:
         return gw.json(request, view(job), 202, {"Location": f"/v1/jobs/{got}", "Idempotent-Replayed": "true"})
     record = {**fields, "id": job_id, "owner": principal.sub, "state": JobState.QUEUED.value, "created_at": now,
               "updated_at": now, "idempotency_key": sub["idempotency_key"]}
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, record,
-                                                      limiter=gw.submissions)
-    except BaseException as exc:
-        await gw.store.delete(job_id, principal.sub, sub["idempotency_key"])
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    figures = {"rows_total": total, "parts": parts}
-    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
-        await gw.store.restore({**record, **figures})
-        await gw.store.transition(job_id, None, figures)
+    await submit(gw, job_id, sub, model, output, record,
+                 undo=lambda: gw.store.delete(job_id, principal.sub, sub["idempotency_key"]))
     current = await gw.store.get(job_id)
     return gw.json(request, view(current or {"id": job_id, "state": "queued"}), 202,
                    {"Location": f"/v1/jobs/{job_id}"})

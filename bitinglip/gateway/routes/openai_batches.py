@@ -10,7 +10,6 @@ returns the first batch made with it instead of running the file again.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -23,10 +22,10 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError, ConflictError, UnknownModelError
+from bitinglip.errors import ConflictError, UnknownModelError
 from bitinglip.gateway.body import query_int, read_json
 from bitinglip.gateway.handlers import scrub
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, due, final_status, new_record, view
 from bitinglip.gateway.openai.batchfile import (
     INPUT,
@@ -44,11 +43,13 @@ from bitinglip.gateway.openai.files import (
     size_and_lines_record,
 )
 from bitinglip.gateway.openai.finalize import write_files
+from bitinglip.gateway.openai.responses_api import check_metadata
 from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.schemas import BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
+from bitinglip.gateway.schemas import BATCH_ENDPOINTS, BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
 from bitinglip.gateway.state import Gateway
-from bitinglip.platform.jobs import MISSING, MOVED, RECORD, TERMINAL, JobState, new_job_id
+from bitinglip.platform.jobs import MOVED, RECORD, TERMINAL, JobState, new_job_id
+from bitinglip.platform.tasks import DEFAULT_PRIORITY
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IDEM_SPACE = "batch:"  # a batch's key never meets a REST job's key of the same text
@@ -67,8 +68,8 @@ def _check_body(body: dict[str, Any]) -> str | None:
     for name in BATCH_REQUEST.required:
         if not isinstance(body.get(name), str) or not body[name]:
             raise refuse(f"{name} is required (a string)", name)
-    if body["endpoint"] not in ("/v1/embeddings", "/v1/chat/completions", "/v1/completions"):
-        raise refuse("endpoint must be /v1/embeddings, /v1/chat/completions or /v1/completions", "endpoint")
+    if body["endpoint"] not in BATCH_ENDPOINTS:
+        raise refuse(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", "endpoint")
     if body["completion_window"] != "24h":
         raise refuse("completion_window must be 24h", "completion_window")
     expiry = body.get("output_expires_after")
@@ -76,13 +77,9 @@ def _check_body(body: dict[str, Any]) -> str | None:
         if not isinstance(expiry, dict) or set(expiry) - {"anchor", "seconds"}:
             raise refuse('output_expires_after must be {"anchor": "created_at", "seconds": N}', "output_expires_after")
         expiry_seconds(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
-    metadata = body.get("metadata")
+    metadata = check_metadata(body.get("metadata"))
     if metadata is None:
         return None
-    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()):
-        raise refuse("metadata must hold at most 16 pairs of strings (keys up to 64, values up to 512 characters)",
-                     "metadata")
     key = metadata.get("idempotency_key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise refuse("metadata.idempotency_key must be 1-128 letters, digits or . _ : -", "metadata")
@@ -101,7 +98,7 @@ async def create_batch(request: Request) -> Response:
                      "input_file_id")
     job_id, now = new_job_id(), time.time()
     output = str(gw.settings.results_dir / job_id)
-    fields = {"task": ENDPOINTS[body["endpoint"]], "priority": 5, "output": output, "options": {}}
+    fields = {"task": ENDPOINTS[body["endpoint"]], "priority": DEFAULT_PRIORITY, "output": output, "options": {}}
     got, created = await gw.store.create(job_id, principal.sub, fields, key and _IDEM_SPACE + key, now=now)
     if not created:  # the same key again: the first batch, whatever became of it
         record = await batches.get(principal.sub, PREFIX + got)
@@ -128,7 +125,7 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
     batches, _ = _stores(gw)
     path = content_path(gw.settings.results_dir, body["input_file_id"])
 
-    checker = check_generation
+    checker = functools.partial(check_generation, max_schemas=gw.settings.batch_max_schemas)
     if body["endpoint"] == "/v1/embeddings":  # a dimensions past the model's width is refused line by line
         checker = functools.partial(check_embeddings, width=functools.partial(model_width, settings=gw.settings))
 
@@ -161,22 +158,13 @@ async def _start(gw: Gateway, owner: str, body: dict[str, Any], job_id: str, out
                                                                      "rows_total": 0, "parts": 0})
         # written now: with no job folder to rebuild its record from, a later read could not tell it ended
         return await finalize(gw, record, {"id": job_id, "state": JobState.SUCCEEDED.value})
-    sub = {"task": fields["task"], "priority": 5, "options": checked.options, "inputs": os.path.join(output, INPUT),
+    sub = {"task": fields["task"], "priority": DEFAULT_PRIORITY, "options": checked.options, "inputs": os.path.join(output, INPUT),
            "text_column": "text", "input_root": output}
     if fields["task"] == "generate":
         sub["frame"] = await anyio.to_thread.run_sync(generation_frame, sub["inputs"], limiter=gw.submissions)
     rest = {**fields, "options": checked.options, "model": checked.model, "id": job_id, "owner": owner, "state": JobState.QUEUED.value,
             "created_at": now, "updated_at": now, "idempotency_key": key and _IDEM_SPACE + key}
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job_id, sub, model, output, rest,
-                                                      limiter=gw.submissions)
-    except BaseException as exc:
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    figures = {"rows_total": total, "parts": parts, "model": checked.model, "options": checked.options}
-    if await gw.store.transition(job_id, None, figures) == MISSING:  # Redis lost its data meanwhile
-        await gw.store.restore({**rest, **figures})
+    await submit(gw, job_id, sub, model, output, rest, extra={"model": checked.model, "options": checked.options})
     return record
 
 
@@ -222,6 +210,7 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
                                                            f"batch_{job_id}_{name}.jsonl", expires_after_s))
         record = {**record, "output_file_id": out_id, "error_file_id": err_id if outcome.failed else None,
                   "completed": outcome.completed, "failed": outcome.failed, "final_status": final_status(job),
+                  "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens},
                   "finalized_at": time.time()}
         if job["state"] == JobState.FAILED.value:
             record["errors"] = [{"code": "job_failed", "message": scrub(job.get("error") or "the job failed"),

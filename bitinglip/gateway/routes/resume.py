@@ -12,7 +12,6 @@ refused the job) leaves the job and its batch as they were.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -21,8 +20,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bitinglip.errors import BitingLipError, ConflictError, UnavailableError
-from bitinglip.gateway.handover import hand_over, refusal
+from bitinglip.errors import ConflictError, UnavailableError
+from bitinglip.gateway.handover import submit
 from bitinglip.gateway.job_view import view
 from bitinglip.gateway.openai.batches import PREFIX, BatchStore, check_failed
 from bitinglip.gateway.openai.batchfile import generation_frame
@@ -30,6 +29,7 @@ from bitinglip.gateway.ratelimit import WRITE
 from bitinglip.gateway.rebuild import REST_INPUTS
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MISSING, MOVED, RECORD, JobState, fingerprint, job_keys, read_json
+from bitinglip.platform.tasks import DEFAULT_PRIORITY
 from bitinglip.polling import poll
 
 #: the states a job may be resumed from: it ended without all of its rows
@@ -57,7 +57,7 @@ def _same_inputs(output: str, inputs: Any) -> bool:
 
 def _submission(job: dict[str, Any], saved: dict[str, Any], batch: dict[str, Any] | None) -> dict[str, Any]:
     """What the job is handed to the cluster with again, exactly as the first time."""
-    sub = {"task": job["task"], "priority": int(job.get("priority") or 5), "options": job.get("options") or {},
+    sub = {"task": job["task"], "priority": int(job.get("priority") or DEFAULT_PRIORITY), "options": job.get("options") or {},
            "inputs": saved["inputs"], "text_column": saved["text_column"], "input_root": saved.get("input_root")}
     if batch is not None and job["task"] == "generate":
         sub["frame"] = generation_frame(saved["inputs"])  # a chat batch ran on this frame, not on the file
@@ -86,25 +86,21 @@ async def resume_job(request: Request) -> Response:
                             "replaced); submit a new job")
     if not await anyio.to_thread.run_sync(settled, gw.platform, job["id"], int(job.get("parts") or 0),
                                           limiter=gw.submissions):
-        raise UnavailableError(f"job {job['id']}'s stopped run is still leaving the cluster; retry shortly")
+        raise UnavailableError(f"job {job['id']}'s stopped run is still leaving the cluster; retry shortly",
+                               retry_after=5)
     now = time.time()
     batch = await _reopen(gw, batches, job, batch is not None, now)
     record = {key: job.get(key) for key in ("task", "model", "priority", "output", "options", "rows_total", "id",
                                             "owner", "created_at", "idempotency_key")}
     record.update(state=JobState.QUEUED.value, updated_at=now, resumed_at=now)
-    try:
-        total, parts = await anyio.to_thread.run_sync(hand_over, gw.platform, job["id"], sub, job["model"],
-                                                      job["output"], record, limiter=gw.submissions)
-    except BaseException as exc:
-        # nothing runs: the job (and its batch) end again as they were
+
+    async def undo() -> None:  # nothing runs: the job (and its batch) end again as they were
         await gw.store.transition(job["id"], job["state"], {"finished_at": job.get("finished_at") or time.time(),
                                                             "error": job.get("error")})
         if batch is not None:
             await batches.save(batch)
-        if isinstance(exc, BitingLipError | asyncio.CancelledError):
-            raise
-        raise refusal(exc) from exc
-    await gw.store.transition(job["id"], None, {"rows_total": total, "parts": parts})
+
+    await submit(gw, job["id"], sub, job["model"], job["output"], record, undo=undo)
     current = await gw.store.get(job["id"])
     return gw.json(request, view(current or {**job, "state": "queued"}), 202, {"Location": f"/v1/jobs/{job['id']}"})
 

@@ -12,9 +12,17 @@ from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.job import Job, Progress
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
 from bitinglip.platform.jobs.online import predict_counted, predict_generation
-from bitinglip.platform.jobs.outputs import MANIFEST, RECORD, committed_parts, committed_summary, fingerprint, read_json
+from bitinglip.platform.jobs.outputs import (
+    MANIFEST,
+    RECORD,
+    column_sum,
+    committed_parts,
+    committed_summary,
+    fingerprint,
+    read_json,
+)
 from bitinglip.platform.jobs.runner import predict_texts
-from bitinglip.platform.jobs.sample import sample_corpus
+from bitinglip.platform.jobs.sample import sample_chats, sample_corpus
 from bitinglip.platform.jobs.vocabulary import (
     ANNOTATION,
     JOB_ID,
@@ -33,7 +41,7 @@ from bitinglip.platform.jobs.vocabulary import (
 )
 
 __all__ = ["ANNOTATION", "JOB_ID", "MANIFEST", "MISSING", "MOVED", "PROGRESS_TOPIC", "RECORD", "REFUSED", "STATES",
-           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobState", "JobStore",
-           "Platform", "Progress", "committed_parts", "committed_summary", "fingerprint", "job_keys", "new_job_id",
-           "parse_task_key", "predict_counted", "predict_generation", "predict_texts",
-           "rate_and_eta", "read_json", "require_column", "sample_corpus", "task_key"]
+           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobState", "JobStore", "Platform", "Progress",
+           "column_sum", "committed_parts", "committed_summary", "fingerprint", "job_keys", "new_job_id", "parse_task_key",
+           "predict_counted", "predict_generation", "predict_texts",
+           "rate_and_eta", "read_json", "require_column", "sample_chats", "sample_corpus", "task_key"]

@@ -53,16 +53,12 @@ from bitinglip.platform.jobs.vocabulary import (
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
-from bitinglip.platform.tasks.options import is_whole, surrogate_at
+from bitinglip.platform.tasks.options import is_whole, job_text_column
 from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-#: seconds a remote worker has to say where a model is
-MODEL_LOOKUP_S = 10.0
-
 
 class Platform:
     """A connection to a Dask cluster that runs BitingLip jobs.
@@ -214,9 +210,9 @@ class Platform:
         pool = ThreadPoolExecutor(1)
         try:
             answer = pool.submit(self.client.run, _resolve_on_worker, model, workers=addresses[:1])
-            found, text = next(iter(answer.result(timeout=MODEL_LOOKUP_S).values()))
+            found, text = next(iter(answer.result(timeout=self.settings.model_lookup_timeout_s).values()))
         except FutureTimeout:
-            raise UnavailableError(f"a worker did not answer within {MODEL_LOOKUP_S:g} s where model "
+            raise UnavailableError(f"a worker did not answer within {self.settings.model_lookup_timeout_s:g} s where model "
                                    f"{model!r} is") from None
         finally:
             pool.shutdown(wait=False)
@@ -356,9 +352,7 @@ def _check_arguments(**values: Any) -> None:
     j = values["job_id"]
     if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
         raise InputError(f"job_id={j!r:.60}: expected 1 to 128 letters, digits, '_', '.' or '-'")
-    c = values["text_column"]
-    if not isinstance(c, str) or not 0 < len(c) <= 200 or surrogate_at(c) is not None:
-        raise InputError(f"text_column={c!r:.60}: expected a column name of 1 to 200 characters")
+    job_text_column(values["text_column"])
     for name in ("gpu", "fail_fast"):
         if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
             raise InputError(f"{name}={values[name]!r:.60}: expected True or False")

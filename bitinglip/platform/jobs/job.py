@@ -140,7 +140,7 @@ class Job:
         from tqdm.auto import tqdm
 
         with tqdm(total=self.total, unit="row", desc=f"{self.spec.task.name} {self.id[:8]}", dynamic_ncols=True,
-                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]") as bar:
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") as bar:
             while not self.done():
                 self._show(bar, self.snapshot())
                 self._say_runtime()

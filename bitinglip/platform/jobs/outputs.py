@@ -169,6 +169,19 @@ def committed_summary(out_dir: str, index: int, job_id: str) -> dict[str, Any] |
             "errors": errors, "errors_file": errors_file(index) if errors else None, "skipped": True}
 
 
+def column_sum(out_dir: str, count: int, column: str) -> int:
+    """The sum of ``column`` over a job's committed partition files (e.g. a
+    generate job's ``completion_tokens``), reading that column only."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for i in sorted(committed_parts(out_dir, count)):
+        table = pq.read_table(os.path.join(out_dir, partition_file(i)), columns=[column])
+        total += int(pc.sum(table.column(column)).as_py() or 0)
+    return total
+
+
 def committed_parts(out_dir: str, count: int) -> set[int]:
     return {i for i in range(count) if os.path.exists(os.path.join(out_dir, partition_file(i)))}
 

@@ -38,7 +38,8 @@ PROGRESS_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 0.5
 #: partitions of engine-driven tasks (generation) that may wait on a worker's engines at once: each leaves the
 #: worker's thread pool while its engine works, so the next partition starts and joins the same continuous
-#: batch; more than this many would only hold their rows in memory, so the next one waits for a slot
+#: batch; more than this many would only hold their rows in memory, so the next one waits for a slot.  Not a
+#: setting: what a deployment tunes is the engine's batch (BITINGLIP_KV_CACHE_BYTES), which this only has to feed
 ENGINE_PARTITIONS = 8
 _engine_slots = threading.BoundedSemaphore(ENGINE_PARTITIONS)
 

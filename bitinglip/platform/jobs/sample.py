@@ -43,3 +43,25 @@ def sample_corpus(n: int, seed: int = 0, median_words: float = 16.0, max_words: 
         sentence = " ".join(words)
         out.append(sentence[0].upper() + sentence[1:] + ".")
     return out
+
+
+#: what the sample chats ask about, and how: a real chat model gives answers a reader can judge
+_TOPICS = ("a Dask cluster", "batch inference", "a hash table", "photosynthesis", "the water cycle", "a database index",
+           "compound interest", "a rainbow", "the moon's phases", "a compiler", "vaccines", "a neural network",
+           "recycling", "the stock market", "volcanoes", "a bicycle gear", "sleep", "the internet", "tides", "coffee")
+_ASKS = ("Explain {t} in two sentences.", "What is {t}? Answer briefly.", "Give one surprising fact about {t}.",
+         "How would you describe {t} to a ten-year-old?", "List three words that come to mind for {t}.",
+         "Why does {t} matter? One sentence.", "Write a haiku about {t}.", "What is a common mistake about {t}?")
+_SYSTEMS = (None, "You are a concise assistant.", "You are a friendly teacher. Keep answers short.")
+
+
+def sample_chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Return ``n`` seeded chats (OpenAI-style message lists: a user
+    question, a third of them after a system prompt) for the generation demo."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        system = rng.choice(_SYSTEMS)
+        ask = rng.choice(_ASKS).format(t=rng.choice(_TOPICS))
+        out.append(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ask}])
+    return out

@@ -45,7 +45,7 @@ from bitinglip.platform.models.hf_config import normalize_config
 from bitinglip.platform.models.integrity import MANIFEST_FILE
 from bitinglip.platform.models.sources import Fetched, fetch
 from bitinglip.platform.tasks import heads
-from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
+from bitinglip.platform.tasks.contract import DTYPES, POOLINGS
 from bitinglip.platform.tasks.options import is_whole
 from bitinglip.settings import Settings, get_settings
 

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from bitinglip.platform.tasks.builtin import DTYPES, POOLINGS
+from bitinglip.platform.tasks.contract import DTYPES, POOLINGS
 
 
 def _registry() -> Any:

@@ -99,6 +99,12 @@ class ModelPlugin(WorkerPlugin):
     def settings(self) -> Settings:
         return self._settings or get_settings()
 
+    def engine_settings(self) -> dict[str, Any]:
+        """The worker-side values a generation engine is sized by, as load options: the share of the GPU that
+        :meth:`setup` gave torch, and the settings' KV cache and GPUs per worker."""
+        return {"gpu_memory_fraction": self.gpu_memory_fraction, "kv_cache_bytes": self.settings.kv_cache_bytes,
+                "gpus_per_worker": self.settings.gpus_per_worker}
+
     @property
     def access(self) -> AccessLog:
         if self._access is None:
@@ -216,7 +222,9 @@ class ModelPlugin(WorkerPlugin):
             where = {"calibration_dir": str(Path(self.settings.model_cache_dir) / "calibration"),
                      "model_sha": manifest.sha256 if manifest else None,
                      # the registered cap on tokens: an engine that sizes its KV cache by it (vLLM) needs it now
-                     "model_max_length": manifest.max_length if manifest else None}
+                     "model_max_length": manifest.max_length if manifest else None,
+                     # what an engine takes of this worker, from this plugin alone (a task reads no settings)
+                     **self.engine_settings()}
             loaded = task.load(ref.path, self.device, {**opts, **where})
             if dtype == "int8":
                 loaded.model = quantize_int8(loaded.model, self.device)

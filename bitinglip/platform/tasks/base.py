@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks.options import choice, surrogate_at
 
-#: int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
-DTYPES = ("float32", "float16", "bfloat16", "int8")
+# DTYPES' int8: loaded in float32, then dynamically quantized on the CPU by the worker plugin
+from bitinglip.platform.tasks.contract import DTYPES
+from bitinglip.platform.tasks.options import choice, surrogate_at
 
 
 @dataclass

@@ -27,14 +27,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bitinglip.errors import InputError, UnknownTaskError
-from bitinglip.platform.tasks.base import DTYPES, Batch, Loaded, TaskType, max_length, texts_or_error, torch_dtype
+from bitinglip.platform.tasks.base import Batch, Loaded, TaskType, max_length, texts_or_error, torch_dtype
+from bitinglip.platform.tasks.contract import (
+    DTYPES,
+    MATMUL_CHOICES,
+    POOLINGS,
+    ClassifyOptions,
+    EmbedOptions,
+    bound,
+    defaults,
+)
 from bitinglip.platform.tasks.generate_task import Generate
 from bitinglip.platform.tasks.heads import refuse_untrained
-from bitinglip.platform.tasks.options import MAX_CLASSES, choice, model_limits, whole
-from bitinglip.platform.tasks.precision import MATMUL_CHOICES, calibrate_matmul
-
-#: how Embed pools token states into one vector (None, as an option: the model's own config)
-POOLINGS = ("mean", "cls", "max", "lasttoken")
+from bitinglip.platform.tasks.options import bounded_value, choice, model_limits, whole
+from bitinglip.platform.tasks.precision import calibrate_matmul
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -58,13 +64,16 @@ class Embed(TaskType):
     name = "embed"
     columns = ("embedding",)
     load_options = ("dtype", "matmul_precision")
-    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "normalize": None, "pooling": None, "matmul_precision": "auto"}
+    #: ``count_tokens``: each row also gets ``tokens``, how many tokens of its text the model read (an OpenAI
+    #: batch's ``usage.prompt_tokens`` per line)
+    defaults: ClassVar[Mapping[str, Any]] = defaults(EmbedOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
         choice("pooling", merged["pooling"], (None, *POOLINGS))
         choice("normalize", merged["normalize"], (None, True, False))
         choice("matmul_precision", merged["matmul_precision"], MATMUL_CHOICES)
+        choice("count_tokens", merged["count_tokens"], (True, False))
         return merged
 
     def load(self, path: str, device: str, options: Mapping[str, Any]) -> Loaded:
@@ -130,6 +139,8 @@ class Embed(TaskType):
             if normalize if normalize is not None else loaded.info["normalize"]:
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
             vectors = pooled.float().cpu().numpy()
+        if options.get("count_tokens"):
+            return [{"embedding": v, "tokens": len(ids)} for v, ids in zip(vectors, batch.ids)]
         return [{"embedding": v} for v in vectors]
 
 
@@ -138,11 +149,11 @@ class Classify(TaskType):
 
     name = "classify"
     columns = ("label", "score")
-    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "top_k": 1}
+    defaults: ClassVar[Mapping[str, Any]] = defaults(ClassifyOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
-        merged["top_k"] = whole("top_k", merged["top_k"], 1, MAX_CLASSES)
+        merged["top_k"] = bounded_value("top_k", merged["top_k"], bound(ClassifyOptions, "top_k"), int)
         return merged
 
     def check_model_options(self, options: Mapping[str, Any], model_dir: str | None) -> dict[str, Any]:

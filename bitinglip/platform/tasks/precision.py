@@ -27,6 +27,9 @@ from typing import Any
 from bitinglip.errors import ModelLoadError
 from bitinglip.platform.tasks.calibration import Choice, Timer, cache_key, cpu_name, fastest
 
+# MATMUL_PRECISIONS: float32 matrix-product precisions (the contract's)
+from bitinglip.platform.tasks.contract import MATMUL_PRECISIONS
+
 log = logging.getLogger(__name__)
 
 #: the share of a GPU's (fraction-capped) memory that resident models may
@@ -34,10 +37,6 @@ log = logging.getLogger(__name__)
 GPU_MODEL_SHARE = 0.75
 
 
-#: float32 matrix-product precisions, named as ``torch.set_float32_matmul_precision`` names them
-MATMUL_PRECISIONS = ("highest", "medium")
-#: what a job may ask for: a precision, or ``auto`` (each worker times both on its CPU)
-MATMUL_CHOICES = ("auto", *MATMUL_PRECISIONS)
 
 
 #: tokens in the micro-batch that ``auto`` times: about a quarter of the CPU token budget, so the whole

@@ -32,6 +32,7 @@ from typing import Any
 
 from bitinglip.errors import EngineError, InputError
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn, TickFn
+from bitinglip.platform.tasks.engines.schema_texts import SchemaTexts
 
 log = logging.getLogger(__name__)
 #: how often a waiting partition calls tick (cancel checks, progress) when none of its requests finished
@@ -150,6 +151,7 @@ class VllmEngine(Engine):
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
         self._structured: dict[str, str] = {}  # request id -> its response format's schema, shortened
         self._streams: dict[str, _Stream] = {}  # request id -> where its text goes as it grows
+        self._schemas = SchemaTexts()  # one text per distinct schema: xgrammar compiles each text once
         self._closed = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="bitinglip-vllm-engine", daemon=True)
@@ -383,7 +385,7 @@ class VllmEngine(Engine):
             if fmt["type"] == "json_object":
                 structured = StructuredOutputsParams(json_object=True)
             else:
-                structured = StructuredOutputsParams(json=fmt["json_schema"]["schema"])
+                structured = StructuredOutputsParams(json=self._schemas.text(fmt["json_schema"]["schema"]))
         return SamplingParams(
             n=int(params.get("n", 1)), max_tokens=int(params["max_tokens"]),
             temperature=float(params.get("temperature", 0.0)), top_p=float(params.get("top_p", 1.0)),
