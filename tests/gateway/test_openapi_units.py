@@ -145,6 +145,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Te
     app = app_module.create_app(settings)  # no lifespan: nothing connects
     gw = app.state.gateway
     gw.limiter, gw.store, gw.platform, gw.batcher = _Limiter(), _Unreachable(), _Unreachable(), _Unreachable()
+    gw.streams = _Unreachable()  # the token streams (a streamed chat) ride the cluster too
     monkeypatch.setattr(models_routes, "Registry", _Registry)
     token = mint(settings, "alice", ["jobs:read", "jobs:write", "admin"])
     yield TestClient(app, raise_server_exceptions=True, client=("127.0.0.1", 50000)), {"Authorization": f"Bearer {token}"}
