@@ -217,6 +217,10 @@ class Settings:
     job_ttl_s: int = 7 * 86400
     #: where REST jobs write Parquet; workers and gateways must all see it
     results_dir: Path = Path.home() / ".cache" / "bitinglip" / "results"
+    #: the result store of rows that later jobs reuse (see jobs.reuse), read and written by the workers;
+    #: None: ``model_cache_dir/results``. Past ``reuse_max_bytes`` its least recently used files go; 0 turns reuse off
+    reuse_dir: Path | None = None
+    reuse_max_bytes: int = 10 << 30
     #: the only directory that job input URIs may point into; None refuses URIs
     input_dir: Path | None = None
     #: how long /v1/infer waits to gather concurrent requests into one batch
@@ -306,6 +310,9 @@ class Settings:
             job_ttl_s=_read(env, "BITINGLIP_JOB_TTL", default.job_ttl_s, _positive, "a whole number of seconds"),
             results_dir=_read(env, "BITINGLIP_RESULTS_DIR", default.results_dir,
                               lambda s: Path(s).expanduser(), "a directory path"),
+            reuse_dir=_read(env, "BITINGLIP_REUSE_DIR", None, lambda s: Path(s).expanduser(), "a directory path"),
+            reuse_max_bytes=_read(env, "BITINGLIP_REUSE_MAX_BYTES", default.reuse_max_bytes, _non_negative,
+                                  "a whole number of bytes, 0 to turn reuse off"),
             input_dir=_read(env, "BITINGLIP_INPUT_DIR", None, lambda s: Path(s).expanduser().resolve(),
                             "a directory path"),
             infer_batch_ms=_read(env, "BITINGLIP_INFER_BATCH_MS", default.infer_batch_ms, float,
