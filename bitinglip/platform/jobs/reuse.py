@@ -95,6 +95,11 @@ def store_root(settings: Settings) -> Path:
     return Path(settings.reuse_dir) if settings.reuse_dir is not None else Path(settings.model_cache_dir) / STORE_DIR
 
 
+def tenant_folder(root: Path, tenant: str) -> Path:
+    """A tenant's part of the store: a hash, so that any name is a safe folder name."""
+    return Path(root) / _digest("tenant", tenant)[:32]
+
+
 def space_of(task: str, model_identity: str, options: Mapping[str, Any], runtime: Mapping[str, Any]) -> str:
     """The hash naming one (model weights, task, options, runtime choices)."""
     return _digest(str(KEY_VERSION), task, model_identity, _canonical(dict(options)), _canonical(dict(runtime)))
@@ -109,7 +114,7 @@ class ResultStore:
 
     def __init__(self, root: Path, tenant: str, space: str, max_bytes: int) -> None:
         self.root, self.space, self.max_bytes = Path(root), space, max_bytes
-        self.folder = self.root / _digest("tenant", tenant)[:32] / space[:32]
+        self.folder = tenant_folder(self.root, tenant) / space[:32]
 
     def lookup(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The stored result of each key that has one: key -> output columns (with ``truncated``)."""
