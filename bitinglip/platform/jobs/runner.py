@@ -345,9 +345,9 @@ def _lookup(spec: JobSpec, plugin: Any, loaded: Any, runtime: Mapping[str, Any],
     """The partition's store, each row's key (None: not reusable) and the stored results by
     row position.  The key holds what the loaded model runs with (engine, precision, its
     token limit), so a result is reused only where a fresh run would give the same one."""
-    settings = plugin.settings
-    if spec.reuse is None or not texts or settings.reuse_max_bytes == 0:
+    if spec.reuse is None or not texts or plugin.settings.reuse_max_bytes == 0:
         return None, [None] * len(texts), {}
+    settings = plugin.settings
     try:
         space = space_of(spec.task.name, plugin.identity(spec.model), spec.options,
                          {**stable_runtime(runtime), "max_length": getattr(loaded, "max_length", None)})
