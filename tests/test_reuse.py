@@ -88,13 +88,14 @@ def test_a_changed_option_or_another_tenant_reuses_nothing(own_platform: Any, ti
 def test_a_re_registered_model_version_reuses_nothing(own_platform: Any, tiny_encoder: Path, texts: list[str],
                                                       tmp_path: Path) -> None:
     registry = own_platform.models
+    fixed = {"matmul_precision": "highest"}  # no timed choice: only the weights tell the versions apart
     registry.add("reuse-enc", str(tiny_encoder), task="embed")
-    _, reused = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model")
-    assert reused == 0 and _run(own_platform, "reuse-enc", texts[:60], tenant="t-model")[1] == 60
+    _, reused = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model", **fixed)
+    assert reused == 0 and _run(own_platform, "reuse-enc", texts[:60], tenant="t-model", **fixed)[1] == 60
     registry.add("reuse-enc", str(make_tiny_encoder(tmp_path / "other-weights", seed=1)), task="embed")
-    got, reused = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model")
+    got, reused = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model", **fixed)
     assert reused == 0
-    fresh, _ = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model", reuse=False)
+    fresh, _ = _run(own_platform, "reuse-enc", texts[:60], tenant="t-model", reuse=False, **fixed)
     _same(got, fresh)
 
 
