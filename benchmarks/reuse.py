@@ -62,6 +62,7 @@ def main() -> None:
 
     import bitinglip
     from bitinglip.platform.jobs import sample_corpus
+    from bitinglip.platform.jobs.reuse import store_root
     from bitinglip.settings import Settings
 
     model = args.model or model_path()
@@ -75,7 +76,7 @@ def main() -> None:
             first_s, _, first_reused = timed(p, model, corpus)
             second_s, second, second_reused = timed(p, model, second_corpus)
             fresh_s, fresh, _ = timed(p, model, second_corpus, reuse=False)
-            store = sum(f.stat().st_size for f in (Path(tmp) / "cache" / "results").rglob("*.parquet"))
+            store = sum(f.stat().st_size for f in store_root(settings).rglob("*.parquet"))
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(second.embedding, fresh.embedding))
     figures = {"rows": args.rows, "rows_changed": changed, "first_s": round(first_s, 3),
                "second_s": round(second_s, 3), "fresh_s": round(fresh_s, 3), "rows_reused": second_reused,

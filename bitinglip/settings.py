@@ -218,7 +218,7 @@ class Settings:
     #: where REST jobs write Parquet; workers and gateways must all see it
     results_dir: Path = Path.home() / ".cache" / "bitinglip" / "results"
     #: the result store of rows that later jobs reuse (see jobs.reuse), read and written by the workers;
-    #: None: ``model_cache_dir/results``. Past ``reuse_max_bytes`` its least recently used files go; 0 turns reuse off
+    #: None: ``model_cache_dir/.bitinglip/results``. Past ``reuse_max_bytes`` its least recently used files go; 0 turns reuse off
     reuse_dir: Path | None = None
     reuse_max_bytes: int = 10 << 30
     #: the only directory that job input URIs may point into; None refuses URIs

@@ -18,7 +18,7 @@ from tiny_models import make_tiny_encoder
 
 from bitinglip.errors import InputError
 from bitinglip.platform.jobs import sample_corpus
-from bitinglip.platform.jobs.reuse import tenant_folder
+from bitinglip.platform.jobs.reuse import store_root, tenant_folder
 from bitinglip.settings import Settings
 
 ROWS = 200
@@ -39,7 +39,7 @@ def texts() -> list[str]:
 
 
 def _store(platform: Any) -> Path:
-    return Path(platform.settings.model_cache_dir) / "results"
+    return store_root(platform.settings)
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:

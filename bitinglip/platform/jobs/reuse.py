@@ -5,7 +5,7 @@ weights (a registered version's sha256, else the folder's files), the task,
 the job's options, the choices the loaded model runs with (engine, matmul
 precision, its token limit), and the row itself (text, or messages and
 per-row params).  Results live as Parquet under ``BITINGLIP_REUSE_DIR`` (default
-``MODEL_CACHE_DIR/results``)::
+``MODEL_CACHE_DIR/.bitinglip/results``)::
 
     <tenant hash>/<space hash>/<uuid>.parquet
 
@@ -43,8 +43,9 @@ from bitinglip.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: the store's folder under ``MODEL_CACHE_DIR`` when ``BITINGLIP_REUSE_DIR`` is not set
-STORE_DIR = "results"
+#: the store's folder under ``MODEL_CACHE_DIR`` when ``BITINGLIP_REUSE_DIR`` is not set: inside the
+#: registry's own hidden folder, since a model may be registered under any name a plain folder could have
+STORE_DIR = ".bitinglip/results"
 #: the tenant of jobs submitted without one (the Python client, the CLI)
 DEFAULT_TENANT = "local"
 #: a space with more files than this is merged into one when a job adds to it
@@ -90,7 +91,7 @@ class ReuseSpec:
 
 
 def store_root(settings: Settings) -> Path:
-    """``BITINGLIP_REUSE_DIR``, else ``MODEL_CACHE_DIR/results``: beside the models the results
+    """``BITINGLIP_REUSE_DIR``, else ``MODEL_CACHE_DIR/.bitinglip/results``: beside the models the results
     are keyed by, on the one path every worker already shares."""
     return Path(settings.reuse_dir) if settings.reuse_dir is not None else Path(settings.model_cache_dir) / STORE_DIR
 
