@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         job = platform.submit(args.task, model=args.model, inputs=inputs, output=output,
                               text_column=args.text_column, options=dict(args.option), gpu=gpu,
-                              partition_rows=args.partition_rows, token_budget=args.token_budget)
+                              partition_rows=args.partition_rows, token_budget=args.token_budget, reuse=args.reuse)
         print(f"job {job.id}: {job.total} rows in {len(job.futures)} partitions", file=sys.stderr, flush=True)
         job.progress(wait=not args.quiet)
         job.wait()
@@ -123,7 +123,8 @@ def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: 
     """The last line of ``run`` and ``resume``: one JSON object, the same keys for both."""
     return {"job": job.id, "task": job.spec.task.name, "model": job.spec.model, "rows": job.total,
             "partitions": len(summaries), "skipped_partitions": sum(1 for s in summaries if s.get("skipped")),
-            "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries), "seconds": round(seconds, 3),
+            "rows_in_error": sum(int(s.get("errors", 0)) for s in summaries),
+            "rows_reused": sum(int(s.get("rows_reused") or 0) for s in summaries), "seconds": round(seconds, 3),
             "rows_per_s": round(job.total / seconds, 1) if seconds else None, "output": os.path.abspath(output)}
 
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")
+    run.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=None,
+                     help="take rows an earlier job computed from the workers' result store (default: for "
+                          "deterministic settings: embed, classify, greedy or seeded generation)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 

@@ -229,6 +229,11 @@ class Settings(BaseSettings):
                            description="seconds a finished job's record stays in Redis")
     results_dir: UserPath = Field(Path.home() / ".cache" / "bitinglip" / "results",
                                   description="where REST jobs write Parquet; workers and gateways must all see it")
+    # workers read and write it (jobs.reuse); None: model_cache_dir/.bitinglip/results, which every worker shares
+    reuse_dir: Annotated[Path | None, BeforeValidator(_user_path)] = Field(
+        None, description="where workers keep results that later jobs reuse; unset: MODEL_CACHE_DIR/.bitinglip/results")
+    reuse_max_bytes: int = Field(10 << 30, ge=0, description="bytes of reusable results kept; past it the least "
+                                                             "recently used files go; 0 turns reuse off")
     input_dir: Annotated[Path | None, BeforeValidator(_resolved_path)] = Field(
         None, description="the only directory that job input URIs may point into; unset refuses URIs")
     # gpt-class generation of a few thousand tokens on a slow GPU outlasts the default: a deployment sets its own

@@ -72,7 +72,7 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
     with dask.annotate(priority=sub["priority"], **{ANNOTATION: marker}):
         job = platform.submit(sub["task"], model=model, inputs=sub.get("frame", sub["inputs"]), output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id,
-                              input_root=root)
+                              input_root=root, tenant=record["owner"])
     platform.detach(job)  # the job survives this process from here on
     return job.total, len(job.futures)
 

@@ -19,6 +19,7 @@ def view(job: dict[str, Any], admin: bool = False) -> dict[str, Any]:
     rate, eta = rate_and_eta(done, total, started, finished or time.time(), state)
     out = {"id": job["id"], "state": state, "task": job.get("task"), "model": job.get("model"),
            "priority": job.get("priority"), "rows_done": done, "rows_total": total,
+           "rows_reused": int(job.get("rows_reused") or 0),
            "rows_per_s": round(rate, 3), "eta_s": None if eta is None else round(eta, 3),
            "error": job.get("error") and scrub(job["error"]), "created_at": job.get("created_at"), "started_at": started,
            "finished_at": finished, "idempotency_key": job.get("idempotency_key")}

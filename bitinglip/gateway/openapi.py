@@ -221,6 +221,7 @@ def document() -> dict[str, Any]:
                     "state": {"type": "string", "enum": list(STATES)},
                     "task": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]},
                     "priority": {"type": ["integer", "null"]}, "rows_done": {"type": "integer"},
+                    "rows_reused": {"type": "integer", "description": "rows taken from the result store, not run"},
                     "rows_total": {"type": ["integer", "null"]}, "rows_per_s": {"type": "number"},
                     "eta_s": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]}}},
             },

@@ -72,7 +72,8 @@ def finished_records(results_dir: Path, ttl_s: int, now: float) -> list[dict[str
         finished = float(manifest.get("finished") or now)
         found.append({**rest, "state": manifest["state"], "rows_total": job.get("rows", rest.get("rows_total")),
                       "parts": job.get("partitions"), "finished_at": finished, "updated_at": finished,
-                      "rows_done": int(manifest.get("rows_out", 0)) + int(manifest.get("rows_in_error", 0))})
+                      "rows_done": int(manifest.get("rows_out", 0)) + int(manifest.get("rows_in_error", 0)),
+                      "rows_reused": int(manifest.get("rows_reused") or 0)})
     return found
 
 

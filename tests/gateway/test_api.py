@@ -81,6 +81,27 @@ def test_job_lifecycle(gateway: str, models: dict[str, str]) -> None:
     assert_error(again, 409, "conflict")
 
 
+def test_a_resubmitted_job_reuses_its_owners_rows_and_says_so(gateway: str, models: dict[str, str]) -> None:
+    texts = [f"reuse {i}: a row embedded twice by its owner" for i in range(12)]
+    owner, other = auth(user()), auth(user())
+
+    def run(h: dict[str, str], rows: list[str]) -> dict[str, Any]:
+        r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+                       json={"task": "embed", "model": "tiny-encoder", "inputs": rows})
+        assert r.status_code == 202, r.text
+        done = wait_for(lambda: get_json(f"{gateway}/v1/jobs/{r.json()['id']}", h))
+        assert done["state"] == "succeeded", done
+        return done
+
+    assert run(owner, texts)["rows_reused"] == 0
+    again = run(owner, [*texts[:-1], texts[-1] + "."])
+    assert again["rows_reused"] == len(texts) - 1 and again["rows_done"] == len(texts)
+    assert run(other, texts)["rows_reused"] == 0  # another token's subject sees none of the owner's rows
+    first = get_json(f"{gateway}/v1/jobs", owner)["jobs"]
+    rows = [get_json(f"{gateway}/v1/jobs/{j['id']}/results", owner)["rows"] for j in first]
+    assert rows[0][:-1] == rows[1][:-1] and rows[0][-1] != rows[1][-1]  # reused rows exactly as computed
+
+
 def test_results_match_the_python_client(gateway: str, models: dict[str, str], platform: Any) -> None:
     h = auth(user())
     r = httpx.post(f"{gateway}/v1/jobs", headers=h, json={"task": "embed", "model": "tiny-encoder",

@@ -523,3 +523,17 @@ def test_responses_and_json_schema_batches_complete(gateway: str, tiny_llama: st
     assert done.status == "completed" and done.request_counts.completed == 3, done
     for row in jsonl(oai, done.output_file_id):
         jsonschema.validate(json.loads(row["response"]["body"]["choices"][0]["message"]["content"]), SCHEMA)
+
+
+def test_a_resubmitted_batch_counts_its_reused_requests(gateway: str, models: dict[str, str]) -> None:
+    oai = client(gateway, new_user("oai-reuse"))
+    lines = [line(f"r{i}", {"model": MODEL, "input": f"batch reuse {i}", "encoding_format": "float"})
+             for i in range(6)]
+    runs = [finished(oai, oai.batches.create(input_file_id=upload(oai, lines).id, endpoint="/v1/embeddings",
+                                             completion_window="24h").id) for _ in range(2)]
+    assert [b.status for b in runs] == ["completed", "completed"]
+    # an extension the official client keeps: request_counts.reused
+    assert [b.request_counts.reused for b in runs] == [0, 6]
+    assert [b.request_counts.completed for b in runs] == [6, 6]
+    first, second = (sorted(jsonl(oai, b.output_file_id), key=lambda x: x["custom_id"]) for b in runs)
+    assert [x["response"]["body"]["data"] for x in first] == [x["response"]["body"]["data"] for x in second]

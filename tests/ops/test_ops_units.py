@@ -28,7 +28,7 @@ def _run_job(figures: Figures, job: str = JOB, parts: int = 2, manifest: bool = 
         figures.on_progress({"job": job, "part": i, "done": 10, "total": 10})
         figures.on_summary({"job": job, "part": i, "task": "embed", "model": "m", "phase": "done", "rows": 9,
                             "errors": 1, "tokens": 100 * (i + 1), "batches": 2, "oom_splits": i,
-                            "padding_ratio": 1.5 if i else 1.0})
+                            "padding_ratio": 1.5 if i else 1.0, "rows_reused": 4 * i})
         figures.on_key(job, str(i), "memory")
 
 
@@ -50,6 +50,7 @@ def test_a_job_from_queued_to_succeeded() -> None:
     assert view["rows_total_estimated"] is False and view["rows_total"] == 20
     assert (view["state"], view["rows"], view["rows_in_error"], view["tokens"], view["oom_splits"]) == (
         "succeeded", 18, 2, 300, 1)
+    assert view["rows_reused"] == 4 and '<td class="reused">4</td>' in render_page({"jobs": [view], "workers": []})
     assert figures.jobs[JOB].padding_ratio == pytest.approx((1.0 * 100 + 1.5 * 200) / 300)
     assert figures.finished["succeeded"] == 1
     assert figures.by_model[("embed", "m")]["rows"] == 18

@@ -44,10 +44,10 @@ WINDOW_S = 24 * 3600
 
 _JSON_FIELDS = ("metadata", "errors", "usage")
 _NUMBERS = ("created_at", "in_progress_at", "finalizing_at", "finalized_at", "lines", "rows", "rejected", "completed",
-            "failed", "cancelled_at", "output_expires_after_s")
+            "failed", "cancelled_at", "output_expires_after_s", "rows_reused")
 #: what a finalization (or a cancel) adds to a record; a resume takes it away again
 _ENDING = ("final_status", "finalizing_at", "finalized_at", "output_file_id", "error_file_id", "completed", "failed",
-           "errors", "cancelled_at", "usage")
+           "errors", "cancelled_at", "usage", "rows_reused")
 #: the error code of a batch whose job failed (any other code: its file failed the check, and nothing ran)
 JOB_FAILED = "job_failed"
 
@@ -210,6 +210,10 @@ def view(record: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
         done = int((job or {}).get("rows_done") or 0)
         completed = min(lines - rejected, done * (lines - rejected) // rows) if rows else 0
         failed = rejected
+    # rows taken from the result store, as requests (a line of several inputs is several rows)
+    rows_reused = int(record.get("rows_reused") or (job or {}).get("rows_reused") or 0)
+    rows = int(record.get("rows") or 0)
+    reused = min(completed, rows_reused * (lines - rejected) // rows) if rows else 0
     finished = (job or {}).get("finished_at")
     finalized = record.get("finalized_at")
     errors = record.get("errors") or None
@@ -230,7 +234,8 @@ def view(record: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
         "cancelling_at": _stamp(record.get("cancelled_at") or finished) if shown in ("cancelling", "cancelled")
         else None,
         "cancelled_at": _stamp(finalized) if shown == "cancelled" else None,
-        "request_counts": {"total": lines, "completed": completed, "failed": failed},
+        # "reused" is ours: the official clients keep a field they do not know (``request_counts.reused``)
+        "request_counts": {"total": lines, "completed": completed, "failed": failed, "reused": reused},
         "metadata": record.get("metadata"), "model": record.get("model"), "usage": _usage(record.get("usage")),
     }
 

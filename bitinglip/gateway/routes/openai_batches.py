@@ -211,6 +211,7 @@ async def finalize(gw: Gateway, record: dict[str, Any], job: dict[str, Any]) -> 
         record = {**record, "output_file_id": out_id, "error_file_id": err_id if outcome.failed else None,
                   "completed": outcome.completed, "failed": outcome.failed, "final_status": final_status(job),
                   "usage": {"input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens},
+                  "rows_reused": int(job.get("rows_reused") or 0),
                   "finalized_at": time.time()}
         if job["state"] == JobState.FAILED.value:
             record["errors"] = [{"code": "job_failed", "message": scrub(job.get("error") or "the job failed"),

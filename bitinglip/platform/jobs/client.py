@@ -40,6 +40,7 @@ from bitinglip.platform.jobs.outputs import (
     write_manifest,
 )
 from bitinglip.platform.jobs.placement import prefer, warm_workers
+from bitinglip.platform.jobs.reuse import DEFAULT_TENANT, ReuseSpec, default_reuse
 from bitinglip.platform.jobs.runner import JobSpec, run_partition
 from bitinglip.platform.jobs.vocabulary import (
     JOB_ID,
@@ -53,7 +54,7 @@ from bitinglip.platform.jobs.vocabulary import (
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
-from bitinglip.platform.tasks.options import is_whole, job_text_column
+from bitinglip.platform.tasks.options import is_whole, job_text_column, surrogate_at
 from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 
@@ -102,8 +103,8 @@ class Platform:
                text_column: str = "text", options: Mapping[str, Any] | None = None, gpu: bool | None = None,
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
                fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
-               input_root: str | os.PathLike[str] | None = None,
-               **task_options: Any) -> Job:
+               input_root: str | os.PathLike[str] | None = None, reuse: bool | None = None,
+               tenant: str | None = None, **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
         ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
@@ -119,18 +120,25 @@ class Platform:
         go in ``options`` or as keywords (``normalize=True``).  ``input_root``:
         a path input must lie inside this folder, and so must every file of a
         directory input once its links are resolved (the gateway passes
-        ``BITINGLIP_INPUT_DIR``).
+        ``BITINGLIP_INPUT_DIR``).  ``reuse``: take rows an earlier job of the
+        same ``tenant`` computed with the same model, task and options from the
+        workers' result store (``BITINGLIP_REUSE_DIR``) and run only the others;
+        None (the default) reuses for deterministic settings (embed, classify,
+        greedy or seeded generation), and sampled rows without a seed are never
+        reused.  ``tenant``: whose results these are (the gateway passes the
+        token's subject; None: ``"local"``).
         """
         resubmit = ((task, model, inputs), dict(
             output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout,
-            input_root=input_root, **task_options))
+            input_root=input_root, reuse=reuse, tenant=tenant, **task_options))
         task_type = get_task(task, self.tasks)
         if options is not None and not isinstance(options, Mapping):
             raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
                          timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast)
+        reuse_spec = self._reuse(task_type.name, merged, reuse, tenant)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
         model, model_dir, model_version = self._locate_model(model, use_gpu)
@@ -150,7 +158,8 @@ class Platform:
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
                               min_rows=task_type.min_partition_rows, root=input_root, shape=shape)
         spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
-                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, _faults(self.settings))
+                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, _faults(self.settings),
+                       reuse_spec)
         done: set[int] = set()
         if out_dir is not None:
             # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
@@ -160,6 +169,7 @@ class Platform:
                 "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
                 "retries": retries, "timeout": timeout, "gpu": gpu,
                 "input_root": os.fspath(input_root) if input_root is not None else None,
+                "reuse": reuse_spec is not None, "tenant": tenant,
                 "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
                 "rows": parts.total, "submitted": time.time(),
                 "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
@@ -176,6 +186,20 @@ class Platform:
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
+
+    def _reuse(self, task: str, options: Mapping[str, Any], reuse: bool | None, tenant: str | None
+               ) -> ReuseSpec | None:
+        """Where the job's partitions look up and keep results; None when the job reuses nothing."""
+        if not (reuse is None or isinstance(reuse, bool)):
+            raise InputError(f"reuse={reuse!r:.60}: expected True, False or None")
+        if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant) <= 200
+                                   or surrogate_at(tenant) is not None):
+            raise InputError(f"tenant={tenant!r:.60}: expected a name of 1 to 200 characters")
+        wanted = default_reuse(task, options) if reuse is None else reuse
+        # injected faults are there to exercise the compute path: a stored row would skip it
+        if not wanted or _faults(self.settings):
+            return None
+        return ReuseSpec(tenant or DEFAULT_TENANT)
 
     def _locate_model(self, model: str, use_gpu: bool) -> tuple[str, str | None, str | None]:
         """The model reference the workers get, checked here and now: a name
@@ -326,7 +350,8 @@ class Platform:
 
 
 #: the submit parameters that a job's record keeps and a resume reuses
-RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root")
+RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root",
+           "reuse", "tenant")
 
 
 #: bounds of submit's own arguments: each reaches the wire, so each is finite and plain

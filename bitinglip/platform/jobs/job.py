@@ -43,10 +43,14 @@ class Progress:
     rows_per_s: float
     eta_s: float | None
     state: str
+    #: of ``rows_done``, the rows taken from the result store instead of run (see ``submit(reuse=)``)
+    rows_reused: int = 0
 
     def __str__(self) -> str:
         eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "?"
-        return f"{self.rows_done}/{self.rows_total} rows, {self.rows_per_s:.1f} rows/s, ETA {eta} ({self.state})"
+        reused = f", {self.rows_reused} reused" if self.rows_reused else ""
+        return (f"{self.rows_done}/{self.rows_total} rows{reused}, {self.rows_per_s:.1f} rows/s, ETA {eta} "
+                f"({self.state})")
 
 
 class Job:
@@ -67,6 +71,7 @@ class Job:
         self.submitted_at = time.time()
         self._first_progress: float | None = None
         self._done_in_part: dict[int, int] = {}
+        self._reused_in_part: dict[int, int] = {}
         self._cancelled = False
         self._error: BaseException | None = None
         self._finished_at: float | None = None
@@ -79,6 +84,7 @@ class Job:
         if self._first_progress is None:
             self._first_progress = time.time()
         self._done_in_part[msg["part"]] = max(self._done_in_part.get(msg["part"], 0), int(msg["done"]))
+        self._reused_in_part[msg["part"]] = int(msg.get("reused") or 0)
 
     @property
     def output(self) -> str | None:
@@ -117,7 +123,7 @@ class Job:
         end = self._finished_at if self._finished_at and state != JobState.RUNNING.value else time.time()
         rate, eta = rate_and_eta(done, self.total, start, end, state,
                                  eta_while=(JobState.QUEUED.value, JobState.RUNNING.value))
-        return Progress(done, self.total, rate, eta, state)
+        return Progress(done, self.total, rate, eta, state, sum(self._reused_in_part.values()))
 
     def done(self) -> bool:
         return self.status() in TERMINAL
@@ -267,6 +273,11 @@ class Job:
             return list(self.final.result()["partitions"])
         return [{k: v for k, v in s.items() if k not in ("frame", "errors_frame")}
                 for s in self.platform.client.gather(self.futures)]
+
+    def rows_reused(self, timeout: float | None = None) -> int:
+        """Rows the job took from the result store instead of running them (once it has ended;
+        ``progress()`` counts them as they come)."""
+        return sum(int(s.get("rows_reused") or 0) for s in self.summaries(timeout))
 
     def _frames(self, which: str, timeout: float | None) -> list[pd.DataFrame]:
         self.wait(timeout)

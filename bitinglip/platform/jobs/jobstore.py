@@ -115,7 +115,7 @@ redis.call('PERSIST', KEYS[1])
 return 'moved'
 """)
 
-_INT_FIELDS = ("rows_total", "rows_done", "parts", "priority")
+_INT_FIELDS = ("rows_total", "rows_done", "rows_reused", "parts", "priority")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "resumed_at")
 
 

@@ -208,7 +208,8 @@ def write_manifest(summaries: Sequence[dict[str, Any]], out_dir: str, record: di
     if mismatch is not None:
         state, error = "failed", mismatch
     manifest = {**record, "state": state, "finished": time.time(), "rows_out": rows_out,
-                "rows_in_error": rows_in_error, "runtime": runtime_summary(summaries),
+                "rows_in_error": rows_in_error, "rows_reused": sum(int(s.get("rows_reused") or 0) for s in summaries),
+                "runtime": runtime_summary(summaries),
                 "partitions": sorted((_public(s) for s in summaries), key=lambda s: s["part"])}
     if error is not None:
         manifest["error"] = error

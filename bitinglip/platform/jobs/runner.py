@@ -11,6 +11,7 @@ cancelled job is noticed between micro-batches.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,16 @@ from bitinglip.errors import InputError, JobCancelledError, JobTimeoutError, Mod
 from bitinglip.platform.cluster.dask_internals import secede_once, task_released
 from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
+from bitinglip.platform.jobs.reuse import (
+    ResultStore,
+    ReuseSpec,
+    reusable_rows,
+    row_key,
+    space_of,
+    stable_runtime,
+    store_frame,
+    store_root,
+)
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
 from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
@@ -32,7 +43,8 @@ from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or
 
 #: a partition's start (the job's task and model) and its summary when done go out on vocabulary.SUMMARY_TOPIC;
 #: these are the summary's figures that go to the scheduler (the frames stay on the worker)
-SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated")
+SUMMARY_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "padding_ratio", "seconds", "truncated",
+                  "rows_reused")
 PROGRESS_INTERVAL_S = 0.5
 #: a cancel reaches a generation engine within about this long (plus the engine's tick)
 CANCEL_CHECK_INTERVAL_S = 0.5
@@ -42,6 +54,7 @@ CANCEL_CHECK_INTERVAL_S = 0.5
 #: setting: what a deployment tunes is the engine's batch (BITINGLIP_KV_CACHE_BYTES), which this only has to feed
 ENGINE_PARTITIONS = 8
 _engine_slots = threading.BoundedSemaphore(ENGINE_PARTITIONS)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,8 @@ class JobSpec:
     #: fault injection for tests, e.g. {"oom_above_tokens": 2000}, from
     #: ``Settings.fault_oom_above_tokens`` (not an argument of ``submit``)
     faults: Mapping[str, Any] = field(default_factory=dict)
+    #: where earlier results are looked up and new ones kept (:mod:`.reuse`); None: every row runs
+    reuse: ReuseSpec | None = None
 
 
 class _Reporter:
@@ -73,13 +88,16 @@ class _Reporter:
         self.spec, self.index, self.total = spec, index, total
         self.worker = _current_worker()
         self.last_sent = self.last_check = time.monotonic()
+        #: rows taken from the result store: done before the model saw a row
+        self.reused = 0
 
     def update(self, done: int, final: bool = False) -> None:
         now = time.monotonic()
+        done = min(self.total, done + self.reused)
         if self.worker is not None and (final or now - self.last_sent >= PROGRESS_INTERVAL_S):
             self.last_sent = now
             self.worker.log_event(PROGRESS_TOPIC, {"job": self.spec.job_id, "part": self.index,
-                                                   "done": done, "total": self.total})
+                                                   "done": done, "total": self.total, "reused": self.reused})
         if not final and self.spec.deadline is not None and time.time() > self.spec.deadline:
             raise JobTimeoutError(f"job {self.spec.job_id} ran past its timeout (partition {self.index} "
                                   f"stopped after {done} of {self.total} rows)")
@@ -323,6 +341,56 @@ def _check_rows(spec: JobSpec, ids: list[Any], values: list[Any], extra: Mapping
     return good, rows, bad
 
 
+def _lookup(spec: JobSpec, plugin: Any, loaded: Any, runtime: Mapping[str, Any], texts: list[Any]
+            ) -> tuple[ResultStore | None, list[str | None], dict[int, dict[str, Any]]]:
+    """The partition's store, each row's key (None: not reusable) and the stored results by
+    row position.  The key holds what the loaded model runs with (engine, precision, its
+    token limit), so a result is reused only where a fresh run would give the same one."""
+    if spec.reuse is None or not texts or plugin.settings.reuse_max_bytes == 0:
+        return None, [None] * len(texts), {}
+    settings = plugin.settings
+    try:
+        space = space_of(spec.task.name, plugin.identity(spec.model), spec.options,
+                         {**stable_runtime(runtime), "max_length": getattr(loaded, "max_length", None)})
+        store = ResultStore(store_root(settings), spec.reuse.tenant, space, settings.reuse_max_bytes)
+        keys = [row_key(space, row) if ok else None
+                for row, ok in zip(texts, reusable_rows(spec.task.name, spec.options, texts))]
+        found = store.lookup([k for k in keys if k is not None])
+    except OSError as exc:  # the store is an optimisation: without it every row runs
+        log.warning("result store unavailable for job %s (%s); running every row", spec.job_id, exc)
+        return None, [None] * len(texts), {}
+    hits = {i: dict(found[k]) for i, k in enumerate(keys) if k is not None and k in found}
+    return store, keys, hits
+
+
+def _merge(count: int, hits: Mapping[int, dict[str, Any]], misses: list[int],
+           run: tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]
+           ) -> tuple[list[dict[str, Any] | None], list[bool], dict[int, str], dict[str, float]]:
+    """Stored and fresh results together, in the partition's row order."""
+    fresh, cut, failed, stats = run
+    outputs: list[dict[str, Any] | None] = [None] * count
+    truncated = [False] * count
+    for i, row in hits.items():
+        truncated[i] = bool(row.pop("truncated", False))
+        outputs[i] = row
+    for j, i in enumerate(misses):
+        outputs[i], truncated[i] = fresh[j], cut[j]
+    return outputs, truncated, {misses[j]: why for j, why in failed.items()}, stats
+
+
+def _keep(store: ResultStore | None, keys: list[str | None], misses: list[int], failed: Mapping[int, str],
+          outputs: list[dict[str, Any] | None], truncated: list[bool], columns: tuple[str, ...]) -> None:
+    """Store the rows this partition computed (a failed row is never stored)."""
+    new = [i for i in misses if i not in failed and keys[i] is not None and outputs[i] is not None]
+    if store is None or not new:
+        return
+    try:
+        store.save(store_frame([keys[i] for i in new], [outputs[i] or {} for i in new],
+                               [truncated[i] for i in new], columns))
+    except OSError as exc:  # a full or read-only disk loses the reuse, not the job
+        log.warning("result store: keeping %d rows failed (%s)", len(new), exc)
+
+
 def _frame(spec: JobSpec, ids: list[Any], outputs: list[dict[str, Any]], truncated: list[bool]) -> pd.DataFrame:
     columns: dict[str, list[Any]] = {"id": ids}
     names = list(spec.task.columns) + sorted({k for o in outputs for k in o} - set(spec.task.columns))
@@ -450,17 +518,24 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             runtime = dict(getattr(loaded, "info", {}).get("runtime") or {})
-            if spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
-                outputs, truncated, failed, stats = _on_engine(
-                    spec.task.run_rows, loaded, texts, spec.options, functools.partial(_tick, reporter, len(bad)))
-                if failed and spec.fail_fast:
-                    first = min(failed)
-                    raise InputError(f"row id={ids[good[first]]!r}: {failed[first]}")
-                break
-            budget = spec.token_budget or default_budget(loaded.device)
-            outputs, truncated, failed, stats = predict_rows(
-                spec.task, loaded, texts, spec.options, budget, reporter, spec.fail_fast,
-                f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults, plugin.budgets)
+            store, keys, hits = _lookup(spec, plugin, loaded, runtime, texts)
+            reporter.reused = len(hits)
+            misses = [i for i in range(len(texts)) if i not in hits]
+            if not misses:  # every row was in the store: the model runs nothing
+                run = ([], [], {}, {"batches": 0, "tokens": 0, "oom_splits": 0, "padding_ratio": 1.0})
+            elif spec.task.engine_driven:  # the whole partition to the worker's engine, batched with the others
+                run = _on_engine(spec.task.run_rows, loaded, [texts[i] for i in misses], spec.options,
+                                 functools.partial(_tick, reporter, len(bad)))
+            else:
+                budget = spec.token_budget or default_budget(loaded.device)
+                run = predict_rows(spec.task, loaded, [texts[i] for i in misses], spec.options, budget, reporter,
+                                   spec.fail_fast, f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults,
+                                   plugin.budgets)
+            outputs, truncated, failed, stats = _merge(len(texts), hits, misses, run)
+            if failed and spec.fail_fast:
+                first = min(failed)
+                raise InputError(f"row id={ids[good[first]]!r}: {failed[first]}")
+            _keep(store, keys, misses, failed, outputs, truncated, spec.task.columns)
             break
         except (JobCancelledError, JobTimeoutError, InputError, ModelError):  # retrying cannot change these
             raise
@@ -477,8 +552,8 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
     frame = _frame(spec, [ids[good[k]] for k in kept], [outputs[k] or {} for k in kept],
                    [truncated[k] for k in kept])
     errors = pd.DataFrame({"id": [ids[p] for p in sorted(bad)], "reason": [bad[p] for p in sorted(bad)]})
-    reporter.update(len(values), final=True)
-    summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors),
+    reporter.update(len(values) - reporter.reused, final=True)
+    summary: dict[str, Any] = {"part": index, "rows": len(frame), "errors": len(errors), "rows_reused": reporter.reused,
                                "truncated": int(frame["truncated"].sum()), "attempts": attempts,
                                "seconds": time.perf_counter() - started, "worker": _worker_address(),
                                "runtime": runtime, **stats}

@@ -52,7 +52,7 @@ def page(snapshot: dict[str, Any]) -> str:
             f'<span class="rows">{job["rows_done"]}/{_total(total, job.get("rows_total_estimated"))}</span> ({pct}%)</td>'
             f'<td>{job["partitions_done"]}/{job["partitions"]}</td>'
             f'<td class="rate">{job["rows_per_s"]:.1f}</td><td class="eta">{_eta(job["eta_s"])}</td>'
-            f'<td>{job["rows_in_error"]}</td></tr>')
+            f'<td class="reused">{job.get("rows_reused", 0)}</td><td>{job["rows_in_error"]}</td></tr>')
     workers = []
     for w in snapshot["workers"]:
         # each model with what its worker chose for it: the generation engine, the embed matmul precision
@@ -63,7 +63,7 @@ def page(snapshot: dict[str, Any]) -> str:
         workers.append(f'<tr class="worker"><td>{escape(w["name"])}</td><td>{escape(w["address"])}</td>'
                        f'<td>{escape(", ".join(f"{k}={v:g}" for k, v in w["resources"].items()) or "-")}</td>'
                        f'<td>{_size(w["memory_bytes"])}</td><td>{gpu}</td><td class="models">{models or "-"}</td></tr>')
-    empty_jobs = '<tr><td colspan="9">no jobs yet</td></tr>'
+    empty_jobs = '<tr><td colspan="10">no jobs yet</td></tr>'
     empty_workers = '<tr><td colspan="6">no workers</td></tr>'
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_S}">
@@ -81,7 +81,8 @@ th {{ background: #f3f3f3; }}
 <p><a href="../status">Dask dashboard</a> &middot; <a href="jobs.json">JSON</a> &middot;
 <a href="metrics">metrics</a> &middot; updated {time.strftime("%H:%M:%S")}</p>
 <table id="jobs"><thead><tr><th>job</th><th>task</th><th>model</th><th>state</th><th>progress</th>
-<th>partitions</th><th>rows/s</th><th>ETA</th><th>rows in error</th></tr></thead>
+<th>partitions</th><th>rows/s</th><th>ETA</th><th title="taken from the result store, not run">rows reused</th>
+<th>rows in error</th></tr></thead>
 <tbody>{"".join(rows) or empty_jobs}</tbody></table>
 <h2>Workers</h2>
 <table id="workers"><thead><tr><th>name</th><th>address</th><th>resources</th><th>memory</th><th>GPU memory</th>

@@ -26,7 +26,7 @@ from bitinglip.platform.jobs.vocabulary import MANIFEST_PART, TERMINAL, JobState
 
 #: finished jobs kept (and exported with a ``job`` label); older ones are dropped to bound label cardinality
 FINISHED_KEPT = 200
-SUM_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits")
+SUM_FIELDS = ("rows", "errors", "tokens", "batches", "oom_splits", "rows_reused")
 
 
 @dataclass
@@ -88,6 +88,7 @@ class JobFigures:
                 "progress": round(self.rows_done / total, 4) if total else 0.0,
                 "rows_per_s": round(rate, 2), "eta_s": _round(eta),
                 "rows": int(self.sums["rows"]), "rows_in_error": int(self.sums["errors"]),
+                "rows_reused": int(self.sums["rows_reused"]),
                 "tokens": int(self.sums["tokens"]), "batches": int(self.sums["batches"]),
                 "oom_splits": int(self.sums["oom_splits"]), "padding_ratio": round(self.padding_ratio, 4),
                 "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at}

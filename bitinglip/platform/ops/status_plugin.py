@@ -67,6 +67,7 @@ class _Track:
     state: str = JobState.QUEUED.value
     done: dict[int, int] = field(default_factory=dict)
     totals: dict[int, int] = field(default_factory=dict)
+    reused: dict[int, int] = field(default_factory=dict)  # rows taken from the result store, per partition
     started_at: float | None = None
     error: str | None = None
 
@@ -174,6 +175,7 @@ class RedisStatusPlugin(SchedulerPlugin):
         part = int(msg.get("part", 0))
         track.done[part] = max(track.done.get(part, 0), int(msg.get("done", 0)))
         track.totals[part] = int(msg.get("total", 0))
+        track.reused[part] = int(msg.get("reused") or 0)
         if track.state == JobState.QUEUED.value:
             track.state = JobState.RUNNING.value
             track.started_at = track.started_at or time.time()
@@ -244,7 +246,8 @@ class RedisStatusPlugin(SchedulerPlugin):
             self._dirty.update(pending)  # what was not written goes again next time
 
     async def _write(self, job: str, track: _Track) -> None:
-        fields: dict[str, Any] = {"rows_done": sum(track.done.values()), "started_at": track.started_at}
+        fields: dict[str, Any] = {"rows_done": sum(track.done.values()), "rows_reused": sum(track.reused.values()),
+                                  "started_at": track.started_at}
         if track.state in TERMINAL:
             fields["finished_at"] = time.time()
         if track.error:

@@ -142,6 +142,16 @@ class ModelPlugin(WorkerPlugin):
         task runs in a thread."""
         return self._acquire(task, model, options, holder).loaded
 
+    def identity(self, model: str) -> str:
+        """What decides the results of ``model`` here (result reuse keys on it): a registered
+        version's sha256 with the registered settings that change outputs (dtype, pooling,
+        max length), else the folder's weights and config by name, size and mtime."""
+        ref = resolve_model(model, self.settings)
+        manifest = read_manifest(ref.path) if ref.version else None
+        if manifest is None:
+            return f"files:{_files_identity(ref.path)}"
+        return f"sha256:{manifest.sha256}|{manifest.dtype}|{manifest.pooling}|{manifest.max_length}"
+
     @contextmanager
     def use(self, task: TaskType, model: str, options: Mapping[str, Any]) -> Iterator[Loaded]:
         """Like :meth:`get`, holding the model for the ``with`` block."""
@@ -391,6 +401,19 @@ def _stored_dtype(path: str) -> str | None:
 
 def _base(model: str) -> str:
     return model.partition("@")[0]
+
+
+def _files_identity(path: str) -> str:
+    """An unregistered model folder's files by path, size and mtime in nanoseconds (hashing
+    gigabytes per partition would cost more than the rows it saves)."""
+    import hashlib
+
+    root = Path(path).resolve()
+    parts = [str(root)]
+    for rel in sorted(model_files(str(root))):
+        st = (root / rel).stat()
+        parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def get_model_plugin() -> ModelPlugin:
