@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,7 @@ def test_a_link_out_of_the_input_dir_is_refused_over_rest(gw_settings: Settings,
     pd.DataFrame({"id": ["s1"], "text": ["secret"]}).to_parquet(outside / "secret.parquet")
     (root / "data" / "part-1.parquet").symlink_to(outside / "secret.parquet")
     h = auth("links-user")
-    with serve(dataclasses.replace(gw_settings, input_dir=root.resolve())) as url:
+    with serve(gw_settings.with_(input_dir=root.resolve())) as url:
         r = httpx.post(f"{url}/v1/jobs", headers=h, timeout=60,
                        json={"task": "embed", "model": "tiny-encoder", "input_uri": "file://data"})
         assert r.status_code == 422, r.text
