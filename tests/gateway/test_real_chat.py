@@ -48,6 +48,18 @@ def client(gateway: str, sub: str) -> Any:
     return openai.OpenAI(base_url=f"{gateway}/v1", api_key=make_token(sub), max_retries=0, timeout=600)
 
 
+def run_batch(oai: Any, lines: list[str]) -> Any:
+    """A chat batch of ``lines`` (JSONL), uploaded and waited for to its end: the ended Batch."""
+    uploaded = oai.files.create(file=("batch.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.time() + BATCH_DEADLINE_S
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.time() < deadline, f"batch still {batch.status} after {BATCH_DEADLINE_S}s"
+        time.sleep(1)
+        batch = oai.batches.retrieve(batch.id)
+    return batch
+
+
 def long_question(i: int, digits: int = DIGITS) -> str:
     """Random digits (one token each for SmolLM2, so a long prompt fits the gateway's 2,000 characters here),
     different for every ``i`` (the prefix cache does not shorten them)."""
@@ -63,13 +75,7 @@ def test_a_seeded_chat_batch_runs_and_the_workers_serve_on(gateway: str, smollm2
                          "body": {"model": smollm2, "messages": [{"role": "user", "content": long_question(i)}],
                                   "temperature": 0.7, "seed": i, "max_tokens": 3}})
              for i in range(SEEDED_LINES)]
-    uploaded = oai.files.create(file=("seeded.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
-    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.time() + BATCH_DEADLINE_S
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.time() < deadline, f"batch still {batch.status} after {BATCH_DEADLINE_S}s"
-        time.sleep(1)
-        batch = oai.batches.retrieve(batch.id)
+    batch = run_batch(oai, lines)
     errors = oai.files.content(batch.error_file_id).text if batch.error_file_id else ""
     assert batch.status == "completed" and batch.request_counts.failed == 0, errors[:2000]
     out = [json.loads(x) for x in oai.files.content(batch.output_file_id).text.splitlines() if x.strip()]
@@ -95,13 +101,7 @@ def test_a_greedy_chat_batch_equals_transformers_generate(gateway: str, smollm2:
     lines = [json.dumps({"custom_id": f"greedy-{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": smollm2, "messages": chat, "temperature": 0, "max_tokens": NEW_TOKENS}})
              for i, chat in enumerate(CHATS)]
-    uploaded = oai.files.create(file=("greedy.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
-    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.time() + BATCH_DEADLINE_S
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.time() < deadline, f"batch still {batch.status} after {BATCH_DEADLINE_S}s"
-        time.sleep(1)
-        batch = oai.batches.retrieve(batch.id)
+    batch = run_batch(oai, lines)
     assert batch.status == "completed" and batch.request_counts.completed == len(CHATS), batch
     rows = [json.loads(x) for x in oai.files.content(batch.output_file_id).text.splitlines() if x.strip()]
     out = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in rows}

@@ -31,6 +31,14 @@ def cluster() -> Iterator[tuple[Any, Any, Any]]:
         yield client, lc.scheduler, next(iter(lc.workers.values()))
 
 
+def _wait(name: str) -> int:
+    """A task that runs until the Dask Event ``name`` is set."""
+    from distributed import Event
+
+    Event(name).wait(30)
+    return 1
+
+
 def _until(check: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -60,12 +68,8 @@ def test_held_for_good_tells_fire_and_forget_from_a_client_wish(cluster: tuple[A
     client, scheduler, _ = cluster
     gate = Event("dask-internals-gate", client=client)
 
-    def wait(name: str) -> int:
-        Event(name).wait(30)
-        return 1
-
-    held = client.submit(wait, gate.name, key="dask-internals-held")
-    forgotten = client.submit(wait, gate.name, key="dask-internals-fire")
+    held = client.submit(_wait, gate.name, key="dask-internals-held")
+    forgotten = client.submit(_wait, gate.name, key="dask-internals-fire")
     fire_and_forget(forgotten)
     _until(lambda: di.scheduler_holds_any([held.key], scheduler) and di.scheduler_holds_any([forgotten.key], scheduler))
     assert client.run_on_scheduler(di.held_for_good, [forgotten.key])
@@ -200,11 +204,7 @@ def test_cancel_wanted_skips_a_known_key_nobody_wants(cluster: tuple[Any, Any, A
     client, scheduler, _ = cluster
     gate = Event("dask-internals-cancel-gate", client=client)
 
-    def wait(name: str) -> int:
-        Event(name).wait(30)
-        return 1
-
-    first = client.submit(wait, gate.name, key="dask-internals-cancel-first")
+    first = client.submit(_wait, gate.name, key="dask-internals-cancel-first")
     second = client.submit(lambda x: x + 1, first, key="dask-internals-cancel-second")
     first_key = first.key
     del first
