@@ -309,13 +309,13 @@ def run_platform(path: str, prompts: list[str], new: list[int], device: str, dty
     # by default one worker with every core, as plain vLLM's one process: the difference is what Dask costs
     with bitinglip.connect(n_workers=int(os.environ.get("BENCH_WORKERS", "1")), dashboard_address=":0") as platform:
         workers = len(platform.client.scheduler_info()["workers"])
-        platform.submit("generate", model=path, inputs=frame.head(WARM_ROWS), options=options).result()
+        platform.submit("generate", reuse=False, model=path, inputs=frame.head(WARM_ROWS), options=options).result()
         platform.client.run(_reset_prefix_caches)  # the warm-up's prompts are the job's own: no head start
         before = _sum_hits(platform.client.run(_engine_hits))
         started = time.perf_counter()
         # the default partitioning: each partition leaves the worker's thread pool while the engine works, so every
         # partition feeds the same continuous batch (runner._on_engine)
-        out = platform.submit("generate", model=path, inputs=frame, options=options).result()
+        out = platform.submit("generate", reuse=False, model=path, inputs=frame, options=options).result()
         seconds = time.perf_counter() - started
         after = _sum_hits(platform.client.run(_engine_hits))
     out = out.sort_values("id")

@@ -54,9 +54,9 @@ def main() -> None:
 
     with gateway_stack(args.workers) as (platform, base, token):
         lines, texts = batch_lines(args.lines, args.model, args.bad_every)
-        platform.submit("embed", model=args.model, inputs=texts[:64]).result()  # warm: the model loads once
+        platform.submit("embed", reuse=False, model=args.model, inputs=texts[:64]).result()  # warm: the model loads once
         started = time.perf_counter()
-        rows = len(platform.submit("embed", model=args.model, inputs=texts).result())
+        rows = len(platform.submit("embed", reuse=False, model=args.model, inputs=texts).result())
         python_s = time.perf_counter() - started
         gateway_s, out, err = through_gateway(base, token, lines)
         assert out + err == args.lines, (out, err)
