@@ -151,9 +151,9 @@ def workload(rows: int, seed: int) -> tuple[list[str], list[int]]:
     return sample_corpus(rows, seed), [rng.randint(MIN_NEW, MAX_NEW) for _ in range(rows)]
 
 
-def shared_prefix(path: str, rows: int, seed: int) -> tuple[list[str], list[int]]:
-    """:data:`SYSTEMS` system prompts of about :data:`SYSTEM_TOKENS` tokens (sentences of the sample corpus,
-    counted with the model's tokenizer), each followed by ``rows // SYSTEMS`` short distinct questions; shuffled."""
+def shared_prefix(path: str, rows: int, seed: int, systems_n: int = SYSTEMS) -> tuple[list[str], list[int]]:
+    """``systems_n`` (default :data:`SYSTEMS`) system prompts of about :data:`SYSTEM_TOKENS` tokens (sentences of the sample corpus,
+    counted with the model's tokenizer), each followed by ``rows // systems_n`` short distinct questions; shuffled."""
     import random
 
     from transformers import AutoTokenizer
@@ -164,23 +164,23 @@ def shared_prefix(path: str, rows: int, seed: int) -> tuple[list[str], list[int]
     rng = random.Random(seed)
     sentences = sample_corpus(4000, seed + 1)
     systems = []
-    for s in range(SYSTEMS):
+    for s in range(systems_n):
         text = f"System {s}: you answer as the archive of collection {s} would."
         while len(tokenizer(text)["input_ids"]) < SYSTEM_TOKENS:
             text += " " + sentences[rng.randrange(len(sentences))]
         ends = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
         systems.append(text[:ends[SYSTEM_TOKENS - 1][1]])  # no longer: the rows fit the tiny shape's 512 positions
-    per = max(1, rows // SYSTEMS)
-    questions = sample_corpus(SYSTEMS * per, seed + 2)
+    per = max(1, rows // systems_n)
+    questions = sample_corpus(systems_n * per, seed + 2)
     prompts = [f"{systems[s]}\n\nQuestion {q}: {questions[s * per + q][:80]}?\nAnswer:"
-               for s in range(SYSTEMS) for q in range(per)]
+               for s in range(systems_n) for q in range(per)]
     rng.shuffle(prompts)
     return prompts, [PREFIX_NEW] * len(prompts)
 
 
 def make_workload(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     if args.workload == "shared-prefix":
-        return shared_prefix(args.model_dir, args.rows, args.seed)
+        return shared_prefix(args.model_dir, args.rows, args.seed, args.systems)
     return workload(args.rows, args.seed)
 
 
@@ -398,7 +398,7 @@ def run_child(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, Any
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--model-dir", args.model_dir,
            "--rows", str(args.rows), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
            "--model-shape", args.model_shape, "--threads", str(args.threads), "--out", out,
-           "--workload", args.workload]
+           "--workload", args.workload, "--systems", str(args.systems)]
     if args.kv_cache_gib:
         cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
     # vLLM runs its engine core in this process (a Dask worker cannot have children), and on a CPU would keep
@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda unless given")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per engine (default: per shape)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--systems", type=int, default=SYSTEMS,
+                        help=f"shared-prefix: distinct system prompts of {SYSTEM_TOKENS} tokens (default {SYSTEMS}); "
+                             "their tokens against the KV cache's decide whether the cache alone keeps them all")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per variant (default: the cores); a tiny model runs faster on 1")
     parser.add_argument("--workload", choices=("mixed", "shared-prefix"), default="mixed",
@@ -568,7 +571,7 @@ def report_prefix(args: argparse.Namespace, runs: dict[str, dict[str, Any]], wor
             print(f"| {v} | {r['seconds']:.1f} | {rate[v]:.1f} | {hits} | {same.get(v, '')} |")
         elif v in runs:
             print(f"| {v} | failed: {runs[v]['error']} | | | |")
-    summary = {"workload": "shared-prefix", "rows": args.rows, "systems": SYSTEMS, "system_tokens": SYSTEM_TOKENS,
+    summary = {"workload": "shared-prefix", "rows": args.rows, "systems": args.systems, "system_tokens": SYSTEM_TOKENS,
                "model_shape": args.model_shape, "parameters": params, "device": args.device, "dtype": args.dtype,
                "cores": cores(), "threads": args.threads, "workers": args.workers, "new_tokens": work,
                "kv_cache_bytes": kv_bytes(args), "block_size": ok.get("vllm", {}).get("block_size"),

@@ -125,8 +125,9 @@ class GenerateOptions(_Load, Sampling):
 
     engine: Literal[ENGINES] = Field(  # type: ignore[valid-type]
         "auto", description="vllm, transformers, or vLLM where it serves the model (auto)")
-    prefix_order: bool = Field(True, description="hand a partition's rows to the engine sorted by prompt tokens, "
-                                                 "so rows sharing a prefix share its cached KV blocks")
+    prefix_order: bool = Field(True, description="rows reach the engine sorted by prompt tokens, across every "
+                                                 "partition on a worker, so rows sharing a prefix share its cached "
+                                                 "KV blocks")
 
 
 #: each built-in task's options

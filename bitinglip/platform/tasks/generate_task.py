@@ -7,8 +7,10 @@ on a CPU), ``transformers`` (its own continuous batching), or ``auto``:
 vLLM where it is installed and supports the model, else transformers.
 Rows, chats and per-row parameters: :mod:`~bitinglip.platform.tasks.generation`.
 Option ``prefix_order`` (default true): a partition hands its rows to the
-engine grouped by their rendered prompt, so rows sharing a system prompt or a
-document run in the same engine steps and reuse its cached KV blocks.
+engine grouped by their rendered prompt, and a vLLM engine holds them back in
+its prefix sweep (:mod:`.engines.prefix_sweep`) with the rows of every other
+partition on the worker, so rows sharing a system prompt or a document run in
+the same engine steps and reuse its cached KV blocks.
 
 Output columns: ``text`` and ``finish_reason`` (lists of ``n`` when the
 job's option ``n`` is above 1: a Parquet column keeps one type across a
@@ -122,6 +124,7 @@ class Generate(TaskType):
         truncated = [False] * len(rows)
         failed: dict[int, str] = {}
         vocabulary = model_limits(loaded.info.get("path")).vocabulary
+        grouped = bool(options.get("prefix_order", True))
         for i, row in enumerate(rows):
             params = merged_params(options, row)
             try:
@@ -133,9 +136,10 @@ class Generate(TaskType):
                 failed[i] = str(exc)
                 continue
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
-            requests.append(GenRequest(ids, params, on_text[i] if i < len(on_text) else None))
+            stream = on_text[i] if i < len(on_text) else None
+            requests.append(GenRequest(ids, params, stream, grouped=grouped and stream is None))
             sent.append(i)
-        if options.get("prefix_order", True):  # the results come back in the order sent: put them back
+        if grouped:  # the results come back in the order sent: put them back
             order = prefix_order([r.prompt_ids for r in requests])
             requests, sent = [requests[k] for k in order], [sent[k] for k in order]
         before = len(failed)

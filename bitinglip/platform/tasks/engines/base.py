@@ -35,11 +35,16 @@ class GenRequest:
     engine's own thread (so it must not block): each call carries text that
     follows what the earlier calls for that completion carried.  What it
     holds back (a possible stop string's start, a character whose bytes are
-    not all out) comes only in the result, which stays the whole answer."""
+    not all out) comes only in the result, which stays the whole answer.
+
+    ``grouped``: the row may wait in the engine for rows of other partitions
+    that share its prompt's prefix (a batch row of a job with
+    ``prefix_order``; :mod:`.prefix_sweep`); an online request never waits."""
 
     prompt_ids: list[int]
     params: Mapping[str, Any] = field(default_factory=dict)
     on_text: TextFn | None = field(default=None, compare=False)
+    grouped: bool = field(default=False, compare=False)
 
 
 @dataclass

@@ -30,8 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from bitinglip.errors import EngineError, InputError
 from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn, TickFn
+from bitinglip.platform.tasks.engines.prefix_sweep import PrefixSweep
 from bitinglip.platform.tasks.engines.schema_texts import SchemaTexts
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,10 @@ _ids = itertools.count()
 PROBE_STEPS = 4
 #: the token budget of a step on a CPU when the model's positions are fewer (vLLM's own default)
 CPU_STEP_TOKENS = 4096
+#: rows kept waiting in vLLM's own queue ahead of its running batch; the rest of a job's grouped rows wait in
+#: the prefix sweep, so that rows of partitions that arrive later still run beside their prefix.  A step
+#: prefills up to CPU_STEP_TOKENS of whole prompts, a few dozen at most, so 32 keep the engine fed.
+ADMIT_AHEAD = 32
 
 
 def _set_env() -> None:
@@ -147,6 +154,9 @@ class VllmEngine(Engine):
         self._wake = threading.Condition(self._lock)  # requests arrived or aborted, or shutdown
         self._calls: dict[str, _Call] = {}  # request id -> its call, until its result is delivered
         self._arriving: list[tuple[str, list[int], Any]] = []  # (id, prompt ids, SamplingParams) to add
+        #: grouped rows not handed to vLLM yet, in prefix order (:mod:`.prefix_sweep`); ids in ``_held``
+        self._sweep = PrefixSweep()
+        self._held: set[str] = set()
         self._aborting: list[str] = []  # ids in the engine whose call gave up (a cancel, a timeout)
         self._top_logprobs: dict[str, int] = {}  # request id -> the top log-probabilities it asked for
         self._structured: dict[str, str] = {}  # request id -> its response format's schema, shortened
@@ -161,11 +171,12 @@ class VllmEngine(Engine):
     def run(self, requests: list[GenRequest], tick: TickFn) -> list[GenResult | Exception]:
         call = _Call([f"bl-{next(_ids)}" for _ in requests])
         arriving: list[tuple[str, list[int], Any]] = []
+        grouped: list[tuple[str, list[int], Any]] = []
         streams: dict[str, _Stream] = {}
         for rid, request in zip(call.ids, requests):
             try:
-                arriving.append((rid, list(request.prompt_ids),
-                                 self._sampling(request.params, streamed=request.on_text is not None)))
+                (grouped if request.grouped else arriving).append(
+                    (rid, list(request.prompt_ids), self._sampling(request.params, streamed=request.on_text is not None)))
             except Exception as exc:  # noqa: BLE001 - a bad option: this row fails, the others go on
                 call.results[rid] = exc
                 continue
@@ -178,10 +189,13 @@ class VllmEngine(Engine):
                 self._structured[rid] = json.dumps(fmt.get("json_schema", {}).get("schema", fmt))[:200]
         with self._lock:
             self._check_open()
-            for rid, _, _ in arriving:
+            for rid, _, _ in arriving + grouped:
                 self._calls[rid] = call
             self._streams.update(streams)
             self._arriving.extend(arriving)
+            for entry in grouped:
+                self._sweep.add(entry[1], entry)
+                self._held.add(entry[0])
             self._wake.notify_all()
         try:
             while True:
@@ -239,9 +253,10 @@ class VllmEngine(Engine):
             self._wake.notify_all()
         self._thread.join(timeout=30)  # after its step: from here on this thread alone calls the engine
         with self._lock:
-            queued = {a[0] for a in self._arriving}
+            queued = self._outside()
             sent = [rid for rid in self._calls if rid not in queued] + self._aborting
             self._arriving.clear()
+            self._sweep, self._held = PrefixSweep(), set()
             self._aborting.clear()
             self._fail_pending(EngineError("the engine was shut down (model evicted or worker closing)"))
         try:
@@ -257,13 +272,14 @@ class VllmEngine(Engine):
         try:
             while True:
                 with self._lock:
-                    while not (self._closed or self._arriving or self._aborting
+                    while not (self._closed or self._arriving or self._aborting or self._sweep
                                or self._engine.has_unfinished_requests()):
                         self._wake.wait()
                     if self._closed:
                         return
                     arriving, self._arriving = self._arriving, []
                     aborting, self._aborting = self._aborting, []
+                    arriving += self._admit()
                 for rid, prompt, sampling in arriving:  # between two steps: they join the running batch
                     try:
                         self._engine.add_request(rid, {"prompt_token_ids": prompt}, sampling)
@@ -293,7 +309,7 @@ class VllmEngine(Engine):
         the engine still runs (else this raises, and the loop stops with the engine broken)."""
         log.error("a vLLM engine step failed; the requests in it fail: %r", exc)
         with self._lock:
-            queued = {a[0] for a in self._arriving}
+            queued = self._outside()
             sent = [rid for rid in self._calls if rid not in queued]
         try:  # probed before the callers hear: a caller that asks again finds the engine broken or serving
             if sent:
@@ -305,6 +321,36 @@ class VllmEngine(Engine):
         error = EngineError(f"the vLLM engine failed while running this request: {type(exc).__name__}: {exc}")
         for rid in sent:
             self._deliver(rid, error)
+
+    def _outside(self) -> set[str]:
+        """With ``_lock`` held: the ids of requests not handed to vLLM yet."""
+        return {a[0] for a in self._arriving} | self._held
+
+    def _admit(self) -> list[tuple[str, list[int], Any]]:
+        """With ``_lock`` held: the grouped rows vLLM gets now, in prefix order: enough that its queue of
+        rows waiting for the running batch holds :data:`ADMIT_AHEAD` (the rest stay in the sweep, where rows
+        of partitions that come later can still join their prefix)."""
+        if not self._sweep:
+            return []
+        # vLLM's gauge is as of its last step: with nothing left in it (all finished or aborted since), none wait
+        room = ADMIT_AHEAD - (self._waiting() if self._engine.has_unfinished_requests() else 0)
+        taken: list[tuple[str, list[int], Any]] = []
+        while len(taken) < room and self._sweep:
+            for entry in self._sweep.take(room - len(taken)):
+                if entry[0] in self._held:  # else its call gave up while it waited here
+                    self._held.discard(entry[0])
+                    taken.append(entry)
+        return taken
+
+    def _waiting(self) -> int:
+        """Rows vLLM holds that wait for a place in its running batch, after its last step (its own gauge;
+        0 where it gives none, so the sweep then hands out :data:`ADMIT_AHEAD` rows a step)."""
+        try:
+            value = REGISTRY.get_sample_value("vllm:num_requests_waiting",
+                                              {"model_name": self._served, "engine": "0"})
+        except Exception:  # noqa: BLE001 - a figure only: the sweep goes on without it
+            value = None
+        return int(value or 0)
 
     def _probe(self) -> None:
         """One greedy token after a one-token prompt, alone in the engine; raises where it does not come."""
@@ -362,8 +408,9 @@ class VllmEngine(Engine):
                 self._streams.pop(rid, None)
                 self._top_logprobs.pop(rid, None)
                 self._structured.pop(rid, None)
-            queued = {a[0] for a in self._arriving if a[0] in mine}
+            queued = {rid for rid in self._outside() if rid in mine}
             self._arriving = [a for a in self._arriving if a[0] not in mine]
+            self._held -= mine  # left in the sweep: _admit skips them
             if mine - queued and not self._closed:
                 self._aborting.extend(mine - queued)
                 self._wake.notify_all()
