@@ -15,18 +15,24 @@ after the last one handed out joins the current pass; one that sorts
 before it waits for the next pass.  Rows sharing a prefix from every
 partition on the worker thus reach the engine together.
 
-A pass takes at most as many late rows as it held when it began, so rows
-that keep arriving ahead of it (one job's partitions of a sorted corpus,
-say) cannot keep it going while another tenant's rows wait behind it: a
-row waits at most for twice what was queued before it.
+A pass takes in late rows for :data:`JOIN_S` after it began (the
+partitions of a job reach a worker's engine in a burst when it starts),
+then at most as many as it held when it began, so rows that keep arriving
+ahead of it (one job's partitions of a sorted corpus, say) cannot keep it
+going while another tenant's rows wait behind it: a row waits at most for
+twice what was queued before it, and what came in that first second.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
+
+#: seconds after a pass begins in which every late row that sorts after the last one taken joins it
+JOIN_S = 1.0
 
 
 class PrefixSweep:
@@ -34,11 +40,13 @@ class PrefixSweep:
 
     Not thread-safe: the engine uses it under its own lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._pass: list[tuple[tuple[int, ...], int, Any]] = []  # keys at or after the last taken
         self._next: list[tuple[tuple[int, ...], int, Any]] = []  # keys before it: the next pass
         self._last: tuple[int, ...] | None = None  # None: no pass under way
-        self._room = 0  # late rows the pass under way may still take in
+        self._room = 0  # late rows the pass under way may still take in, once its first JOIN_S are over
+        self._open_until = 0.0  # the end of its first JOIN_S
         self._seq = itertools.count()  # equal keys keep their arrival order, and items are never compared
 
     def __len__(self) -> int:
@@ -48,7 +56,7 @@ class PrefixSweep:
         entry = (tuple(key), next(self._seq), item)
         if self._last is None:
             heapq.heappush(self._pass, entry)
-        elif entry[0] >= self._last and self._room > 0:
+        elif entry[0] >= self._last and (self._room > 0 or self._clock() < self._open_until):
             self._room -= 1
             heapq.heappush(self._pass, entry)
         else:
@@ -62,7 +70,7 @@ class PrefixSweep:
                 self._pass, self._next = self._next, []
                 self._last = None
             if self._last is None:  # a pass begins
-                self._room = len(self._pass)
+                self._room, self._open_until = len(self._pass), self._clock() + JOIN_S
             key, _, item = heapq.heappop(self._pass)
             self._last = key
             taken.append(item)
