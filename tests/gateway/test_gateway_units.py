@@ -21,7 +21,7 @@ from gwtools import SECRET
 from bitinglip.errors import ConfigError, RateLimitedError, UnauthorizedError
 from bitinglip.gateway.auth import TokenVerifier, verifier
 from bitinglip.gateway.clientip import client_address
-from bitinglip.gateway.ratelimit import RateLimiter
+from bitinglip.gateway.ratelimit import RateLimiter, Verdict
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
 from bitinglip.platform.jobs.vocabulary import STATES, TERMINAL, TRANSITIONS
@@ -142,6 +142,33 @@ def test_sliding_rate_limit(redis_url: str) -> None:
         assert 1 <= info.value.retry_after <= 60 and info.value.headers["Retry-After"]
         assert (await limiter.hit("write", uuid.uuid4().hex)).remaining == 2
         await r.aclose()
+
+    anyio.run(body)
+
+
+def test_rate_limit_refund_and_two_gateways(redis_url: str) -> None:
+    """Two limiters on their own connections share one limit; a refund gives
+    back exactly one slot (it reaches into the limits package's Redis layout:
+    this fails if an upgrade changes it)."""
+    async def body() -> None:
+        r1, r2 = aioredis.from_url(redis_url, decode_responses=True), aioredis.from_url(redis_url)
+        one, two = RateLimiter(r1, {"write": Rate(3, 60.0)}), RateLimiter(r2, {"write": Rate(3, 60.0)})
+        who = f"a/b:{uuid.uuid4().hex}"
+        verdicts = [await one.hit("write", who), await two.hit("write", who), await one.hit("write", who)]
+        assert [v.remaining for v in verdicts] == [2, 1, 0]
+        assert await r1.type(f"bitinglip:v1:rate:write/{who}/3/60/second") == "list"
+        with pytest.raises(RateLimitedError):
+            await two.hit("write", who)
+        await two.refund(verdicts[1])
+        assert (await one.hit("write", who)).remaining == 0
+        with pytest.raises(RateLimitedError) as info:
+            await one.hit("write", who)
+        assert info.value.headers["X-RateLimit-Remaining"] == "0"
+        await one.refund(Verdict(3, 0, 60, "write", who))  # nothing counted: nothing given back
+        with pytest.raises(RateLimitedError):
+            await two.hit("write", who)
+        await r1.aclose()
+        await r2.aclose()
 
     anyio.run(body)
 
