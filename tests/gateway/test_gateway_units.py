@@ -20,7 +20,6 @@ from gwtools import SECRET
 
 from bitinglip.errors import ConfigError, RateLimitedError, UnauthorizedError
 from bitinglip.gateway.auth import TokenVerifier, verifier
-from bitinglip.gateway.clientip import client_address
 from bitinglip.gateway.ratelimit import RateLimiter, Verdict
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
@@ -173,21 +172,28 @@ def test_rate_limit_refund_and_two_gateways(redis_url: str) -> None:
     anyio.run(body)
 
 
-class _Conn:
-    def __init__(self, host: str, xff: str | None = None) -> None:
-        from starlette.datastructures import Address, Headers
-
-        self.client = Address(host, 1234)
-        self.headers = Headers({"x-forwarded-for": xff} if xff else {})
-
-
 def test_client_address_behind_proxies() -> None:
-    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
-    assert str(client_address(_Conn("192.0.2.1", "198.51.100.1"), proxies)) == "192.0.2.1"  # not a proxy
-    assert str(client_address(_Conn("10.0.0.5", "198.51.100.1"), proxies)) == "198.51.100.1"
-    assert str(client_address(_Conn("10.0.0.5", "6.6.6.6, 198.51.100.1, 10.0.0.7"), proxies)) == "198.51.100.1"
-    assert str(client_address(_Conn("10.0.0.5", "garbage"), proxies)) == "10.0.0.5"
-    assert str(client_address(_Conn("10.0.0.5"), proxies)) == "10.0.0.5"
+    """The app's proxy headers middleware: X-Forwarded-For counts only from a
+    trusted proxy, and then its rightmost hop that is not a proxy is the caller."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from bitinglip.gateway.app import create_app
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", jwt_secret=SECRET,
+                              trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),)))
+    app.router.routes.append(Route("/caller", lambda request: PlainTextResponse(request.client.host)))
+
+    def caller(peer: str, xff: str | None = None) -> str:
+        client = TestClient(app, client=(peer, 1234))  # no lifespan: nothing connects
+        return client.get("/caller", headers={"X-Forwarded-For": xff} if xff else {}).text
+
+    assert caller("192.0.2.1", "198.51.100.1") == "192.0.2.1"  # not a proxy
+    assert caller("10.0.0.5", "198.51.100.1") == "198.51.100.1"
+    assert caller("10.0.0.5", "6.6.6.6, 198.51.100.1, 10.0.0.7") == "198.51.100.1"
+    assert caller("10.0.0.5", "garbage") == "garbage"  # not the proxy's own address, which may be allowlisted
+    assert caller("10.0.0.5") == "10.0.0.5"
 
 
 def test_verifier_rules() -> None:
