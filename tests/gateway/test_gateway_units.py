@@ -172,6 +172,20 @@ def test_rate_limit_refund_and_two_gateways(redis_url: str) -> None:
     anyio.run(body)
 
 
+def test_rate_limit_without_redis_is_redis_s_own_error() -> None:
+    """The gateway answers 503 for Redis' connection errors: the limiter must
+    not wrap them in errors of its own."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body() -> None:
+        r = aioredis.from_url("redis://127.0.0.1:1/0")
+        with pytest.raises(RedisConnectionError):
+            await RateLimiter(r, {"read": Rate(3, 60.0)}).hit("read", "someone")
+        await r.aclose()
+
+    anyio.run(body)
+
+
 def test_client_address_behind_proxies() -> None:
     """The app's proxy headers middleware: X-Forwarded-For counts only from a
     trusted proxy, and then its rightmost hop that is not a proxy is the caller."""
