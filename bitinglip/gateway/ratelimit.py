@@ -80,6 +80,6 @@ class RateLimiter:
         if not verdict.at or item is None or time.time() - verdict.at >= item.get_expiry():
             return  # nothing counted, or its entry has left the window: popping would free a slot still in use
         # limits removes no single entry.  Its moving window is a Redis list of one subject's request times,
-        # newest first: popping the newest gives back one slot, at most this request's duration later than
-        # its own entry would (test_rate_limit_refund fails if that layout changes)
+        # newest first: popping the newest gives back one slot (the entries left free theirs at most this
+        # request's duration sooner); test_rate_limit_refund_and_two_gateways fails if that layout changes
         await self.redis.lpop(self._storage.bridge.prefixed_key(item.key_for(verdict.subject)))
