@@ -37,9 +37,11 @@ def idempotency(owner: str, key: str) -> str:
     return f"{PREFIX}idem:{len(owner)}:{owner}:{key}"
 
 
-def rate(bucket: str, subject: str) -> str:
-    """Sorted set of one subject's recent request times in one rate bucket."""
-    return f"{PREFIX}rate:{bucket}:{subject}"
+def rate_prefix() -> str:
+    """What the rate limiter's keys start with; the ``limits`` package adds
+    ``:<bucket>/<subject>/<count>/<period>/second``, a list of one subject's
+    recent request times in one bucket."""
+    return f"{PREFIX}rate"
 
 
 def access_log() -> str:

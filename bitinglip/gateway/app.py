@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from bitinglip.gateway.handlers import EXCEPTION_HANDLERS
 from bitinglip.gateway.middleware import BodyLimit, BodyTimeout, RequestContext, UnexpectedErrors
@@ -95,7 +96,8 @@ MULTIPART_SLACK = 64 * 1024
 
 def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette:
     """A gateway app; Redis and the cluster connect when its lifespan starts."""
-    gateway = Gateway(settings or get_settings(), tls=tls)
+    settings = settings or get_settings()
+    gateway = Gateway(settings, tls=tls)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -107,7 +109,10 @@ def create_app(settings: Settings | None = None, tls: bool = False) -> Starlette
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestContext, metrics=gateway.metrics), Middleware(UnexpectedErrors),
+        # first: everything after it (the admin allowlist, uvicorn's access log) sees the caller behind a
+        # trusted proxy in request.client, the rightmost X-Forwarded-For hop that is not a trusted proxy
+        middleware=[Middleware(ProxyHeadersMiddleware, trusted_hosts=[str(n) for n in settings.trusted_proxies]),
+                    Middleware(RequestContext, metrics=gateway.metrics), Middleware(UnexpectedErrors),
                     # a batch file may be far larger than a JSON body; its upload checks the file's own size
                     Middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes,
                                overrides={"/v1/files": gateway.settings.batch_max_bytes + MULTIPART_SLACK}),

@@ -1,18 +1,21 @@
 """Rate limits per token subject, counted in Redis so that every gateway
 instance shares them.
 
-A sliding log: each bucket is a sorted set of request times; a request is
-allowed when fewer than ``count`` fall within the last ``period_s``.  Unlike
-fixed windows this never lets ``2 x count`` through around a window edge.
+The ``limits`` package's moving window on its Redis storage: a request is
+allowed when fewer than ``count`` were allowed in the last ``period_s``.
+Unlike fixed windows this never lets ``2 x count`` through around a window edge.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from bitinglip import redis_keys as keys
 from bitinglip.errors import RateLimitedError
@@ -27,33 +30,16 @@ def bucket_rates(settings: Settings) -> dict[str, Rate]:
     """Each bucket's rate from the settings."""
     return dict(zip(RATE_BUCKETS, (settings.rate_limit, settings.read_rate_limit, settings.infer_rate_limit)))
 
-# KEYS: the bucket. ARGV: now (s), period (s), count, member.
-# Returns {allowed 0/1, requests in the window, oldest time in the window}.
-_HIT = """
-local now, period, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
-local used = redis.call('ZCARD', KEYS[1])
-local allowed = 0
-if used < count then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  used = used + 1
-  allowed = 1
-end
-redis.call('PEXPIRE', KEYS[1], math.ceil(period * 1000))
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {allowed, used, oldest[2] or ARGV[1]}
-"""
-
 
 @dataclass(frozen=True)
 class Verdict:
     limit: int
     remaining: int
     reset_s: int
-    #: the request's entry in its bucket, for :meth:`RateLimiter.refund`
+    #: the request's bucket, subject and time of counting, for :meth:`RateLimiter.refund` (0: nothing to give back)
     bucket: str = ""
     subject: str = ""
-    member: str = ""
+    at: float = 0.0
 
     def headers(self) -> dict[str, str]:
         return {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining),
@@ -64,18 +50,24 @@ class RateLimiter:
     def __init__(self, redis: Any, rates: dict[str, Rate]) -> None:
         self.rates = rates
         self.redis = redis
-        self._hit = redis.register_script(_HIT)
+        # the gateway's own connection pool; keys: <rate_prefix>:<bucket>/<subject>/<count>/<period>/second
+        self._storage = RedisStorage("async+redis://", implementation="redispy", key_prefix=keys.rate_prefix(),
+                                     connection_pool=redis.connection_pool)
+        self._window = MovingWindowRateLimiter(self._storage)
+        # whole seconds: the settings' periods are a second, minute, hour or day
+        self._items = {bucket: RateLimitItemPerSecond(rate.count, int(rate.period_s), namespace=bucket)
+                       for bucket, rate in rates.items()}
 
     async def hit(self, bucket: str, subject: str) -> Verdict:
         """Count one request; raise :class:`RateLimitedError` when over."""
-        rate = self.rates[bucket]
-        now = time.time()
-        member = f"{now}:{uuid.uuid4().hex[:8]}"
-        allowed, used, oldest = await self._hit(keys=[keys.rate(bucket, subject)],
-                                                args=[now, rate.period_s, rate.count, member])
-        reset = max(1, math.ceil(float(oldest) + rate.period_s - now))
-        verdict = Verdict(rate.count, max(0, rate.count - int(used)), reset, bucket, subject, member)
-        if not int(allowed):
+        rate, item = self.rates[bucket], self._items[bucket]
+        at = time.time()
+        allowed = await self._window.hit(item, subject)
+        # a second round trip: the moving window's hit answers only yes or no
+        reset_at, remaining = await self._window.get_window_stats(item, subject)
+        reset = max(1, math.ceil(reset_at - time.time()))
+        verdict = Verdict(rate.count, max(0, remaining), reset, bucket, subject, at if allowed else 0.0)
+        if not allowed:
             raise RateLimitedError(f"rate limit of {rate.count} {bucket} requests per {rate.period_s:g}s reached; "
                                    f"retry in {reset}s", retry_after=reset,
                                    headers={**verdict.headers(), "Retry-After": str(reset)})
@@ -84,5 +76,10 @@ class RateLimiter:
     async def refund(self, verdict: Verdict) -> None:
         """Give back a request that was refused as invalid: a caller's
         mistakes must not use up what the limit allows them."""
-        if verdict.member:
-            await self.redis.zrem(keys.rate(verdict.bucket, verdict.subject), verdict.member)
+        item = self._items.get(verdict.bucket)
+        if not verdict.at or item is None or time.time() - verdict.at >= item.get_expiry():
+            return  # nothing counted, or its entry has left the window: popping would free a slot still in use
+        # limits removes no single entry.  Its moving window is a Redis list of one subject's request times,
+        # newest first: popping the newest gives back one slot (the entries left free theirs at most this
+        # request's duration sooner); test_rate_limit_refund_and_two_gateways fails if that layout changes
+        await self.redis.lpop(self._storage.bridge.prefixed_key(item.key_for(verdict.subject)))

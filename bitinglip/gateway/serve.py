@@ -30,7 +30,7 @@ def server(args: argparse.Namespace, settings: Any = None) -> Any:
 
         configure("json")
     app = create_app(settings, tls=tls)
-    # proxy_headers off: X-Forwarded-For is read only from BITINGLIP_TRUSTED_PROXIES, by the gateway itself
+    # proxy_headers off: uvicorn's own would trust 127.0.0.1; the app applies BITINGLIP_TRUSTED_PROXIES itself
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile, proxy_headers=False, server_header=False,
                             log_level=args.log_level, access_log=args.access_log, lifespan="on",

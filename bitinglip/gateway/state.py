@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 from typing import Any
@@ -14,11 +15,10 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
-from bitinglip.errors import ConfigError, NotFoundError, RateLimitedError, UnknownModelError
+from bitinglip.errors import ConfigError, ForbiddenError, NotFoundError, RateLimitedError, UnknownModelError
 from bitinglip.gateway import rebuild
 from bitinglip.gateway.auth import Principal, TokenVerifier, mint, verifier
 from bitinglip.gateway.batcher import Batcher
-from bitinglip.gateway.clientip import check_allowlist
 from bitinglip.gateway.metrics import Metrics
 from bitinglip.gateway.openai.files import FileStore
 from bitinglip.gateway.ratelimit import READ, RateLimiter, bucket_rates
@@ -125,7 +125,7 @@ class Gateway:
         if scope is not None:
             principal.require(scope)
         if scope == "admin":
-            check_allowlist(conn, self.settings.admin_allowlist, self.settings.trusted_proxies)
+            self._check_allowlist(conn)
         try:
             verdict = await self.limiter.hit(bucket, principal.sub)
         except RateLimitedError:
@@ -134,6 +134,16 @@ class Gateway:
         conn.state.ratelimit = verdict.headers()
         conn.state.rate_verdict = verdict  # refunded if the request turns out invalid before its work runs
         return principal
+
+    def _check_allowlist(self, conn: HTTPConnection) -> None:
+        # conn.client is the caller: behind a trusted proxy, the address that uvicorn's
+        # ProxyHeadersMiddleware (app.py) took from X-Forwarded-For
+        try:
+            address = ipaddress.ip_address(conn.client.host) if conn.client else None
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in self.settings.admin_allowlist):
+            raise ForbiddenError(f"admin routes are not open to {address or 'this address'}")
 
     @staticmethod
     def charge(conn: HTTPConnection) -> None:

@@ -259,6 +259,8 @@ def test_admin_routes_need_scope_and_address(gateway: str, admin: dict[str, str]
     assert "203.0.113.9" in assert_error(httpx.get(url, headers=far), 403, "forbidden")["message"]
     listed = {**admin, "X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
     assert httpx.get(url, headers=listed).status_code == 200
+    # a malformed chain names no caller; the proxy itself (allowlisted here) is not the caller either
+    assert_error(httpx.get(url, headers={**admin, "X-Forwarded-For": "garbage"}), 403, "forbidden")
     assert_error(httpx.post(f"{gateway}/admin/models", headers=far,
                             json={"name": "x", "source": "/x", "task": "embed"}), 403)
 

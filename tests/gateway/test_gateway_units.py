@@ -20,8 +20,7 @@ from gwtools import SECRET
 
 from bitinglip.errors import ConfigError, RateLimitedError, UnauthorizedError
 from bitinglip.gateway.auth import TokenVerifier, verifier
-from bitinglip.gateway.clientip import client_address
-from bitinglip.gateway.ratelimit import RateLimiter
+from bitinglip.gateway.ratelimit import RateLimiter, Verdict
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs.jobstore import MISSING, MOVED, REFUSED, UPDATED, JobStore
 from bitinglip.platform.jobs.vocabulary import STATES, TERMINAL, TRANSITIONS
@@ -146,21 +145,69 @@ def test_sliding_rate_limit(redis_url: str) -> None:
     anyio.run(body)
 
 
-class _Conn:
-    def __init__(self, host: str, xff: str | None = None) -> None:
-        from starlette.datastructures import Address, Headers
+def test_rate_limit_refund_and_two_gateways(redis_url: str) -> None:
+    """Two limiters on their own connections share one limit; a refund gives
+    back exactly one slot (it reaches into the limits package's Redis layout:
+    this fails if an upgrade changes it)."""
+    async def body() -> None:
+        r1, r2 = aioredis.from_url(redis_url, decode_responses=True), aioredis.from_url(redis_url)
+        one, two = RateLimiter(r1, {"write": Rate(3, 60.0)}), RateLimiter(r2, {"write": Rate(3, 60.0)})
+        who = f"a/b:{uuid.uuid4().hex}"
+        verdicts = [await one.hit("write", who), await two.hit("write", who), await one.hit("write", who)]
+        assert [v.remaining for v in verdicts] == [2, 1, 0]
+        assert await r1.type(f"bitinglip:v1:rate:write/{who}/3/60/second") == "list"
+        with pytest.raises(RateLimitedError):
+            await two.hit("write", who)
+        await two.refund(verdicts[1])
+        assert (await one.hit("write", who)).remaining == 0
+        with pytest.raises(RateLimitedError) as info:
+            await one.hit("write", who)
+        assert info.value.headers["X-RateLimit-Remaining"] == "0"
+        await one.refund(Verdict(3, 0, 60, "write", who))  # nothing counted: nothing given back
+        with pytest.raises(RateLimitedError):
+            await two.hit("write", who)
+        await r1.aclose()
+        await r2.aclose()
 
-        self.client = Address(host, 1234)
-        self.headers = Headers({"x-forwarded-for": xff} if xff else {})
+    anyio.run(body)
+
+
+def test_rate_limit_without_redis_is_redis_s_own_error() -> None:
+    """The gateway answers 503 for Redis' connection errors: the limiter must
+    not wrap them in errors of its own."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body() -> None:
+        r = aioredis.from_url("redis://127.0.0.1:1/0")
+        with pytest.raises(RedisConnectionError):
+            await RateLimiter(r, {"read": Rate(3, 60.0)}).hit("read", "someone")
+        await r.aclose()
+
+    anyio.run(body)
 
 
 def test_client_address_behind_proxies() -> None:
-    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
-    assert str(client_address(_Conn("192.0.2.1", "198.51.100.1"), proxies)) == "192.0.2.1"  # not a proxy
-    assert str(client_address(_Conn("10.0.0.5", "198.51.100.1"), proxies)) == "198.51.100.1"
-    assert str(client_address(_Conn("10.0.0.5", "6.6.6.6, 198.51.100.1, 10.0.0.7"), proxies)) == "198.51.100.1"
-    assert str(client_address(_Conn("10.0.0.5", "garbage"), proxies)) == "10.0.0.5"
-    assert str(client_address(_Conn("10.0.0.5"), proxies)) == "10.0.0.5"
+    """The app's proxy headers middleware: X-Forwarded-For counts only from a
+    trusted proxy, and then its rightmost hop that is not a proxy is the caller."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from bitinglip.gateway.app import create_app
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", jwt_secret=SECRET,
+                              trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),)))
+    app.router.routes.append(Route("/caller", lambda request: PlainTextResponse(request.client.host)))
+
+    def caller(peer: str, xff: str | None = None) -> str:
+        client = TestClient(app, client=(peer, 1234))  # no lifespan: nothing connects
+        return client.get("/caller", headers={"X-Forwarded-For": xff} if xff else {}).text
+
+    assert caller("192.0.2.1", "198.51.100.1") == "192.0.2.1"  # not a proxy
+    assert caller("10.0.0.5", "198.51.100.1") == "198.51.100.1"
+    assert caller("10.0.0.5", "6.6.6.6, 198.51.100.1, 10.0.0.7") == "198.51.100.1"
+    assert caller("10.0.0.5", "garbage") == "garbage"  # not the proxy's own address, which may be allowlisted
+    assert caller("10.0.0.5") == "10.0.0.5"
 
 
 def test_verifier_rules() -> None:

@@ -119,7 +119,7 @@ class _Unreachable:
 
 class _Limiter:
     async def hit(self, bucket: str, subject: str) -> Verdict:
-        return Verdict(100, 99, 60, bucket, subject, "m")
+        return Verdict(100, 99, 60, bucket, subject)
 
     async def refund(self, verdict: Verdict) -> None:
         return None
