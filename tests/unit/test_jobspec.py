@@ -164,3 +164,16 @@ def test_a_record_of_the_earlier_layout_still_resumes(tmp_path: Path) -> None:
     assert record.spec().text_column == "body" and record.spec().options["normalize"] is True
     off = read_record(_write(tmp_path / "off", {**earlier, "reuse": False, "token_budget": 512}))
     assert off.reuse is None and off.worker.token_budget == 512
+
+
+def test_cli_resume_names_a_bad_field_before_a_cluster_starts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    record = JobRecord.of(JobSpec(job_id="j", task="embed", model="m"), **{**FACTS, "input": str(tmp_path / "in.jsonl")})
+    folder = _write(tmp_path / "out", {**record.model_dump(mode="json"), "retries": -1})
+    proc = subprocess.run([sys.executable, "-m", "bitinglip", "resume", str(folder), "--workers", "1"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "retries: Input should be greater than or equal to 0 (got -1)" in proc.stderr
+    assert "dashboard:" not in proc.stderr, proc.stderr
