@@ -16,6 +16,7 @@ from bitinglip.platform.jobs import RECORD, JobRecord, JobSpec, WorkerSettings, 
 from bitinglip.platform.jobs.outputs import claim
 from bitinglip.platform.jobs.reuse import ReuseSpec
 from bitinglip.platform.tasks.builtin import Batch, Loaded, TaskType, get_task
+from bitinglip.platform.tasks.contract import TASK_OPTIONS, bounded
 from bitinglip.settings import Settings
 
 FACTS: dict[str, Any] = {"model_version": "3", "gpu": None, "input_root": None, "input": "/data/in.parquet",
@@ -73,6 +74,22 @@ def test_a_spec_names_its_task_and_types_its_options_by_the_tasks_contract() -> 
     # a task of the user's own travels as itself, and its options are not the contract's to judge
     echo = JobSpec(job_id="j1", task=Echo(), model="m", options={"suffix": "?"})
     assert echo.task.name == "echo" and echo.options == {"suffix": "?"}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_OPTIONS))
+def test_the_spec_keeps_what_submits_checks_take_at_every_bound(task: str) -> None:
+    """The option model and the hand-worded checks read one declaration: what ``check_options``
+    takes at a bound, the spec takes too, value and type unchanged (what the workers and the
+    result store's keys see)."""
+    task_type, model = get_task(task), TASK_OPTIONS[task]
+    given = [{name: edge} for name, b in bounded(model) for edge in (b.high, None if b.low_open else b.low)
+             if edge is not None]
+    if task == "generate":  # ints for floats, one stop string, a response format
+        given.append({"temperature": 1, "top_p": 1, "stop": "x", "response_format": {"type": "json_object"}})
+    for options in given:
+        merged = task_type.check_options(options)
+        kept = JobSpec(job_id="j", task=task, model="m", options=merged).options
+        assert [(k, v, type(v)) for k, v in kept.items()] == [(k, v, type(v)) for k, v in merged.items()], options
 
 
 def test_a_spec_is_small_on_the_wire() -> None:
