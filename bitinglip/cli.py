@@ -130,7 +130,7 @@ def _summary(job: Any, summaries: list[dict[str, Any]], seconds: float, output: 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     import bitinglip
-    from bitinglip.platform.jobs import RECORD, read_json
+    from bitinglip.platform.jobs import RECORD, read_json, read_record
 
     record = read_json(os.path.join(os.path.abspath(args.output), RECORD))
     if record is None:  # before starting a cluster
@@ -141,6 +141,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                          "with --input")
     if not os.path.exists(source):
         raise InputError(f"the job's input {source!r} does not exist (any more); give it with --input")
+    read_record(os.path.abspath(args.output))  # a bad field is named before a cluster starts
     if args.address is None:
         from bitinglip.cli_checks import check_model_here
         from bitinglip.settings import get_settings

@@ -145,6 +145,22 @@ def test_resume_with_nothing_but_the_output_directory(platform, tiny_encoder: Pa
     _check_every_row_once(out, ids)
 
 
+def test_a_resume_submits_the_spec_its_record_holds(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``_job.json`` is the job's spec (issue 22): a resume from it alone submits the same spec again."""
+    pd.DataFrame({"id": range(40), "body": texts(40)}).to_parquet(tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    job = platform.submit("embed", model=str(tiny_encoder), inputs=tmp_path / "in.parquet", output=out,
+                          text_column="body", partition_rows=20, retries=2, timeout=600, token_budget=777,
+                          fail_fast=True, tenant="acme", normalize=True)
+    assert len(job.result()) == 40
+    (out / "part-00001.parquet").unlink()
+    resumed = platform.resume(out)
+    assert resumed.spec.model_dump(exclude={"deadline"}) == job.spec.model_dump(exclude={"deadline"})
+    assert resumed.spec.worker.token_budget == 777 and resumed.spec.reuse is not None
+    assert resumed.spec.deadline > job.spec.deadline  # a resume starts its timeout again
+    assert [s.get("skipped", False) for s in resumed.summaries()] == [True, False]
+
+
 def test_cli_resume_with_nothing_but_the_output_directory(platform, tiny_encoder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import sys
 

@@ -14,7 +14,8 @@ import pytest
 from bitinglip.errors import InputError
 from bitinglip.platform.jobs import runner
 from bitinglip.platform.jobs.client import Platform, _faults
-from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, JobSpec, predict_texts, run_partition
+from bitinglip.platform.jobs.runner import SUMMARY_TOPIC, predict_texts, run_partition
+from bitinglip.platform.jobs.spec import JobSpec, WorkerSettings
 from bitinglip.platform.plugins import model_plugin
 from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks import builtin
@@ -87,7 +88,7 @@ def plugin(monkeypatch: pytest.MonkeyPatch) -> FakePlugin:
 
 
 def test_a_partition_reports_its_start_and_summary_itself(worker: FakeWorker, plugin: FakePlugin) -> None:
-    spec = JobSpec("job-1", Length(), "m")
+    spec = JobSpec(job_id="job-1", task=Length(), model="m")
     summary = run_partition(["a", "bb", "bad"], spec, 3, 0)
     assert summary["rows"] == 2 and summary["errors"] == 1
     assert plugin.holders == ["bitinglip-job-1-3"]  # the model is held for this very task
@@ -131,10 +132,20 @@ def test_out_of_memory_halves_the_batch_and_the_budget_is_remembered() -> None:
 
 
 def test_a_partition_uses_its_workers_budgets(worker: FakeWorker, plugin: FakePlugin) -> None:
-    spec = JobSpec("job-2", Length(), "m", token_budget=1000, faults={"oom_above_tokens": 10})
+    spec = JobSpec(job_id="job-2", task=Length(), model="m",
+                   worker=WorkerSettings(token_budget=1000, fault_oom_above_tokens=10))
     assert run_partition(["abcd"] * 8, spec, 0, 0)["oom_splits"] == 3
     assert plugin.budgets.as_dict() == {"length:m:cpu": 8}
     assert run_partition(["abcd"] * 8, spec, 1, 8)["oom_splits"] == 0
+
+
+def test_a_partition_takes_its_token_budget_from_the_spec(worker: FakeWorker, plugin: FakePlugin) -> None:
+    # the fake plugin has no settings at all: the budget can only come with the job
+    assert not hasattr(plugin, "settings")
+    spec = JobSpec(job_id="job-3", task=Length(), model="m", worker=WorkerSettings(token_budget=8))
+    assert run_partition(["abcd"] * 8, spec, 0, 0)["batches"] == 4  # two rows of 4 tokens per batch
+    wide = spec.model_copy(update={"worker": WorkerSettings(token_budget=1000)})
+    assert run_partition(["abcd"] * 8, wide, 1, 8)["batches"] == 1
 
 
 def test_reduced_budgets_only_go_down_and_stay_consistent_across_threads() -> None:
@@ -176,7 +187,7 @@ def test_the_missing_text_column_has_one_message_everywhere(worker: FakeWorker, 
     with pytest.raises(InputError, match=words):
         require_column(["id", "body"], "text")
     with pytest.raises(InputError, match=words):  # the same on the worker
-        run_partition(pd.DataFrame({"id": [1], "body": ["x"]}), JobSpec("j", Length(), "m"), 0, 0)
+        run_partition(pd.DataFrame({"id": [1], "body": ["x"]}), JobSpec(job_id="j", task=Length(), model="m"), 0, 0)
     with pytest.raises(InputError, match=r"^--input 'a.csv' has no column 'text' \(columns: body\); .* --text-column$"):
         require_column(["body"], "text", "--input 'a.csv'", "--text-column")
     require_column(pd.Index(["text"]), "text")

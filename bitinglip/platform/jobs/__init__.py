@@ -1,5 +1,5 @@
-"""The task manager: Platform and Job, the runner, inputs, outputs, placement, the Redis job store,
-and the one vocabulary (job states, the Dask key format, event topics) in :mod:`.vocabulary`.
+"""The task manager: Platform and Job, the job's contract (:mod:`.spec`), the runner, inputs, outputs,
+placement, the Redis job store, and the one vocabulary (job states, the Dask key format, event topics) in :mod:`.vocabulary`.
 
 The names below are the package's public API; code outside the platform imports them from here.
 Modules inside the platform import each other by module path (``bitinglip.platform.jobs.runner``),
@@ -23,6 +23,7 @@ from bitinglip.platform.jobs.outputs import (
 )
 from bitinglip.platform.jobs.runner import predict_texts
 from bitinglip.platform.jobs.sample import sample_chats, sample_corpus
+from bitinglip.platform.jobs.spec import JobRecord, JobSpec, WorkerSettings, read_record
 from bitinglip.platform.jobs.vocabulary import (
     ANNOTATION,
     JOB_ID,
@@ -41,7 +42,8 @@ from bitinglip.platform.jobs.vocabulary import (
 )
 
 __all__ = ["ANNOTATION", "JOB_ID", "MANIFEST", "MISSING", "MOVED", "PROGRESS_TOPIC", "RECORD", "REFUSED", "STATES",
-           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobState", "JobStore", "Platform", "Progress",
+           "SUMMARY_TOPIC", "TERMINAL", "TOKENS_TOPIC", "TRANSITIONS", "UPDATED", "Job", "JobRecord", "JobSpec", "JobState", "JobStore", "Platform", "Progress",
+           "WorkerSettings",
            "column_sum", "committed_parts", "committed_summary", "fingerprint", "job_keys", "new_job_id", "parse_task_key",
            "predict_counted", "predict_generation", "predict_texts",
-           "rate_and_eta", "read_json", "require_column", "sample_chats", "sample_corpus", "task_key"]
+           "rate_and_eta", "read_json", "read_record", "require_column", "sample_chats", "sample_corpus", "task_key"]

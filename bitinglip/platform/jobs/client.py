@@ -41,7 +41,18 @@ from bitinglip.platform.jobs.outputs import (
 )
 from bitinglip.platform.jobs.placement import prefer, warm_workers
 from bitinglip.platform.jobs.reuse import DEFAULT_TENANT, ReuseSpec, default_reuse
-from bitinglip.platform.jobs.runner import JobSpec, run_partition
+from bitinglip.platform.jobs.runner import run_partition
+from bitinglip.platform.jobs.spec import (
+    MAX_PARTITION_ROWS,
+    MAX_RETRIES,
+    MAX_TIMEOUT_S,
+    MAX_TOKEN_BUDGET,
+    JobRecord,
+    JobSpec,
+    WorkerSettings,
+    checked,
+    read_record,
+)
 from bitinglip.platform.jobs.vocabulary import (
     JOB_ID,
     MANIFEST_PART,
@@ -157,22 +168,21 @@ class Platform:
                          lambda text, extra, row_id: task_type.check_row(text, extra, row_id, merged))
         parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
                               min_rows=task_type.min_partition_rows, root=input_root, shape=shape)
-        spec = JobSpec(job_id, task_type, model, merged, text_column, token_budget or self.settings.token_budget,
-                       out_dir, fail_fast, retries, time.time() + timeout if timeout else None, _faults(self.settings),
-                       reuse_spec)
+        # the client's settings that decide a partition's work travel with it: every worker runs the job alike
+        worker = WorkerSettings.from_settings(self.settings, token_budget=token_budget)
+        spec = checked(JobSpec, {
+            "job_id": job_id, "task": task_type, "model": model, "options": merged, "text_column": text_column,
+            "output": out_dir, "fail_fast": fail_fast, "retries": retries, "timeout": timeout,
+            "deadline": time.time() + timeout if timeout else None, "reuse": reuse_spec, "worker": worker}, "the job")
         done: set[int] = set()
         if out_dir is not None:
-            # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same job
-            record = claim(out_dir, {
-                "job_id": job_id, "task": task_type.name, "model": model, "model_version": model_version,
-                "options": _jsonable(merged),
-                "text_column": text_column, "token_budget": token_budget, "fail_fast": fail_fast,
-                "retries": retries, "timeout": timeout, "gpu": gpu,
-                "input_root": os.fspath(input_root) if input_root is not None else None,
-                "reuse": reuse_spec is not None, "tenant": tenant,
-                "fingerprint": fingerprint(inputs), "partition_rows": parts.size, "partitions": len(parts.parts),
-                "rows": parts.total, "submitted": time.time(),
-                "input": os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None})
+            # everything a resume needs, so that ``resume(out_dir)`` alone reruns the same spec
+            record = claim(out_dir, JobRecord.of(
+                spec, model_version=model_version, gpu=gpu,
+                input_root=os.fspath(input_root) if input_root is not None else None,
+                input=os.path.abspath(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else None,
+                fingerprint=fingerprint(inputs), partition_rows=parts.size, partitions=len(parts.parts),
+                rows=parts.total, submitted=time.time()).model_dump(mode="json"))
             done = committed_parts(out_dir, len(parts.parts))
         superseded = self._jobs.get(job_id)
         if superseded is not None:  # a resume: the new run's futures take over the keys
@@ -313,24 +323,22 @@ class Platform:
 
     def resume(self, output: str | os.PathLike[str], inputs: Any = None, **kwargs: Any) -> Job:
         """Resume the job whose results are in ``output``: only partitions not
-        committed there run, with the parameters the job recorded in
-        ``_job.json`` (text column, options, partitioning, token budget,
-        fail_fast, retries, timeout, placement); ``kwargs`` override them.
-        ``inputs`` defaults to the input path that the job recorded
-        (in-memory inputs must be given again)."""
+        committed there run, with the spec the job recorded in ``_job.json``
+        (:class:`~bitinglip.platform.jobs.spec.JobRecord`: text column,
+        options, partitioning, token budget, fail_fast, retries, timeout,
+        placement, reuse); ``kwargs`` override them.  ``inputs`` defaults to
+        the input path that the job recorded (in-memory inputs must be given
+        again)."""
         out_dir = os.path.abspath(os.fspath(output))
-        record = read_json(os.path.join(out_dir, RECORD))
-        if record is None:
-            raise InputError(f"{out_dir} holds no job record ({RECORD}); nothing to resume")
-        inputs = inputs if inputs is not None else record.get("input")
+        record = read_record(out_dir, self.tasks)
+        inputs = inputs if inputs is not None else record.input
         if inputs is None:
             raise InputError(f"the job in {out_dir} had in-memory inputs: pass them again as inputs=")
-        recorded = {name: record[name] for name in RESUMED if record.get(name) is not None}
-        model = record["model"]
-        if record.get("model_version") and "@" not in model:  # the same registry version, not a newer one
-            model = f"{model}@{record['model_version']}"
-        return self.submit(record["task"], model, inputs, output=out_dir, job_id=record["job_id"],
-                           options=record.get("options") or {}, **{**recorded, **kwargs})
+        model = record.model
+        if record.model_version and "@" not in model:  # the same registry version, not a newer one
+            model = f"{model}@{record.model_version}"
+        return self.submit(record.task, model, inputs, output=out_dir, job_id=record.job_id,
+                           **{**record.resubmission(), **kwargs})
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing anyway
@@ -347,17 +355,6 @@ class Platform:
 
     def __repr__(self) -> str:
         return f"<Platform {self.client.scheduler.address} workers={len(worker_resources(self.client))}>"
-
-
-#: the submit parameters that a job's record keeps and a resume reuses
-RESUMED = ("text_column", "partition_rows", "token_budget", "fail_fast", "retries", "timeout", "gpu", "input_root",
-           "reuse", "tenant")
-
-
-#: bounds of submit's own arguments: each reaches the wire, so each is finite and plain
-MAX_PARTITION_ROWS = MAX_TOKEN_BUDGET = 100_000_000
-MAX_RETRIES = 100
-MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
 
 def _check_arguments(**values: Any) -> None:
@@ -385,12 +382,7 @@ def _check_arguments(**values: Any) -> None:
 
 def _faults(settings: Settings) -> dict[str, Any]:
     """Faults the runner injects: set by tests through the settings, never by a caller of submit."""
-    limit = settings.fault_oom_above_tokens
-    return {"oom_above_tokens": limit} if limit else {}
-
-
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    return WorkerSettings.from_settings(settings).faults
 
 
 def _worker_reference(model: str) -> str:

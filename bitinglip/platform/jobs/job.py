@@ -30,7 +30,7 @@ from bitinglip.errors import (
     RowCountError,
 )
 from bitinglip.platform.jobs.outputs import count_mismatch, runtime_summary, write_partial_manifest
-from bitinglip.platform.jobs.runner import JobSpec
+from bitinglip.platform.jobs.spec import JobSpec
 from bitinglip.platform.jobs.vocabulary import TERMINAL, JobState, cancel_event_name, rate_and_eta
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -28,7 +27,6 @@ from bitinglip.platform.jobs.inputs import require_column
 from bitinglip.platform.jobs.outputs import committed_summary, errors_file, partition_file, write_parquet
 from bitinglip.platform.jobs.reuse import (
     ResultStore,
-    ReuseSpec,
     reusable_rows,
     row_key,
     space_of,
@@ -36,6 +34,7 @@ from bitinglip.platform.jobs.reuse import (
     store_frame,
     store_root,
 )
+from bitinglip.platform.jobs.spec import JobSpec
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
 from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
@@ -55,30 +54,6 @@ CANCEL_CHECK_INTERVAL_S = 0.5
 ENGINE_PARTITIONS = 8
 _engine_slots = threading.BoundedSemaphore(ENGINE_PARTITIONS)
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a partition needs to know about its job; small to pickle."""
-
-    job_id: str
-    task: TaskType
-    model: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    text_column: str = "text"
-    token_budget: int = 0
-    output: str | None = None
-    #: the first bad row fails the job (default: it goes to the errors table)
-    fail_fast: bool = False
-    #: attempts after the first for a partition that raised (worker deaths are Dask's to retry)
-    retries: int = 0
-    #: wall-clock time (epoch seconds) after which the job stops
-    deadline: float | None = None
-    #: fault injection for tests, e.g. {"oom_above_tokens": 2000}, from
-    #: ``Settings.fault_oom_above_tokens`` (not an argument of ``submit``)
-    faults: Mapping[str, Any] = field(default_factory=dict)
-    #: where earlier results are looked up and new ones kept (:mod:`.reuse`); None: every row runs
-    reuse: ReuseSpec | None = None
 
 
 class _Reporter:
@@ -345,7 +320,9 @@ def _lookup(spec: JobSpec, plugin: Any, loaded: Any, runtime: Mapping[str, Any],
             ) -> tuple[ResultStore | None, list[str | None], dict[int, dict[str, Any]]]:
     """The partition's store, each row's key (None: not reusable) and the stored results by
     row position.  The key holds what the loaded model runs with (engine, precision, its
-    token limit), so a result is reused only where a fresh run would give the same one."""
+    token limit), so a result is reused only where a fresh run would give the same one.  The
+    store's folder and cap are the worker's (its plugin's settings), not the job's: the store
+    lies on the worker's disk beside its models and serves every job there."""
     if spec.reuse is None or not texts or plugin.settings.reuse_max_bytes == 0:
         return None, [None] * len(texts), {}
     settings = plugin.settings
@@ -527,10 +504,10 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
                 run = _on_engine(spec.task.run_rows, loaded, [texts[i] for i in misses], spec.options,
                                  functools.partial(_tick, reporter, len(bad)))
             else:
-                budget = spec.token_budget or default_budget(loaded.device)
+                budget = spec.worker.token_budget or default_budget(loaded.device)
                 run = predict_rows(spec.task, loaded, [texts[i] for i in misses], spec.options, budget, reporter,
-                                   spec.fail_fast, f"{spec.task.name}:{spec.model}:{loaded.device}", spec.faults,
-                                   plugin.budgets)
+                                   spec.fail_fast, f"{spec.task.name}:{spec.model}:{loaded.device}",
+                                   spec.worker.faults, plugin.budgets)
             outputs, truncated, failed, stats = _merge(len(texts), hits, misses, run)
             if failed and spec.fail_fast:
                 first = min(failed)
