@@ -40,6 +40,7 @@ class _Recording(Engine):
 
     def run(self, requests: list[GenRequest], tick: TickFn) -> list[GenResult | Exception]:
         self.seen = [list(r.prompt_ids) for r in requests]
+        self.grouped = [r.grouped for r in requests]
         tick(len(requests))
         return [GenResult([" ".join(map(str, r.prompt_ids))], ["length"], len(r.prompt_ids), 1) for r in requests]
 
@@ -86,6 +87,24 @@ def test_run_rows_hands_rows_over_grouped_and_puts_results_back(llama: tuple[Pat
         assert len(runs) == 5 and engine.seen == sorted(rendered)  # each system prompt's rows arrive together
     else:
         assert engine.seen == rendered and len(runs) > 5  # the input's order, interleaved
+    assert engine.grouped == [on] * len(rows)  # with the option on, they may wait in the engine's prefix sweep
+
+
+def test_a_gateways_online_rows_never_wait_in_the_prefix_sweep(llama: tuple[Path, Any]) -> None:
+    """runner._on_engine(online=True) marks the call: its rows go to the engine at once, not behind bulk rows
+    held in a vLLM engine's prefix sweep (they are still sorted within the call)."""
+    from bitinglip.platform.jobs.runner import _on_engine
+
+    path, tokenizer = llama
+    engine = _Recording()
+    loaded = Loaded(None, tokenizer, "cpu", 512, {"engine": engine, "path": str(path)})
+    task = Generate()
+    options = task.check_options({})
+    rows = _chats(2, 3, seed=2)
+    _on_engine(task.run_rows, loaded, rows, options, lambda done: None, online=True)
+    assert engine.grouped == [False] * len(rows) and engine.seen == sorted(engine.seen)
+    task.run_rows(loaded, rows, options, lambda done: None)  # a partition's call, as before
+    assert engine.grouped == [True] * len(rows)
 
 
 def test_prefix_order_option_takes_true_or_false_only() -> None:

@@ -39,6 +39,7 @@ from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, ca
 from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
+from bitinglip.platform.tasks.engines.base import ONLINE
 
 #: a partition's start (the job's task and model) and its summary when done go out on vocabulary.SUMMARY_TOPIC;
 #: these are the summary's figures that go to the scheduler (the frames stay on the worker)
@@ -108,10 +109,14 @@ def _on_engine(run_rows: Any, *args: Any, online: bool = False) -> Any:
 
     ``online``: a gateway's request takes no slot: it would wait, holding its
     thread, behind up to :data:`ENGINE_PARTITIONS` bulk partitions (the engine
-    interleaves it with them instead)."""
+    interleaves it with them instead), and its rows skip the engine's prefix sweep."""
     if online:
         secede_once()
-        return run_rows(*args)
+        token = ONLINE.set(True)
+        try:
+            return run_rows(*args)
+        finally:
+            ONLINE.reset(token)
     with _engine_slots:
         secede_once()  # once per task: a retry of the partition is the same task
         return run_rows(*args)

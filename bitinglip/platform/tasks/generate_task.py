@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from bitinglip.errors import InputError, ModelError
 from bitinglip.platform.tasks.base import Batch, Loaded, TaskType, max_length, torch_dtype
 from bitinglip.platform.tasks.contract import ENGINES, GenerateOptions, defaults
-from bitinglip.platform.tasks.engines.base import Engine, GenRequest, GenResult, TextFn
+from bitinglip.platform.tasks.engines.base import ONLINE, Engine, GenRequest, GenResult, TextFn
 from bitinglip.platform.tasks.generation import (
     SAMPLING_DEFAULTS,
     GenRow,
@@ -125,6 +125,7 @@ class Generate(TaskType):
         failed: dict[int, str] = {}
         vocabulary = model_limits(loaded.info.get("path")).vocabulary
         grouped = bool(options.get("prefix_order", True))
+        hold = grouped and not ONLINE.get()  # a gateway's request never waits behind bulk rows in the sweep
         for i, row in enumerate(rows):
             params = merged_params(options, row)
             try:
@@ -137,7 +138,7 @@ class Generate(TaskType):
                 continue
             ids, truncated[i] = fit(ids, int(params["max_tokens"]), loaded.max_length)
             stream = on_text[i] if i < len(on_text) else None
-            requests.append(GenRequest(ids, params, stream, grouped=grouped and stream is None))
+            requests.append(GenRequest(ids, params, stream, grouped=hold and stream is None))
             sent.append(i)
         if grouped:  # the results come back in the order sent: put them back
             order = prefix_order([r.prompt_ids for r in requests])

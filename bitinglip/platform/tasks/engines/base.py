@@ -12,8 +12,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+
+#: true while a gateway's online request runs (``runner._on_engine``): its rows go to the engine at once and
+#: never wait in a prefix sweep behind bulk rows (``GenRequest.grouped``)
+ONLINE: ContextVar[bool] = ContextVar("bitinglip_online", default=False)
 
 #: called with the number of this call's requests finished so far; may raise to stop the call
 TickFn = Callable[[int], None]
