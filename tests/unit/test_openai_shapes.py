@@ -16,16 +16,16 @@ import pytest
 
 from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import INPUT, LINES, REJECTED, check_embeddings, read_jsonl
+from bitinglip.gateway.openai.bodies import EmbeddingRequest
 from bitinglip.gateway.openai.chunks import Chunks
 from bitinglip.gateway.openai.shapes import (
-    EMBEDDING_FIELDS,
     chat_body,
     completion_body,
     embedding_body,
     generation_row,
     shape_vector,
 )
-from bitinglip.gateway.schemas import EMBEDDING_REQUEST
+from bitinglip.gateway.openapi import document
 
 
 def test_a_chat_body_becomes_a_row_with_messages_and_params() -> None:
@@ -126,7 +126,8 @@ def test_base64_is_little_endian_float32_and_dimensions_renormalise() -> None:
 
 
 def test_the_documented_embeddings_body_is_the_one_checked() -> None:
-    assert set(EMBEDDING_REQUEST.fields) == EMBEDDING_FIELDS
+    assert set(document()["components"]["schemas"]["EmbeddingRequest"]["properties"]) == set(
+        EmbeddingRequest.model_fields)
 
 
 def test_a_batch_file_check_keeps_every_line_once(tmp_path: Path) -> None:
