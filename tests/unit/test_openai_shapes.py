@@ -150,3 +150,38 @@ def test_a_file_over_the_line_limit_fails_at_the_first_line_past_it(tmp_path: Pa
                      for i in range(5))
     checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 3, 1000)
     assert [(e["code"], e["line"]) for e in checked.errors] == [("too_many_lines", 4)]
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    # the field's path as the body writes it, and what is wrong with it (issue 22)
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "wizard", "content": "c"}]}, "messages", "messages[2].role must be one of"),
+    ({"messages": [{"role": "user", "content": "a", "colour": "x"}]}, "messages", "messages[0].colour: unknown field"),
+    ({"stop": ["ok", 1]}, "stop", "stop[1] must be a string"),
+    ({"temperature": 2.5}, "temperature", "temperature=2.5: expected at most 2"),
+    # a value as JSON wrote it: a quoted number is not a number, true is not 1
+    ({"temperature": "0.5"}, "temperature", "temperature must be a number, got a string"),
+    ({"n": True}, "n", "n must be a whole number, got a boolean"),
+    ({"stream": "yes"}, "stream", "stream must be true or false"),
+])
+def test_a_refused_chat_body_names_the_fields_path(body: dict, param: str, words: str) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    with pytest.raises(InputError) as caught:
+        generation_row("/v1/chat/completions", chat, "r", 1000)
+    assert caught.value.param == param and words in str(caught.value), str(caught.value)  # type: ignore[attr-defined]
+
+
+def test_a_batch_lines_envelope_is_checked_field_by_field(tmp_path: Path) -> None:
+    body = {"model": "m", "input": "x"}
+    lines = [{"custom_id": "a", "url": "/v1/embeddings", "body": body},
+             {"url": "/v1/embeddings", "body": body},
+             {"custom_id": "c", "method": "GET", "url": "/v1/embeddings", "body": body},
+             {"custom_id": "d", "url": "/v1/embeddings", "body": "x"},
+             {"custom_id": "e", "url": "/v1/embeddings", "body": body, "colour": "red"}]
+    text = "\n".join(json.dumps(line) for line in lines)
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 100, 1000)
+    assert [(e["code"], e["line"], e["param"]) for e in checked.errors] == [
+        ("missing_custom_id", 2, "custom_id"), ("invalid_method", 3, "method"), ("invalid_request", 4, "body"),
+        ("invalid_request", 5, "colour")]
+    assert all(e["message"].startswith(f"line {e['line']}: ") for e in checked.errors)
+    assert checked.rows == 1

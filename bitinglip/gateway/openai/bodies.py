@@ -116,6 +116,7 @@ class Message(Strict):
 
     role: required(ChatMessage, "role")  # type: ignore[valid-type]
     content: required(ChatMessage, "content") | list[TextPart]  # type: ignore[valid-type]
+    name: str | None = Field(None, description="OpenAI's participant name: taken, not passed to the model")
 
 
 class StreamOptions(Strict):
