@@ -133,7 +133,7 @@ _LENGTHS = {"too_long": ("max_length", "at most", "items"), "too_short": ("min_l
 
 def parse(model: type[Body], body: Any) -> Body:
     """``body`` as ``model``, or an :class:`InputError` that names the field
-    (``messages[2].role``, ``options.temperature``) and what is wrong with it;
+    (``messages[2].role``, ``output_expires_after.seconds``) and what is wrong with it;
     its ``param`` is the field up to its first index (OpenAI's ``param``)."""
     try:
         return model.model_validate(body)
@@ -178,7 +178,7 @@ def _path(loc: tuple[Any, ...], body: Any, kind: str) -> tuple[str, str, int]:
         else:  # a union's tag, or a dict key's marker
             continue
         depth += 1
-    return path or "the body", param if param is not None else path, depth
+    return path or "the body", (param if param is not None else path) or None, depth
 
 
 def _problem(error: dict[str, Any]) -> str:
