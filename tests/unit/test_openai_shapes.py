@@ -156,7 +156,8 @@ def test_a_file_over_the_line_limit_fails_at_the_first_line_past_it(tmp_path: Pa
     # the field's path as the body writes it, and what is wrong with it (issue 22)
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                    {"role": "wizard", "content": "c"}]}, "messages", "messages[2].role must be one of"),
-    ({"messages": [{"role": "user", "content": "a", "colour": "x"}]}, "messages", "messages[0].colour: unknown field"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages",
+     "messages[0].content[0].type must be 'text'"),
     ({"stop": ["ok", 1]}, "stop", "stop[1] must be a string"),
     ({"temperature": 2.5}, "temperature", "temperature=2.5: expected at most 2"),
     # a value as JSON wrote it: a quoted number is not a number, true is not 1
@@ -169,6 +170,14 @@ def test_a_refused_chat_body_names_the_fields_path(body: dict, param: str, words
     with pytest.raises(InputError) as caught:
         generation_row("/v1/chat/completions", chat, "r", 1000)
     assert caught.value.param == param and words in str(caught.value), str(caught.value)  # type: ignore[attr-defined]
+
+
+def test_an_answer_sent_back_as_a_message_is_taken() -> None:
+    """openai-python sends an answer's message back with the fields it came with (refusal, tool_calls, ...)."""
+    answer = {"role": "assistant", "content": "hi", "refusal": None, "tool_calls": None, "annotations": []}
+    row = generation_row("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hello"}, answer, {"role": "user", "content": "again"}]}, "r", 1000)
+    assert row["messages"][1] == {"role": "assistant", "content": "hi"}
 
 
 def test_a_batch_lines_envelope_is_checked_field_by_field(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
 from bitinglip.gateway.schemas import Name, Strict, optional, refuse
 from bitinglip.platform.tasks import MAX_MESSAGES, ChatMessage, Params
@@ -114,9 +114,12 @@ class TextPart(Strict):
 class Message(Strict):
     """A chat message: the contract's role, and its content as a string or OpenAI's text parts."""
 
+    # other fields are let through unread: a client that sends an answer back as the next turn's message sends
+    # the answer's refusal, tool_calls and annotations along (openai-python does)
+    model_config = ConfigDict(extra="ignore")
+
     role: required(ChatMessage, "role")  # type: ignore[valid-type]
     content: required(ChatMessage, "content") | list[TextPart]  # type: ignore[valid-type]
-    name: str | None = Field(None, description="OpenAI's participant name: taken, not passed to the model")
 
 
 class StreamOptions(Strict):
@@ -207,11 +210,13 @@ def _no_stream(value: Any) -> Any:
 
 
 class InputPart(Strict):
+    model_config = ConfigDict(extra="ignore")  # an output_text part sent back has annotations and logprobs
     type: Literal[_PART_TYPES]  # type: ignore[valid-type]
     text: str
 
 
 class InputMessage(Strict):
+    model_config = ConfigDict(extra="ignore")  # as a chat Message: an earlier output item sent back has id, status
     type: Literal["message"] = "message"
     role: Literal[RESPONSE_ROLES]  # type: ignore[valid-type]
     content: str | list[InputPart]
