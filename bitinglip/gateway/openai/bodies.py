@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model, model_validator
 
 from bitinglip.gateway.schemas import Name, Strict, optional, refuse
 from bitinglip.platform.tasks import MAX_MESSAGES, ChatMessage, Params
@@ -159,48 +159,12 @@ RESPONSE_ROLES = ("user", "assistant", "system", "developer")
 _PART_TYPES = ("input_text", "output_text", "text")
 
 
-def _content(raw: Any, where: str) -> Any:
-    # a string before the set lookup: {"type": {}} is unhashable, and was a 500
-    if isinstance(raw, str) or isinstance(raw, list) and all(
-            isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] in _PART_TYPES
-            and isinstance(p.get("text"), str) for p in raw):
-        return raw
-    raise refuse(f"{where}.content must be a string or a list of input_text parts (images, files and audio are "
-                 "not taken)", "input")
-
-
-def _input(raw: Any) -> Any:
-    if isinstance(raw, str):
-        return raw
-    if not isinstance(raw, list) or not raw:
-        raise refuse("input must be a string or a non-empty list of messages", "input")
-    for i, item in enumerate(raw):
-        where = f"input[{i}]"
+def _messages_only(items: Any) -> Any:
+    for i, item in enumerate(items if isinstance(items, list) else ()):
         if not isinstance(item, dict) or item.get("type", "message") != "message":
-            raise refuse(f"{where} must be a message ({{\"role\", \"content\"}}); other item types (tool calls, "
+            raise refuse(f"input[{i}] must be a message ({{\"role\", \"content\"}}); other item types (tool calls, "
                          "reasoning) are not taken", "input")
-        if not isinstance(item.get("role"), str) or item["role"] not in RESPONSE_ROLES:
-            raise refuse(f"{where}.role must be one of {', '.join(sorted(RESPONSE_ROLES))}", "input")
-        _content(item.get("content"), where)
-    return raw
-
-
-def _text(text: Any) -> Any:
-    if text is None:
-        return None
-    if not isinstance(text, dict) or set(text) - {"format", "verbosity"}:
-        raise refuse('text must be {"format": {...}}', "text")
-    fmt = text.get("format")
-    if fmt is None:
-        return text
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise refuse('text.format.type must be text, json_object or json_schema', "text.format")
-    if fmt["type"] == "json_schema":
-        if not isinstance(fmt.get("schema"), dict):
-            raise refuse("text.format.schema must be a JSON schema (an object)", "text.format.schema")
-        if not isinstance(fmt.get("name"), str) or not fmt["name"]:
-            raise refuse("text.format.name is required for a json_schema format (a string)", "text.format.name")
-    return text
+    return items
 
 
 def _no_stream(value: Any) -> Any:
@@ -229,6 +193,17 @@ class TextFormat(Strict):
     strict: bool | None = None
     description: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, fmt: Any) -> Any:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise refuse("text.format.type must be text, json_object or json_schema", "text.format")
+        if fmt["type"] == "json_schema" and not isinstance(fmt.get("schema"), dict):
+            raise refuse("text.format.schema must be a JSON schema (an object)", "text.format.schema")
+        if fmt["type"] == "json_schema" and (not isinstance(fmt.get("name"), str) or not fmt["name"]):
+            raise refuse("text.format.name is required for a json_schema format (a string)", "text.format.name")
+        return fmt
+
 
 class TextConfig(Strict):
     format: TextFormat | None = None
@@ -239,12 +214,12 @@ class ResponseRequest(Strict):
     """``POST /v1/responses``: text output on the chat path; nothing is stored."""
 
     model: Name
-    input: Annotated[str | Annotated[list[InputMessage], Field(min_length=1)], BeforeValidator(_input)]
+    input: Annotated[str | Annotated[list[InputMessage], Field(min_length=1)], BeforeValidator(_messages_only)]
     instructions: str | None = Field(None, description="a system message before the input")
     max_output_tokens: optional(Params, "max_tokens")  # type: ignore[valid-type]
     temperature: optional(Params, "temperature")  # type: ignore[valid-type]
     top_p: optional(Params, "top_p")  # type: ignore[valid-type]
-    text: Annotated[TextConfig | None, BeforeValidator(_text)] = None
+    text: TextConfig | None = None
     metadata: Metadata = None
     user: str | None = None
     store: bool | None = Field(None, description="taken; nothing is stored")
