@@ -198,6 +198,8 @@ def _problem(error: dict[str, Any]) -> str:
         if unit == "characters":
             return f"={_show(value)}: expected {words} {ctx[key]} characters, got {len(value)}"
         return f" has {len(value)} {unit}; expected {words} {ctx[key]}"
+    if kind == "string_unicode":  # JSON's "\ud800": no UTF-8 file, Redis key or tokenizer takes it
+        return " is not valid Unicode (a lone surrogate)"
     if kind == "string_pattern_mismatch":
         return f"={_show(value)}: expected a string matching {ctx['pattern']}"
     return f"={_show(value)}: {error['msg']}"

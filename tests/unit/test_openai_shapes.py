@@ -194,3 +194,12 @@ def test_a_batch_lines_envelope_is_checked_field_by_field(tmp_path: Path) -> Non
         ("invalid_request", 5, "colour")]
     assert all(e["message"].startswith(f"line {e['line']}: ") for e in checked.errors)
     assert checked.rows == 1
+
+
+def test_a_lone_surrogate_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"messages\[0\]\.content is not valid Unicode \(a lone surrogate\)"):
+        generation_row("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "a\ud800"}]},
+                       "r", 1000)
+    text = json.dumps({"custom_id": "\ud800", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 100, 1000)
+    assert [(e["code"], e["line"]) for e in checked.errors] == [("invalid_custom_id", 1)]

@@ -88,6 +88,11 @@ def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked:
     if depth(line) > MAX_DEPTH:  # a request body's bound: every later walk of the line recurses as deep
         checked.fail("invalid_json_line", f"line {number} nests deeper than {MAX_DEPTH} levels", number)
         return None
+    custom_id = line.get("custom_id")
+    if isinstance(custom_id, str) and surrogate_at(custom_id) is not None:  # the output and error files are UTF-8
+        checked.fail("invalid_custom_id", f"line {number}: custom_id {custom_id!r} is not valid Unicode (a lone "
+                     f"surrogate at character {surrogate_at(custom_id)})", number, "custom_id")
+        return None
     try:
         envelope = parse(BatchLine, line)
     except InputError as exc:
@@ -95,10 +100,6 @@ def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked:
         checked.fail(_ENVELOPE_CODES.get(param, "invalid_request"), f"line {number}: {exc}", number, param)
         return None
     custom_id = envelope.custom_id
-    if surrogate_at(custom_id) is not None:  # the output and error files are UTF-8: it could not be written back
-        checked.fail("invalid_custom_id", f"line {number}: custom_id {custom_id!r} is not valid Unicode (a lone "
-                     f"surrogate at character {surrogate_at(custom_id)})", number, "custom_id")
-        return None
     if custom_id in seen:
         checked.fail("duplicate_custom_id", f"line {number} repeats custom_id {custom_id!r}", number, "custom_id")
         return None
