@@ -64,6 +64,12 @@ def optional(model: type[BaseModel], name: str) -> Any:
     return Annotated[kind | None, Field(None, description=field.description)]
 
 
+def required(model: type[BaseModel], name: str) -> Any:
+    """The type of the contract's ``model.name``, bounds included, required."""
+    field = model.model_fields[name]
+    return Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
+
+
 Name = Annotated[str, StringConstraints(min_length=1)]
 Texts = Annotated[list[str], Field(min_length=1)]
 Task = Literal[tuple(sorted(BUILTIN_TASKS))]  # type: ignore[valid-type]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, create_model, model_validator
 
-from bitinglip.gateway.schemas import Name, Strict, optional, refuse
+from bitinglip.gateway.schemas import Name, Strict, optional, refuse, required
 from bitinglip.platform.tasks import MAX_MESSAGES, ChatMessage, Params
 
 #: the endpoints a batch may run (OpenAI's names); the chat and text completions and responses need generation
@@ -98,12 +98,6 @@ class EmbeddingRequest(Strict):
 
 
 # --- chat and text completions
-
-
-def required(model: type[BaseModel], name: str) -> Any:
-    """The contract's ``model.name``, required."""
-    field = model.model_fields[name]
-    return Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
 
 
 class TextPart(Strict):
