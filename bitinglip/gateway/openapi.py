@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``.
 
-Request bodies come from the same :mod:`~bitinglip.gateway.schemas` models
-the routes check bodies with; the paths, parameters and responses are
+Request bodies are the JSON schemas of the same pydantic models the routes
+validate bodies with (:mod:`~bitinglip.gateway.schemas`,
+:mod:`~bitinglip.gateway.openai.bodies`); the paths, parameters and responses are
 written here, and ``tests/gateway/test_openapi_units.py`` holds them to
 the app's route table and to what each handler returns.
 """
@@ -11,9 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from bitinglip import __version__
-from bitinglip.gateway.schemas import BODIES
+from bitinglip.gateway.openai.bodies import (
+    BatchRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponseRequest,
+)
+from bitinglip.gateway.schemas import InferRequest, JobRequest, ModelRegistration, schema
 from bitinglip.platform.jobs import STATES, JobState
 
+#: the request bodies, each under its model's name
+BODIES = (JobRequest, InferRequest, ModelRegistration, BatchRequest, EmbeddingRequest, ChatCompletionRequest,
+          CompletionRequest, ResponseRequest)
 _ERR = {"$ref": "#/components/responses/Error"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PAGE = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
@@ -207,7 +218,7 @@ def document() -> dict[str, Any]:
                                              "validating", "in_progress", "finalizing", "completed", "failed",
                                              "cancelling", "cancelled", "expired"]},
                                          "request_counts": {"type": "object"}}},
-                **{body.name: body.schema() for body in BODIES},
+                **{body.__name__: schema(body) for body in BODIES},
                 "Model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "source": {"type": "string"}}},
                 "ResultPage": {"type": "object", "properties": {

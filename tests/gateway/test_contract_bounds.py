@@ -207,7 +207,7 @@ def test_run_help_lists_every_option_with_its_bound_and_default(capsys: pytest.C
 
 
 def test_embeddings_dimensions_follow_its_bound(client: tuple[TestClient, dict[str, str]]) -> None:  # noqa: F811
-    from bitinglip.gateway.schemas import MAX_DIMENSIONS
+    from bitinglip.gateway.openai.bodies import MAX_DIMENSIONS
 
     assert _component("EmbeddingRequest")["properties"]["dimensions"]["maximum"] == MAX_DIMENSIONS
     http, headers = client

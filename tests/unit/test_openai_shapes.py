@@ -16,16 +16,16 @@ import pytest
 
 from bitinglip.errors import InputError
 from bitinglip.gateway.openai.batchfile import INPUT, LINES, REJECTED, check_embeddings, read_jsonl
+from bitinglip.gateway.openai.bodies import EmbeddingRequest
 from bitinglip.gateway.openai.chunks import Chunks
 from bitinglip.gateway.openai.shapes import (
-    EMBEDDING_FIELDS,
     chat_body,
     completion_body,
     embedding_body,
     generation_row,
     shape_vector,
 )
-from bitinglip.gateway.schemas import EMBEDDING_REQUEST
+from bitinglip.gateway.openapi import document
 
 
 def test_a_chat_body_becomes_a_row_with_messages_and_params() -> None:
@@ -126,7 +126,8 @@ def test_base64_is_little_endian_float32_and_dimensions_renormalise() -> None:
 
 
 def test_the_documented_embeddings_body_is_the_one_checked() -> None:
-    assert set(EMBEDDING_REQUEST.fields) == EMBEDDING_FIELDS
+    assert set(document()["components"]["schemas"]["EmbeddingRequest"]["properties"]) == set(
+        EmbeddingRequest.model_fields)
 
 
 def test_a_batch_file_check_keeps_every_line_once(tmp_path: Path) -> None:
@@ -149,3 +150,56 @@ def test_a_file_over_the_line_limit_fails_at_the_first_line_past_it(tmp_path: Pa
                      for i in range(5))
     checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 3, 1000)
     assert [(e["code"], e["line"]) for e in checked.errors] == [("too_many_lines", 4)]
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    # the field's path as the body writes it, and what is wrong with it (issue 22)
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "wizard", "content": "c"}]}, "messages", "messages[2].role must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages",
+     "messages[0].content[0].type must be 'text'"),
+    ({"stop": ["ok", 1]}, "stop", "stop[1] must be a string"),
+    ({"temperature": 2.5}, "temperature", "temperature=2.5: expected at most 2"),
+    # a value as JSON wrote it: a quoted number is not a number, true is not 1
+    ({"temperature": "0.5"}, "temperature", "temperature must be a number, got a string"),
+    ({"n": True}, "n", "n must be a whole number, got a boolean"),
+    ({"stream": "yes"}, "stream", "stream must be true or false"),
+])
+def test_a_refused_chat_body_names_the_fields_path(body: dict, param: str, words: str) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    with pytest.raises(InputError) as caught:
+        generation_row("/v1/chat/completions", chat, "r", 1000)
+    assert caught.value.param == param and words in str(caught.value), str(caught.value)  # type: ignore[attr-defined]
+
+
+def test_an_answer_sent_back_as_a_message_is_taken() -> None:
+    """openai-python sends an answer's message back with the fields it came with (refusal, tool_calls, ...)."""
+    answer = {"role": "assistant", "content": "hi", "refusal": None, "tool_calls": None, "annotations": []}
+    row = generation_row("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hello"}, answer, {"role": "user", "content": "again"}]}, "r", 1000)
+    assert row["messages"][1] == {"role": "assistant", "content": "hi"}
+
+
+def test_a_batch_lines_envelope_is_checked_field_by_field(tmp_path: Path) -> None:
+    body = {"model": "m", "input": "x"}
+    lines = [{"custom_id": "a", "url": "/v1/embeddings", "body": body},
+             {"url": "/v1/embeddings", "body": body},
+             {"custom_id": "c", "method": "GET", "url": "/v1/embeddings", "body": body},
+             {"custom_id": "d", "url": "/v1/embeddings", "body": "x"},
+             {"custom_id": "e", "url": "/v1/embeddings", "body": body, "colour": "red"}]
+    text = "\n".join(json.dumps(line) for line in lines)
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 100, 1000)
+    assert [(e["code"], e["line"], e["param"]) for e in checked.errors] == [
+        ("missing_custom_id", 2, "custom_id"), ("invalid_method", 3, "method"), ("invalid_request", 4, "body"),
+        ("invalid_request", 5, "colour")]
+    assert all(e["message"].startswith(f"line {e['line']}: ") for e in checked.errors)
+    assert checked.rows == 1
+
+
+def test_a_lone_surrogate_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"messages\[0\]\.content is not valid Unicode \(a lone surrogate\)"):
+        generation_row("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "a\ud800"}]},
+                       "r", 1000)
+    text = json.dumps({"custom_id": "\ud800", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
+    checked = check_embeddings(io.BytesIO(text.encode()), str(tmp_path), "/v1/embeddings", 100, 1000)
+    assert [(e["code"], e["line"]) for e in checked.errors] == [("invalid_custom_id", 1)]

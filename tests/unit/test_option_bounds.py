@@ -174,11 +174,14 @@ def test_generate_bounds_are_vllms(name: str, last: float, first: float) -> None
 
 
 def test_the_gateways_schemas_of_the_generate_bounds_agree() -> None:
-    from bitinglip.gateway.schemas import CHAT_REQUEST, COMPLETION_REQUEST
+    from bitinglip.gateway.openai.bodies import ChatCompletionRequest, CompletionRequest
+    from bitinglip.gateway.schemas import schema
     from bitinglip.platform.tasks import Sampling, bound
 
-    for body in (CHAT_REQUEST, COMPLETION_REQUEST):
-        fields = body.fields
+    for body in (ChatCompletionRequest, CompletionRequest):
+        # each sampling field is the contract's or null; the contract's alternative carries the bounds
+        fields = {name: next(s for s in f["anyOf"] if s["type"] != "null") if "anyOf" in f else f
+                  for name, f in schema(body)["properties"].items()}
         assert fields["temperature"]["maximum"] == bound(Sampling, "temperature").high == 2
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
             low = fields[name].get("minimum", fields[name].get("exclusiveMinimum"))

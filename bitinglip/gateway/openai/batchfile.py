@@ -24,9 +24,10 @@ from typing import IO, Any
 
 from bitinglip.errors import BitingLipError, InputError
 from bitinglip.gateway.body import MAX_DEPTH, depth, lone_surrogate
+from bitinglip.gateway.openai.bodies import SAMPLING, BatchLine, EmbeddingRequest
 from bitinglip.gateway.openai.responses_api import RESPONSES_ENDPOINT, chat_request
-from bitinglip.gateway.openai.shapes import embedding_format, embedding_texts, generation_row, refuse
-from bitinglip.gateway.schemas import SAMPLING
+from bitinglip.gateway.openai.shapes import embedding_texts, generation_row
+from bitinglip.gateway.schemas import parse, refuse
 from bitinglip.platform.models import resolve_listed, resolve_model
 from bitinglip.platform.tasks import BUILTIN_TASKS, Params, bound, model_limits, python_type, schema_key, surrogate_at
 from bitinglip.settings import Settings
@@ -47,7 +48,8 @@ _ROWS_PER_WRITE = 4096
 _PARAM_TYPES: dict[str, Any] = {name: python_type(Params, name) for name in SAMPLING}
 #: a Response's fields that come from its request (:func:`~.responses_api.response_body`)
 RESPONSE_ECHO = ("instructions", "max_output_tokens", "temperature", "top_p", "text", "metadata", "user")
-_CUSTOM_ID_CHARS = 512
+#: the file-level error of a line whose envelope is wrong, by the field at fault
+_ENVELOPE_CODES = {"custom_id": "missing_custom_id", "method": "invalid_method", "url": "invalid_url"}
 
 
 @dataclass
@@ -87,27 +89,24 @@ def _line_error(raw: bytes, number: int, endpoint: str, seen: set[str], checked:
         checked.fail("invalid_json_line", f"line {number} nests deeper than {MAX_DEPTH} levels", number)
         return None
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > _CUSTOM_ID_CHARS:
-        checked.fail("missing_custom_id", f"line {number} needs a custom_id (a string of 1 to "
-                     f"{_CUSTOM_ID_CHARS} characters)", number, "custom_id")
-        return None
-    if surrogate_at(custom_id) is not None:  # the output and error files are UTF-8: it could not be written back
+    if isinstance(custom_id, str) and surrogate_at(custom_id) is not None:  # the output and error files are UTF-8
         checked.fail("invalid_custom_id", f"line {number}: custom_id {custom_id!r} is not valid Unicode (a lone "
                      f"surrogate at character {surrogate_at(custom_id)})", number, "custom_id")
         return None
+    try:
+        envelope = parse(BatchLine, line)
+    except InputError as exc:
+        param = getattr(exc, "param", None)
+        checked.fail(_ENVELOPE_CODES.get(param, "invalid_request"), f"line {number}: {exc}", number, param)
+        return None
+    custom_id = envelope.custom_id
     if custom_id in seen:
         checked.fail("duplicate_custom_id", f"line {number} repeats custom_id {custom_id!r}", number, "custom_id")
         return None
     seen.add(custom_id)
-    if line.get("url") != endpoint:
-        checked.fail("invalid_url", f"line {number} has url {line.get('url')!r}; this batch's endpoint is "
+    if envelope.url != endpoint:
+        checked.fail("invalid_url", f"line {number} has url {envelope.url!r}; this batch's endpoint is "
                      f"{endpoint}", number, "url")
-        return None
-    if line.get("method", "POST") != "POST":
-        checked.fail("invalid_method", f"line {number}: method must be POST", number, "method")
-        return None
-    if not isinstance(line.get("body"), dict):
-        checked.fail("invalid_request", f"line {number} needs a body (a JSON object)", number, "body")
         return None
     return line
 
@@ -135,11 +134,12 @@ def check_embeddings(src: IO[bytes], out_dir: str, endpoint: str, max_lines: int
 
     widths: dict[str, int | None] = {}
 
-    def accept(custom_id: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def accept(custom_id: str, raw: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        body = parse(EmbeddingRequest, raw)
         found = embedding_texts(body, max_chars)
-        fmt, dims = embedding_format(body)
+        fmt, dims = body.encoding_format, body.dimensions
         if dims is not None and width is not None:
-            model = body["model"]  # one per batch: its config is read once
+            model = body.model  # one per batch: its config is read once
             limit = widths[model] if model in widths else widths.setdefault(model, width(model))
             if limit is not None and dims > limit:
                 raise refuse(f"dimensions={dims} is more than model {model}'s {limit}", "dimensions")

@@ -27,7 +27,8 @@ from typing import Any
 from bitinglip import redis_keys as keys
 from bitinglip.atomic import write_json_atomically
 from bitinglip.errors import InputError, NotFoundError, PayloadTooLargeError, QuotaExceededError
-from bitinglip.gateway.openai.shapes import refuse
+from bitinglip.gateway.openai.bodies import EXPIRES_MAX_S, EXPIRES_MIN_S
+from bitinglip.gateway.schemas import refuse
 
 #: the folder under BITINGLIP_RESULTS_DIR that holds the files (``_``: no job's folder looks like it)
 FILES_DIR = "_openai_files"
@@ -37,8 +38,7 @@ _MAX_FIELD_BYTES = 1024
 #: form fields an upload may carry besides its file (purpose, expires_after's two, and room to spare)
 _MAX_FIELDS = 8
 _FILE_ID = "file-"
-#: OpenAI's bounds on ``expires_after.seconds``, and its default for batch files
-EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 86400
+#: OpenAI's default expiry for batch files
 DEFAULT_BATCH_EXPIRY_S = EXPIRES_MAX_S
 _EXPIRES_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
 

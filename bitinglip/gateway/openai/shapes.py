@@ -18,55 +18,28 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from bitinglip.errors import InputError
-from bitinglip.gateway.schemas import (
-    CHAT_REQUEST,
-    COMPLETION_REQUEST,
-    EMBEDDING_REQUEST,
-    MAX_DIMENSIONS,
-    MAX_EMBEDDING_INPUTS,
+from bitinglip.gateway.openai.bodies import (
     SAMPLING,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
 )
-from bitinglip.platform.tasks import MAX_MESSAGES, ROLES, texts_or_error
+from bitinglip.gateway.schemas import parse, refuse
+from bitinglip.platform.tasks import texts_or_error
 
 #: the BitingLip task behind each OpenAI endpoint
 ENDPOINTS = {"/v1/embeddings": "embed", "/v1/chat/completions": "generate", "/v1/completions": "generate",
              "/v1/responses": "generate"}
 
-#: the fields each body takes: the request bodies' own (:mod:`bitinglip.gateway.schemas`)
-EMBEDDING_FIELDS = frozenset(EMBEDDING_REQUEST.fields)
-CHAT_FIELDS = frozenset(CHAT_REQUEST.fields)
-COMPLETION_FIELDS = frozenset(COMPLETION_REQUEST.fields)
-
-
-def refuse(message: str, param: str | None = None) -> InputError:
-    """An :class:`InputError` naming the field it is about (OpenAI's ``param``)."""
-    exc = InputError(message)
-    exc.param = param  # type: ignore[attr-defined]  # read by the gateway's error handler
-    return exc
-
-
-def check_fields(body: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:  # OpenAI too refuses arguments it does not know, rather than ignore a typo
-        raise refuse(f"unknown field {', '.join(unknown)} for {what}; fields are {', '.join(sorted(allowed))}",
-                     unknown[0])
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise refuse("model must be a model name (GET /v1/models lists them)", "model")
-
-
 # --- embeddings
 
-def embedding_texts(body: Mapping[str, Any], max_chars: int) -> list[str]:
+def embedding_texts(body: EmbeddingRequest, max_chars: int) -> list[str]:
     """The texts of an embeddings body: ``input`` is one string, or a list of
     them (one embedding each, in order)."""
-    check_fields(body, EMBEDDING_FIELDS, "/v1/embeddings")
-    raw = body.get("input")
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise refuse("input must be a string or a non-empty list of strings (token arrays are not taken)", "input")
-    if len(texts) > MAX_EMBEDDING_INPUTS:
-        raise refuse(f"input has {len(texts)} items; the limit is {MAX_EMBEDDING_INPUTS}", "input")
+    texts = [body.input] if isinstance(body.input, str) else body.input
     for i, text in enumerate(texts):
         if len(text) > max_chars:
             raise refuse(f"input[{i}] has {len(text)} characters; the limit is {max_chars}", "input")
@@ -75,17 +48,6 @@ def embedding_texts(body: Mapping[str, Any], max_chars: int) -> list[str]:
     except InputError as exc:
         raise refuse(str(exc), "input") from None
     return texts
-
-
-def embedding_format(body: Mapping[str, Any]) -> tuple[str, int | None]:
-    """``encoding_format`` (float or base64) and ``dimensions`` (None: all)."""
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise refuse("encoding_format must be float or base64", "encoding_format")
-    dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= MAX_DIMENSIONS):
-        raise refuse("dimensions must be a whole number from 1 up to the model's size", "dimensions")
-    return fmt, dims
 
 
 def shape_vector(vector: Sequence[float], fmt: str, dims: int | None) -> list[float] | str:
@@ -116,67 +78,43 @@ def embedding_body(model: str, vectors: Sequence[Sequence[float]], fmt: str, dim
 
 # --- chat and text completions: body -> a row of the generation row contract
 
-def _messages(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw or len(raw) > MAX_MESSAGES:
-        raise refuse(f"messages must be a non-empty list of at most {MAX_MESSAGES} messages", "messages")
-    out = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
-            raise refuse(f"messages[{i}] must be an object with a role ({', '.join(sorted(ROLES))})", "messages")
-        content = message.get("content")
-        if isinstance(content, list):  # text parts only: [{"type": "text", "text": ...}]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise refuse(f"messages[{i}].content: only text parts are taken", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise refuse(f"messages[{i}].content must be a string", "messages")
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
-def sampling_params(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
     """The row's ``params``: the body's sampling options under the contract's
-    names.  Their bounds are the generate task's to check (per model); here
-    only the names and the OpenAI spellings are settled."""
-    params = {name: body[name] for name in SAMPLING if body.get(name) is not None}
-    if chat and body.get("max_completion_tokens") is not None:  # the newer name of the same limit
-        params["max_tokens"] = body["max_completion_tokens"]
-    logprobs = body.get("logprobs")
-    if chat:  # chat: logprobs is a flag, top_logprobs the count; the contract takes the count (or null)
+    names.  Their bounds are the contract's (the body's model checked them);
+    the generate task checks them again per model."""
+    params = {name: getattr(body, name) for name in SAMPLING if getattr(body, name, None) is not None}
+    if isinstance(body, ChatCompletionRequest):
+        if body.max_completion_tokens is not None:  # the newer name of the same limit
+            params["max_tokens"] = body.max_completion_tokens
+        # chat: logprobs is a flag, top_logprobs the count; the contract takes the count (or null)
         params.pop("logprobs", None)
-        if logprobs is True:
-            params["logprobs"] = int(body.get("top_logprobs") or 0)
-        elif logprobs not in (None, False):
-            raise refuse("logprobs must be true or false", "logprobs")
-    if isinstance(params.get("stop"), str):
-        params["stop"] = [params["stop"]]
+        if body.logprobs:
+            params["logprobs"] = body.top_logprobs or 0
+    stop = params.get("stop")
+    if stop is not None:
+        params["stop"] = [stop] if isinstance(stop, str) else list(stop)
     return params
 
 
-def generation_row(endpoint: str, body: Mapping[str, Any], row_id: Any, max_chars: int) -> dict[str, Any]:
-    """One row of a generate job for a chat or text completion body:
-    ``{"id", "messages" | "text", "params"}``."""
+def generation_row(endpoint: str, body: Mapping[str, Any] | BaseModel, row_id: Any, max_chars: int) -> dict[str, Any]:
+    """One row of a generate job for a chat or text completion body (a
+    mapping is parsed first): ``{"id", "messages" | "text", "params"}``."""
     chat = endpoint == "/v1/chat/completions"
-    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, endpoint)
+    if not isinstance(body, BaseModel):
+        body = parse(ChatCompletionRequest if chat else CompletionRequest, body)
     row: dict[str, Any] = {"id": row_id}
-    if chat:
-        row["messages"] = _messages(body.get("messages"))
+    if isinstance(body, ChatCompletionRequest):
+        row["messages"] = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                            else "".join(p.text for p in m.content)} for m in body.messages]
         size = sum(len(m["content"]) for m in row["messages"])
     else:
-        for name, default in (("echo", False), ("suffix", None), ("best_of", 1)):  # taken only at their defaults
-            if body.get(name, default) not in (default, None):
-                raise refuse(f"{name}={body[name]!r:.40} is not served; leave it out", name)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise refuse("prompt must be a string (one prompt per request)", "prompt")
-        row["text"], size = prompt, len(prompt)
+        assert isinstance(body, CompletionRequest)
+        row["text"] = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        size = len(row["text"])
     if size > max_chars:
         raise refuse(f"the {'messages' if chat else 'prompt'} hold {size} characters; the limit is {max_chars}",
                      "messages" if chat else "prompt")
-    row["params"] = sampling_params(body, chat)
+    row["params"] = sampling_params(body)  # type: ignore[arg-type]
     return row
 
 
@@ -192,15 +130,10 @@ def output_options(params: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+def stream_flags(body: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
     """``stream``, and whether the stream ends with a usage chunk (``stream_options.include_usage``)."""
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise refuse("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
-        raise refuse("stream_options takes include_usage only", "stream_options")
-    return stream, bool(options.get("include_usage")) and stream
+    stream = bool(body.stream)
+    return stream, stream and body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
 # --- generate outputs -> OpenAI bodies

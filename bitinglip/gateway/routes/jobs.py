@@ -28,10 +28,10 @@ from bitinglip.gateway.body import check_task, check_texts, query_int, read_json
 from bitinglip.gateway.handover import submit
 from bitinglip.gateway.job_view import view
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JOB_REQUEST
+from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, JobRequest, parse
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MOVED, TERMINAL, JobState, new_job_id
-from bitinglip.platform.tasks import DEFAULT_PRIORITY, JobFields, job_priority, job_text_column
+from bitinglip.platform.tasks import job_text_column
 from bitinglip.settings import Settings
 
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
@@ -39,10 +39,10 @@ EVENTS_POLL_S = 0.5
 EVENTS_HEARTBEAT_S = 15.0
 
 
-def _input_path(uri: Any, settings: Settings) -> str:
+def _input_path(uri: str, settings: Settings) -> str:
     if settings.input_dir is None:
         raise InputError("input URIs are disabled on this gateway (BITINGLIP_INPUT_DIR is not set); send inputs inline")
-    if not isinstance(uri, str) or not uri or "\x00" in uri or len(uri) > 2000:
+    if "\x00" in uri:
         raise InputError("input_uri must be a file:// URI or a path")
     path = Path(uri.removeprefix("file://"))
     resolved = (settings.input_dir / path).resolve()
@@ -52,20 +52,15 @@ def _input_path(uri: Any, settings: Settings) -> str:
 
 
 def parse_submission(body: dict[str, Any], settings: Settings, header_key: str | None) -> dict[str, Any]:
-    JOB_REQUEST.check(body)
-    options = check_task(body.get("task"), body.get("options"))
-    has_inputs, has_uri = body.get("inputs") is not None, body.get("input_uri") is not None
-    if has_inputs == has_uri:
-        raise InputError("give exactly one of inputs (a list of strings) and input_uri")
-    inputs: Any = (check_texts(body["inputs"], settings.max_job_rows, settings.max_text_chars, "inputs")
-                   if has_inputs else _input_path(body["input_uri"], settings))
-    priority = job_priority(body.get("priority", DEFAULT_PRIORITY))
-    key = body.get("idempotency_key", header_key)
-    if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
+    job = parse(JobRequest, body)
+    options = check_task(job.task, job.options)
+    inputs: Any = (check_texts(job.inputs, settings.max_job_rows, settings.max_text_chars, "inputs")
+                   if job.inputs is not None else _input_path(job.input_uri or "", settings))
+    key = job.idempotency_key if job.idempotency_key is not None else header_key
+    if key is not None and not IDEMPOTENCY_KEY.match(key):  # the header's: the body's passed its pattern
         raise InputError("idempotency_key must be 1-128 letters, digits or . _ : -")
-    column = job_text_column(body.get("text_column", JobFields.model_fields["text_column"].default))
-    return {"task": body["task"], "model": body.get("model"), "inputs": inputs, "options": options,
-            "priority": priority, "idempotency_key": key, "text_column": column}
+    return {"task": job.task, "model": job.model, "inputs": inputs, "options": options,
+            "priority": job.priority, "idempotency_key": key, "text_column": job_text_column(job.text_column)}
 
 
 async def submit_job(request: Request) -> Response:

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from bitinglip.errors import InputError, NotFoundError, UnknownModelError
 from bitinglip.gateway.body import read_json
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.schemas import MODEL_REGISTRATION
+from bitinglip.gateway.schemas import ModelRegistration, parse
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.models import Registry, catalogue
 
@@ -75,14 +75,12 @@ async def admin_register_model(request: Request) -> Response:
     (dequantized once) the gateway can read, ``hf://org/name@commit`` or ``pkg://distribution``."""
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "admin", WRITE)
-    body = await read_json(request)
-    MODEL_REGISTRATION.check(body)
-    kwargs = {k: body[k] for k in ("dtype", "max_length", "pooling") if k in body}
+    body = parse(ModelRegistration, await read_json(request))
+    kwargs = body.model_dump(include={"dtype", "max_length", "pooling"}, exclude_unset=True)
 
     def add() -> dict[str, Any]:
         registry = Registry(gw.settings)
-        return registry.add(body["name"], body["source"], task=body["task"], actor=principal.sub,
-                            **kwargs).summary()
+        return registry.add(body.name, body.source, task=body.task, actor=principal.sub, **kwargs).summary()
 
     return gw.json(request, await anyio.to_thread.run_sync(add), 201)
 

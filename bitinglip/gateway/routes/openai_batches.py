@@ -35,18 +35,12 @@ from bitinglip.gateway.openai.batchfile import (
     generation_frame,
     model_width,
 )
-from bitinglip.gateway.openai.files import (
-    FileStore,
-    content_path,
-    ensure_folder,
-    expiry_seconds,
-    size_and_lines_record,
-)
+from bitinglip.gateway.openai.bodies import BatchRequest
+from bitinglip.gateway.openai.files import FileStore, content_path, ensure_folder, size_and_lines_record
 from bitinglip.gateway.openai.finalize import write_files
-from bitinglip.gateway.openai.responses_api import check_metadata
-from bitinglip.gateway.openai.shapes import ENDPOINTS, refuse
+from bitinglip.gateway.openai.shapes import ENDPOINTS
 from bitinglip.gateway.ratelimit import WRITE
-from bitinglip.gateway.schemas import BATCH_ENDPOINTS, BATCH_REQUEST, IDEMPOTENCY_KEY_PATTERN
+from bitinglip.gateway.schemas import IDEMPOTENCY_KEY_PATTERN, parse, refuse
 from bitinglip.gateway.state import Gateway
 from bitinglip.platform.jobs import MOVED, RECORD, TERMINAL, JobState, new_job_id
 from bitinglip.platform.tasks import DEFAULT_PRIORITY
@@ -64,23 +58,8 @@ def _stores(gw: Gateway) -> tuple[BatchStore, FileStore]:
 
 def _check_body(body: dict[str, Any]) -> str | None:
     """The body's idempotency key, once the body passes."""
-    BATCH_REQUEST.check(body)
-    for name in BATCH_REQUEST.required:
-        if not isinstance(body.get(name), str) or not body[name]:
-            raise refuse(f"{name} is required (a string)", name)
-    if body["endpoint"] not in BATCH_ENDPOINTS:
-        raise refuse(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", "endpoint")
-    if body["completion_window"] != "24h":
-        raise refuse("completion_window must be 24h", "completion_window")
-    expiry = body.get("output_expires_after")
-    if expiry is not None:
-        if not isinstance(expiry, dict) or set(expiry) - {"anchor", "seconds"}:
-            raise refuse('output_expires_after must be {"anchor": "created_at", "seconds": N}', "output_expires_after")
-        expiry_seconds(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
-    metadata = check_metadata(body.get("metadata"))
-    if metadata is None:
-        return None
-    key = metadata.get("idempotency_key")
+    metadata = parse(BatchRequest, body).metadata
+    key = (metadata or {}).get("idempotency_key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise refuse("metadata.idempotency_key must be 1-128 letters, digits or . _ : -", "metadata")
     return key

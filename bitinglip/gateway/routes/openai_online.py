@@ -28,18 +28,18 @@ from starlette.responses import Response
 from bitinglip.errors import BitingLipError
 from bitinglip.gateway.body import check_model_options, read_json
 from bitinglip.gateway.disconnect import CLIENT_CLOSED, unless_disconnected
+from bitinglip.gateway.openai.bodies import REQUESTS, EmbeddingRequest
 from bitinglip.gateway.openai.shapes import (
     chat_body,
     completion_body,
     embedding_body,
-    embedding_format,
     embedding_texts,
     generation_row,
     output_options,
-    refuse,
     stream_flags,
 )
 from bitinglip.gateway.ratelimit import INFER
+from bitinglip.gateway.schemas import parse, refuse
 from bitinglip.gateway.state import Gateway
 from bitinglip.gateway.streaming import stream_completion
 from bitinglip.gateway.tenants import generation_work
@@ -51,17 +51,17 @@ from bitinglip.platform.tasks import BUILTIN_TASKS, model_limits
 async def embeddings(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     await gw.authorize(request, "jobs:write", INFER)
-    body = await read_json(request)
+    body = parse(EmbeddingRequest, await read_json(request))
     texts = embedding_texts(body, gw.settings.max_text_chars)
-    fmt, dims = embedding_format(body)
+    fmt, dims = body.encoding_format, body.dimensions
     if len(texts) > gw.settings.max_infer_rows:  # a larger set is a batch's work
         raise refuse(f"input has {len(texts)} items; this gateway takes {gw.settings.max_infer_rows} per request "
                      "(BITINGLIP_MAX_INFER_ROWS); send more as a batch (POST /v1/files, /v1/batches)", "input")
-    model = await gw.listed_model(body["model"])
+    model = await gw.listed_model(body.model)
     await _check_dimensions(gw, model, dims)
     gw.charge(request)
     outputs, _ = await gw.batcher.infer("embed", model, {}, texts, predict_counted)
-    answer = embedding_body(body["model"], [o["embedding"] for o in outputs], fmt, dims,
+    answer = embedding_body(body.model, [o["embedding"] for o in outputs], fmt, dims,
                             sum(int(o["tokens"]) for o in outputs))
     return gw.json(request, answer)
 
@@ -94,7 +94,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     ``data: [DONE]``."""
     gw: Gateway = request.app.state.gateway
     principal = await gw.authorize(request, "jobs:write", INFER)
-    body = await read_json(request)
+    body = parse(REQUESTS[endpoint], await read_json(request))
     row = generation_row(endpoint, body, "request", gw.settings.max_text_chars)
     stream, include_usage = stream_flags(body)
     options = output_options(row["params"])
@@ -103,7 +103,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     merged = task.check_options(options)
     checked = task.check_row(row.get("text"), {"messages": row.get("messages"), "params": row["params"]}, "request",
                              merged)
-    model = await gw.listed_model(body["model"])
+    model = await gw.listed_model(body.model)
     with contextlib.ExitStack() as held:
         held.enter_context(gw.in_flight.hold(principal.sub, *generation_work(1, {**merged, **checked.params})))
         # the cheap check first, then against the model (top_k within its vocabulary, max_tokens within its
@@ -111,7 +111,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
         await check_model_options(gw, "generate", model, {**options, **row["params"]})
         gw.charge(request)
         if stream:  # the stream holds the tenant's share until it ends
-            return await stream_completion(request, endpoint, row, options, model, body["model"], principal.sub,
+            return await stream_completion(request, endpoint, row, options, model, body.model, principal.sub,
                                            include_usage, held.pop_all())
         outputs, _ = await unless_disconnected(request, gw.batcher.infer(
             "generate", model, options, [{k: v for k, v in row.items() if k != "id"}], predict_generation,
@@ -119,4 +119,4 @@ async def _generate(request: Request, endpoint: str) -> Response:
     if outputs is None:
         return Response(status_code=CLIENT_CLOSED)
     chat = endpoint == "/v1/chat/completions"
-    return gw.json(request, (chat_body if chat else completion_body)(body["model"], outputs[0]))
+    return gw.json(request, (chat_body if chat else completion_body)(body.model, outputs[0]))
