@@ -24,7 +24,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,38 @@ def fastest(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
     busy mid-way slows each alike; each one's fastest run counts.  With
     ``cache`` (a file path), a verdict found there is returned as is and a new
     one is written there.  ``exact`` is the candidate kept on a near tie."""
-    if cache is not None and cache.exists():
-        cached = _read(cache)
-        if cached is not None and cached.value in candidates:
-            return cached
+    with _exclusive(cache):  # the workers of one machine start together: one times, the others read its verdict
+        if cache is not None and cache.exists():
+            cached = _read(cache)
+            if cached is not None and cached.value in candidates:
+                return cached
+        return _measure(run, candidates, exact, agree, cache, timer, repeats, parity, floor_s, work)
+
+
+@contextmanager
+def _exclusive(cache: Path | None) -> Iterator[None]:
+    """Hold a lock beside ``cache`` for the block (released when the process dies, so never stale).  Without
+    it the two workers of ``make demo`` timed the same model at the same time, each on a core the other was
+    loading on (a budget that takes 0.5 s alone took 8.8 s), and both paid for it."""
+    if cache is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below, which drops the lock
+    except (ImportError, OSError):  # no flock (not Linux), a read-only folder: time unlocked
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _measure(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
+             agree: Callable[[Any, Any], float] | None, cache: Path | None, timer: Timer, repeats: int,
+             parity: float, floor_s: float, work: Mapping[str, float] | None) -> Choice:
     best: dict[str, float] = {}
     outputs = {}
     for c in candidates:  # the warm-up, and the outputs the parity check compares
@@ -142,6 +171,7 @@ def fastest(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
     if best[exact] < floor_s:  # a micro-batch this cheap is all overhead: timing it would pick by noise
         return Choice(exact, "measured", best, {}, f"the model's micro-batch takes {best[exact] * 1e3:.1f} ms, "
                       f"under {floor_s * 1e3:.0f} ms: too small for its precision to matter; the exact one is kept")
+
     def cost(c: str) -> float:  # seconds per unit of work
         return best[c] / (work[c] if work else 1.0)
 
