@@ -148,7 +148,7 @@ class Settings(BaseSettings):
                                     description="worker processes of an embedded cluster; unset: one per GPU, "
                                                 "or one per core")
     token_budget: int = Field(0, ge=0, description="padded tokens (rows x longest row) per micro-batch; "
-                                                   "0 picks by device")
+                                                   "0: timed by each CPU worker as a model loads, 32768 on a GPU")
     partition_rows: int = Field(0, ge=0, description="rows per partition; 0 picks from the input size and "
                                                      "the workers")
     dashboard_address: str = Field(":8787", description="where an embedded cluster serves the Dask dashboard")

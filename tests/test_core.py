@@ -261,6 +261,10 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
     assert df.attrs["runtime"] == manifest["runtime"] == job.runtime()
     choice = manifest["partitions"][0]["runtime"]["matmul_precision_choice"]
     assert choice["value"] == manifest["runtime"]["matmul_precision"] and choice["source"]
+    # and the micro-batch token budget the workers timed when the model loaded, with the timings behind it
+    assert manifest["runtime"]["token_budget"] in (1024, 2048, 4096, 8192)
+    budget = manifest["partitions"][0]["runtime"]["token_budget_choice"]
+    assert budget["source"] in ("measured", "cached") and set(budget["seconds"]) <= {"1024", "2048", "4096", "8192"}
 
 
 # --- task types, plugin, cluster --------------------------------------------

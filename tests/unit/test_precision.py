@@ -1,6 +1,7 @@
 """How the embed task picks the precision of its matrix products: by timing, on the worker."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,36 @@ def test_a_tiny_models_micro_batch_is_not_timed_by_noise() -> None:
     clock = FakeClock({"highest": 0.001, "medium": 0.0005})
     choice = fastest(clock.run, ("highest", "medium"), "highest", _same, timer=clock, floor_s=0.02)
     assert choice.value == "highest" and "too small" in choice.reason
+
+
+def test_workers_starting_together_time_once_and_share_the_verdict(tmp_path: Path) -> None:
+    """Two workers of one machine (threads here: each opens the lock file itself, as a process would)."""
+    import threading
+
+    cache = tmp_path / "calibration" / "matmul-y.json"
+    runs: list[str] = []
+    entered = threading.Event()
+
+    def slow(candidate: str) -> list[float]:
+        runs.append(candidate)
+        if not entered.is_set():
+            entered.set()
+            time.sleep(0.5)  # the second starts meanwhile: unlocked, it would time too
+        return [1.0, 0.0]
+
+    clock = FakeClock({"highest": 0.10, "medium": 0.05})
+    results = {}
+
+    def worker(name: str) -> None:
+        results[name] = fastest(slow, ("highest", "medium"), "highest", _same, cache=cache, timer=clock)
+
+    first = threading.Thread(target=worker, args=("first",))
+    first.start()
+    assert entered.wait(30)  # the first is timing, holding the lock
+    second = threading.Thread(target=worker, args=("second",))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert results["first"].source == "measured" and results["second"].source == "cached"
+    assert results["second"].value == results["first"].value
+    assert len(runs) == 2 * (1 + 3)  # one warm-up and three repeats of each candidate, by the first alone

@@ -37,7 +37,7 @@ from bitinglip.platform.jobs.reuse import (
 from bitinglip.platform.jobs.spec import JobSpec
 from bitinglip.platform.jobs.vocabulary import PROGRESS_TOPIC, SUMMARY_TOPIC, cancel_event_name, task_key
 from bitinglip.platform.plugins.budgets import ReducedBudgets
-from bitinglip.platform.tasks.batching import default_budget, padding_ratio, plan_batches
+from bitinglip.platform.tasks.batching import budget_of, padding_ratio, plan_batches
 from bitinglip.platform.tasks.builtin import Batch, TaskType, get_task, texts_or_error
 from bitinglip.platform.tasks.engines.base import ONLINE
 
@@ -269,7 +269,7 @@ def predict_texts(task_name: str, model: str, options: Mapping[str, Any], texts:
             raise InputError(f"inputs[{empty[0]}] has no tokens for model {model!r}")
         outputs: list[dict[str, Any]] = [{}] * len(texts)
         costs = [task.batch_cost(len(row), merged) for row in ids]
-        for rows in plan_batches(costs, default_budget(loaded.device)):
+        for rows in plan_batches(costs, budget_of(loaded, 0)[0]):
             for i, result in zip(rows, _predict_batch(task, loaded, texts, ids, rows, merged)):
                 outputs[i] = result
     return [{**{k: _plain(v) for k, v in out.items()}, "truncated": cut} for out, cut in zip(outputs, truncated)]
@@ -500,6 +500,9 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
             plugin = get_model_plugin()
             loaded = plugin.get(spec.task, spec.model, spec.options, holder=task_key(spec.job_id, index))
             runtime = dict(getattr(loaded, "info", {}).get("runtime") or {})
+            budget, chosen = budget_of(loaded, spec.worker.token_budget)
+            if not spec.task.engine_driven:
+                runtime.update(chosen)  # the budget is an int: results reuse does not key on it
             store, keys, hits = _lookup(spec, plugin, loaded, runtime, texts)
             reporter.reused = len(hits)
             misses = [i for i in range(len(texts)) if i not in hits]
@@ -509,7 +512,6 @@ def _run_partition(data: Any, spec: JobSpec, index: int, offset: int) -> dict[st
                 run = _on_engine(spec.task.run_rows, loaded, [texts[i] for i in misses], spec.options,
                                  functools.partial(_tick, reporter, len(bad)))
             else:
-                budget = spec.worker.token_budget or default_budget(loaded.device)
                 run = predict_rows(spec.task, loaded, [texts[i] for i in misses], spec.options, budget, reporter,
                                    spec.fail_fast, f"{spec.task.name}:{spec.model}:{loaded.device}",
                                    spec.worker.faults, plugin.budgets)

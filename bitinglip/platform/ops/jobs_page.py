@@ -55,9 +55,11 @@ def page(snapshot: dict[str, Any]) -> str:
             f'<td class="reused">{job.get("rows_reused", 0)}</td><td>{job["rows_in_error"]}</td></tr>')
     workers = []
     for w in snapshot["workers"]:
-        # each model with what its worker chose for it: the generation engine, the embed matmul precision
+        # each model with what its worker chose for it: the generation engine, the embed matmul precision,
+        # the micro-batch token budget
         models = ", ".join(f'{escape(m["task"])}:{escape(m["model"])} ({_size(m["bytes"])}'
                            + "".join(f", {escape(str(m[k]))}" for k in ("engine", "matmul_precision") if m.get(k))
+                           + (f', budget {int(m["token_budget"])}' if m.get("token_budget") else "")
                            + ")" for m in w["models"])
         gpu = f'{_size(w["gpu"]["used"])} / {_size(w["gpu"]["total"])}' if w.get("gpu") else "-"
         workers.append(f'<tr class="worker"><td>{escape(w["name"])}</td><td>{escape(w["address"])}</td>'

@@ -42,6 +42,7 @@ from bitinglip.platform.models.names import ModelRef, resolve_model
 from bitinglip.platform.models.registry import Manifest, pin, read_manifest, unpin
 from bitinglip.platform.models.residency import Entry, Residency
 from bitinglip.platform.plugins.budgets import ReducedBudgets
+from bitinglip.platform.tasks.batching import budget_record, calibrate_budget
 from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
 from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
 from bitinglip.settings import Settings, get_settings
@@ -240,6 +241,11 @@ class ModelPlugin(WorkerPlugin):
                 loaded.model = quantize_int8(loaded.model, self.device)
                 # a fast path built in load (Embed's packed encoder) holds the float32 layers
                 loaded.info.pop("packed", None)
+            if task.times_budget:  # timed here, after quantizing: on the model that jobs will run
+                budget = calibrate_budget(task, loaded, {**task.defaults, **opts}, self.settings.token_budget,
+                                          where["calibration_dir"], where["model_sha"] or ref.path)
+                loaded.info["token_budget"] = int(budget.value)
+                loaded.info.setdefault("runtime", {}).update(budget_record(budget))
         except BitingLipError:
             raise
         except Exception as exc:
@@ -341,10 +347,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def _runtime_info(entry: Entry) -> dict[str, str]:
-    """The automatic choices the model runs with (its matmul precision), for metrics and the Jobs page."""
+def _runtime_info(entry: Entry) -> dict[str, Any]:
+    """The automatic choices the model runs with (its matmul precision, its token budget), for metrics and
+    the Jobs page."""
     runtime = entry.loaded.info.get("runtime", {}) if entry.loaded is not None else {}
-    return {k: runtime[k] for k in ("matmul_precision",) if isinstance(runtime.get(k), str)}
+    return {k: runtime[k] for k in ("matmul_precision", "token_budget") if isinstance(runtime.get(k), str | int)}
 
 
 def _engine_info(entry: Entry) -> dict[str, Any]:

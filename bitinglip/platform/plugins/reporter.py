@@ -74,7 +74,7 @@ class ReporterPlugin(WorkerPlugin):
                                   "gpu": None}
         models = self.worker.plugins.get(MODELS)
         if models is not None:
-            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", "matmul_precision",
+            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", "matmul_precision", "token_budget",
                                                    *ENGINE_FIGURES) if k in e}
                                 for e in models.resident_info()]
             report["load_seconds"] = {m: round(s, 4) for m, s in models.load_seconds.items()}

@@ -85,6 +85,10 @@ class TaskType(ABC):
     text_alternatives: ClassVar[tuple[str, ...]] = ()
     #: the task runs a whole partition through an engine (:meth:`run_rows`) instead of micro-batches
     engine_driven: ClassVar[bool] = False
+    #: the worker may time :meth:`predict` on made-up token ids when the model loads, to choose the token
+    #: budget (``batching.calibrate_budget``): for tasks whose cost is their forward pass and whose
+    #: ``predict`` has no side effects
+    times_budget: ClassVar[bool] = False
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Validate options on the client, before any work starts."""

@@ -63,6 +63,7 @@ class Embed(TaskType):
 
     name = "embed"
     columns = ("embedding",)
+    times_budget = True
     load_options = ("dtype", "matmul_precision")
     #: ``count_tokens``: each row also gets ``tokens``, how many tokens of its text the model read (an OpenAI
     #: batch's ``usage.prompt_tokens`` per line)
@@ -149,6 +150,7 @@ class Classify(TaskType):
 
     name = "classify"
     columns = ("label", "score")
+    times_budget = True
     defaults: ClassVar[Mapping[str, Any]] = defaults(ClassifyOptions)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

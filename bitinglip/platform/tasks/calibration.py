@@ -24,7 +24,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,20 +116,52 @@ def _read(path: Path) -> Choice | None:
 
 
 def fastest(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
-            agree: Callable[[Any, Any], float], *, cache: Path | None = None, timer: Timer = time.perf_counter,
-            repeats: int = REPEATS, parity: float = PARITY_COSINE, floor_s: float = 0.0) -> Choice:
+            agree: Callable[[Any, Any], float] | None, *, cache: Path | None = None, timer: Timer = time.perf_counter,
+            repeats: int = REPEATS, parity: float = PARITY_COSINE, floor_s: float = 0.0,
+            work: Mapping[str, float] | None = None) -> Choice:
     """The fastest of ``candidates`` whose output agrees with ``exact``'s.
 
     ``run(candidate)`` runs one micro-batch and returns its output;
-    ``agree(out, exact_out)`` is the lowest per-row cosine between them.
+    ``agree(out, exact_out)`` is the lowest per-row cosine between them (None:
+    every candidate gives the same result, nothing is compared).  ``work``:
+    what one run of each candidate does (its tokens, say) where candidates do
+    different amounts; they are then compared by seconds per unit of work.
     Candidates run interleaved (a, b, a, b, ...) so that a machine that grows
     busy mid-way slows each alike; each one's fastest run counts.  With
     ``cache`` (a file path), a verdict found there is returned as is and a new
-    one is written there."""
-    if cache is not None and cache.exists():
-        cached = _read(cache)
-        if cached is not None and cached.value in candidates:
-            return cached
+    one is written there.  ``exact`` is the candidate kept on a near tie."""
+    with _exclusive(cache):  # the workers of one machine start together: one times, the others read its verdict
+        if cache is not None and cache.exists():
+            cached = _read(cache)
+            if cached is not None and cached.value in candidates:
+                return cached
+        return _measure(run, candidates, exact, agree, cache, timer, repeats, parity, floor_s, work)
+
+
+@contextmanager
+def _exclusive(cache: Path | None) -> Iterator[None]:
+    """Hold a lock beside ``cache`` for the block (released when the process dies, so never stale).  Without
+    it the two workers of ``make demo`` timed the same model at the same time, each on a core the other was
+    loading on (a budget that takes 0.5 s alone took 8.8 s), and both paid for it."""
+    if cache is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below, which drops the lock
+    except (ImportError, OSError):  # no flock (not Linux), a read-only folder: time unlocked
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _measure(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
+             agree: Callable[[Any, Any], float] | None, cache: Path | None, timer: Timer, repeats: int,
+             parity: float, floor_s: float, work: Mapping[str, float] | None) -> Choice:
     best: dict[str, float] = {}
     outputs = {}
     for c in candidates:  # the warm-up, and the outputs the parity check compares
@@ -138,19 +171,25 @@ def fastest(run: Callable[[str], Any], candidates: tuple[str, ...], exact: str,
     if best[exact] < floor_s:  # a micro-batch this cheap is all overhead: timing it would pick by noise
         return Choice(exact, "measured", best, {}, f"the model's micro-batch takes {best[exact] * 1e3:.1f} ms, "
                       f"under {floor_s * 1e3:.0f} ms: too small for its precision to matter; the exact one is kept")
+
+    def cost(c: str) -> float:  # seconds per unit of work
+        return best[c] / (work[c] if work else 1.0)
+
     for _ in range(repeats):
         for c in candidates:
-            if best[c] > DROP_RATIO * min(best.values()):
+            if cost(c) > DROP_RATIO * min(map(cost, candidates)):
                 continue  # clearly slower, even against a cold run: not worth more of the load's time
             start = timer()
             run(c)
             best[c] = min(best[c], timer() - start)
-    cosine = {c: 1.0 if c == exact else float(agree(outputs[c], outputs[exact])) for c in candidates}
+    cosine = {c: 1.0 if c == exact or agree is None else float(agree(outputs[c], outputs[exact]))
+              for c in candidates}
     within = [c for c in candidates if cosine[c] >= parity]
-    value = min(within, key=lambda c: (best[c] if c == exact else best[c] / (1 - MARGIN), c != exact))
-    others = ", ".join(f"{c} {best[c] * 1e3:.1f} ms" + ("" if c in within else f" (cosine {cosine[c]:.6f}: out)")
-                       for c in candidates)
-    choice = Choice(value, "measured", best, cosine, f"fastest within cosine {parity}: {others}")
+    value = min(within, key=lambda c: (cost(c) if c == exact else cost(c) / (1 - MARGIN), c != exact))
+    others = ", ".join(f"{c} {best[c] * 1e3:.1f} ms" + (f" ({work[c] / best[c]:.0f}/s)" if work else "")
+                       + ("" if c in within else f" (cosine {cosine[c]:.6f}: out)") for c in candidates)
+    bound = "" if agree is None else f" within cosine {parity}"
+    choice = Choice(value, "measured", best, {} if agree is None else cosine, f"fastest{bound}: {others}")
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
