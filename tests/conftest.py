@@ -123,6 +123,16 @@ def smollm2_added(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, A
 
 
 @pytest.fixture(scope="session")
+def smollm2_greedy(smollm2_added: tuple[dict[str, Any], Path]) -> list[str]:
+    """transformers' own greedy answers to ``real_models.CHATS`` (``GREEDY_TOKENS`` new tokens each) on the
+    added SmolLM2: the reference that both real-model modules compare with, computed once per session."""
+    from real_models import CHATS, GREEDY_TOKENS, greedy_answers
+
+    summary, cache = smollm2_added
+    return greedy_answers(cache / "smollm2" / summary["version"], CHATS, GREEDY_TOKENS)
+
+
+@pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One embedded cluster (2 worker processes) shared by the integration tests."""
     import bitinglip

@@ -39,6 +39,10 @@ CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
          [{"role": "user", "content": "Write a haiku about the sea."}]]
 
 
+#: new tokens of every greedy comparison (the tests/conftest.py fixture ``smollm2_greedy`` holds the reference)
+GREEDY_TOKENS = 16
+
+
 def greedy_answers(folder: Path, chats: list[list[dict[str, str]]], new_tokens: int) -> list[str]:
     """What transformers' own ``generate`` answers greedily for each chat (its chat template applied):
     the reference the engines' answers must equal."""

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,21 +306,36 @@ def _all_rows(url: str, h: dict[str, str]) -> tuple[list[dict[str, Any]], list[h
     return rows, answers
 
 
-def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settings, models: dict[str, str],
-                                              platform: Any) -> None:
+#: rows per partition of the cancelled job: 40 partitions of its 1,000 rows, well over the 16 that the session's
+#: two workers' engines take at once (ENGINE_PARTITIONS each). In the 8 partitions of 125 picked for two workers,
+#: every partition ran in the same continuous batch and all could end on the same engine step: the cancel, sent
+#: at the first commit, then found all 1,000 rows committed (a flake of a full run)
+CANCEL_PARTITION_ROWS = 25
+
+
+@pytest.fixture
+def small_parts_gateway(gw_settings: Settings) -> Iterator[str]:
+    from gwtools import serve
+
+    with serve(gw_settings.with_(partition_rows=CANCEL_PARTITION_ROWS)) as url:
+        yield url
+
+
+def test_cancel_fetch_partial_resume_fetch_all(small_parts_gateway: str, gw_settings: Settings,
+                                              models: dict[str, str], platform: Any) -> None:
     from bitinglip.gateway.routes.resume import settled
 
     h = auth(user())
-    # 1,000 rows of 40 new tokens: 8 partitions of 125. A worker's engine runs its partitions together
-    # (continuous batching), so the first commit comes as the running ones end, with the other half of the
-    # partitions still queued: the cancel at that commit lands mid-job on a quiet machine too
+    # 1,000 rows of 40 new tokens in 40 partitions: a worker's engine runs up to 8 of its partitions together
+    # (continuous batching), so the first commit comes as those end, with more than half of the partitions not
+    # started: the cancel at that commit lands mid-job however fast the engine steps
     texts = [f"row {i}" for i in range(1000)]
-    r = httpx.post(f"{gateway}/v1/jobs", headers=h, timeout=60,
+    r = httpx.post(f"{small_parts_gateway}/v1/jobs", headers=h, timeout=60,
                    json={"task": "generate", "model": "tiny-gpt2", "inputs": texts,
                          "options": {"max_new_tokens": 40}})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    url = f"{gateway}/v1/jobs/{job_id}"
+    url = f"{small_parts_gateway}/v1/jobs/{job_id}"
     output = Path(gw_settings.results_dir) / job_id
     deadline = time.time() + 120
     while not list(output.glob("part-*.parquet")):  # cancel once some rows are committed
@@ -350,6 +366,7 @@ def test_cancel_fetch_partial_resume_fetch_all(gateway: str, gw_settings: Settin
     rows, answers = _all_rows(url, h)
     assert all(a.headers["x-bitinglip-partial"] == "false" and a.json()["partial"] is False for a in answers)
     assert sorted(row["id"] for row in rows) == list(range(len(texts)))  # every row exactly once
+    assert len(list(output.glob("part-*.parquet"))) == len(texts) // CANCEL_PARTITION_ROWS
     by_id = {row["id"]: row for row in rows}
     assert all(by_id[row["id"]] == row for row in partial)  # committed rows were not run again
     assert httpx.post(f"{url}/resume", headers=h, timeout=60).status_code == 409  # succeeded: nothing to resume

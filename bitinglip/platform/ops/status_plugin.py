@@ -100,6 +100,7 @@ class RedisStatusPlugin(SchedulerPlugin):
         self._seen = ""  # the dataset stamp last seen; "" forces a check
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._scheduler: Any = None
         self._redis: Any = None
 
@@ -118,6 +119,10 @@ class RedisStatusPlugin(SchedulerPlugin):
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
+        # the writer also stops on this flag: redis-py 8.2's asyncio client can lose a cancel that lands inside a
+        # command (the command returns, the task goes on), and a writer that looped on kept the scheduler's
+        # close waiting for ever (tests/unit/test_status_plugin_close.py)
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,7 +203,7 @@ class RedisStatusPlugin(SchedulerPlugin):
 
     # --- the writer
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.interval_s)
             try:
                 await self._check_dataset()
