@@ -90,6 +90,58 @@ def test_a_schema_that_does_not_compile_fails_its_request_alone(engine: object) 
     assert isinstance(results[2], GenResult) and results[2].completion_tokens == 4
 
 
+def _grouped(seed: int, prefixes: list[list[int]], grouped: bool = True) -> list[GenRequest]:
+    """40 greedy rows, the prefixes taken in turn, each with its own short question."""
+    rng = random.Random(seed)
+    return [GenRequest(prefixes[i % len(prefixes)] + [rng.randrange(3, 400) for _ in range(6)],
+                       {"max_tokens": 3, "temperature": 0.0}, grouped=grouped) for i in range(40)]
+
+
+def test_grouped_rows_of_two_partitions_reach_vllm_by_prefix_and_answer_as_ungrouped(engine: object) -> None:
+    """Issue 24 (before the plugin tests below: an engine they shut down takes vLLM's process-wide parallel
+    state with it, and this module's engine steps no more): the rows of every partition on a worker wait in the engine's prefix sweep and reach vLLM
+    grouped by prefix (here 4 prefixes in turn over 2 concurrent calls: 79 changes of prefix as they come)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(7)
+    prefixes = [[rng.randrange(3, 400) for _ in range(130)] for _ in range(4)]
+    vllm = engine._engine  # type: ignore[attr-defined]
+    added: list[tuple[int, ...]] = []
+
+    def recording(rid: str, prompt: dict, *args: object, **kwargs: object) -> object:
+        added.append(tuple(prompt["prompt_token_ids"][:130]))
+        return type(vllm).add_request(vllm, rid, prompt, *args, **kwargs)
+
+    vllm.add_request = recording  # the real engine still runs every row; this only notes the order
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(engine.run, _grouped(seed, prefixes), lambda done: None)  # type: ignore[attr-defined]
+                     for seed in (1, 2)]
+            grouped = [c.result() for c in calls]
+    finally:
+        del vllm.add_request
+    assert len(added) == 80
+    changes = sum(a != b for a, b in itertools.pairwise(added))
+    assert changes <= 2 * len(prefixes) - 1, changes  # one pass per call at worst; 79 as the rows came
+    alone = [engine.run(_grouped(seed, prefixes, grouped=False), lambda done: None)  # type: ignore[attr-defined]
+             for seed in (1, 2)]
+    assert [[r.texts for r in rs] for rs in grouped] == [[r.texts for r in rs] for rs in alone]  # type: ignore[union-attr]
+
+
+def test_a_grouped_call_that_gives_up_while_its_rows_wait_leaves_nothing_behind(engine: object) -> None:
+    rng = random.Random(8)
+    prefixes = [[rng.randrange(3, 400) for _ in range(130)] for _ in range(2)]
+
+    def give_up(done: int) -> None:
+        raise TimeoutError("the partition's deadline passed")
+
+    with pytest.raises(TimeoutError):
+        engine.run(_grouped(3, prefixes) * 3, give_up)  # type: ignore[attr-defined]
+    after = engine.run([GenRequest([5, 6, 7], {"max_tokens": 4}, grouped=True)], lambda done: None)  # type: ignore[attr-defined]
+    assert isinstance(after[0], GenResult) and after[0].completion_tokens == 4
+    assert not engine._held and not engine._calls  # type: ignore[attr-defined]
+
+
 def _kill(loaded: object) -> None:
     """Stop the engine's core under it (what a crashed executor leaves): every step raises from then on."""
     loaded.info["engine"]._engine.engine_core.shutdown()  # type: ignore[attr-defined]
@@ -142,53 +194,3 @@ def test_an_engine_in_this_process_leaves_ld_preload_to_the_processes_it_starts(
 
     assert "libgomp" not in os.environ.get("LD_PRELOAD", "")
 
-
-def _grouped(seed: int, prefixes: list[list[int]], grouped: bool = True) -> list[GenRequest]:
-    """40 greedy rows, the prefixes taken in turn, each with its own short question."""
-    rng = random.Random(seed)
-    return [GenRequest(prefixes[i % len(prefixes)] + [rng.randrange(3, 400) for _ in range(6)],
-                       {"max_tokens": 3, "temperature": 0.0}, grouped=grouped) for i in range(40)]
-
-
-def test_grouped_rows_of_two_partitions_reach_vllm_by_prefix_and_answer_as_ungrouped(engine: object) -> None:
-    """Issue 24: the rows of every partition on a worker wait in the engine's prefix sweep and reach vLLM
-    grouped by prefix (here 4 prefixes in turn over 2 concurrent calls: 79 changes of prefix as they come)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = random.Random(7)
-    prefixes = [[rng.randrange(3, 400) for _ in range(130)] for _ in range(4)]
-    vllm = engine._engine  # type: ignore[attr-defined]
-    added: list[tuple[int, ...]] = []
-
-    def recording(rid: str, prompt: dict, *args: object, **kwargs: object) -> object:
-        added.append(tuple(prompt["prompt_token_ids"][:130]))
-        return type(vllm).add_request(vllm, rid, prompt, *args, **kwargs)
-
-    vllm.add_request = recording  # the real engine still runs every row; this only notes the order
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            calls = [pool.submit(engine.run, _grouped(seed, prefixes), lambda done: None)  # type: ignore[attr-defined]
-                     for seed in (1, 2)]
-            grouped = [c.result() for c in calls]
-    finally:
-        del vllm.add_request
-    assert len(added) == 80
-    changes = sum(a != b for a, b in itertools.pairwise(added))
-    assert changes <= 2 * len(prefixes) - 1, changes  # one pass per call at worst; 79 as the rows came
-    alone = [engine.run(_grouped(seed, prefixes, grouped=False), lambda done: None)  # type: ignore[attr-defined]
-             for seed in (1, 2)]
-    assert [[r.texts for r in rs] for rs in grouped] == [[r.texts for r in rs] for rs in alone]  # type: ignore[union-attr]
-
-
-def test_a_grouped_call_that_gives_up_while_its_rows_wait_leaves_nothing_behind(engine: object) -> None:
-    rng = random.Random(8)
-    prefixes = [[rng.randrange(3, 400) for _ in range(130)] for _ in range(2)]
-
-    def give_up(done: int) -> None:
-        raise TimeoutError("the partition's deadline passed")
-
-    with pytest.raises(TimeoutError):
-        engine.run(_grouped(3, prefixes) * 3, give_up)  # type: ignore[attr-defined]
-    after = engine.run([GenRequest([5, 6, 7], {"max_tokens": 4}, grouped=True)], lambda done: None)  # type: ignore[attr-defined]
-    assert isinstance(after[0], GenResult) and after[0].completion_tokens == 4
-    assert not engine._held and not engine._calls  # type: ignore[attr-defined]
