@@ -121,8 +121,9 @@ def test_resubmitting_with_the_same_key_and_output_does_not_redo_work(own_platfo
 def test_out_of_memory_splits_the_batch_and_remembers(own_platform: bitinglip.Platform,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     texts = sample_corpus(800, seed=25)
-    # float32 products: split batches have other shapes, and bfloat16 kernels (AMX) round by shape
-    f32 = {"matmul_precision": "highest"}
+    # float32 products: split batches have other shapes, and bfloat16 kernels (AMX) round by shape; a budget
+    # above the injected limit (a worker's timed budget may be below it, and then nothing would split)
+    f32 = {"matmul_precision": "highest", "token_budget": 4096}
     want = own_platform.submit("embed", model=MINILM, inputs=texts, **f32).result()
     monkeypatch.setattr(own_platform, "settings", own_platform.settings.with_(fault_oom_above_tokens=1200))
     job = own_platform.submit("embed", model=MINILM, inputs=texts, **f32)
