@@ -58,10 +58,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpu_limits import corpus_flops, cpu_description, matmul_peak, run_onnx, run_openvino
 from _util import PeakRSS, cores, gib, model_path, wait_child
 
-VARIANTS = ("platform", "platform_fp32", "platform_bf16", "st", "st_bf16", "onnx", "openvino", "raw", "ray",
+VARIANTS = ("platform", "platform_fp32", "platform_bf16", "platform_1w", "st", "st_bf16", "onnx", "openvino", "raw", "ray",
             "overhead")
 LABELS = {"platform": "platform (default: `auto` precision)", "platform_fp32": "platform, `matmul_precision=\"highest\"`",
           "platform_bf16": "platform, `matmul_precision=\"medium\"` (bfloat16 products)",
+          "platform_1w": "platform, one worker with every core's thread (timed threads)",
           "st": "`SentenceTransformer.encode(batch_size=64)`", "st_bf16": "`encode` inside bfloat16 autocast",
           "onnx": "ONNX Runtime, sorted, batch 64", "openvino": "OpenVINO, sorted, batch 64",
           "raw": "raw transformers, batch 64, corpus order", "ray": "Ray Data `map_batches`, 2 actors",
@@ -80,10 +81,12 @@ def corpus(rows: int, seed: int) -> list[str]:
 
 # --- the variants, each run in its own subprocess -----------------------------------------
 
-def run_platform(texts: list[str], **options: Any) -> tuple[float, np.ndarray, dict[str, Any]]:
+def run_platform(texts: list[str], n_workers: int | None = None,
+                 **options: Any) -> tuple[float, np.ndarray, dict[str, Any]]:
     import bitinglip
 
-    with bitinglip.connect(dashboard_address=":0", preload=[("embed", "all-MiniLM-L6-v2")]) as platform:
+    with bitinglip.connect(dashboard_address=":0", n_workers=n_workers,
+                           preload=[("embed", "all-MiniLM-L6-v2")]) as platform:
         workers = len(platform.client.scheduler_info()["workers"])
         platform.submit("embed", reuse=False, model="all-MiniLM-L6-v2", inputs=texts[:WARM_ROWS],
                         partition_rows=max(1, WARM_ROWS // (2 * workers))).result()
@@ -93,7 +96,8 @@ def run_platform(texts: list[str], **options: Any) -> tuple[float, np.ndarray, d
     runtime = frame.attrs.get("runtime", {})
     frame = frame.sort_values("id")
     return seconds, np.stack(frame["embedding"].to_numpy()), {"workers": workers, **options,
-                                                              "matmul_precision": runtime.get("matmul_precision")}
+                                                              "matmul_precision": runtime.get("matmul_precision"),
+                                                              "torch_threads": runtime.get("torch_threads")}
 
 
 def run_platform_fp32(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
@@ -102,6 +106,12 @@ def run_platform_fp32(texts: list[str]) -> tuple[float, np.ndarray, dict[str, An
 
 def run_platform_bf16(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
     return run_platform(texts, matmul_precision="medium")
+
+
+def run_platform_1w(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """The other layout: one worker process whose torch threads share every core (and are timed at load
+    against fewer), against the default of one single-threaded worker per core."""
+    return run_platform(texts, n_workers=1)
 
 
 def run_st(texts: list[str], bf16: bool = False) -> tuple[float, np.ndarray, dict[str, Any]]:
@@ -220,6 +230,7 @@ def run_overhead(texts: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
 
 
 RUNNERS = {"platform": run_platform, "platform_fp32": run_platform_fp32, "platform_bf16": run_platform_bf16,
+           "platform_1w": run_platform_1w,
            "st": run_st, "st_bf16": run_st_bf16, "onnx": lambda t: run_onnx(t, WARM_ROWS),
            "openvino": lambda t: run_openvino(t, WARM_ROWS), "raw": run_raw, "ray": run_ray, "overhead": run_overhead}
 
@@ -361,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit = max(peak.values(), default=0.0)  # the faster of float32 and bfloat16 products on this CPU
     for v in VARIANTS:
         label = LABELS[v] + (f" (chose {chosen[v]})" if v in chosen and v == "platform" else "")
+        threads = ok.get(v, [{}])[0].get("torch_threads") if ok.get(v) else None
+        if v == "platform_1w" and threads:
+            label += f" (chose {threads} thread{'s' * (threads != 1)})"
         if v in rate:
             over = base / rate[v] if base else float("nan")
             frac = f"{achieved[v] / limit:.1%}" if limit else ""

@@ -149,6 +149,9 @@ class Settings(BaseSettings):
                                                 "or one per core")
     token_budget: int = Field(0, ge=0, description="padded tokens (rows x longest row) per micro-batch; "
                                                    "0: timed by each CPU worker as a model loads, 32768 on a GPU")
+    torch_threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads per CPU worker; 0: its "
+                               "share of the cores, timed against fewer as a model loads where the share is more "
+                               "than one")
     partition_rows: int = Field(0, ge=0, description="rows per partition; 0 picks from the input size and "
                                                      "the workers")
     dashboard_address: str = Field(":8787", description="where an embedded cluster serves the Dask dashboard")

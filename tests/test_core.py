@@ -265,6 +265,9 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
     assert manifest["runtime"]["token_budget"] in (1024, 2048, 4096, 8192)
     budget = manifest["partitions"][0]["runtime"]["token_budget_choice"]
     assert budget["source"] in ("measured", "cached") and set(budget["seconds"]) <= {"1024", "2048", "4096", "8192"}
+    # and the worker's torch threads (one core's share each here: nothing to time)
+    assert manifest["runtime"]["torch_threads"] >= 1
+    assert manifest["partitions"][0]["runtime"]["torch_threads_choice"]["source"]
 
 
 # --- task types, plugin, cluster --------------------------------------------

@@ -48,8 +48,8 @@ def test_the_embedded_cluster_serves_the_jobs_page_and_links_it(platform: Any, t
     row = re.search(rf'<tr class="job state-succeeded" data-job="{job.id}">(.*?)</tr>', page, re.DOTALL)
     assert row is not None, page[:3000]
     assert '<span class="rows">3/3</span>' in row.group(1)
-    # the workers table names what each worker chose for the model: embed's timed matmul precision and budget
-    assert re.search(r'class="models">[^<]*embed:[^<]*, (highest|medium), budget \d+\)', page), page[-3000:]
+    # the workers table names what each worker chose for the model: embed's timed matmul precision, budget and threads
+    assert re.search(r'class="models">[^<]*embed:[^<]*, (highest|medium), budget \d+, \d+ threads?\)', page), page[-3000:]
 
 
 def test_a_cancelled_job_shows_the_rows_done_rest_shows(redis_url: str) -> None:

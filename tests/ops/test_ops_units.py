@@ -85,7 +85,8 @@ def test_text_and_collector_agree_and_parse() -> None:
     engine = {"task": "generate", "model": "llm", "dtype": "float32", "bytes": 2e9, "engine": "vllm",
               "kv_cache_bytes": 2.0**30, "kv_cache_usage": 0.25, "running": 3.0}
     figures.on_worker("tcp://w:1", {"models": [{"task": "embed", "model": 'm"q', "dtype": "float32", "bytes": 5e7,
-                                                "matmul_precision": "highest", "token_budget": 2048}, engine],
+                                                "matmul_precision": "highest", "token_budget": 2048,
+                                                "torch_threads": 2}, engine],
                                     "load_seconds": {"m": 1.25}, "load_counts": {"m": 1},
                                     "gpu": {"used": 10, "total": 100}})
     own_page = OpsPlugin()
@@ -112,15 +113,15 @@ def test_text_and_collector_agree_and_parse() -> None:
     # what each worker chose: the embed model's timed precision, the generation model's engine
     assert ours[("bitinglip_model_runtime_info", (("engine", ""), ("matmul_precision", "highest"), ("model", 'm"q'),
                                                   ("task", "embed"), ("token_budget", "2048"),
-                                                  ("worker", "tcp://w:1")))] == 1
+                                                  ("torch_threads", "2"), ("worker", "tcp://w:1")))] == 1
     assert ours[("bitinglip_model_runtime_info", (("engine", "vllm"), ("matmul_precision", ""), ("model", "llm"),
                                                   ("task", "generate"), ("token_budget", ""),
-                                                  ("worker", "tcp://w:1")))] == 1
+                                                  ("torch_threads", ""), ("worker", "tcp://w:1")))] == 1
     # the Jobs page names the same choices beside each resident model
     worker = {"name": "w", "address": "tcp://w:1", "resources": {}, "memory_bytes": 0,
               "models": [{"task": "embed", "model": "m", "bytes": 5e7, "matmul_precision": "highest",
-                          "token_budget": 2048}]}
-    assert ", highest, budget 2048)" in render_page({"jobs": [], "workers": [worker]})
+                          "token_budget": 2048, "torch_threads": 1}]}
+    assert ", highest, budget 2048, 1 thread)" in render_page({"jobs": [], "workers": [worker]})
 
 
 def test_json_log_lines() -> None:

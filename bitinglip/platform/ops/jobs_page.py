@@ -56,10 +56,12 @@ def page(snapshot: dict[str, Any]) -> str:
     workers = []
     for w in snapshot["workers"]:
         # each model with what its worker chose for it: the generation engine, the embed matmul precision,
-        # the micro-batch token budget
+        # the micro-batch token budget, the worker's torch threads
         models = ", ".join(f'{escape(m["task"])}:{escape(m["model"])} ({_size(m["bytes"])}'
                            + "".join(f", {escape(str(m[k]))}" for k in ("engine", "matmul_precision") if m.get(k))
                            + (f', budget {int(m["token_budget"])}' if m.get("token_budget") else "")
+                           + (f', {int(m["torch_threads"])} thread{"s" * (int(m["torch_threads"]) != 1)}'
+                              if m.get("torch_threads") else "")
                            + ")" for m in w["models"])
         gpu = f'{_size(w["gpu"]["used"])} / {_size(w["gpu"]["total"])}' if w.get("gpu") else "-"
         workers.append(f'<tr class="worker"><td>{escape(w["name"])}</td><td>{escape(w["address"])}</td>'

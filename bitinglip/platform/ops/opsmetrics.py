@@ -237,9 +237,10 @@ class Figures:
                 resident.append(((address, entry["task"], entry["model"], str(entry.get("dtype"))),
                                  float(entry["bytes"])))
                 # what the worker chose for the model: its engine, its matmul precision, its micro-batch token
-                # budget ("" where none applies)
+                # budget, its worker's torch threads ("" where none applies)
                 runtime.append(((address, entry["task"], entry["model"], str(entry.get("engine", "")),
-                                 str(entry.get("matmul_precision", "")), str(entry.get("token_budget", ""))), 1.0))
+                                 str(entry.get("matmul_precision", "")), str(entry.get("token_budget", "")),
+                                 str(entry.get("torch_threads", ""))), 1.0))
                 if "engine" in entry:  # a generation engine: its KV cache and the requests it runs
                     labels = (address, entry["model"], str(entry["engine"]))
                     kv_bytes.append((labels, float(entry.get("kv_cache_bytes", 0.0))))
@@ -257,8 +258,9 @@ class Figures:
             Family("bitinglip_model_resident_bytes", "gauge", "Bytes a resident model takes on a worker (measured).",
                    ("worker", "task", "model", "dtype"), resident),
             Family("bitinglip_model_runtime_info", "gauge", "1 per resident model, labelled with the engine, the "
-                   "matmul precision and the token budget its worker chose.",
-                   ("worker", "task", "model", "engine", "matmul_precision", "token_budget"), runtime),
+                   "matmul precision, the token budget and the torch threads its worker chose.",
+                   ("worker", "task", "model", "engine", "matmul_precision", "token_budget", "torch_threads"),
+                   runtime),
             Family("bitinglip_model_load_seconds", "gauge", "Seconds the last load of a model took on a worker.",
                    ("worker", "model"), load_s),
             Family("bitinglip_model_loads_total", "counter", "Model loads on a worker.", ("worker", "model"), loads),

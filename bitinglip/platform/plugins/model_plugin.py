@@ -44,7 +44,9 @@ from bitinglip.platform.models.residency import Entry, Residency
 from bitinglip.platform.plugins.budgets import ReducedBudgets
 from bitinglip.platform.tasks.batching import budget_record, calibrate_budget
 from bitinglip.platform.tasks.builtin import Loaded, TaskType, get_task
+from bitinglip.platform.tasks.calibration import Choice
 from bitinglip.platform.tasks.precision import GPU_MODEL_SHARE, estimate_bytes, model_bytes, quantize_int8
+from bitinglip.platform.tasks.threads import calibrate_threads, threads_record
 from bitinglip.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ class ModelPlugin(WorkerPlugin):
         self.budgets = ReducedBudgets()
         self.restarts: Counter[Hashable] = Counter()  # engine restarts per loaded key
         self.broken: dict[Hashable, str] = {}  # loaded key -> why its model is broken on this worker
+        self.thread_share = 0  # the torch threads setup gave this worker (0: setup has not run)
+        self.threads: Choice | None = None  # the thread count timed with the first model that times its budget
 
     def __getstate__(self) -> dict[str, Any]:
         return {"preload": self.preload, "torch_threads": self.torch_threads,
@@ -121,7 +125,9 @@ class ModelPlugin(WorkerPlugin):
 
         hf_logging.disable_progress_bar()  # one bar per load in every worker's log is noise
 
-        torch.set_num_threads(self.torch_threads or _torch_threads(worker_threads(worker)))
+        torch.set_num_threads(self.torch_threads or self.settings.torch_threads
+                              or _torch_threads(worker_threads(worker)))
+        self.thread_share = torch.get_num_threads()
         wants_gpu = worker_resources_declared(worker).get("GPU", 0) > 0
         if wants_gpu and torch.cuda.is_available():
             self.device = "cuda:0"  # the nanny pinned CUDA_VISIBLE_DEVICES to one device
@@ -205,6 +211,17 @@ class ModelPlugin(WorkerPlugin):
             raise ModelBrokenError(f"model {model!r} is broken on worker {self.worker_address}: "
                                    f"{self.broken[entry.key]}")
 
+    def _threads(self, task: TaskType, loaded: Any, options: Mapping[str, Any], cache_dir: str,
+                 model_id: str) -> Choice:
+        """This worker's torch thread count: timed with the first model that times its token budget, then
+        kept (torch has one count per process)."""
+        if self.threads is None:
+            import torch
+
+            self.threads = calibrate_threads(task, loaded, options, self.thread_share or torch.get_num_threads(),
+                                             self.torch_threads or self.settings.torch_threads, cache_dir, model_id)
+        return self.threads
+
     def _load(self, task: TaskType, model: str, ref: ModelRef, manifest: Manifest | None,
               opts: dict[str, Any], key: Hashable) -> Entry:
         refuse_pickle(model_files(ref.path), self.settings.allow_pickle, f"model {model!r} at {ref.path}")
@@ -242,6 +259,9 @@ class ModelPlugin(WorkerPlugin):
                 # a fast path built in load (Embed's packed encoder) holds the float32 layers
                 loaded.info.pop("packed", None)
             if task.times_budget:  # timed here, after quantizing: on the model that jobs will run
+                threads = self._threads(task, loaded, {**task.defaults, **opts}, where["calibration_dir"],
+                                        where["model_sha"] or ref.path)
+                loaded.info.setdefault("runtime", {}).update(threads_record(threads))
                 budget = calibrate_budget(task, loaded, {**task.defaults, **opts}, self.settings.token_budget,
                                           where["calibration_dir"], where["model_sha"] or ref.path)
                 loaded.info["token_budget"] = int(budget.value)
@@ -348,10 +368,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def _runtime_info(entry: Entry) -> dict[str, Any]:
-    """The automatic choices the model runs with (its matmul precision, its token budget), for metrics and
-    the Jobs page."""
+    """The automatic choices the model runs with (its matmul precision, its token budget, its worker's torch
+    threads), for metrics and the Jobs page."""
     runtime = entry.loaded.info.get("runtime", {}) if entry.loaded is not None else {}
-    return {k: runtime[k] for k in ("matmul_precision", "token_budget") if isinstance(runtime.get(k), str | int)}
+    return {k: runtime[k] for k in ("matmul_precision", "token_budget", "torch_threads")
+            if isinstance(runtime.get(k), str | int)}
 
 
 def _engine_info(entry: Entry) -> dict[str, Any]:

@@ -75,6 +75,7 @@ class ReporterPlugin(WorkerPlugin):
         models = self.worker.plugins.get(MODELS)
         if models is not None:
             report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", "matmul_precision", "token_budget",
+                                                   "torch_threads",
                                                    *ENGINE_FIGURES) if k in e}
                                 for e in models.resident_info()]
             report["load_seconds"] = {m: round(s, 4) for m, s in models.load_seconds.items()}

@@ -79,14 +79,7 @@ def calibrate_budget(task: Any, loaded: Any, options: Mapping[str, Any], request
     default = default_budget(str(loaded.device))
     if not str(loaded.device).startswith("cpu"):
         return Choice(str(default), "only candidate", reason="a GPU's budget is not timed")
-    import numpy as np
-
-    vocab = int(getattr(getattr(loaded.model, "config", None), "vocab_size", 30522) or 30522)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for budget in CPU_BUDGET_CANDIDATES:
-        rows = budget // BUDGET_ROW_TOKENS
-        batches[str(budget)] = rng.integers(min(1000, vocab // 2), vocab, size=(rows, BUDGET_ROW_TOKENS)).tolist()
+    batches = {str(budget): timing_ids(loaded, budget) for budget in CPU_BUDGET_CANDIDATES}
     work = {c: float(len(ids) * BUDGET_ROW_TOKENS) for c, ids in batches.items()}
     from bitinglip.platform.tasks.base import Batch
 
@@ -100,7 +93,7 @@ def calibrate_budget(task: Any, loaded: Any, options: Mapping[str, Any], request
     cache = None
     if cache_dir:
         cache = Path(cache_dir) / f"budget-{cache_key('token_budget', model_id, candidates, shape)}.json"
-    with _one_layer(loaded) as layers:
+    with one_layer(loaded) as layers:
         try:
             choice = fastest(run, candidates, str(default), None, cache=cache, timer=timer,
                              repeats=BUDGET_REPEATS, floor_s=BUDGET_MIN_TIMED_S, work=work)
@@ -115,8 +108,18 @@ def calibrate_budget(task: Any, loaded: Any, options: Mapping[str, Any], request
     return choice
 
 
+def timing_ids(loaded: Any, budget: int) -> list[list[int]]:
+    """A micro-batch of ``budget`` tokens for timing ``loaded``: rows of :data:`BUDGET_ROW_TOKENS` seeded
+    random token ids from the model's vocabulary (past its first thousand, where special tokens sit)."""
+    import numpy as np
+
+    vocab = int(getattr(getattr(loaded.model, "config", None), "vocab_size", 30522) or 30522)
+    rows = budget // BUDGET_ROW_TOKENS
+    return np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=(rows, BUDGET_ROW_TOKENS)).tolist()
+
+
 @contextmanager
-def _one_layer(loaded: Any) -> Iterator[int]:
+def one_layer(loaded: Any) -> Iterator[int]:
     """``loaded`` running only the first of its layers, for the ``with`` block; yields how many it has (0:
     no stack of layers found, the whole model runs).  Called while the model loads, before any task can
     reach it."""
