@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,33 @@ def kill_processes(procs: list[subprocess.Popen[bytes]], sig: int = 9) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+class Clock:
+    """A fake timer for the load-time calibrations: it stands still until a :class:`TimedTask` runs a
+    micro-batch, which moves it by what ``cost(batch)`` says that micro-batch takes."""
+
+    def __init__(self, cost: Any) -> None:
+        self.cost, self.now, self.runs = cost, 0.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_task(clock: Clock) -> Any:
+    """A task whose every micro-batch costs what ``clock.cost`` says, in ``clock``'s time."""
+    from bitinglip.platform.tasks.base import Loaded, TaskType
+
+    class Timed(TaskType):
+        name = "timed"
+        columns = ("x",)
+
+        def load(self, path, device, options):  # type: ignore[no-untyped-def]
+            return Loaded(None)
+
+        def predict(self, loaded, batch, options):  # type: ignore[no-untyped-def]
+            clock.now += clock.cost(batch)
+            clock.runs += 1
+            return [{"x": 0}] * len(batch.ids)
+
+    return Timed()

@@ -3,8 +3,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Clock, timed_task
 
-from bitinglip.platform.tasks.base import Loaded, TaskType
+from bitinglip.platform.tasks.base import Loaded
 from bitinglip.platform.tasks.batching import (
     CPU_BUDGET_CANDIDATES,
     CPU_TOKEN_BUDGET,
@@ -48,38 +49,14 @@ def test_empty_input() -> None:
 
 # --- the token budget "auto" times on the worker -----------------------------
 
-class _Clock:
-    """A timer that advances by what a budget's micro-batch 'costs': ``per_token[budget]`` seconds a token."""
-
-    def __init__(self, per_token: dict[int, float]) -> None:
-        self.per_token, self.now, self.runs = per_token, 0.0, 0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _Timed(TaskType):
-    name = "timed"
-    columns = ("x",)
-
-    def __init__(self, clock: _Clock) -> None:
-        self.clock = clock
-
-    def load(self, path, device, options):  # type: ignore[no-untyped-def]
-        return Loaded(None)
-
-    def predict(self, loaded, batch, options):  # type: ignore[no-untyped-def]
+def _budget(per_token: dict[int, float], **kwargs: Any) -> tuple[Choice, Clock]:
+    def cost(batch: Any) -> float:  # per_token[budget] seconds a token, at the budget nearest the batch's tokens
         tokens = sum(map(len, batch.ids))
-        budget = min(CPU_BUDGET_CANDIDATES, key=lambda b: abs(b - tokens))
-        self.clock.now += tokens * self.clock.per_token[budget]
-        self.clock.runs += 1
-        return [{"x": 0}] * len(batch.ids)
+        return tokens * per_token[min(CPU_BUDGET_CANDIDATES, key=lambda b: abs(b - tokens))]
 
-
-def _budget(per_token: dict[int, float], **kwargs: Any) -> tuple[Choice, _Clock]:
-    clock = _Clock(per_token)
+    clock = Clock(cost)
     kwargs = {"requested": 0, "cache_dir": None, **kwargs}
-    return calibrate_budget(_Timed(clock), Loaded(None), {}, kwargs["requested"], kwargs["cache_dir"], "m",
+    return calibrate_budget(timed_task(clock), Loaded(None), {}, kwargs["requested"], kwargs["cache_dir"], "m",
                             timer=clock), clock
 
 

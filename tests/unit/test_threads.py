@@ -5,8 +5,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Clock, timed_task
 
-from bitinglip.platform.tasks.base import Loaded, TaskType
+from bitinglip.platform.tasks.base import Loaded
 from bitinglip.platform.tasks.calibration import Choice
 from bitinglip.platform.tasks.threads import calibrate_threads, thread_candidates, threads_record
 
@@ -26,37 +27,11 @@ def test_the_share_comes_first_then_physical_cores_then_half() -> None:
     assert thread_candidates(4, None, None) == (4, 2)  # a system that does not count its cores
 
 
-class _Clock:
-    """A timer that advances by what one micro-batch costs at torch's current thread count."""
-
-    def __init__(self, seconds: dict[int, float]) -> None:
-        self.seconds, self.now, self.runs = seconds, 0.0, 0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _Timed(TaskType):
-    name = "timed"
-    columns = ("x",)
-
-    def __init__(self, clock: _Clock) -> None:
-        self.clock = clock
-
-    def load(self, path, device, options):  # type: ignore[no-untyped-def]
-        return Loaded(None)
-
-    def predict(self, loaded, batch, options):  # type: ignore[no-untyped-def]
-        self.clock.now += self.clock.seconds[torch.get_num_threads()]
-        self.clock.runs += 1
-        return [{"x": 0}] * len(batch.ids)
-
-
 def _threads(seconds: dict[int, float], share: int = 8, cores: tuple[int, int] = (16, 8),
-             **kwargs: Any) -> tuple[Choice, _Clock]:
-    clock = _Clock(seconds)
+             **kwargs: Any) -> tuple[Choice, Clock]:
+    clock = Clock(lambda batch: seconds[torch.get_num_threads()])  # a micro-batch's seconds at torch's count
     kwargs = {"requested": 0, "cache_dir": None, "loaded": Loaded(None), **kwargs}
-    return calibrate_threads(_Timed(clock), kwargs["loaded"], {}, share, kwargs["requested"], kwargs["cache_dir"],
+    return calibrate_threads(timed_task(clock), kwargs["loaded"], {}, share, kwargs["requested"], kwargs["cache_dir"],
                              "m", timer=clock, cores=cores), clock
 
 
