@@ -101,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         job = platform.submit(args.task, model=args.model, inputs=inputs, output=output,
                               text_column=args.text_column, options=dict(args.option), gpu=gpu,
-                              partition_rows=args.partition_rows, token_budget=args.token_budget, reuse=args.reuse)
+                              partition_rows=args.partition_rows, token_budget=args.token_budget, reuse=args.reuse,
+                              priority=args.priority)
         print(f"job {job.id}: {job.total} rows in {len(job.futures)} partitions", file=sys.stderr, flush=True)
         job.progress(wait=not args.quiet)
         job.wait()
@@ -236,6 +237,23 @@ def setting_help(field: str) -> str:
     return f"{info.description} (default: ${env_name(field)}, unset: {info.default})"
 
 
+def _priority(text: str) -> int:
+    from bitinglip.platform.tasks import job_priority
+
+    try:
+        return job_priority(int(text) if text.lstrip("-").isdigit() else text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def job_field_help(field: str) -> str:
+    """An option's help from the REST API's job field of the same name (its description, bounds, default)."""
+    from bitinglip.platform.tasks import JobFields, bound
+
+    info, span = JobFields.model_fields[field], bound(JobFields, field)
+    return f"{info.description}, {span.low} to {span.high} (default: {info.default})"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from bitinglip.settings import describe, markdown_table
 
@@ -269,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a task option (listed below); VALUE is read as JSON when it parses (true, 3, [\"a\"])")
     run.add_argument("--partition-rows", type=_positive, metavar="ROWS", help=setting_help("partition_rows"))
     run.add_argument("--token-budget", type=_positive, metavar="TOKENS", help=setting_help("token_budget"))
+    run.add_argument("--priority", type=_priority, metavar="N", help=job_field_help("priority"))
     where = run.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="require GPU workers")
     where.add_argument("--cpu", action="store_true", help="do not require GPU workers")

@@ -91,6 +91,8 @@ def test_bad_arguments_say_what_is_wrong(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "no option 'colour'" in proc.stderr
     proc = bitinglip("run", "--task", "embed", "--model", "m", "--input", "sample:5", "--workers", "0")
     assert proc.returncode == 2 and "at least 1" in proc.stderr
+    proc = bitinglip("run", "--task", "embed", "--model", "m", "--input", "sample:5", "--priority", "11")
+    assert proc.returncode == 2 and "priority=11: expected a whole number from 1 to 10" in proc.stderr
 
 
 def test_unknown_model_fails_with_a_clear_message(tmp_path: Path) -> None:

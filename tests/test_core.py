@@ -270,6 +270,26 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
     assert manifest["partitions"][0]["runtime"]["torch_threads_choice"]["source"]
 
 
+def test_a_jobs_priority_reaches_the_scheduler_and_its_record(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``submit(priority=...)`` is the REST API's field: bounded alike, on every partition's task on the
+    scheduler, and in ``_job.json`` so that a resume keeps it."""
+    with pytest.raises(InputError, match=r"priority=11: expected a whole number from 1 to 10"):
+        platform.submit("embed", model=MINILM, inputs=["a"], priority=11)
+    texts = sample_corpus(40, seed=9)
+    jobs = {p: platform.submit("embed", model=MINILM, inputs=texts, output=tmp_path / str(p), partition_rows=20,
+                               reuse=False, **({"priority": p} if p else {}))
+            for p in (9, None)}
+
+    def priorities(dask_scheduler, keys):  # type: ignore[no-untyped-def]
+        return sorted({-dask_scheduler.tasks[k].priority[0] for k in keys})
+
+    for p, job in jobs.items():
+        job.wait()
+        keys = [f.key for f in job.futures]
+        assert platform.client.run_on_scheduler(priorities, keys=keys) == [p or 5]
+        assert json.loads((tmp_path / str(p) / "_job.json").read_text())["priority"] == (p or 5)
+
+
 # --- task types, plugin, cluster --------------------------------------------
 
 class Shout(TaskType):

@@ -87,6 +87,24 @@ def test_a_chat_job_runs_on_vllm_and_equals_transformers_generate(gen: Any, smol
     assert "Paris" in want[0]  # real weights, really dequantized
 
 
+def test_greedy_answers_on_vllm_are_reused_and_equal_the_computed_ones(gen: Any, smollm2_greedy: list[str],
+                                                                       tmp_path: Path) -> None:
+    """Result reuse for generation on a real engine and real weights: a second greedy chat job takes every
+    row from the store (vLLM runs nothing) and gives the same answers as the first, which vLLM computed."""
+    frame = pd.DataFrame({"id": range(len(CHATS)), "messages": CHATS})
+    tenant = f"reuse-{tmp_path.name}"  # a store of its own: no other test's answers are in it
+    runs = []
+    for name in ("first", "again"):
+        job = gen.submit("generate", model="smollm2", inputs=frame, output=str(tmp_path / name), tenant=tenant,
+                         options={"engine": "vllm", "max_tokens": GREEDY_TOKENS, "temperature": 0.0})
+        job.wait()
+        manifest = json.loads((tmp_path / name / "_manifest.json").read_text())
+        assert manifest["rows_out"] == len(CHATS) and manifest["rows_in_error"] == 0
+        runs.append((job.rows_reused(), pd.read_parquet(tmp_path / name).set_index("id")["text"].tolist()))
+    assert runs[0] == (0, smollm2_greedy)
+    assert runs[1] == (len(CHATS), smollm2_greedy)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")

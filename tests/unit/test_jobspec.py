@@ -43,7 +43,7 @@ def _generate_spec(**changes: Any) -> JobSpec:
     options = task.check_options({"stop": ["###", "END"], "temperature": 0.5, "seed": 7})
     return JobSpec(**{"job_id": "job-7", "task": task, "model": "tiny-llama", "options": options,
                       "text_column": "prompt", "output": "/results/job-7", "fail_fast": True, "retries": 2,
-                      "timeout": 600.0, "deadline": 1_700_000_600.5, "reuse": ReuseSpec("acme"),
+                      "timeout": 600.0, "deadline": 1_700_000_600.5, "reuse": ReuseSpec("acme"), "priority": 8,
                       "worker": WorkerSettings(token_budget=4096), **changes})
 
 
@@ -126,8 +126,8 @@ def test_a_record_round_trips_into_the_same_spec(tmp_path: Path) -> None:
     assert read.model_dump(exclude=set(JobSpec.model_fields)) == FACTS
     assert read.resubmission() == {
         "options": spec.options, "text_column": "prompt", "partition_rows": 64, "token_budget": 4096,
-        "fail_fast": True, "retries": 2, "timeout": 600.0, "gpu": None, "input_root": None, "reuse": True,
-        "tenant": "acme"}
+        "fail_fast": True, "retries": 2, "timeout": 600.0, "priority": 8, "gpu": None, "input_root": None,
+        "reuse": True, "tenant": "acme"}
     # a task of the user's own resolves among the platform's registered tasks
     echo = JobSpec(job_id="j2", task=Echo(), model="m", options={"suffix": "?"})
     folder = _write(tmp_path / "echo", JobRecord.of(echo, **FACTS).model_dump(mode="json"))

@@ -122,10 +122,12 @@ def test_generate_bounds_come_from_vocabulary_and_positions(tmp_path: Path) -> N
     ("timeout", math.nan), ("timeout", math.inf), ("timeout", -math.inf), ("timeout", 0), ("timeout", 10**12),
     ("partition_rows", 2**64), ("token_budget", 2**70), ("retries", 2**64), ("retries", -1),
     ("text_column", ""), ("text_column", "a\udc80"), ("text_column", 5), ("gpu", "yes"), ("fail_fast", 1),
+    ("priority", 0), ("priority", 11), ("priority", 5.0), ("priority", True), ("priority", 2**64),
 ])
 def test_client_arguments_are_bounded(name: str, value: Any) -> None:
     arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
-                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
+                                 "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False,
+                                 "priority": None}
     _check_arguments(**arguments)
     with pytest.raises(InputError, match=name):
         _check_arguments(**{**arguments, name: value})
@@ -147,7 +149,8 @@ def test_one_rule_for_a_whole_number_and_every_caller_keeps_its_words() -> None:
     assert not is_whole(0, 1) and not is_whole(11, 1, 10)
     for name, value in (("retries", True), ("partition_rows", True), ("token_budget", False)):
         arguments: dict[str, Any] = {"partition_rows": None, "token_budget": None, "retries": 0, "timeout": None,
-                                     "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False}
+                                     "job_id": None, "text_column": "text", "gpu": None, "fail_fast": False,
+                                     "priority": None}
         with pytest.raises(InputError, match=rf"^{name}={value!r}: expected a whole number"):
             _check_arguments(**{**arguments, name: value})
 

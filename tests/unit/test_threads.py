@@ -12,11 +12,26 @@ from bitinglip.platform.tasks.calibration import Choice
 from bitinglip.platform.tasks.threads import calibrate_threads, thread_candidates, threads_record
 
 
+class _Threads:
+    """torch's thread count, faked: a process that imported vLLM's CPU build (the full suite's) keeps torch
+    at the cores it bound, whatever ``set_num_threads`` asks."""
+
+    def __init__(self) -> None:
+        self.count = 2
+
+    def set(self, n: int) -> None:
+        self.count = n
+
+    def get(self) -> int:
+        return self.count
+
+
 @pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Any:
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+def threads(monkeypatch: pytest.MonkeyPatch) -> _Threads:
+    fake = _Threads()
+    monkeypatch.setattr(torch, "set_num_threads", fake.set)
+    monkeypatch.setattr(torch, "get_num_threads", fake.get)
+    return fake
 
 
 def test_the_share_comes_first_then_physical_cores_then_half() -> None:

@@ -65,7 +65,7 @@ from bitinglip.platform.jobs.vocabulary import (
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
-from bitinglip.platform.tasks.options import is_whole, job_text_column, surrogate_at
+from bitinglip.platform.tasks.options import is_whole, job_priority, job_text_column, surrogate_at
 from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
 
@@ -115,7 +115,7 @@ class Platform:
                partition_rows: int | None = None, token_budget: int | None = None, job_id: str | None = None,
                fail_fast: bool = False, retries: int = 0, timeout: float | None = None,
                input_root: str | os.PathLike[str] | None = None, reuse: bool | None = None,
-               tenant: str | None = None, **task_options: Any) -> Job:
+               tenant: str | None = None, priority: int | None = None, **task_options: Any) -> Job:
         """Run ``task`` with ``model`` over ``inputs`` and return the :class:`Job`.
 
         ``inputs``: a list of strings, a pandas DataFrame or Series, a dask
@@ -137,18 +137,21 @@ class Platform:
         None (the default) reuses for deterministic settings (embed, classify,
         greedy or seeded generation), and sampled rows without a seed are never
         reused.  ``tenant``: whose results these are (the gateway passes the
-        token's subject; None: ``"local"``).
+        token's subject; None: ``"local"``).  ``priority``: 1 to 10, higher
+        runs first among bulk jobs (None: 5, the REST API's default); a resume
+        keeps it.
         """
         resubmit = ((task, model, inputs), dict(
             output=output, text_column=text_column, options=options, gpu=gpu, partition_rows=partition_rows,
             token_budget=token_budget, fail_fast=fail_fast, retries=retries, timeout=timeout,
-            input_root=input_root, reuse=reuse, tenant=tenant, **task_options))
+            input_root=input_root, reuse=reuse, tenant=tenant, priority=priority, **task_options))
         task_type = get_task(task, self.tasks)
         if options is not None and not isinstance(options, Mapping):
             raise InputError(f"options={options!r:.60}: expected a mapping of option names to values")
         merged = task_type.check_options({**(options or {}), **task_options})
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
-                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast)
+                         timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
+                         priority=priority)
         reuse_spec = self._reuse(task_type.name, merged, reuse, tenant)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
@@ -173,6 +176,7 @@ class Platform:
         spec = checked(JobSpec, {
             "job_id": job_id, "task": task_type, "model": model, "options": merged, "text_column": text_column,
             "output": out_dir, "fail_fast": fail_fast, "retries": retries, "timeout": timeout,
+            **({"priority": priority} if priority is not None else {}),
             "deadline": time.time() + timeout if timeout else None, "reuse": reuse_spec, "worker": worker}, "the job")
         done: set[int] = set()
         if out_dir is not None:
@@ -287,21 +291,23 @@ class Platform:
 
     def _submit_partitions(self, spec: JobSpec, parts: Partitions, done: set[int],
                            resources: Mapping[str, float] | None) -> list[Any]:
+        import dask
         from dask import delayed
 
         futures: list[Any] = []
         warm = warm_workers(self.client, spec.model, spec.task.name, resources)  # no reload of a warm model
-        for i, (data, offset) in enumerate(parts.parts):
-            key = task_key(spec.job_id, i)
-            if i in done:  # committed by an earlier run: only read its figures
-                futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
-                                                  pure=False))
-            elif parts.lazy:
-                futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
-                                                   resources=resources))
-            else:
-                futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
-                                                  resources=resources, **prefer(warm, i)))
+        with dask.annotate(priority=spec.priority):  # submit's and compute's graphs take it from here
+            for i, (data, offset) in enumerate(parts.parts):
+                key = task_key(spec.job_id, i)
+                if i in done:  # committed by an earlier run: only read its figures
+                    futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
+                                                      pure=False))
+                elif parts.lazy:
+                    futures.append(self.client.compute(
+                        delayed(run_partition)(data, spec, i, offset, dask_key_name=key), resources=resources))
+                else:
+                    futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
+                                                      resources=resources, **prefer(warm, i)))
         return futures
 
     def cancel_job(self, job_id: str, parts: int, output: str | os.PathLike[str] | None = None,
@@ -375,6 +381,8 @@ def _check_arguments(**values: Any) -> None:
     if j is not None and (not isinstance(j, str) or not JOB_ID.fullmatch(j)):
         raise InputError(f"job_id={j!r:.60}: expected 1 to 128 letters, digits, '_', '.' or '-'")
     job_text_column(values["text_column"])
+    if values["priority"] is not None:
+        job_priority(values["priority"])
     for name in ("gpu", "fail_fast"):
         if not (isinstance(values[name], bool) or (name == "gpu" and values[name] is None)):
             raise InputError(f"{name}={values[name]!r:.60}: expected True or False")

@@ -125,6 +125,8 @@ class JobSpec(BaseModel):
     text_column: TextColumn = JobFields.model_fields["text_column"].default
     #: the folder the partitions are written to; None: the results come back in memory
     output: str | None = None
+    #: the Dask priority of the job's partitions among bulk jobs (the REST API's field, bounded alike)
+    priority: int = JobFields.model_fields["priority"]
     #: the first bad row fails the job (default: it goes to the errors table)
     fail_fast: bool = False
     #: attempts after the first for a partition that raised (worker deaths are Dask's to retry)
@@ -201,7 +203,8 @@ class JobRecord(JobSpec):
         that run this job again with the same spec."""
         return {"options": self.options, "text_column": self.text_column, "partition_rows": self.partition_rows,
                 "token_budget": self.worker.token_budget or None, "fail_fast": self.fail_fast,
-                "retries": self.retries, "timeout": self.timeout, "gpu": self.gpu, "input_root": self.input_root,
+                "retries": self.retries, "timeout": self.timeout, "priority": self.priority, "gpu": self.gpu,
+                "input_root": self.input_root,
                 "reuse": self.reuse is not None, "tenant": self.reuse.tenant if self.reuse is not None else None}
 
 
