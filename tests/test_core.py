@@ -271,8 +271,9 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
 
 
 def test_a_jobs_priority_reaches_the_scheduler_and_its_record(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """``submit(priority=...)`` is the REST API's field: bounded alike, on every partition's task on the
-    scheduler, and in ``_job.json`` so that a resume keeps it."""
+    """``submit(priority=...)`` is the REST API's field: bounded alike, on every task of the job on the
+    scheduler (a manifest task left at Dask's 0 waited behind other work: a REST job stayed 'running'), and
+    in ``_job.json`` so that a resume keeps it."""
     with pytest.raises(InputError, match=r"priority=11: expected a whole number from 1 to 10"):
         platform.submit("embed", model=MINILM, inputs=["a"], priority=11)
     texts = sample_corpus(40, seed=9)
@@ -285,7 +286,7 @@ def test_a_jobs_priority_reaches_the_scheduler_and_its_record(platform, tmp_path
 
     for p, job in jobs.items():
         job.wait()
-        keys = [f.key for f in job.futures]
+        keys = [f.key for f in job.futures] + [job.final.key]  # the partitions and the manifest's task
         assert platform.client.run_on_scheduler(priorities, keys=keys) == [p or 5]
         assert json.loads((tmp_path / str(p) / "_job.json").read_text())["priority"] == (p or 5)
 

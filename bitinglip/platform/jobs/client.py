@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask
 from distributed import Event
 
 from bitinglip.errors import InputError, NoGPUWorkersError, UnavailableError, UnknownModelError
@@ -192,11 +193,12 @@ class Platform:
         if superseded is not None:  # a resume: the new run's futures take over the keys
             self._release(superseded._all_futures())
         Event(cancel_event_name(job_id), client=self.client).clear()  # a resumed job starts uncancelled
-        futures = self._submit_partitions(spec, parts, done, resources)
         final = None
-        if out_dir is not None and record is not None:
-            final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
-                                       key=task_key(job_id, MANIFEST_PART))
+        with dask.annotate(priority=spec.priority):  # every task of the job: its partitions and its manifest
+            futures = self._submit_partitions(spec, parts, done, resources)
+            if out_dir is not None and record is not None:
+                final = self.client.submit(write_manifest, futures, out_dir, record, pure=False,
+                                           key=task_key(job_id, MANIFEST_PART))
         job = Job(self, spec, futures, parts.rows(), final, record, resubmit)
         self._jobs[job_id] = job
         return job
@@ -291,23 +293,21 @@ class Platform:
 
     def _submit_partitions(self, spec: JobSpec, parts: Partitions, done: set[int],
                            resources: Mapping[str, float] | None) -> list[Any]:
-        import dask
         from dask import delayed
 
         futures: list[Any] = []
         warm = warm_workers(self.client, spec.model, spec.task.name, resources)  # no reload of a warm model
-        with dask.annotate(priority=spec.priority):  # submit's and compute's graphs take it from here
-            for i, (data, offset) in enumerate(parts.parts):
-                key = task_key(spec.job_id, i)
-                if i in done:  # committed by an earlier run: only read its figures
-                    futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
-                                                      pure=False))
-                elif parts.lazy:
-                    futures.append(self.client.compute(
-                        delayed(run_partition)(data, spec, i, offset, dask_key_name=key), resources=resources))
-                else:
-                    futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
-                                                      resources=resources, **prefer(warm, i)))
+        for i, (data, offset) in enumerate(parts.parts):
+            key = task_key(spec.job_id, i)
+            if i in done:  # committed by an earlier run: only read its figures
+                futures.append(self.client.submit(committed_summary, spec.output, i, spec.job_id, key=key,
+                                                  pure=False))
+            elif parts.lazy:
+                futures.append(self.client.compute(delayed(run_partition)(data, spec, i, offset, dask_key_name=key),
+                                                   resources=resources))
+            else:
+                futures.append(self.client.submit(run_partition, data, spec, i, offset, pure=False, key=key,
+                                                  resources=resources, **prefer(warm, i)))
         return futures
 
     def cancel_job(self, job_id: str, parts: int, output: str | os.PathLike[str] | None = None,
