@@ -125,7 +125,7 @@ class JobSpec(BaseModel):
     text_column: TextColumn = JobFields.model_fields["text_column"].default
     #: the folder the partitions are written to; None: the results come back in memory
     output: str | None = None
-    #: the Dask priority of the job's partitions among bulk jobs (the REST API's field, bounded alike)
+    #: the Dask priority of the job's tasks among bulk jobs (the REST API's field, bounded alike)
     priority: int = JobFields.model_fields["priority"]
     #: the first bad row fails the job (default: it goes to the errors table)
     fail_fast: bool = False
