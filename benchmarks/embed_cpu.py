@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit = max(peak.values(), default=0.0)  # the faster of float32 and bfloat16 products on this CPU
     for v in VARIANTS:
         label = LABELS[v] + (f" (chose {chosen[v]})" if v in chosen and v == "platform" else "")
-        threads = ok.get(v, [{}])[0].get("torch_threads") if ok.get(v) else None
+        threads = (ok.get(v) or [{}])[0].get("torch_threads")
         if v == "platform_1w" and threads:
             label += f" (chose {threads} thread{'s' * (threads != 1)})"
         if v in rate:

@@ -69,8 +69,7 @@ def hand_over(platform: Any, job_id: str, sub: dict[str, Any], model: str, outpu
     marker: dict[str, Any] = {"id": job_id}
     if record.get("resumed_at"):
         marker["resumed_at"] = float(record["resumed_at"])  # the status plugin follows the job again
-    # the priority also on what submit computes before the job's own tasks (a lazy input's row counts)
-    with dask.annotate(priority=sub["priority"], **{ANNOTATION: marker}):
+    with dask.annotate(**{ANNOTATION: marker}):
         job = platform.submit(sub["task"], model=model, inputs=sub.get("frame", sub["inputs"]), output=output,
                               text_column=sub["text_column"], options=sub["options"], job_id=job_id,
                               input_root=root, tenant=record["owner"], priority=sub["priority"])

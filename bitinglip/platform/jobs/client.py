@@ -66,6 +66,7 @@ from bitinglip.platform.jobs.vocabulary import (
 from bitinglip.platform.models.names import PACKAGED_MODELS, resolve_model
 from bitinglip.platform.models.registry import Registry, is_ref
 from bitinglip.platform.tasks.builtin import TaskType, check_task_type, get_task
+from bitinglip.platform.tasks.contract import DEFAULT_PRIORITY
 from bitinglip.platform.tasks.options import is_whole, job_priority, job_text_column, surrogate_at
 from bitinglip.polling import poll
 from bitinglip.settings import Settings, get_settings
@@ -153,6 +154,7 @@ class Platform:
         _check_arguments(partition_rows=partition_rows, token_budget=token_budget, retries=retries,
                          timeout=timeout, job_id=job_id, text_column=text_column, gpu=gpu, fail_fast=fail_fast,
                          priority=priority)
+        priority = DEFAULT_PRIORITY if priority is None else priority
         reuse_spec = self._reuse(task_type.name, merged, reuse, tenant)
         use_gpu = self._placement(gpu)
         resources = {"GPU": 1} if use_gpu else None
@@ -170,14 +172,15 @@ class Platform:
         workers = max(1, len(self.gpu_workers()) if use_gpu else len(worker_resources(self.client)))
         shape = RowShape(task_type.input_columns, task_type.text_alternatives,
                          lambda text, extra, row_id: task_type.check_row(text, extra, row_id, merged))
-        parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
-                              min_rows=task_type.min_partition_rows, root=input_root, shape=shape)
+        with dask.annotate(priority=priority):  # a lazy input's row counts run at the job's priority too
+            parts = to_partitions(inputs, text_column, workers, self.client, rows_wanted, check_rows=fail_fast,
+                                  min_rows=task_type.min_partition_rows, root=input_root, shape=shape)
         # the client's settings that decide a partition's work travel with it: every worker runs the job alike
         worker = WorkerSettings.from_settings(self.settings, token_budget=token_budget)
         spec = checked(JobSpec, {
             "job_id": job_id, "task": task_type, "model": model, "options": merged, "text_column": text_column,
             "output": out_dir, "fail_fast": fail_fast, "retries": retries, "timeout": timeout,
-            **({"priority": priority} if priority is not None else {}),
+            "priority": priority,
             "deadline": time.time() + timeout if timeout else None, "reuse": reuse_spec, "worker": worker}, "the job")
         done: set[int] = set()
         if out_dir is not None:

@@ -54,6 +54,8 @@ PLUGIN_NAME = "bitinglip-models"
 #: worker task states in which a task's thread may still use its model
 RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
 _USE = object()  # holder marker for ModelPlugin.use()
+#: the automatic choices a resident model reports beside it (metrics, Jobs page; see resident_info)
+RUNTIME_FIGURES = ("matmul_precision", "token_budget", "torch_threads")
 #: times a broken engine is started again for one model on one worker before the model counts as broken there
 ENGINE_RESTARTS = 1
 
@@ -371,8 +373,7 @@ def _runtime_info(entry: Entry) -> dict[str, Any]:
     """The automatic choices the model runs with (its matmul precision, its token budget, its worker's torch
     threads), for metrics and the Jobs page."""
     runtime = entry.loaded.info.get("runtime", {}) if entry.loaded is not None else {}
-    return {k: runtime[k] for k in ("matmul_precision", "token_budget", "torch_threads")
-            if isinstance(runtime.get(k), str | int)}
+    return {k: runtime[k] for k in RUNTIME_FIGURES if isinstance(runtime.get(k), str | int)}
 
 
 def _engine_info(entry: Entry) -> dict[str, Any]:

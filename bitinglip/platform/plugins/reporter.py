@@ -69,13 +69,13 @@ class ReporterPlugin(WorkerPlugin):
 
     def _worker_report(self) -> dict[str, Any]:
         from bitinglip.platform.plugins.model_plugin import PLUGIN_NAME as MODELS
+        from bitinglip.platform.plugins.model_plugin import RUNTIME_FIGURES
 
         report: dict[str, Any] = {"worker": self.worker.address, "models": [], "load_seconds": {}, "load_counts": {},
                                   "gpu": None}
         models = self.worker.plugins.get(MODELS)
         if models is not None:
-            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", "matmul_precision", "token_budget",
-                                                   "torch_threads",
+            report["models"] = [{k: e[k] for k in ("task", "model", "dtype", "bytes", *RUNTIME_FIGURES,
                                                    *ENGINE_FIGURES) if k in e}
                                 for e in models.resident_info()]
             report["load_seconds"] = {m: round(s, 4) for m, s in models.load_seconds.items()}
