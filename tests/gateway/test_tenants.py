@@ -72,6 +72,25 @@ def _running(platform: Any) -> dict[str, float]:
     return platform.client.run(probe)
 
 
+def _where(platform: Any, job_id: str) -> dict[str, Any]:
+    """The scheduler's view of a job's tasks and of what each worker runs: said when the job is late."""
+
+    def look(dask_scheduler: Any) -> dict[str, Any]:
+        tasks = {str(k): (ts.state, ts.priority, ts.processing_on and ts.processing_on.address)
+                 for k, ts in dask_scheduler.tasks.items() if job_id in str(k)}
+        workers = {ws.address: {"processing": sorted(str(t.key)[:60] for t in ws.processing),
+                                "long_running": sorted(str(t.key)[:60] for t in ws.long_running)}
+                   for ws in dask_scheduler.workers.values()}
+        return {"tasks": tasks, "workers": workers}
+
+    def started(dask_worker: Any) -> float:
+        import psutil
+
+        return round(time.time() - psutil.Process().create_time(), 1)
+
+    return {**platform.client.run_on_scheduler(look), "worker_age_s": platform.client.run(started)}
+
+
 def _abandoned_chats(gateway: str, count: int, out: list[Any], tenants: int = 1) -> list[threading.Thread]:
     """``count`` chats of ``N x MAX_TOKENS`` from each of ``tenants`` tenants, each given up by its client after
     :data:`ABANDON_AFTER_S`; what each raised (or returned) lands in ``out``."""
@@ -119,7 +138,8 @@ def test_abandoned_chats_leave_another_tenant_answered(gateway: str, llama: str,
     assert r.status_code == 202, r.text
     job = wait_for(lambda: httpx.get(f"{gateway}/v1/jobs/{r.json()['id']}", headers=h, timeout=30).json(),
                    timeout=ANSWER_BOUND_S, fail=False)
-    assert job["state"] == "succeeded", f"the 2-row job is {job['state']} {ANSWER_BOUND_S:g} s on: {job}"
+    assert job["state"] == "succeeded", (f"the 2-row job is {job['state']} {ANSWER_BOUND_S:g} s on: {job}; "
+                                         f"the cluster: {_where(platform, job['id'])}; engines: {_running(platform)}")
 
     while any((running := _running(platform)).values()):
         assert time.monotonic() - abandoned < ABORT_BOUND_S, f"the engines still run {running} requests"

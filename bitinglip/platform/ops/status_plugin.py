@@ -251,14 +251,18 @@ class RedisStatusPlugin(SchedulerPlugin):
             self._dirty.update(pending)  # what was not written goes again next time
 
     async def _write(self, job: str, track: _Track) -> None:
+        # what this write says, taken once: the hooks may move the job on while it is on its way to Redis
+        # (a job whose manifest ended during the write of its "running" was taken for written as succeeded,
+        # dropped, and stayed "running" in Redis for ever)
+        state = track.state
         fields: dict[str, Any] = {"rows_done": sum(track.done.values()), "rows_reused": sum(track.reused.values()),
                                   "started_at": track.started_at}
-        if track.state in TERMINAL:
+        if state in TERMINAL:
             fields["finished_at"] = time.time()
         if track.error:
             fields["error"] = track.error
         # the state always goes along: after a restore the record may be behind it
-        outcome, record = await self._store.transition_and_get(job, track.state, fields)
+        outcome, record = await self._store.transition_and_get(job, state, fields)
         if outcome == MISSING:
             if track.submitted:
                 self._seen = ""  # Redis lost it: look at the dataset, restore, write again
@@ -267,7 +271,7 @@ class RedisStatusPlugin(SchedulerPlugin):
                 self._jobs.pop(job, None)  # its submission failed, and the gateway removed it
             return
         track.record = record
-        if outcome == REFUSED or (outcome == MOVED and track.state in TERMINAL):
+        if outcome == REFUSED or (outcome == MOVED and state in TERMINAL):
             self._jobs.pop(job, None)  # finished (here, or cancelled by a gateway)
             self._finished[job] = record
             while len(self._finished) > FINISHED_MAX:
