@@ -272,8 +272,8 @@ def test_output_directory_gets_parquet_parts_and_a_manifest(platform, tmp_path: 
 
 def test_a_jobs_priority_reaches_the_scheduler_and_its_record(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """``submit(priority=...)`` is the REST API's field: bounded alike, on every task of the job on the
-    scheduler (a manifest task left at Dask's 0 waited behind other work: a REST job stayed 'running'), and
-    in ``_job.json`` so that a resume keeps it."""
+    scheduler (the partitions and the manifest's task, which would otherwise run at Dask's 0), and in
+    ``_job.json`` so that a resume keeps it."""
     with pytest.raises(InputError, match=r"priority=11: expected a whole number from 1 to 10"):
         platform.submit("embed", model=MINILM, inputs=["a"], priority=11)
     texts = sample_corpus(40, seed=9)
